@@ -1,0 +1,172 @@
+"""Audio front end: CAV-MAE's Kaldi log-mel filterbank, in plain torch.
+
+Every constant of the front end lives here. The filterbank reproduces
+``torchaudio.compliance.kaldi.fbank`` with the arguments CAV-MAE passes (torchaudio cannot be installed
+on our CPU machines), batched and on any device so features can be computed on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16_000
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+WINDOW_LENGTH = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)  # 400 samples
+WINDOW_SHIFT = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)  # 160 samples
+FFT_LENGTH = 1 << (WINDOW_LENGTH - 1).bit_length()  # 512: Kaldi rounds the window up to a power of two
+NUM_MEL_BINS = 128
+LOW_FREQ = 20.0
+HIGH_FREQ = SAMPLE_RATE / 2  # Kaldi's high_freq=0 means the Nyquist frequency
+PREEMPHASIS = 0.97
+# Kaldi floors mel energies at float32 epsilon before the log. At 128 bins one filter is empty, so that
+# column is the constant log(eps), exactly as torchaudio emits it.
+LOG_FLOOR = float(torch.finfo(torch.float32).eps)
+
+TARGET_FRAMES = 1024  # CAV-MAE pads or crops every clip to 1024 frames (10.24 s)
+# AudioSet statistics CAV-MAE normalises with (x - mean) / std (not the AST extractor's 2*std).
+FBANK_MEAN = -5.081
+FBANK_STD = 4.4849
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+class AudioLoadError(RuntimeError):
+    """A clip could not be turned into a waveform; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot load audio '{self.path}': {reason}")
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Read a clip as float32 mono at ``sample_rate`` with its mean removed.
+
+    Like CAV-MAE, only channel 0 is kept (no down-mix). Any input rate is resampled with a polyphase
+    filter; the original computed the fbank with the file's rate instead (see docs/deviations.md).
+
+    Returns:
+        Tensor [T] float32.
+    Raises:
+        AudioLoadError: missing, unreadable, empty or non-finite file; nothing else escapes.
+    """
+    import soundfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioLoadError(path, "no such file")
+    try:
+        data, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for corrupt or foreign files
+        raise AudioLoadError(path, f"unreadable ({type(error).__name__}: {error})") from None
+    if data.shape[0] == 0 or data.shape[1] == 0:
+        raise AudioLoadError(path, "the file holds no samples")
+    wave = np.ascontiguousarray(data[:, 0])
+    if not np.isfinite(wave).all():
+        raise AudioLoadError(path, "the file holds NaN or infinite samples")
+    wave = resample(wave, file_rate, sample_rate)
+    if wave.size == 0:
+        raise AudioLoadError(path, "too short to resample")
+    return torch.from_numpy(wave - wave.mean(dtype=np.float64).astype(np.float32))
+
+
+def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Polyphase resampling [T] -> [T * rate_out / rate_in] (scipy; torchaudio is unavailable on CPU)."""
+    if rate_in == rate_out:
+        return wave.astype(np.float32, copy=False)
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(rate_out, rate_in)
+    return resample_poly(wave, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def _mel(freq: torch.Tensor) -> torch.Tensor:
+    return 1127.0 * torch.log1p(freq / 700.0)
+
+
+def mel_filterbank(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Kaldi's triangular mel filters (triangles in the mel domain, no area normalisation).
+
+    Returns:
+        Tensor [NUM_MEL_BINS, FFT_LENGTH // 2 + 1]; the Nyquist column is zero as in Kaldi.
+    """
+    num_fft_bins = FFT_LENGTH // 2
+    bin_width = SAMPLE_RATE / FFT_LENGTH
+    mel_low, mel_high = _mel(torch.tensor(LOW_FREQ, dtype=torch.float64)), _mel(torch.tensor(HIGH_FREQ, dtype=torch.float64))
+    delta = (mel_high - mel_low) / (NUM_MEL_BINS + 1)
+    index = torch.arange(NUM_MEL_BINS, dtype=torch.float64).unsqueeze(1)
+    left, center, right = mel_low + index * delta, mel_low + (index + 1) * delta, mel_low + (index + 2) * delta
+    mel_of_bin = _mel(bin_width * torch.arange(num_fft_bins, dtype=torch.float64)).unsqueeze(0)
+    up = (mel_of_bin - left) / (center - left)
+    down = (right - mel_of_bin) / (right - center)
+    filters = torch.clamp(torch.minimum(up, down), min=0.0)
+    filters = torch.nn.functional.pad(filters, (0, 1))  # [NUM_MEL_BINS, 257]
+    return filters.to(device=device, dtype=dtype)
+
+
+def kaldi_fbank(wave: torch.Tensor) -> torch.Tensor:
+    """Kaldi log-mel filterbank exactly as CAV-MAE computes it, batched.
+
+    Settings: 25 ms 'hanning' window (symmetric Hann), 10 ms shift, snip_edges, per-frame DC removal,
+    pre-emphasis 0.97, 512-point FFT power spectrum, 128 mel bins from 20 Hz to 8 kHz, log with a
+    float32-epsilon floor, no dither, no energy (htk_compat then changes nothing).
+
+    Args:
+        wave: [..., T] waveform at 16 kHz (any float dtype, any device).
+    Returns:
+        Tensor [..., frames, 128] with frames = 1 + (T - 400) // 160 (0 when T < 400), float32 or wider.
+    """
+    if wave.dtype not in (torch.float32, torch.float64):
+        wave = wave.float()
+    num_samples = wave.shape[-1]
+    if num_samples < WINDOW_LENGTH:
+        return wave.new_zeros(*wave.shape[:-1], 0, NUM_MEL_BINS)
+    frames = wave.unfold(-1, WINDOW_LENGTH, WINDOW_SHIFT)  # [..., F, 400]
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    # Kaldi's pre-emphasis treats the sample before the first one as the first one itself.
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = frames - PREEMPHASIS * previous
+    window = torch.hann_window(WINDOW_LENGTH, periodic=False, device=wave.device, dtype=wave.dtype)
+    spectrum = torch.fft.rfft(frames * window, n=FFT_LENGTH)  # [..., F, 257]
+    power = spectrum.real.square() + spectrum.imag.square()
+    mel_energies = power @ mel_filterbank(wave.device, wave.dtype).T  # [..., F, 128]
+    return torch.clamp(mel_energies, min=LOG_FLOOR).log()
+
+
+def pad_or_crop(fbank: torch.Tensor, target_frames: int = TARGET_FRAMES) -> torch.Tensor:
+    """Zero-pad or cut [..., frames, bins] at the end to [..., target_frames, bins] (before normalising, as CAV-MAE)."""
+    missing = target_frames - fbank.shape[-2]
+    if missing > 0:
+        return torch.nn.functional.pad(fbank, (0, 0, 0, missing))
+    return fbank[..., :target_frames, :]
+
+
+def normalize_fbank(fbank: torch.Tensor) -> torch.Tensor:
+    return (fbank - FBANK_MEAN) / FBANK_STD
+
+
+def audio_to_features(path_or_wave: str | Path | torch.Tensor, target_frames: int = TARGET_FRAMES) -> torch.Tensor:
+    """CAV-MAE encoder input for one clip: fbank, padded or cropped, then normalised.
+
+    Args:
+        path_or_wave: an audio file (read with :func:`load_audio`) or a 16 kHz waveform [T] or [..., T].
+    Returns:
+        Tensor [target_frames, 128] (or [..., target_frames, 128] for batched waves), float32.
+    """
+    wave = path_or_wave if isinstance(path_or_wave, torch.Tensor) else load_audio(path_or_wave)
+    return normalize_fbank(pad_or_crop(kaldi_fbank(wave), target_frames)).float()
+
+
+def num_frames(num_samples: int) -> int:
+    """Frames :func:`kaldi_fbank` gives for ``num_samples`` samples (snip_edges)."""
+    return 0 if num_samples < WINDOW_LENGTH else 1 + (num_samples - WINDOW_LENGTH) // WINDOW_SHIFT
+
+
+def seconds_to_samples(seconds: float) -> int:
+    return int(math.floor(seconds * SAMPLE_RATE))

@@ -1,0 +1,292 @@
+"""LLaVA-1.5 as an audio captioner: transformers' ``LlavaForConditionalGeneration`` with DALI's token layout.
+
+The LLM sees LLaVA-1.5's v1 conversation with a multimodal block at the ``<image>`` place:
+
+    BOS "<system> USER: " [block] "\\nDescribe the sound that can be heard in this scene. ASSISTANT:" answer EOS
+
+where the block is image: [image tokens]; audio: [audio tokens]; audio_vis: [image tokens, audio tokens],
+each optionally followed by the learned prefix embeddings. Image tokens are CLIP's penultimate-layer patch
+tokens through LLaVA's projector; audio tokens come from the aligned encoder (already in CLIP's space)
+through LLaVA's projector or a distilled copy of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+MODALITIES = ("image", "audio", "audio_vis")
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+QUESTION = "Describe the sound that can be heard in this scene."
+IGNORE_INDEX = -100
+# LLaVA-1.5 'pad': frames are padded to a square with the CLIP mean colour before CLIP's resize and crop.
+CLIP_MEAN_RGB = (122, 116, 104)
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How captions are decoded; saved next to every set of predictions.
+
+    ``sample`` with temperature 0.2 is what the original ran (unseeded); here sampling is always seeded.
+    """
+
+    strategy: str = "greedy"  # greedy | beam | sample
+    max_new_tokens: int = 64
+    num_beams: int = 4  # beam only
+    temperature: float = 0.2  # sample only
+    top_p: float | None = None  # sample only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError(f"decoding strategy must be greedy, beam or sample, got '{self.strategy}'")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.strategy == "sample" and self.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+
+    def generate_kwargs(self) -> dict:
+        if self.strategy == "greedy":
+            return {"do_sample": False, "num_beams": 1}
+        if self.strategy == "beam":
+            return {"do_sample": False, "num_beams": self.num_beams}
+        kwargs = {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_k": 0}
+        if self.top_p is not None:
+            kwargs["top_p"] = self.top_p
+        return kwargs
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
+    """Pad an image to a centred square (LLaVA-1.5's ``image_aspect_ratio='pad'``); converts to RGB first."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+class Captioner(nn.Module):
+    """A frozen LLaVA-1.5 with helpers to build DALI's inputs, train against captions and decode.
+
+    Attributes:
+        llava: the ``LlavaForConditionalGeneration``.
+        tokenizer, image_processor: loaded from the same folder or hub id.
+    """
+
+    def __init__(self, llava: nn.Module, tokenizer, image_processor, source: str = ""):
+        super().__init__()
+        self.llava = llava
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.source = source
+        self._text_cache: dict[str, list[int]] = {}
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: str | None = "sdpa",
+    ) -> "Captioner":
+        """Load LLaVA-1.5 in Hugging Face format (hub id such as ``llava-hf/llava-1.5-7b-hf`` or a local folder)."""
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        source = str(name_or_path)
+        try:
+            llava = LlavaForConditionalGeneration.from_pretrained(
+                source, dtype=dtype, attn_implementation=attn_implementation
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            # The PIL backend needs no torchvision, which cannot be installed next to our CPU torch.
+            image_processor = CLIPImageProcessorPil.from_pretrained(source)
+        except OSError as error:
+            raise FileNotFoundError(f"cannot load the LLaVA captioner from '{source}': {error}") from None
+        llava.requires_grad_(False)
+        return cls(llava.to(device).eval(), tokenizer, image_processor, source)
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.llava.config.text_config.hidden_size
+
+    @property
+    def vision_dim(self) -> int:
+        return self.llava.config.vision_config.hidden_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        config = self.llava.config.vision_config
+        return (config.image_size // config.patch_size) ** 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.llava.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llava.lm_head.weight.dtype
+
+    @property
+    def projector(self) -> nn.Module:
+        """LLaVA's own multimodal projector (``linear_1``, ``act``, ``linear_2``)."""
+        return self.llava.model.multi_modal_projector
+
+    def copy_projector(self) -> nn.Module:
+        """A trainable float32 copy of LLaVA's projector, the starting point of distillation."""
+        projector = copy.deepcopy(self.projector).float()
+        return projector.requires_grad_(True)
+
+    # -- images --------------------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel values [B, 3, S, S] (pad to square, CLIP resize + crop + normalise)."""
+        squares = [expand_to_square(image) for image in images]
+        return self.image_processor(images=squares, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP patch tokens as LLaVA-1.5 uses them: layer -2, CLS dropped. [B, 3, S, S] -> [B, P, vision_dim]."""
+        tower = self.llava.model.vision_tower
+        pixel_values = pixel_values.to(self.device, tower.dtype)
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+        return hidden[self.llava.config.vision_feature_layer][:, 1:]
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def modality_block(
+        self,
+        image_tokens: torch.Tensor | None = None,
+        audio_tokens: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        audio_projector: nn.Module | None = None,
+        image_projector: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Embeddings inserted at the ``<image>`` place: [image?, audio?, prefix?] -> [B, K, hidden].
+
+        Args:
+            image_tokens: [B, P, vision_dim] CLIP patch tokens.
+            audio_tokens: [B, N, vision_dim] aligned audio tokens (after the encoder's ``proj``).
+            prefix: [L, hidden] learned prefix, appended after the modality tokens.
+            audio_projector / image_projector: projector for each modality (LLaVA's own by default).
+        """
+        parts = []
+        if image_tokens is not None:
+            parts.append((image_projector or self.projector)(image_tokens.to(self.device)))
+        if audio_tokens is not None:
+            parts.append((audio_projector or self.projector)(audio_tokens.to(self.device)))
+        if not parts:
+            raise ValueError("a modality block needs image tokens, audio tokens or both")
+        batch = parts[0].shape[0]
+        if prefix is not None:
+            parts.append(prefix.to(self.device).unsqueeze(0).expand(batch, -1, -1))
+        return torch.cat([part.to(self.dtype) for part in parts], dim=1)
+
+    def _ids(self, text: str, bos: bool = False) -> list[int]:
+        key = ("B" if bos else "-") + text
+        if key not in self._text_cache:
+            self._text_cache[key] = self.tokenizer(text, add_special_tokens=bos)["input_ids"]
+        return self._text_cache[key]
+
+    def _answer_ids(self, after: str, caption: str) -> list[int]:
+        """Token ids of the answer, tokenised together with the text before it (as LLaVA masks by length)."""
+        joint = self.tokenizer(f"{after} {caption}", add_special_tokens=False)["input_ids"]
+        head = self._ids(after)
+        answer = joint[len(head):] if joint[: len(head)] == head else self._ids(f" {caption}")
+        return answer + [self.tokenizer.eos_token_id]
+
+    def build_inputs(
+        self, block: torch.Tensor, captions: Sequence[str] | None = None, question: str = QUESTION
+    ) -> dict[str, torch.Tensor]:
+        """Full input embeddings around a modality block.
+
+        Args:
+            block: [B, K, hidden] from :meth:`modality_block`.
+            captions: answers to train on (labels cover only them and EOS); None builds generation prompts.
+        Returns:
+            ``inputs_embeds`` [B, T, hidden], ``attention_mask`` [B, T] and, with captions, ``labels`` [B, T].
+            Training batches are right-padded; generation prompts are left-padded.
+        """
+        batch = block.shape[0]
+        before = self._ids(f"{SYSTEM_PROMPT} USER: ", bos=True)
+        after_text = f"\n{question} ASSISTANT:"
+        after = self._ids(after_text)
+        answers = [self._answer_ids(after_text, caption) for caption in captions] if captions is not None else None
+        if answers is not None and len(answers) != batch:
+            raise ValueError(f"got {len(answers)} captions for a block of batch {batch}")
+        embed = self.llava.get_input_embeddings()
+        device = self.device
+        before_embeds = embed(torch.tensor(before, device=device)).unsqueeze(0).expand(batch, -1, -1)
+        tail_ids = [after + (answers[i] if answers else []) for i in range(batch)]
+        width = max(len(ids) for ids in tail_ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tails = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+        tail_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        for i, ids in enumerate(tail_ids):
+            tails[i, : len(ids)] = torch.tensor(ids, device=device)
+            tail_mask[i, : len(ids)] = 1
+        embeds = torch.cat([before_embeds, block.to(device), embed(tails)], dim=1)
+        head_len = len(before) + block.shape[1]
+        mask = torch.cat([torch.ones((batch, head_len), dtype=torch.long, device=device), tail_mask], dim=1)
+        result = {"inputs_embeds": embeds, "attention_mask": mask}
+        if answers is not None:
+            labels = torch.full_like(mask, IGNORE_INDEX)
+            for i, answer in enumerate(answers):
+                start = head_len + len(after)
+                labels[i, start : start + len(answer)] = torch.tensor(answer, device=device)
+            result["labels"] = labels
+        elif width != len(after):  # only when questions differ; move padding to the left for generation
+            result = _left_pad(result)
+        return result
+
+    # -- training ------------------------------------------------------------------------------------
+    def caption_loss(self, block: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens of a batch (LLaVA's masking)."""
+        inputs = self.build_inputs(block, captions)
+        return self.llava(**inputs, use_cache=False).loss
+
+    # -- decoding ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, block: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[str]:
+        """Decode one caption per row of a [B, K, hidden] modality block."""
+        inputs = self.build_inputs(block)
+        kwargs = dict(
+            max_new_tokens=options.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **options.generate_kwargs(),
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(options.seed)
+            output = self.llava.generate(**inputs, **kwargs)
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [" ".join(text.replace("\n", " ").split()) for text in texts]
+
+
+def _left_pad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's padding from the right end to the left end (generation continues from the right)."""
+    embeds, mask = inputs["inputs_embeds"], inputs["attention_mask"]
+    order = torch.argsort(mask, dim=1, stable=True)  # pads (0) first, then tokens in their order
+    return {
+        "inputs_embeds": torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds)),
+        "attention_mask": torch.gather(mask, 1, order),
+    }
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def write_wav(tmp_path):
+    """Write a test clip: a chirp plus noise at the given rate, length and channels."""
+
+    def write(name="clip.wav", rate=16_000, seconds=1.0, channels=1, subtype=None):
+        t = np.arange(int(rate * seconds)) / rate
+        tone = 0.3 * np.sin(2 * np.pi * (300 + 400 * t) * t) + 0.01 * np.random.default_rng(1).standard_normal(t.size)
+        data = np.stack([tone * (c + 1) / channels for c in range(channels)], axis=1) if channels > 1 else tone
+        path = tmp_path / name
+        soundfile.write(str(path), data.astype(np.float32), rate, subtype=subtype)
+        return path
+
+    return write
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+CAPTIONS = [
+    "a dog barks twice", "a bell rings once", "wind blows hard", "a red ball on the grass",
+    "a man speaks and a car passes", "water flows in a stream", "a cat meows", "birds chirp in the trees",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny LLaVA-1.5-shaped captioner saved in Hugging Face format (built offline, random weights)."""
+    from dali.models.captioner import QUESTION, SYSTEM_PROMPT
+    from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
+
+    tokenizer = train_tokenizer(CAPTIONS * 4 + [SYSTEM_PROMPT, QUESTION, "USER: ASSISTANT:"], vocab_size=160)
+    config = TinyLlavaConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+                             text_hidden=32, text_layers=1, text_heads=2)
+    model = build_tiny_llava(tokenizer, config)
+    return save_tiny_llava(model, tokenizer, tmp_path_factory.mktemp("tiny_llava"))

@@ -1,0 +1,107 @@
+import pytest
+import torch
+from PIL import Image
+
+from dali.models.captioner import IGNORE_INDEX, Captioner, DecodingOptions, expand_to_square
+from dali.models.prefix import Prefix, load_prefix, load_projector, save_prefix, save_projector
+from dali.models.cav_mae import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_llava_dir):
+    return Captioner.from_pretrained(tiny_llava_dir)
+
+
+def test_loads_and_round_trips(captioner, tiny_llava_dir, tmp_path):
+    assert captioner.hidden_size == 32 and captioner.vision_dim == 32 and captioner.num_image_tokens == 16
+    assert not any(p.requires_grad for p in captioner.parameters())
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Captioner.from_pretrained(tmp_path / "nowhere")
+
+
+def test_image_preprocessing_pads_to_square_with_clip_mean(captioner):
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = expand_to_square(wide)
+    assert square.size == (40, 40)
+    assert square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((20, 20)) == (255, 0, 0)
+    pixels = captioner.preprocess_images([wide, Image.new("L", (5, 9))])
+    assert pixels.shape == (2, 3, 32, 32)
+    tokens = captioner.image_tokens(pixels)
+    assert tokens.shape == (2, 16, 32)  # CLS dropped
+    hidden = captioner.llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    assert torch.equal(tokens, hidden[-2][:, 1:])
+
+
+@pytest.mark.parametrize("modality,expected", [("image", 16), ("audio", 10), ("audio_vis", 26)])
+def test_token_layout_per_modality(captioner, modality, expected):
+    image = torch.randn(2, 16, 32) if modality in ("image", "audio_vis") else None
+    audio = torch.randn(2, 10, 32) if modality in ("audio", "audio_vis") else None
+    prefix = torch.randn(4, 32)
+    block = captioner.modality_block(image, audio)
+    assert block.shape == (2, expected, 32)
+    with_prefix = captioner.modality_block(image, audio, prefix=prefix)
+    assert with_prefix.shape == (2, expected + 4, 32)
+    assert torch.equal(with_prefix[:, -4:], prefix.expand(2, -1, -1))
+    if modality == "audio_vis":  # image first, then audio
+        assert torch.allclose(with_prefix[:, :16], captioner.projector(image))
+
+
+def test_labels_cover_only_the_answer(captioner):
+    block = captioner.modality_block(audio_tokens=torch.randn(2, 10, 32))
+    inputs = captioner.build_inputs(block, ["a dog barks twice", "a cat meows"])
+    labels, mask = inputs["labels"], inputs["attention_mask"]
+    assert inputs["inputs_embeds"].shape[:2] == labels.shape == mask.shape
+    eos = captioner.tokenizer.eos_token_id
+    for row, caption in enumerate(["a dog barks twice", "a cat meows"]):
+        answer = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        assert answer[-1] == eos
+        assert captioner.tokenizer.decode(answer, skip_special_tokens=True).strip() == caption
+    # the block and the prompt are never supervised; padding is masked out
+    assert (labels[:, : 10 + 20] == IGNORE_INDEX).all()
+    assert ((mask == 0) <= (labels == IGNORE_INDEX)).all()
+
+
+def test_prefix_gets_gradients_through_the_frozen_llm(captioner):
+    prefix = Prefix(num_tokens=4, hidden_size=32, init_std=1e-4)
+    block = captioner.modality_block(image_tokens=torch.randn(2, 16, 32), prefix=prefix())
+    loss = captioner.caption_loss(block, ["a bell rings once", "wind blows hard"])
+    loss.backward()
+    assert prefix.embeddings.grad is not None and prefix.embeddings.grad.abs().sum() > 0
+    assert all(p.grad is None for p in captioner.parameters())
+
+
+def test_generation_from_embeddings_is_seeded(captioner):
+    block = captioner.modality_block(audio_tokens=torch.randn(3, 10, 32))
+    greedy = captioner.generate(block, DecodingOptions(max_new_tokens=5))
+    assert len(greedy) == 3 and all(isinstance(text, str) for text in greedy)
+    assert greedy == captioner.generate(block, DecodingOptions(max_new_tokens=5))
+    sample = DecodingOptions(strategy="sample", temperature=1.5, max_new_tokens=6, seed=3)
+    assert captioner.generate(block, sample) == captioner.generate(block, sample)
+    assert len(captioner.generate(block, DecodingOptions(strategy="beam", num_beams=2, max_new_tokens=4))) == 3
+    with pytest.raises(ValueError, match="strategy"):
+        DecodingOptions(strategy="nucleus")
+
+
+def test_prefix_and_projector_files(captioner, tmp_path):
+    prefix = Prefix(4, 32)
+    save_prefix(prefix, tmp_path / "prefix.safetensors")
+    assert torch.equal(load_prefix(tmp_path / "prefix.safetensors", hidden_size=32).embeddings, prefix.embeddings)
+    with pytest.raises(CheckpointError, match="hidden size"):
+        load_prefix(tmp_path / "prefix.safetensors", hidden_size=64)
+    torch.save({"model.audio_tower.prefix": prefix.embeddings.detach()}, tmp_path / "prefix.bin")
+    assert torch.equal(load_prefix(tmp_path / "prefix.bin").embeddings, prefix.embeddings)
+
+    projector = captioner.copy_projector()
+    torch.nn.init.normal_(projector.linear_1.weight)
+    save_projector(projector, tmp_path / "projector.safetensors")
+    loaded = load_projector(tmp_path / "projector.safetensors", captioner.projector)
+    assert torch.equal(loaded.linear_1.weight, projector.linear_1.weight)
+    original = {"model.mm_projector.0.weight": projector.linear_1.weight.detach(),
+                "model.mm_projector.0.bias": projector.linear_1.bias.detach(),
+                "model.mm_projector.2.weight": projector.linear_2.weight.detach(),
+                "model.mm_projector.2.bias": projector.linear_2.bias.detach()}
+    torch.save(original, tmp_path / "prefixMLP.bin")
+    assert torch.equal(load_projector(tmp_path / "prefixMLP.bin", captioner.projector).linear_2.bias,
+                       projector.linear_2.bias)
+    with pytest.raises(CheckpointError, match="not a projector"):
+        load_projector(tmp_path / "prefix.safetensors", captioner.projector)
