@@ -50,3 +50,14 @@ def tiny_llava_dir(tmp_path_factory):
                              text_hidden=32, text_layers=1, text_heads=2)
     model = build_tiny_llava(tokenizer, config)
     return save_tiny_llava(model, tokenizer, tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A reduced synthetic world with a briefly trained tiny captioner: (world folder, captioner folder)."""
+    from dali.synthetic.captioner import CaptionerTraining, train_captioner
+    from dali.synthetic.world import REDUCED, generate_world
+
+    world = generate_world(tmp_path_factory.mktemp("world"), REDUCED, workers=1)
+    captioner = train_captioner(world, world / "captioner_model", CaptionerTraining(epochs=1))
+    return world, captioner

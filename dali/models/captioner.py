@@ -160,13 +160,9 @@ class Captioner(nn.Module):
         squares = [expand_to_square(image) for image in images]
         return self.image_processor(images=squares, return_tensors="pt")["pixel_values"]
 
-    @torch.no_grad()
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP patch tokens as LLaVA-1.5 uses them: layer -2, CLS dropped. [B, 3, S, S] -> [B, P, vision_dim]."""
-        tower = self.llava.model.vision_tower
-        pixel_values = pixel_values.to(self.device, tower.dtype)
-        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
-        return hidden[self.llava.config.vision_feature_layer][:, 1:]
+        return clip_patch_tokens(self.llava.model.vision_tower, pixel_values, self.llava.config.vision_feature_layer)
 
     # -- inputs --------------------------------------------------------------------------------------
     def modality_block(
@@ -255,16 +251,17 @@ class Captioner(nn.Module):
         return result
 
     # -- training ------------------------------------------------------------------------------------
-    def caption_loss(self, block: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+    def caption_loss(self, block: torch.Tensor, captions: Sequence[str], question: str = QUESTION) -> torch.Tensor:
         """Mean next-token cross-entropy over the answer tokens of a batch (LLaVA's masking)."""
-        inputs = self.build_inputs(block, captions)
+        inputs = self.build_inputs(block, captions, question=question)
         return self.llava(**inputs, use_cache=False).loss
 
     # -- decoding ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, block: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[str]:
+    def generate(self, block: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+                 question: str = QUESTION) -> list[str]:
         """Decode one caption per row of a [B, K, hidden] modality block."""
-        inputs = self.build_inputs(block)
+        inputs = self.build_inputs(block, question=question)
         kwargs = dict(
             max_new_tokens=options.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -276,6 +273,76 @@ class Captioner(nn.Module):
             output = self.llava.generate(**inputs, **kwargs)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [" ".join(text.replace("\n", " ").split()) for text in texts]
+
+
+@torch.no_grad()
+def clip_patch_tokens(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
+    """Hidden states of ``feature_layer`` without the CLS token: [B, 3, S, S] -> [B, P, D]."""
+    parameter = next(tower.parameters())
+    hidden = tower(pixel_values.to(parameter.device, parameter.dtype), output_hidden_states=True).hidden_states
+    return hidden[feature_layer][:, 1:]
+
+
+class VisionTower(nn.Module):
+    """LLaVA's CLIP tower alone, for stages that never run the LLM (alignment): loads only its weights."""
+
+    def __init__(self, tower: nn.Module, image_processor, feature_layer: int, source: str = ""):
+        super().__init__()
+        self.tower = tower.eval().requires_grad_(False)
+        self.image_processor = image_processor
+        self.feature_layer = feature_layer
+        self.source = source
+
+    @property
+    def hidden_size(self) -> int:
+        return self.tower.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.tower.config.image_size // self.tower.config.patch_size) ** 2
+
+    preprocess_images = Captioner.preprocess_images
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return clip_patch_tokens(self.tower, pixel_values, self.feature_layer)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "VisionTower":
+        import json
+
+        from safetensors import safe_open
+        from transformers import CLIPVisionModel, LlavaConfig
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        folder = Path(name_or_path)
+        if not folder.is_dir():  # a hub id: fetch the config and weights (on a machine with internet)
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+        try:
+            config = LlavaConfig.from_pretrained(folder)
+            image_processor = CLIPImageProcessorPil.from_pretrained(folder)
+        except OSError as error:
+            raise FileNotFoundError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
+        tower = CLIPVisionModel(config.vision_config)
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        state = {}
+        # Both key layouts: 'model.vision_tower.' (transformers >= 4.52) and 'vision_tower.' (older llava-hf).
+        prefixes = ("model.vision_tower.", "vision_tower.")
+        for name in files:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                for key in handle.keys():
+                    prefix = next((p for p in prefixes if key.startswith(p)), None)
+                    if prefix is not None:
+                        state[key[len(prefix):]] = handle.get_tensor(key)
+        expected = tower.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise FileNotFoundError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
+        tower.load_state_dict({key: state[key] for key in expected})
+        return cls(tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path))
 
 
 def _left_pad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,14 +33,20 @@ class CAVMAEConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     patch_size: int = 16
+    patch_time: int | None = None  # time extent of a patch when not square (None = patch_size, as CAV-MAE)
     num_mel_bins: int = NUM_MEL_BINS
     target_frames: int = TARGET_FRAMES
     proj_dim: int | None = 1024  # DALI's Linear(768 -> CLIP hidden size); None for a bare CAV-MAE
 
     @property
+    def patch_shape(self) -> tuple[int, int]:
+        """(mel bins, frames) covered by one patch."""
+        return self.patch_size, self.patch_time or self.patch_size
+
+    @property
     def grid(self) -> tuple[int, int]:
         """(frequency rows, time columns) of the patch grid."""
-        return self.num_mel_bins // self.patch_size, self.target_frames // self.patch_size
+        return self.num_mel_bins // self.patch_shape[0], self.target_frames // self.patch_shape[1]
 
     @property
     def num_tokens(self) -> int:
@@ -72,9 +78,9 @@ def sincos_pos_embed_2d(embed_dim: int, rows: int, cols: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, embed_dim: int):
+    def __init__(self, patch_shape: tuple[int, int], embed_dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_shape, stride=patch_shape)
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         # [B, 1, mel, time] -> [B, D, rows, cols] -> [B, rows * cols, D]
@@ -139,7 +145,7 @@ class CAVMAEAudioEncoder(nn.Module):
         super().__init__()
         self.config = config
         rows, cols = config.grid
-        self.patch_embed_a = PatchEmbed(config.patch_size, config.embed_dim)
+        self.patch_embed_a = PatchEmbed(config.patch_shape, config.embed_dim)
         # A buffer-like parameter: fixed sin-cos at init, but DALI trains it, so checkpoints carry it.
         self.pos_embed_a = nn.Parameter(sincos_pos_embed_2d(config.embed_dim, rows, cols))
         self.modality_a = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
@@ -226,7 +232,7 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -
         num_tokens = state["pos_embed_a"].shape[1]
     except KeyError as error:
         raise CheckpointError(f"not a CAV-MAE audio checkpoint: key {error} is missing") from None
-    embed_dim, patch_size = patch.shape[0], patch.shape[-1]
+    embed_dim, patch_size, patch_time = patch.shape[0], patch.shape[-2], patch.shape[-1]
     rows = NUM_MEL_BINS // patch_size
     depth_audio = len({key.split(".")[1] for key in state if key.startswith("blocks_a.")})
     depth_shared = len({key.split(".")[1] for key in state if key.startswith("blocks_u.")})
@@ -239,7 +245,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -
         num_heads=num_heads or max(embed_dim // 64, 1),
         mlp_ratio=hidden / embed_dim,
         patch_size=patch_size,
-        target_frames=num_tokens // rows * patch_size,
+        patch_time=None if patch_time == patch_size else patch_time,
+        target_frames=num_tokens // rows * patch_time,
         proj_dim=None if proj is None else proj.shape[0],
     )
 

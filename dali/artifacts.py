@@ -1,0 +1,46 @@
+"""One loader per producing stage. Each checks the upstream manifest and compatibility with the captioner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from dali.models.cav_mae import CAVMAEAudioEncoder, CheckpointError, load_audio_encoder
+from dali.models.prefix import Prefix, load_prefix, load_projector
+from dali.runs import read_jsonl, require_finished
+
+PREFIX_FILE = "prefix.safetensors"
+ENCODER_FILE = "audio_encoder.safetensors"
+TOKEN_WEIGHTS_FILE = "token_weights.safetensors"
+PSEUDO_CAPTIONS_FILE = "pseudo_captions.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+PROJECTOR_FILE = "projector.safetensors"
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def load_prefix_stage(folder: str | Path, hidden_size: int, flag_name: str = "--prefix-dir") -> Prefix:
+    folder = require_finished(folder, "prefix-tuning (1a)", flag_name)
+    return load_prefix(folder / PREFIX_FILE, hidden_size=hidden_size)
+
+
+def load_align_stage(folder: str | Path, vision_dim: int, flag_name: str = "--align-dir") -> CAVMAEAudioEncoder:
+    """The aligned encoder of stage 1b (or an imported one); its tokens must have CLIP's width."""
+    folder = require_finished(folder, "alignment (1b)", flag_name)
+    encoder = load_audio_encoder(folder / ENCODER_FILE)
+    if encoder.output_dim != vision_dim:
+        raise CheckpointError(
+            f"{flag_name}: the encoder in '{folder}' makes {encoder.output_dim}-d tokens but the captioner's "
+            f"vision tower is {vision_dim}-d"
+        )
+    return encoder.requires_grad_(False)
+
+
+def load_pseudo_captions(folder: str | Path, flag_name: str = "--pseudo-dir") -> list[dict]:
+    folder = require_finished(folder, "pseudo-captioning (2a)", flag_name)
+    return read_jsonl(folder / PSEUDO_CAPTIONS_FILE)
+
+
+def load_distill_stage(folder: str | Path, template: nn.Module, flag_name: str = "--distill-dir") -> nn.Module:
+    folder = require_finished(folder, "distillation (2b)", flag_name)
+    return load_projector(folder / PROJECTOR_FILE, template)

@@ -1,0 +1,164 @@
+"""Stage configs: small dataclasses that double as the command-line schema.
+
+``parse_config(Config, argv)`` reads an optional ``--config preset.yaml`` (its keys are field names), then
+the flags (``--field-name``), which win. Unknown preset keys and bad values fail with a message naming the
+key or flag. A config's ``validate()`` checks flag combinations right after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A flag or preset value is wrong; the message names it."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of an annotation such as ``int | None``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _converter(annotation: Any, optional: bool):
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if annotation is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+        return annotation(text)
+
+    convert.__name__ = getattr(annotation, "__name__", "value")
+    return convert
+
+
+def _coerce(name: str, annotation: Any, value: Any, source: str) -> Any:
+    base, optional = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{name}' cannot be null")
+    origin = typing.get_origin(base)
+    if origin in (tuple, list):
+        (item_type, *_) = typing.get_args(base) or (str,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(name, item_type, item, source) for item in value)
+    try:
+        if base is bool and not isinstance(value, bool):
+            return _converter(bool, False)(str(value))
+        if base is Path:
+            return str(value)
+        return base(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(f"{source}: '{name}' = {value!r} is not a valid {getattr(base, '__name__', base)}: {error}")
+
+
+def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: preset '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config: preset '{path}' is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: preset '{path}' must be a mapping of field names to values")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"--config: preset '{path}' has unknown keys {unknown}; known keys: {sorted(fields)}")
+    return {key: _coerce(key, hints[key], value, f"preset '{path}'") for key, value in data.items()}
+
+
+def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML preset whose keys are this stage's field names; flags win")
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    for field in dataclasses.fields(cls):
+        base, optional = _base_type(hints[field.name])
+        default = defaults.get(field.name, field.default if field.default is not dataclasses.MISSING else None)
+        if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:  # type: ignore
+            default = defaults.get(field.name, field.default_factory())  # type: ignore
+        help_text = field.metadata.get("help", "")
+        if typing.get_origin(base) in (tuple, list):
+            (item_type, *_) = typing.get_args(base) or (str,)
+            parser.add_argument(flag(field.name), dest=field.name, nargs="*", type=_converter(item_type, False),
+                                default=default, help=help_text)
+        elif base is bool:
+            parser.add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        else:
+            choices = field.metadata.get("choices")
+            parser.add_argument(flag(field.name), dest=field.name, type=_converter(base, optional), default=default,
+                                choices=choices, help=help_text)
+    return parser
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """Preset (``--config``) < flags. Fields without a default must come from one of them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    preset = load_preset(cls, known.config) if known.config else {}
+    parser = build_parser(cls, description, preset)
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("config")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = namespace[field.name]
+        if value is None and field.default is dataclasses.MISSING and not _base_type(hints[field.name])[1]:
+            raise ConfigError(f"{flag(field.name)} is required (give it as a flag or in the --config preset)")
+        if isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(item) for item in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return {field.name: plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None) -> Any:
+    """A dataclass field with CLI help (and choices)."""
+    metadata = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults")
+    return dataclasses.field(default=default, metadata=metadata)

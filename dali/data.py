@@ -1,0 +1,337 @@
+"""Datasets in the formats the original used, read with clear errors.
+
+* prefix pairs: the original ``prefixDS.json`` (a list of LLaVA conversations with ``image``/``audio``
+  paths) or a CSV with columns ``image,caption[,audio]``;
+* alignment pairs: CAV-MAE's JSON ``{"data": [{"video_id", "wav", "video_path", "labels"}]}`` where frames
+  live at ``<video_path>/frame_<k>/<video_id>.jpg``;
+* test lists: AudioCaps-style CSV (one row per caption: ``youtube_id`` or ``file_id``, ``caption``) or
+  Clotho-style (``file_name, caption_1..caption_5``).
+
+Relative paths are resolved against a data root (by default the folder of the list file).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dali.audio import AudioLoadError, audio_to_features, load_audio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRAME_INDEX = 5  # the middle of CAV-MAE's 10 frames; one index for every stage
+ON_ERROR_CHOICES = ("skip", "stop")
+
+
+class DataError(ValueError):
+    """A dataset list is malformed; the message names the file, the line and the problem."""
+
+
+class ClipError(RuntimeError):
+    """One clip's audio or frame cannot be used; the message names the file."""
+
+    def __init__(self, clip_id: str, path: str | Path, reason: str):
+        self.clip_id, self.path, self.reason = clip_id, str(path), reason
+        super().__init__(f"clip '{clip_id}': cannot use '{path}': {reason}")
+
+
+@dataclass
+class Clip:
+    """One audiovisual clip: an id, its audio file, its frame folder root, its reference captions."""
+
+    id: str
+    audio: Path | None = None
+    frames_root: Path | None = None
+    image: Path | None = None  # an explicit frame file (prefix pairs), overrides frames_root
+    captions: list[str] = field(default_factory=list)
+
+    def frame_path(self, frame_index: int = DEFAULT_FRAME_INDEX) -> Path | None:
+        if self.image is not None:
+            return self.image
+        if self.frames_root is None:
+            return None
+        return self.frames_root / f"frame_{frame_index}" / f"{self.id}.jpg"
+
+
+def _resolve(root: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else root / path
+
+
+def _check_caption(caption: Any, where: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(f"{where}: empty or missing caption")
+    return " ".join(caption.split())
+
+
+def read_prefix_pairs(path: str | Path, root: str | Path | None = None) -> list[Clip]:
+    """The (frame, audio caption) pairs of stage 1a, from the original JSON layout or a CSV."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    if not path.is_file():
+        raise DataError(f"prefix pairs file '{path}' does not exist")
+    clips = []
+    if path.suffix == ".csv":
+        for number, row in _csv_rows(path, required=("image", "caption")):
+            where = f"'{path}' line {number}"
+            clips.append(Clip(id=row.get("id") or Path(row["image"]).stem, image=_resolve(root, row["image"]),
+                              audio=_resolve(root, row["audio"]) if row.get("audio") else None,
+                              captions=[_check_caption(row["caption"], where)]))
+        return clips
+    records = _load_json(path)
+    if not isinstance(records, list):
+        raise DataError(f"'{path}' must hold a JSON list of conversation records")
+    for number, record in enumerate(records):
+        where = f"'{path}' record {number}"
+        try:
+            answer = next(turn["value"] for turn in record["conversations"] if turn.get("from") == "gpt")
+            clips.append(Clip(id=str(record.get("id", number)), image=_resolve(root, record["image"]),
+                              audio=_resolve(root, record["audio"]) if record.get("audio") else None,
+                              captions=[_check_caption(answer, where)]))
+        except (KeyError, TypeError, StopIteration):
+            raise DataError(f"{where}: needs 'image' and a 'conversations' list with a 'gpt' turn") from None
+    return clips
+
+
+def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> list[Clip]:
+    """Alignment / pseudo-captioning clips from CAV-MAE's JSON format."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError(f"'{path}' must be a CAV-MAE list: {{\"data\": [{{\"video_id\", \"wav\", \"video_path\"}}]}}")
+    clips, seen = [], set()
+    for number, record in enumerate(data["data"]):
+        try:
+            clip = Clip(id=str(record["video_id"]), audio=_resolve(root, record["wav"]),
+                        frames_root=_resolve(root, record["video_path"]) if record.get("video_path") else None)
+        except (KeyError, TypeError):
+            raise DataError(f"'{path}' record {number}: needs 'video_id' and 'wav'") from None
+        if clip.id in seen:
+            log.warning("'%s' record %d: duplicate video_id '%s' ignored", path, number, clip.id)
+            continue
+        seen.add(clip.id)
+        clips.append(clip)
+    return clips
+
+
+def write_cavmae_json(clips: Sequence[Clip], path: str | Path, root: str | Path | None = None) -> None:
+    from dali.runs import atomic_write_json
+
+    root = Path(root) if root is not None else Path(path).parent
+
+    def rel(p: Path) -> str:
+        try:
+            return str(Path(p).relative_to(root))
+        except ValueError:
+            return str(p)
+
+    atomic_write_json(path, {"data": [
+        {"video_id": clip.id, "wav": rel(clip.audio), "video_path": rel(clip.frames_root) if clip.frames_root else "",
+         "labels": ""} for clip in clips]})
+
+
+def read_caption_csv(
+    path: str | Path, audio_dir: str | Path | None = None, frames_dir: str | Path | None = None
+) -> list[Clip]:
+    """A test list with several references per clip, AudioCaps (long) or Clotho (wide) layout.
+
+    Audio is ``<audio_dir>/<id>.wav`` (or the row's ``file_name``/``file_path``); frames are under
+    ``<frames_dir>/frame_<k>/<id>.jpg`` when ``frames_dir`` is given. Rows keep their first-seen order;
+    references are kept per clip as written (the original deduplicated them across clips).
+    """
+    path = Path(path)
+    audio_dir = Path(audio_dir) if audio_dir is not None else path.parent
+    rows = list(_csv_rows(path))
+    if not rows:
+        raise DataError(f"'{path}' has no rows")
+    columns = set(rows[0][1])
+    wide = [name for name in sorted(columns) if name.startswith("caption_")]
+    id_column = next((name for name in ("file_id", "youtube_id", "file_name", "id") if name in columns), None)
+    if id_column is None or not (wide or "caption" in columns):
+        raise DataError(f"'{path}' needs an id column (file_id, youtube_id, file_name or id) and 'caption' or "
+                        f"'caption_1'..; it has {sorted(columns)}")
+    clips: dict[str, Clip] = {}
+    for number, row in rows:
+        where = f"'{path}' line {number}"
+        raw_id = (row.get(id_column) or "").strip()
+        if not raw_id:
+            raise DataError(f"{where}: empty {id_column}")
+        clip_id = Path(raw_id).stem if id_column == "file_name" else raw_id
+        captions = [_check_caption(row[name], f"{where} {name}") for name in wide] if wide else \
+            [_check_caption(row["caption"], where)]
+        if clip_id not in clips:
+            if row.get("file_path"):
+                audio = _resolve(audio_dir, row["file_path"])
+            elif id_column == "file_name":
+                audio = audio_dir / raw_id
+            else:
+                audio = audio_dir / f"{clip_id}.wav"
+            clips[clip_id] = Clip(id=clip_id, audio=audio, frames_root=Path(frames_dir) if frames_dir else None)
+        clips[clip_id].captions.extend(captions)
+    return list(clips.values())
+
+
+def _csv_rows(path: Path, required: Sequence[str] = ()):
+    if not path.is_file():
+        raise DataError(f"list file '{path}' does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            reader = csv.DictReader(stream)
+            missing = [name for name in required if name not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"'{path}' lacks columns {missing}; it has {reader.fieldnames}")
+            return [(number, row) for number, row in enumerate(reader, start=2)]
+    except UnicodeDecodeError as error:
+        raise DataError(f"'{path}' is not UTF-8 text: {error}") from None
+    except csv.Error as error:
+        raise DataError(f"'{path}' is not a valid CSV: {error}") from None
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"list file '{path}' does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"'{path}' is not valid JSON: {error}") from None
+
+
+# -- loading one clip -------------------------------------------------------------------------------------
+def load_frame(clip: Clip, frame_index: int = DEFAULT_FRAME_INDEX) -> Image.Image:
+    path = clip.frame_path(frame_index)
+    if path is None:
+        raise ClipError(clip.id, "<none>", "this clip has no frames (audio-only list)")
+    if not path.is_file():
+        raise ClipError(clip.id, path, "no such frame")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ClipError(clip.id, path, f"unreadable image ({error})") from None
+
+
+def load_clip_audio(clip: Clip) -> torch.Tensor:
+    if clip.audio is None:
+        raise ClipError(clip.id, "<none>", "this clip has no audio")
+    try:
+        return load_audio(clip.audio)
+    except AudioLoadError as error:
+        raise ClipError(clip.id, clip.audio, error.reason) from None
+
+
+def clip_features(clip: Clip, target_frames: int) -> torch.Tensor:
+    return audio_to_features(load_clip_audio(clip), target_frames)
+
+
+def augment_fbank(fbank: torch.Tensor, generator: random.Random) -> torch.Tensor:
+    """The original's training noise: + U[0,1) * r / 10 per bin (r ~ U[0,1) per clip), then a circular time roll."""
+    scale = generator.random() / 10
+    noise = torch.from_numpy(np.random.default_rng(generator.getrandbits(32)).random(fbank.shape, dtype=np.float32))
+    fbank = fbank + noise * scale
+    frames = fbank.shape[0]
+    return torch.roll(fbank, generator.randint(-frames, frames), dims=0)
+
+
+@dataclass
+class BadClip:
+    """What a dataset yields for a clip it could not load (with on_error='skip')."""
+
+    id: str
+    path: str
+    reason: str
+
+    def as_record(self) -> dict[str, str]:
+        return {"id": self.id, "path": self.path, "reason": self.reason}
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Features of clips for the stages: fbank and/or frame pixels, or a :class:`BadClip` marker.
+
+    Args:
+        clips: the list.
+        need_audio / need_image: what to load.
+        image_transform: PIL image -> tensor (the captioner's preprocessing).
+        frame_index: which of the 10 frames.
+        augment: the original's noise + time roll (alignment training only).
+        on_error: 'skip' yields a BadClip for the collate to drop and the stage to list; 'stop' raises.
+    """
+
+    def __init__(self, clips: Sequence[Clip], need_audio: bool, need_image: bool, image_transform=None,
+                 frame_index: int = DEFAULT_FRAME_INDEX, target_frames: int = 1024, augment: bool = False,
+                 on_error: str = "skip", seed: int = 0):
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got '{on_error}'")
+        self.clips = list(clips)
+        self.need_audio, self.need_image = need_audio, need_image
+        self.image_transform = image_transform
+        self.frame_index, self.target_frames = frame_index, target_frames
+        self.augment, self.on_error, self.seed = augment, on_error, seed
+        self.epoch = 0
+        self.fbank_cache: dict[int, torch.Tensor] | None = None
+
+    def preload_audio(self) -> list[dict[str, str]]:
+        """Compute every clip's un-augmented fbank once and keep it (float16) in memory; returns the bad clips.
+
+        Loader workers started afterwards share the cache copy-on-write.
+        """
+        from tqdm.auto import tqdm
+
+        cache, bad = {}, []
+        for index, clip in enumerate(tqdm(self.clips, desc="caching audio features", leave=False)):
+            try:
+                cache[index] = clip_features(clip, self.target_frames).half()
+            except ClipError as error:
+                if self.on_error == "stop":
+                    raise
+                bad.append(BadClip(error.clip_id, error.path, error.reason).as_record())
+        self.fbank_cache = cache
+        return bad
+
+    def usable(self, index: int) -> bool:
+        """False for a clip that already failed while preloading."""
+        return self.fbank_cache is None or index in self.fbank_cache
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | BadClip:
+        clip = self.clips[index]
+        try:
+            item: dict[str, Any] = {"index": index, "id": clip.id}
+            if self.need_audio:
+                cached = self.fbank_cache.get(index) if self.fbank_cache is not None else None
+                fbank = cached.float() if cached is not None else clip_features(clip, self.target_frames)
+                if self.augment:
+                    fbank = augment_fbank(fbank, random.Random(hash((self.seed, self.epoch, index))))
+                item["fbank"] = fbank
+            if self.need_image:
+                image = load_frame(clip, self.frame_index)
+                item["pixels"] = self.image_transform([image])[0] if self.image_transform else image
+            return item
+        except ClipError as error:
+            if self.on_error == "stop":
+                raise
+            return BadClip(error.clip_id, error.path, error.reason)
+
+
+def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
+    """Stack good items; bad ones travel in ``bad`` for the stage to report."""
+    good = [item for item in items if not isinstance(item, BadClip)]
+    batch: dict[str, Any] = {"bad": [item for item in items if isinstance(item, BadClip)]}
+    batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
+    batch["id"] = [item["id"] for item in good]
+    for key in ("fbank", "pixels"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([item[key] for item in good])
+    return batch

@@ -1,0 +1,374 @@
+"""Stage 1b: align the audio encoder's token distribution with CLIP's patch tokens of the paired frame.
+
+Trains the CAV-MAE audio branch + ``proj`` (and, for ``ot_att``, the attentive scorers) against the frozen
+vision tower of the captioner, with MMD, exact/entropic OT, or OT with attentive token weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dali import distributed
+from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
+from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
+from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
+from dali.models.captioner import VisionTower
+from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder, save_audio_encoder
+from dali.runs import Stage, atomic_write, atomic_write_jsonl
+from dali.stages.common import (
+    CHECKPOINT, DTYPES, NonFiniteGuard, epoch_order, load_checkpoint, log, print_config, progress, save_checkpoint,
+    seed_everything, setup_logging, stage_dir,
+)
+
+METHODS = ("mmd", "ot", "ot_att")
+SOLVERS = ("emd", "sinkhorn")
+
+
+@dataclass
+class AlignConfig:
+    """Stage 1b (distribution alignment). Defaults are the paper's DALI-OT^Att recipe."""
+
+    llava: str = field(help="LLaVA-1.5 (its CLIP tower is the frozen target): hub id or local folder")
+    train_list: str = field(help="CAV-MAE format JSON of (audio, frames) pairs")
+    val_list: str | None = field(None, help="CAV-MAE JSON for validation (uniform weights); picks the best epoch")
+    data_root: str | None = field(None, help="folder relative paths start from (default: each list's folder)")
+    run: str = field("default")
+    expe_dir: str = field("expe")
+    out: str | None = field(None, help="explicit output folder (default <expe-dir>/<run>/align)")
+    init_encoder: str | None = field(None, help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
+                                                "none = random init with the --encoder-* shape")
+    encoder_dim: int = field(768)
+    encoder_depth: int = field(11)
+    encoder_heads: int = field(12)
+    encoder_patch_time: int | None = field(None, help="time extent of a patch (default 16, square as CAV-MAE)")
+    target_frames: int = field(1024, help="fbank frames per clip")
+    method: str = field("ot_att", choices=METHODS)
+    ot_solver: str = field("emd", choices=SOLVERS, help="emd: exact (the original); sinkhorn: batched, on device")
+    sinkhorn_reg: float = field(0.05, help="entropic reg relative to the mean cost")
+    sinkhorn_iters: int = field(200)
+    scorer_heads: int = field(8)
+    scorer_temperature: float = field(20.0)
+    scorer_freeze_epochs: int = field(1, help="epochs during which the scorers do not step")
+    entropy_weights: tuple[float, ...] = field((500.0, 400.0, 300.0, 200.0, 100.0),
+                                               help="lambda per epoch after the frozen ones; the last repeats")
+    epochs: int = field(20)
+    batch_size: int = field(256, help="per-process batch")
+    lr: float = field(1e-4)
+    weight_decay: float = field(5e-7)
+    beta1: float = field(0.95)
+    beta2: float = field(0.999)
+    lr_decay_start: int = field(10, help="halve the encoder lr after this epoch ...")
+    lr_decay_every: int = field(5, help="... and every this many epochs after it")
+    lr_decay: float = field(0.5)
+    noise: bool = field(True, help="the original's fbank noise + time-roll augmentation")
+    frame_index: int = field(DEFAULT_FRAME_INDEX, help="frame used for every clip (the original forced 0 here)")
+    cache_vision_tokens: bool = field(False, help="run the vision tower once per clip and keep its tokens in memory")
+    cache_audio_features: bool = field(False, help="keep every clip's fbank in memory (augmented per step)")
+    num_workers: int = field(4)
+    on_error: str = field("skip", choices=ON_ERROR_CHOICES, help="bad clip: skip and list it, or stop")
+    autocast: str = field("bfloat16", choices=("none", "bfloat16", "float16"), help="mixed precision on GPU")
+    vision_dtype: str = field("float32", choices=tuple(DTYPES))
+    device: str = field("auto")
+    seed: int = field(0)
+    checkpoint_every: int = field(200, help="steps between resumable checkpoints (and each epoch end)")
+    max_non_finite_steps: int = field(20)
+    max_steps_per_epoch: int | None = field(None, help="cut epochs short (smoke tests)")
+    overwrite: bool = field(False)
+    resume: bool = field(False)
+
+    def validate(self) -> None:
+        if self.method == "mmd" and self.ot_solver != "emd":
+            log.info("--ot-solver is ignored with --method mmd")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError("--epochs must be >= 0 (0 saves the initial encoder, unaligned) and --batch-size >= 1")
+        if self.method == "ot_att" and not self.entropy_weights:
+            raise ConfigError("--entropy-weights needs at least one value with --method ot_att")
+        if self.target_frames % (self.encoder_patch_time or 16):
+            raise ConfigError("--target-frames must be a multiple of the patch's time extent")
+
+    def entropy_weight(self, epoch: int) -> float:
+        """lambda for a 1-based epoch (0 while the scorers are frozen)."""
+        index = epoch - self.scorer_freeze_epochs - 1
+        return 0.0 if index < 0 else self.entropy_weights[min(index, len(self.entropy_weights) - 1)]
+
+
+def build_encoder(config: AlignConfig, vision_dim: int) -> CAVMAEAudioEncoder:
+    if config.init_encoder:
+        encoder = load_audio_encoder(config.init_encoder, new_proj_dim=vision_dim)
+        if encoder.output_dim != vision_dim:
+            raise ConfigError(f"--init-encoder: its proj gives {encoder.output_dim}-d tokens, CLIP's are {vision_dim}-d")
+        if encoder.config.target_frames != config.target_frames:
+            raise ConfigError(f"--target-frames {config.target_frames} differs from the checkpoint's "
+                              f"{encoder.config.target_frames}")
+        return encoder.train()
+    shape = CAVMAEConfig(embed_dim=config.encoder_dim, depth_audio=config.encoder_depth, num_heads=config.encoder_heads,
+                         patch_time=config.encoder_patch_time, target_frames=config.target_frames, proj_dim=vision_dim)
+    return CAVMAEAudioEncoder(shape).train()
+
+
+def alignment_loss(config: AlignConfig, audio: torch.Tensor, image: torch.Tensor, weights=None) -> torch.Tensor:
+    """The configured criterion between [B, N, D] audio and [B, M, D] image tokens (uniform weights if None)."""
+    if config.method == "mmd":
+        return mmd_loss(audio, image)
+    kwargs = dict(solver=config.ot_solver, reg=config.sinkhorn_reg, max_iters=config.sinkhorn_iters)
+    if weights is None:
+        return ot_loss(audio, image, **kwargs)
+    return ot_loss(audio, image, weights.audio, weights.image, **kwargs)
+
+
+class VisionTokenSource:
+    """CLIP tokens of a batch: from the in-memory cache, or the frozen tower on the batch's pixels."""
+
+    def __init__(self, tower: VisionTower, clips: list[Clip], config: AlignConfig, device: torch.device,
+                 bad: list[dict]):
+        self.tower, self.device = tower, device
+        self.cache: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        if config.cache_vision_tokens:
+            self._fill(clips, config, bad)
+
+    def _fill(self, clips: list[Clip], config: AlignConfig, bad: list[dict]) -> None:
+        dataset = ClipDataset(clips, need_audio=False, need_image=True, image_transform=self.tower.preprocess_images,
+                              frame_index=config.frame_index, on_error=config.on_error)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=min(config.num_workers, 4),
+                                             collate_fn=collate)
+        self.cache = torch.zeros(len(clips), self.tower.num_tokens, self.tower.hidden_size, dtype=torch.float16)
+        self.valid = torch.zeros(len(clips), dtype=torch.bool)
+        for batch in progress(loader, desc="caching vision tokens", leave=False):
+            bad.extend(item.as_record() for item in batch["bad"])
+            if len(batch["index"]):
+                self.cache[batch["index"]] = self.tower.image_tokens(batch["pixels"]).half().cpu()
+                self.valid[batch["index"]] = True
+
+    def usable(self, index: int) -> bool:
+        return self.valid is None or bool(self.valid[index])
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[batch["index"]].to(self.device, torch.float32)
+        return self.tower.image_tokens(batch["pixels"]).float()
+
+
+class OrderedSampler(torch.utils.data.Sampler):
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def validation_loss(config: AlignConfig, encoder, vision: VisionTokenSource, loader, device, autocast) -> float:
+    """Mean criterion with uniform weights over a validation loader."""
+    encoder.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            if not len(batch["index"]):
+                continue
+            with autocast():
+                audio = encoder.project(batch["fbank"].to(device)).float()
+            image = vision.tokens(batch)
+            loss = alignment_loss(config, audio, image)
+            if math.isfinite(float(loss)):
+                total += float(loss) * len(batch["index"])
+                count += len(batch["index"])
+    encoder.train()
+    return total / max(count, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(AlignConfig, argv)
+    context = distributed.setup(config.device)
+    seed_everything(config.seed + context.rank)
+    device = context.device
+    out = stage_dir(config.expe_dir, config.run, "align", config.out)
+    stage = Stage(out, "align", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+    distributed.barrier()
+    if context.is_main:
+        print_config("align", config)
+        stage.save_config(config_to_dict(config))
+        for name in ("train_list", "val_list", "init_encoder"):
+            if getattr(config, name):
+                stage.add_input(name, getattr(config, name))
+
+    # -- setup
+    tower = VisionTower.from_pretrained(config.llava, dtype=DTYPES[config.vision_dtype], device=device)
+    encoder = build_encoder(config, tower.hidden_size).to(device)
+    scorers = None
+    if config.method == "ot_att":
+        scorers = AttentiveTokenWeights(tower.hidden_size, config.scorer_heads, config.scorer_temperature).to(device)
+    train_clips = read_cavmae_json(config.train_list, config.data_root)
+    val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
+    bad: list[dict] = []
+    val_clips = distributed.shard(val_clips, context)  # every rank validates its share
+    train_vision = VisionTokenSource(tower, train_clips, config, device, bad)
+    val_vision = VisionTokenSource(tower, val_clips, config, device, bad) if val_clips else None
+    need_pixels = not config.cache_vision_tokens
+
+    def dataset(clips, augment):
+        return ClipDataset(clips, need_audio=True, need_image=need_pixels, image_transform=tower.preprocess_images,
+                           frame_index=config.frame_index, target_frames=config.target_frames, augment=augment,
+                           on_error=config.on_error, seed=config.seed)
+
+    train_set = dataset(train_clips, config.noise)
+    if config.cache_audio_features:
+        bad.extend(train_set.preload_audio())
+    usable = [i for i in range(len(train_clips)) if train_vision.usable(i) and train_set.usable(i)]
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+    betas = (config.beta1, config.beta2)
+    optimizer = torch.optim.Adam(encoder_params, lr=config.lr, weight_decay=config.weight_decay, betas=betas)
+    milestones = list(range(config.lr_decay_start, 10_000, config.lr_decay_every))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_decay)
+    scorer_optimizer = None
+    if scorers is not None:  # the scorers have their own optimiser and no lr decay, as in the original
+        scorer_optimizer = torch.optim.Adam(scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                            betas=betas)
+    my_count = len(distributed.shard(usable, context))
+    steps_per_epoch = my_count // config.batch_size if my_count >= config.batch_size else 1
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+
+    epoch, step_in_epoch, best_val, global_step = 1, 0, math.inf, 0
+    state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    if state is not None:
+        encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scorers is not None:
+            scorers.load_state_dict(state["scorers"])
+            scorer_optimizer.load_state_dict(state["scorer_optimizer"])
+        epoch, step_in_epoch, best_val, global_step = (state["epoch"], state["step_in_epoch"], state["best_val"],
+                                                       state["global_step"])
+        bad = state["bad"]
+        log.info("resuming alignment at epoch %d step %d", epoch, step_in_epoch)
+    metrics = stage.metrics()
+    guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
+    autocast = _autocast(config, device)
+
+    def checkpoint() -> None:
+        if context.is_main:
+            save_checkpoint(out / CHECKPOINT, {
+                "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "best_val": best_val, "global_step": global_step, "bad": bad,
+                "scorers": scorers.state_dict() if scorers is not None else None,
+                "scorer_optimizer": scorer_optimizer.state_dict() if scorer_optimizer is not None else None})
+
+    # -- train
+    while epoch <= config.epochs:
+        train_set.epoch = epoch
+        order = [usable[i] for i in epoch_order(len(usable), config.seed, epoch)]
+        mine = distributed.shard(order, context)[: steps_per_epoch * config.batch_size]
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=config.batch_size, sampler=OrderedSampler(mine[step_in_epoch * config.batch_size:]),
+            num_workers=config.num_workers, collate_fn=collate, persistent_workers=False,
+            pin_memory=device.type == "cuda")
+        entropy_weight = config.entropy_weight(epoch)
+        scorers_train = scorers is not None and epoch > config.scorer_freeze_epochs
+        bar = progress(total=steps_per_epoch, initial=step_in_epoch, desc=f"align epoch {epoch}/{config.epochs}",
+                       disable=not context.is_main)
+        for batch in loader:
+            bad.extend(item.as_record() for item in batch["bad"])
+            if len(batch["index"]) == 0:
+                continue
+            with autocast():
+                audio = encoder.project(batch["fbank"].to(device, non_blocking=True)).float()  # [B, N, D]
+            image = train_vision.tokens(batch)  # [B, M, D]
+            weights = scorers(audio, image) if scorers is not None else None
+            loss = alignment_loss(config, audio, image, weights)
+            optimizer.zero_grad(set_to_none=True)
+            if scorer_optimizer is not None:
+                scorer_optimizer.zero_grad(set_to_none=True)
+            if guard.check(loss, global_step):
+                # The encoder follows the criterion alone; the scorers follow criterion - lambda * entropy.
+                # (The original let both backward passes add up in the encoder's gradients.)
+                loss.backward(inputs=encoder_params, retain_graph=scorers_train)
+                distributed.average_gradients(encoder_params)
+                optimizer.step()
+                if scorers_train:
+                    scorer_objective = loss - entropy_weight * weights.entropy.mean()
+                    scorer_objective.backward(inputs=list(scorers.parameters()))
+                    distributed.average_gradients(scorers.parameters())
+                    scorer_optimizer.step()
+            record = {"step": global_step + 1, "epoch": epoch,
+                      "loss": distributed.mean_across_ranks(float(loss.detach()), device),
+                      "lr": optimizer.param_groups[0]["lr"]}
+            if weights is not None:
+                record["entropy"] = float(weights.entropy.mean().detach())
+                record["entropy_weight"] = entropy_weight
+            metrics.log(**record)
+            step_in_epoch += 1
+            global_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if global_step % config.checkpoint_every == 0:
+                checkpoint()
+        bar.close()
+
+        val_loss = None
+        if val_vision is not None:
+            val_loader = torch.utils.data.DataLoader(dataset(val_clips, augment=False), batch_size=config.batch_size,
+                                                     num_workers=config.num_workers, collate_fn=collate)
+            val_loss = distributed.mean_across_ranks(
+                validation_loss(config, encoder, val_vision, val_loader, device, autocast), device)
+            metrics.log(epoch=epoch, val_loss=val_loss)
+            log.info("epoch %d: validation %s %.4f", epoch, config.method, val_loss)
+        if context.is_main and (val_loss is None or val_loss < best_val):
+            best_val = val_loss if val_loss is not None else best_val
+            atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
+        scheduler.step()
+        epoch += 1
+        step_in_epoch = 0
+        checkpoint()
+        distributed.barrier()
+
+    # -- save
+    if context.is_main:
+        if not (out / ENCODER_FILE).exists():  # --epochs 0: the initial (unaligned) encoder
+            atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
+        outputs = [ENCODER_FILE, SKIPPED_FILE]
+        atomic_write_jsonl(out / SKIPPED_FILE, _unique(bad))
+        if scorers is not None:
+            from safetensors.torch import save_file
+
+            atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(
+                {k: v.detach().cpu().contiguous() for k, v in scorers.state_dict().items()}, str(tmp)))
+            outputs.append(TOKEN_WEIGHTS_FILE)
+        stage.finish({"best_val_loss": None if math.isinf(best_val) else best_val, "epochs": config.epochs,
+                      "method": config.method, "ot_solver": config.ot_solver, "skipped_clips": len(_unique(bad)),
+                      "non_finite_steps": guard.count, "llava": config.llava}, outputs=outputs)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        log.info("aligned encoder written to %s", out / ENCODER_FILE)
+    distributed.teardown()
+    return 0
+
+
+def _unique(records: list[dict]) -> list[dict]:
+    seen, unique = set(), []
+    for record in records:
+        if record["id"] not in seen:
+            seen.add(record["id"])
+            unique.append(record)
+    return unique
+
+
+def _autocast(config: AlignConfig, device: torch.device):
+    import contextlib
+
+    if device.type != "cuda" or config.autocast == "none":
+        return contextlib.nullcontext
+    dtype = DTYPES[config.autocast]
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

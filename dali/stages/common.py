@@ -1,0 +1,111 @@
+"""Helpers shared by the stage scripts: device/dtype, run folders, resumable checkpoints, the NaN guard."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dali.config import config_to_dict
+from dali.runs import atomic_write
+
+log = logging.getLogger("dali")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECKPOINT = "checkpoint.pt"
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("DALI_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def stage_dir(expe_dir: str, run: str, stage: str, out: str | None) -> Path:
+    return Path(out) if out else Path(expe_dir) / run / stage
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def print_config(name: str, config: Any) -> None:
+    lines = [f"{name} config:"] + [f"  {key}: {value}" for key, value in config_to_dict(config).items()]
+    log.info("\n".join(lines))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Resumable training state, written atomically (a kill mid-write leaves the previous checkpoint)."""
+    state = dict(state, rng={"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()})
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+    rng = state.pop("rng", None)
+    if rng:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+    return state
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss is NaN/inf; they are skipped, and the run stops after ``limit`` of them."""
+
+    def __init__(self, limit: int, metrics=None):
+        self.limit, self.count, self.metrics = limit, 0, metrics
+
+    def check(self, loss: torch.Tensor, step: int) -> bool:
+        """True when the step may proceed; False to skip it. Raises once the limit is passed."""
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return True
+        self.count += 1
+        log.warning("step %d: non-finite loss (%s), step skipped (%d so far)", step, value, self.count)
+        if self.metrics is not None:
+            self.metrics.log(step=step, skipped_non_finite=value, skipped_total=self.count)
+        if self.count > self.limit:
+            raise FloatingPointError(
+                f"{self.count} steps had a non-finite loss (limit --max-non-finite-steps {self.limit}); stopping"
+            )
+        return False
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up for ceil(ratio * total) steps, then cosine decay to 0 (HF's 'cosine', as LLaVA trains)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), max(total_steps, 1))
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """A seeded shuffle per epoch, reproducible after a resume."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def progress(iterable=None, **kwargs):
+    from tqdm.auto import tqdm
+
+    if os.environ.get("DALI_PROGRESS", "1") == "0":
+        kwargs["disable"] = True
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 20.0)  # few lines in log files
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,64 @@
+"""Score predictions against a test list: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE/SPIDEr (when available),
+SBERT-sim. Writes ``scores.json`` and ``scores.md`` next to the predictions (or in ``--out``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali.config import field, parse_config
+from dali.data import read_caption_csv
+from dali.evaluation import evaluate_captions, markdown_table
+from dali.runs import atomic_write_json, atomic_write_text, read_jsonl
+from dali.stages.common import log, setup_logging
+
+SCORES_JSON = "scores.json"
+SCORES_MD = "scores.md"
+
+
+@dataclass
+class EvaluateConfig:
+    """Score a predictions.jsonl against the references of a caption CSV."""
+
+    predictions: str = field(help="predictions.jsonl written by `dali infer` (id, caption, ...)")
+    test_list: str = field(help="AudioCaps- or Clotho-style CSV with the references")
+    out: str | None = field(None, help="folder for scores.json / scores.md (default: the predictions' folder)")
+    sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
+    spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
+    name: str = field("predictions", help="row name in the markdown table")
+
+
+def score_predictions(records: list[dict], references: dict[str, list[str]], out: Path, name: str,
+                      sbert: bool = True, spice: bool = True) -> dict:
+    """Evaluate, then write scores.json and scores.md into ``out``; returns the result dict."""
+    predictions = {record["id"]: record["caption"] for record in records}
+    evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
+    missing = sorted(set(references) - set(predictions))
+    if missing:
+        log.warning("%d clips of the test list have no prediction (skipped clips) and are left out: %s",
+                    len(missing), missing[:10])
+    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice)
+    result["missing_predictions"] = missing
+    atomic_write_json(out / SCORES_JSON, result)
+    table = markdown_table([(name, result["scores"])])
+    notes = "".join(f"\n- {metric}: unavailable ({reason})" for metric, reason in result["unavailable"].items())
+    atomic_write_text(out / SCORES_MD, table + (f"\nNot computed:{notes}\n" if notes else ""))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(EvaluateConfig, argv)
+    predictions_path = Path(config.predictions)
+    if not predictions_path.is_file():
+        raise SystemExit(f"--predictions: '{predictions_path}' does not exist")
+    references = {clip.id: clip.captions for clip in read_caption_csv(config.test_list)}
+    out = Path(config.out) if config.out else predictions_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    result = score_predictions(read_jsonl(predictions_path), references, out, config.name, config.sbert, config.spice)
+    print(markdown_table([(config.name, result["scores"])]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Inference: caption a test list from audio, audio+image or image, save predictions, and score them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali import distributed
+from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE, load_align_stage, load_distill_stage, load_prefix_stage
+from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
+from dali.models.captioner import MODALITIES, Captioner, DecodingOptions
+from dali.runs import Stage, atomic_write_jsonl
+from dali.stages.captioning import caption_clips, remove_parts
+from dali.stages.common import DTYPES, log, print_config, seed_everything, setup_logging, stage_dir
+from dali.stages.evaluate import SCORES_JSON, SCORES_MD, score_predictions
+
+
+@dataclass
+class InferConfig:
+    """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
+
+    llava: str = field(help="LLaVA-1.5: hub id or local folder")
+    test_list: str = field(help="AudioCaps- or Clotho-style CSV (ids and reference captions)")
+    audio_dir: str | None = field(None, help="folder of <id>.wav (default: the list's folder)")
+    frames_dir: str | None = field(None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis)")
+    modality: str = field("audio", choices=MODALITIES)
+    run: str = field("default")
+    expe_dir: str = field("expe")
+    out: str | None = field(None, help="default <expe-dir>/<run>/infer_<modality>[_<tag>]")
+    tag: str | None = field(None, help="suffix of the output folder, to keep several settings apart")
+    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
+    prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
+    distill_dir: str | None = field(None, help="stage 2b folder (default <expe-dir>/<run>/distill)")
+    use_prefix: bool = field(False, help="append the stage-1a prefix")
+    projector: str = field("distilled", choices=("distilled", "original"),
+                           help="projector for every modality: the distilled copy (the original's --use_mlp true) "
+                                "or LLaVA's own")
+    frame_index: int = field(DEFAULT_FRAME_INDEX)
+    batch_size: int = field(32)
+    num_workers: int = field(4)
+    strategy: str = field("sample", choices=("greedy", "beam", "sample"))
+    temperature: float = field(0.2)
+    num_beams: int = field(4)
+    max_new_tokens: int = field(64)
+    seed: int = field(0)
+    limit: int | None = field(None, help="caption only the first N clips")
+    evaluate: bool = field(True, help="score the predictions against the list's references")
+    sbert: bool = field(True)
+    on_error: str = field("skip", choices=ON_ERROR_CHOICES)
+    dtype: str = field("float32", choices=tuple(DTYPES))
+    device: str = field("auto")
+    overwrite: bool = field(False)
+    resume: bool = field(False)
+
+    def validate(self) -> None:
+        if self.modality != "audio" and not self.frames_dir:
+            raise ConfigError(f"--modality {self.modality} needs --frames-dir")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+
+    def decoding(self) -> DecodingOptions:
+        return DecodingOptions(strategy=self.strategy, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                               temperature=self.temperature, seed=self.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(InferConfig, argv)
+    context = distributed.setup(config.device)
+    seed_everything(config.seed)
+    run_dir = Path(config.expe_dir) / config.run
+    name = f"infer_{config.modality}" + (f"_{config.tag}" if config.tag else "")
+    out = stage_dir(config.expe_dir, config.run, name, config.out)
+    stage = Stage(out, "infer", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+    distributed.barrier()
+    uses_audio = config.modality in ("audio", "audio_vis")
+    uses_image = config.modality in ("image", "audio_vis")
+
+    captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
+    align_dir = Path(config.align_dir) if config.align_dir else run_dir / "align"
+    prefix_dir = Path(config.prefix_dir) if config.prefix_dir else run_dir / "prefix"
+    distill_dir = Path(config.distill_dir) if config.distill_dir else run_dir / "distill"
+    encoder = load_align_stage(align_dir, captioner.vision_dim).to(context.device) if uses_audio else None
+    prefix = load_prefix_stage(prefix_dir, captioner.hidden_size).to(context.device) if config.use_prefix else None
+    projector = None
+    if config.projector == "distilled":
+        projector = load_distill_stage(distill_dir, captioner.projector).to(context.device)
+    if context.is_main:
+        print_config("infer", config)
+        stage.save_config(config_to_dict(config) | {"decoding": config_to_dict(config.decoding())})
+        stage.add_input("test_list", config.test_list)
+        for used, label, folder in ((uses_audio, "align_dir", align_dir), (config.use_prefix, "prefix_dir", prefix_dir),
+                                    (projector is not None, "distill_dir", distill_dir)):
+            if used:
+                stage.add_input(label, folder)
+
+    clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
+    if config.limit is not None:
+        clips = clips[: config.limit]
+    target_frames = encoder.config.target_frames if encoder is not None else 1024
+
+    def dataset_for(mine):
+        return ClipDataset(mine, need_audio=uses_audio, need_image=uses_image,
+                           image_transform=captioner.preprocess_images, frame_index=config.frame_index,
+                           target_frames=target_frames, on_error=config.on_error)
+
+    def make_block(batch):
+        image_tokens = captioner.image_tokens(batch["pixels"]) if uses_image else None
+        audio_tokens = encoder.project(batch["fbank"].to(context.device)) if uses_audio else None
+        return captioner.modality_block(image_tokens, audio_tokens, prefix=prefix() if prefix is not None else None,
+                                        audio_projector=projector, image_projector=projector)
+
+    options = config.decoding()
+    decoding = config_to_dict(options)
+    captions, skipped = caption_clips(captioner, clips, dataset_for, make_block, options, out, context,
+                                      config.batch_size, config.num_workers,
+                                      extra=lambda clip: {"modality": config.modality, "decoding": decoding})
+    if context.is_main:
+        atomic_write_jsonl(out / PREDICTIONS_FILE, captions)
+        atomic_write_jsonl(out / SKIPPED_FILE, skipped)
+        outputs, final = [PREDICTIONS_FILE, SKIPPED_FILE], {"captions": len(captions), "skipped": len(skipped)}
+        references = {clip.id: clip.captions for clip in clips if clip.captions}
+        if config.evaluate and references and captions:
+            result = score_predictions(captions, references, out, name, sbert=config.sbert)
+            final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
+            outputs += [SCORES_JSON, SCORES_MD]
+            log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})
+        stage.finish(final | {"llava": config.llava, "modality": config.modality}, outputs=outputs)
+        remove_parts(out, context.world_size)
+        log.info("%d captions written to %s", len(captions), out / PREDICTIONS_FILE)
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Stage 1a: learn the prefix that makes the frozen LLaVA describe the sound of a scene from its frame.
+
+Only the [L, hidden] prefix is trained, on (frame, audio caption) pairs; its block is [image tokens, prefix].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dali import distributed
+from dali.artifacts import PREFIX_FILE
+from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.data import ClipError, load_frame, read_prefix_pairs
+from dali.models.captioner import Captioner
+from dali.models.prefix import Prefix, save_prefix
+from dali.runs import Stage
+from dali.stages.common import (
+    CHECKPOINT, DTYPES, NonFiniteGuard, cosine_schedule, epoch_order, load_checkpoint, log, print_config, progress,
+    save_checkpoint, seed_everything, setup_logging, stage_dir,
+)
+
+
+@dataclass
+class PrefixTuneConfig:
+    """Stage 1a (prefix tuning). Defaults are the paper's (LLaVA-1.5-7B, 16 pairs, 500 epochs)."""
+
+    llava: str = field(help="LLaVA-1.5 in Hugging Face format: hub id or local folder")
+    pairs: str = field(help="(frame, audio caption) pairs: the original prefixDS.json layout or a CSV")
+    data_root: str | None = field(None, help="folder the pairs' relative paths start from (default: the file's)")
+    run: str = field("default", help="run name: outputs go to <expe-dir>/<run>/prefix")
+    expe_dir: str = field("expe", help="experiments folder")
+    out: str | None = field(None, help="explicit output folder (overrides --expe-dir/--run)")
+    num_prefix_tokens: int = field(16, help="prefix length")
+    init_std: float = field(1e-4, help="prefix init N(0, std^2)")
+    epochs: int = field(500, help="passes over the pairs")
+    batch_size: int = field(16, help="per-process batch")
+    lr: float = field(1e-3, help="AdamW learning rate")
+    weight_decay: float = field(0.0)
+    warmup_ratio: float = field(0.03, help="linear warm-up share of the steps, then cosine to 0")
+    max_grad_norm: float = field(1.0, help="gradient clipping (HF Trainer's default, as LLaVA trained)")
+    dtype: str = field("float32", help="LLaVA weights dtype", choices=tuple(DTYPES))
+    device: str = field("auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda:0', ...")
+    seed: int = field(0)
+    checkpoint_every: int = field(50, help="steps between resumable checkpoints")
+    max_non_finite_steps: int = field(10, help="skipped non-finite steps before the run stops")
+    overwrite: bool = field(False, help="replace a finished stage folder")
+    resume: bool = field(False, help="continue an interrupted run from its checkpoint")
+
+    def validate(self) -> None:
+        for name in ("num_prefix_tokens", "epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be > 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(PrefixTuneConfig, argv)
+    context = distributed.setup(config.device)
+    seed_everything(config.seed)
+    out = stage_dir(config.expe_dir, config.run, "prefix", config.out)
+    stage = Stage(out, "prefix_tune", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+    distributed.barrier()
+    if context.is_main:
+        print_config("prefix_tune", config)
+        stage.save_config(config_to_dict(config))
+        stage.add_input("pairs", config.pairs)
+
+    # -- setup: frozen captioner; the frames' CLIP tokens are computed once (the tower is frozen)
+    captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
+    pairs = read_prefix_pairs(config.pairs, config.data_root)
+    try:
+        images = [load_frame(clip) for clip in pairs]
+    except ClipError as error:  # 16 hand-picked pairs: a broken one is a mistake to fix, not to skip
+        raise SystemExit(f"--pairs: {error}") from None
+    with torch.no_grad():
+        image_tokens = torch.cat([captioner.image_tokens(captioner.preprocess_images(images[i: i + 32]))
+                                  for i in range(0, len(images), 32)])
+    captions = [clip.captions[0] for clip in pairs]
+    prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)
+    optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    my_items = distributed.shard(list(range(len(pairs))), context)
+    steps_per_epoch = math.ceil(len(my_items) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
+    step = 0
+    state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    if state is not None:
+        prefix.load_state_dict(state["prefix"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        log.info("resuming prefix tuning at step %d of %d", step, total_steps)
+    metrics = stage.metrics()
+    guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
+
+    # -- train
+    last_loss = float("nan")
+    bar = progress(total=total_steps, initial=step, desc="prefix tuning", disable=not context.is_main)
+    while step < total_steps:
+        epoch, batch_index = divmod(step, steps_per_epoch)
+        order = [my_items[i] for i in epoch_order(len(my_items), config.seed, epoch)]
+        batch = order[batch_index * config.batch_size: (batch_index + 1) * config.batch_size]
+        block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
+        loss = captioner.caption_loss(block, [captions[i] for i in batch])
+        optimizer.zero_grad(set_to_none=True)
+        if guard.check(loss, step):
+            loss.backward()
+            distributed.average_gradients(prefix.parameters())
+            torch.nn.utils.clip_grad_norm_(prefix.parameters(), config.max_grad_norm)
+            optimizer.step()
+            last_loss = distributed.mean_across_ranks(float(loss.detach()), context.device)
+        scheduler.step()
+        step += 1
+        metrics.log(step=step, epoch=epoch + 1, loss=last_loss, lr=scheduler.get_last_lr()[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if context.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
+            save_checkpoint(out / CHECKPOINT, {"prefix": prefix.state_dict(), "optimizer": optimizer.state_dict(),
+                                               "scheduler": scheduler.state_dict(), "step": step})
+    bar.close()
+
+    # -- save
+    if context.is_main:
+        save_prefix(prefix, out / PREFIX_FILE)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        stage.finish({"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count,
+                      "llava": config.llava}, outputs=[PREFIX_FILE])
+        log.info("prefix written to %s", out / PREFIX_FILE)
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Stage 2a: LLaVA captions each clip from [image tokens, aligned audio tokens, prefix] (its own projector).
+
+Captions are appended to a JSONL file batch by batch (flushed and fsynced), so a killed run resumes where it
+stopped; under torchrun each rank writes its own part and rank 0 merges them in input order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dali import distributed
+from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE, load_align_stage, load_prefix_stage
+from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
+from dali.models.captioner import Captioner, DecodingOptions
+from dali.runs import Stage, atomic_write_jsonl
+from dali.stages.captioning import caption_clips, remove_parts
+from dali.stages.common import DTYPES, log, print_config, progress, seed_everything, setup_logging, stage_dir
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
+
+    llava: str = field(help="LLaVA-1.5: hub id or local folder")
+    clips: str = field(help="CAV-MAE format JSON of the clips to caption (AudioSet balanced-train in the paper)")
+    data_root: str | None = field(None)
+    run: str = field("default")
+    expe_dir: str = field("expe")
+    out: str | None = field(None, help="default <expe-dir>/<run>/pseudo_label")
+    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
+    prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
+    use_prefix: bool = field(True, help="append the stage-1a prefix (the original does)")
+    frame_index: int = field(DEFAULT_FRAME_INDEX)
+    batch_size: int = field(32)
+    num_workers: int = field(4)
+    strategy: str = field("sample", choices=("greedy", "beam", "sample"))
+    temperature: float = field(0.2)
+    num_beams: int = field(4)
+    max_new_tokens: int = field(128)
+    seed: int = field(0)
+    shuffle: bool = field(False, help="caption in a seeded random order (the original shuffled, unseeded)")
+    limit: int | None = field(None, help="caption only the first N clips of the list")
+    on_error: str = field("skip", choices=ON_ERROR_CHOICES)
+    dtype: str = field("float32", choices=tuple(DTYPES))
+    device: str = field("auto")
+    overwrite: bool = field(False)
+    resume: bool = field(False)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+
+    def decoding(self) -> DecodingOptions:
+        return DecodingOptions(strategy=self.strategy, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                               temperature=self.temperature, seed=self.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(PseudoLabelConfig, argv)
+    context = distributed.setup(config.device)
+    seed_everything(config.seed)
+    out = stage_dir(config.expe_dir, config.run, "pseudo_label", config.out)
+    align_dir = Path(config.align_dir) if config.align_dir else Path(config.expe_dir) / config.run / "align"
+    prefix_dir = Path(config.prefix_dir) if config.prefix_dir else Path(config.expe_dir) / config.run / "prefix"
+    stage = Stage(out, "pseudo_label", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+    distributed.barrier()
+
+    captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
+    encoder = load_align_stage(align_dir, captioner.vision_dim).to(context.device)
+    prefix = load_prefix_stage(prefix_dir, captioner.hidden_size).to(context.device) if config.use_prefix else None
+    if context.is_main:
+        print_config("pseudo_label", config)
+        stage.save_config(config_to_dict(config) | {"decoding": config_to_dict(config.decoding())})
+        stage.add_input("clips", config.clips)
+        stage.add_input("align_dir", align_dir)
+        if prefix is not None:
+            stage.add_input("prefix_dir", prefix_dir)
+
+    clips = read_cavmae_json(config.clips, config.data_root)
+    if config.shuffle:
+        random.Random(config.seed).shuffle(clips)
+    if config.limit is not None:
+        clips = clips[: config.limit]
+
+    def dataset_for(mine):
+        return ClipDataset(mine, need_audio=True, need_image=True, image_transform=captioner.preprocess_images,
+                           frame_index=config.frame_index, target_frames=encoder.config.target_frames,
+                           on_error=config.on_error)
+
+    def make_block(batch):
+        image_tokens = captioner.image_tokens(batch["pixels"])
+        audio_tokens = encoder.project(batch["fbank"].to(context.device))
+        return captioner.modality_block(image_tokens, audio_tokens, prefix=prefix() if prefix is not None else None)
+
+    merged, skipped = caption_clips(
+        captioner, clips, dataset_for, make_block, config.decoding(), out, context, config.batch_size,
+        config.num_workers, extra=lambda clip: {"audio": str(clip.audio), "image": str(clip.frame_path(config.frame_index))})
+
+    if context.is_main:
+        empty = [record["id"] for record in merged if not record["caption"].strip()]
+        merged = [record for record in merged if record["caption"].strip()]
+        skipped.extend({"id": clip_id, "path": "", "reason": "empty caption generated"} for clip_id in empty)
+        atomic_write_jsonl(out / PSEUDO_CAPTIONS_FILE, merged)
+        atomic_write_jsonl(out / SKIPPED_FILE, skipped)
+        stage.finish({"captions": len(merged), "skipped": len(skipped), "llava": config.llava},
+                     outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE])
+        remove_parts(out, context.world_size)
+        log.info("%d pseudo-captions written to %s (%d clips skipped)", len(merged), out / PSEUDO_CAPTIONS_FILE,
+                 len(skipped))
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The built-in synthetic audiovisual world and its tiny image captioner."""

@@ -1,0 +1,141 @@
+"""Train the synthetic world's image captioner: a tiny LLaVA, from scratch, on images and image captions only.
+
+Its data: each image with its visual caption ("Describe the image.") and with the sounds its visible objects
+could make ("What sounds might this scene make?"), plus generic sound sentences as text-only turns (the tiny
+LM's stand-in for the text pretraining every real LLM has). No audio and no caption of any audio clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dali.models.captioner import QUESTION, SYSTEM_PROMPT, Captioner
+from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
+from dali.runs import atomic_write_json
+from dali.stages.common import cosine_schedule, log, progress
+
+IMAGE_QUESTIONS = ("Describe the image.", "What is in this picture?")
+SOUND_QUESTION = "What sounds might this scene make?"
+TEXT_QUESTION = "Describe a sound."
+MARKER = "captioner.json"
+
+
+@dataclass(frozen=True)
+class CaptionerTraining:
+    model: TinyLlavaConfig = TinyLlavaConfig()
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    seed: int = 0
+    threads: int | None = None
+    # Weight of a bag-of-words loss on the vision tower (predict the words of the image's caption from its
+    # pooled patch tokens): weak supervision from captions, as CLIP-style pretraining gives a real tower.
+    words_loss_weight: float = 1.0
+
+    def digest(self, world_digest: str) -> str:
+        return json.dumps({"world": world_digest, **dataclasses.asdict(self)}, sort_keys=True)
+
+
+def _batches(items: list, size: int, rng: random.Random) -> list[list]:
+    items = list(items)
+    rng.shuffle(items)
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def train_captioner(world: str | Path, out: str | Path, training: CaptionerTraining = CaptionerTraining()) -> Path:
+    """Train (or reuse, when ``out`` holds one trained on the same world with the same settings) the captioner."""
+    world, out = Path(world), Path(out)
+    world_digest = json.loads((world / "world.json").read_text())["digest"]
+    key = training.digest(world_digest)
+    if (out / MARKER).exists() and json.loads((out / MARKER).read_text()).get("key") == key:
+        log.info("reusing the synthetic image captioner in %s", out)
+        return out
+    if training.threads:
+        torch.set_num_threads(training.threads)
+    started = time.time()
+    records = json.loads((world / "captioner" / "captions.json").read_text())
+    sentences = [line for line in (world / "captioner" / "text.txt").read_text().splitlines() if line.strip()]
+    prompts = [SYSTEM_PROMPT + " USER: ", QUESTION, SOUND_QUESTION, TEXT_QUESTION, *IMAGE_QUESTIONS, " ASSISTANT:"]
+    corpus = [r["caption"] for r in records] + [r["sounds"] for r in records] + sentences + prompts * 50
+    tokenizer = train_tokenizer(corpus, training.model.vocab_size)
+    llava = build_tiny_llava(tokenizer, training.model, seed=training.seed)
+    # a folder first, so the captioner's own loader (and image processor) is what the stages will use
+    save_tiny_llava(llava, tokenizer, out)
+    captioner = Captioner.from_pretrained(out)
+    captioner.llava.requires_grad_(True).train()
+    torch.manual_seed(training.seed)
+    images = [Image.open(world / "captioner" / r["image"]).convert("RGB") for r in records]
+    pixels = torch.cat([captioner.preprocess_images(images[i: i + 256]) for i in range(0, len(images), 256)])
+
+    vocabulary = sorted({word for r in records for word in r["caption"].split()})
+    word_index = {word: i for i, word in enumerate(vocabulary)}
+    word_targets = torch.zeros(len(records), len(vocabulary))
+    for row, record in enumerate(records):
+        word_targets[row, [word_index[word] for word in record["caption"].split()]] = 1.0
+    words_head = torch.nn.Linear(captioner.vision_dim, len(vocabulary))
+
+    rng = random.Random(training.seed)
+    tasks_per_epoch = []
+    for _ in range(training.epochs):
+        batches = [("caption", b) for b in _batches(range(len(records)), training.batch_size, rng)]
+        batches += [("sounds", b) for b in _batches(range(len(records)), training.batch_size, rng)]
+        batches += [("text", b) for b in _batches(range(len(sentences)), training.batch_size, rng)]
+        rng.shuffle(batches)
+        tasks_per_epoch.append(batches)
+    total = sum(len(batches) for batches in tasks_per_epoch)
+    parameters = list(captioner.llava.parameters()) + list(words_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=training.lr, weight_decay=training.weight_decay)
+    scheduler = cosine_schedule(optimizer, total, training.warmup_ratio)
+    width = captioner.hidden_size
+    bar = progress(total=total, desc="training the synthetic image captioner")
+    losses: list[float] = []
+    for epoch, batches in enumerate(tasks_per_epoch):
+        for task, batch in batches:
+            if task == "text":
+                block = torch.zeros(len(batch), 0, width)
+                loss = captioner.caption_loss(block, [sentences[i] for i in batch], question=TEXT_QUESTION)
+            else:
+                image_tokens = _tokens_with_grad(captioner, pixels[batch])
+                block = captioner.modality_block(image_tokens=image_tokens)
+                if task == "caption":
+                    question = rng.choice(IMAGE_QUESTIONS)
+                    loss = captioner.caption_loss(block, [records[i]["caption"] for i in batch], question=question)
+                else:
+                    loss = captioner.caption_loss(block, [records[i]["sounds"] for i in batch], question=SOUND_QUESTION)
+                if training.words_loss_weight:
+                    logits = words_head(image_tokens.mean(dim=1))
+                    loss = loss + training.words_loss_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                        logits, word_targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar.close()
+    captioner.llava.eval().requires_grad_(False)
+    save_tiny_llava(captioner.llava, tokenizer, out)
+    atomic_write_json(out / MARKER, {"key": key, "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
+                                     "steps": total, "wall_time_s": round(time.time() - started, 1),
+                                     "training": json.loads(key)})
+    return out
+
+
+def _tokens_with_grad(captioner: Captioner, pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP patch tokens with gradients (the tower is trained here, unlike in every DALI stage)."""
+    tower = captioner.llava.model.vision_tower
+    hidden = tower(pixels, output_hidden_states=True).hidden_states
+    return hidden[captioner.llava.config.vision_feature_layer][:, 1:]

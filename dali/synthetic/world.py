@@ -1,0 +1,301 @@
+"""The built-in synthetic audiovisual world: seeded scenes written as real files in the real formats.
+
+A scene has a place (seen, silent), 1–3 sound sources heard in sequence (each visible or not) and 0–2 silent
+objects that are only seen. Each source class has a visual glyph (shape + colour) and a procedural sound.
+Image captions say what is seen (objects, colours, place); audio captions say only what is heard
+(sources, order, loudness), in varied wording: the modality gap of the paper, in miniature.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from PIL import Image, ImageDraw
+
+from dali.synthetic import sounds
+
+DURATION_S = 10.0
+FRAME_SIZE = 64
+NUM_FRAMES = 10
+WORLD_VERSION = 2
+
+
+@dataclass(frozen=True)
+class SourceClass:
+    name: str
+    colour: str
+    rgb: tuple[int, int, int]
+    shape: str
+    actions: tuple[str, ...]  # present-tense phrasings of its sound, "a dog barks"
+    gerund: str  # "a dog barking"
+    synth: str  # generator in dali.synthetic.sounds
+
+
+SOURCES = (
+    SourceClass("dog", "brown", (140, 85, 40), "triangle", ("a dog barks", "a dog is barking", "a dog barks repeatedly"),
+                "a dog barking", "bark"),
+    SourceClass("bell", "yellow", (240, 210, 30), "circle", ("a bell rings", "a bell is ringing", "a bell chimes"),
+                "a bell ringing", "bell"),
+    SourceClass("car", "grey", (160, 160, 170), "square", ("a car engine hums", "a car passes by", "a car drives past"),
+                "a car engine humming", "engine"),
+    SourceClass("bird", "blue", (40, 90, 220), "diamond", ("a bird chirps", "a bird is chirping", "a bird sings"),
+                "a bird chirping", "chirp"),
+    SourceClass("stream", "cyan", (40, 200, 220), "wave", ("water flows", "a stream trickles", "water is running"),
+                "water flowing", "stream"),
+    SourceClass("drum", "red", (210, 40, 40), "ring", ("a drum beats", "a drum is played", "someone plays a drum"),
+                "a drum beating", "drum"),
+    SourceClass("siren", "orange", (250, 140, 20), "cross", ("a siren wails", "a siren is blaring", "a siren sounds"),
+                "a siren wailing", "siren"),
+    SourceClass("whistle", "black", (20, 20, 20), "bar", ("someone whistles", "a whistle blows", "a whistle is blown"),
+                "a whistle blowing", "whistle"),
+    SourceClass("clock", "purple", (140, 60, 180), "star", ("a clock ticks", "a clock is ticking", "a clock ticks steadily"),
+                "a clock ticking", "tick"),
+    SourceClass("phone", "pink", (240, 110, 180), "hexagon", ("a phone rings", "a telephone rings", "a phone is ringing"),
+                "a phone ringing", "ring"),
+)
+PLACES = {
+    "grass": ("on the grass", (60, 140, 60)),
+    "beach": ("at the beach", (220, 200, 150)),
+    "street": ("in the street", (70, 70, 75)),
+    "room": ("in a room", (205, 185, 160)),
+    "snow": ("in the snow", (235, 240, 245)),
+}
+LOUDNESS = {"quiet": 0.12, "normal": 0.35, "loud": 0.8}
+LOUDNESS_WORDS = {"quiet": ("softly", "quietly", "faintly"), "normal": ("",), "loud": ("loudly", "loudly", "very loudly")}
+THEN_WORDS = (", then ", " and then ", ", after which ", ", and after that ")
+
+
+@dataclass
+class Event:
+    source: int  # index into SOURCES
+    start: float
+    duration: float
+    loudness: str
+    visible: bool
+
+
+@dataclass
+class Scene:
+    id: str
+    place: str
+    events: list[Event]
+    silent: list[int]  # seen, not heard
+    layout: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # source -> (x, y, size)
+    seed: int = 0
+
+    @property
+    def visible(self) -> list[int]:
+        seen = [e.source for e in self.events if e.visible] + self.silent
+        return sorted(seen, key=lambda s: self.layout[s][0])
+
+
+def sample_scene(rng: np.random.Generator, scene_id: str) -> Scene:
+    count = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    chosen = rng.choice(len(SOURCES), size=count + 2, replace=False).tolist()
+    heard, others = chosen[:count], chosen[count:]
+    events, start = [], float(rng.uniform(0.0, 1.5))
+    for source in heard:
+        duration = float(rng.uniform(2.0, 4.0))
+        duration = min(duration, DURATION_S - start)
+        events.append(Event(source, start, duration, str(rng.choice(list(LOUDNESS), p=[0.25, 0.5, 0.25])),
+                            bool(rng.random() < 0.8)))
+        start = min(start + duration * float(rng.uniform(0.7, 1.0)), DURATION_S - 2.0)
+    seen_heard = sum(e.visible for e in events)
+    silent_count = min(int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15])), 3 - seen_heard)  # 3 places in a frame
+    scene = Scene(scene_id, str(rng.choice(list(PLACES))), events, others[:silent_count])
+    slots = rng.permutation(3)
+    for slot, source in zip(slots, [e.source for e in events if e.visible] + scene.silent):
+        x = (slot + 0.5) / 3 + rng.uniform(-0.06, 0.06)
+        scene.layout[source] = (float(x), float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.27, 0.34)))
+    scene.seed = int(rng.integers(2**31))
+    return scene
+
+
+# -- captions ------------------------------------------------------------------------------------------
+def audio_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """What is heard, in order, with loudness: 'a dog barks loudly, then a bell rings'."""
+    if not scene.events:
+        return "silence"
+    parts = []
+    for event in sorted(scene.events, key=lambda e: e.start):
+        action = str(rng.choice(SOURCES[event.source].actions))
+        adverb = str(rng.choice(LOUDNESS_WORDS[event.loudness]))
+        parts.append(f"{action} {adverb}".strip())
+    text = parts[0]
+    for part in parts[1:]:
+        text += str(rng.choice(THEN_WORDS)) + part
+    return text
+
+
+def visual_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """What is seen: objects with colours, left to right, and the place."""
+    place = PLACES[scene.place][0]
+    objects = [f"{'an' if SOURCES[s].colour[0] in 'aeiou' else 'a'} {SOURCES[s].colour} {SOURCES[s].name}"
+               for s in scene.visible]
+    if not objects:
+        return str(rng.choice([f"an empty scene {place}", f"nothing {place}"]))
+    listed = objects[0] if len(objects) == 1 else ", ".join(objects[:-1]) + " and " + objects[-1]
+    return str(rng.choice([f"{listed} {place}", f"there is {listed} {place}", f"a picture of {listed} {place}"]))
+
+
+def imagined_sounds(scene: Scene) -> str:
+    """What an image captioner guesses one would hear: every visible object, silent or not."""
+    objects = [SOURCES[s].gerund for s in scene.visible]
+    if not objects:
+        return "probably nothing"
+    return "one might hear " + (objects[0] if len(objects) == 1 else ", ".join(objects[:-1]) + " and " + objects[-1])
+
+
+def sound_sentences(rng: np.random.Generator, count: int) -> list[str]:
+    """Generic sentences about sounds, tied to no clip: the small LM's stand-in for text pretraining."""
+    return [audio_caption(sample_scene(rng, f"text{i}"), rng) for i in range(count)]
+
+
+# -- rendering -----------------------------------------------------------------------------------------
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    def regular(n, rotation=0.0, radii=(1.0,)):
+        return [(cx + r * radii[i % len(radii)] * math.cos(rotation + 2 * math.pi * i / n),
+                 cy + r * radii[i % len(radii)] * math.sin(rotation + 2 * math.pi * i / n)) for i in range(n)]
+
+    return {"triangle": regular(3, -math.pi / 2), "square": regular(4, math.pi / 4), "diamond": regular(4),
+            "hexagon": regular(6), "star": regular(10, -math.pi / 2, (1.0, 0.45))}.get(shape)
+
+
+def render_frame(scene: Scene, frame: int, size: int = FRAME_SIZE) -> Image.Image:
+    rng = np.random.default_rng(scene.seed + 1000 * frame)
+    base = np.array(PLACES[scene.place][1], dtype=np.float32)
+    texture = np.random.default_rng(scene.seed).normal(0, 12, (size, size, 1)) + rng.normal(0, 3, (size, size, 1))
+    image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for source in scene.visible:
+        x, y, scale = scene.layout[source]
+        cx, cy, r = (x + 0.01 * (frame - 5)) * size, y * size, scale * size / 2
+        colour, shape = SOURCES[source].rgb, SOURCES[source].shape
+        points = _polygon(shape, cx, cy, r)
+        if points:
+            draw.polygon(points, fill=colour)
+        elif shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        elif shape == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 2.5)))
+        elif shape == "cross":
+            w = r / 2.5
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+        elif shape == "bar":
+            draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=colour)
+        elif shape == "wave":
+            xs = np.linspace(cx - r, cx + r, 12)
+            draw.line([(float(a), float(cy + r / 2 * math.sin((a - cx) / r * 2 * math.pi))) for a in xs], fill=colour,
+                      width=max(2, int(r / 2.5)))
+    return image
+
+
+def render_audio(scene: Scene) -> np.ndarray:
+    rng = np.random.default_rng(scene.seed)
+    out = 0.004 * sounds.background(rng, DURATION_S)
+    for event in scene.events:
+        signal = getattr(sounds, SOURCES[event.source].synth)(rng, event.duration)
+        begin = int(event.start * sounds.RATE)
+        end = min(begin + signal.size, out.size)
+        out[begin:end] += LOUDNESS[event.loudness] * signal[: end - begin]
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+# -- the world on disk ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    captioner_scenes: int = 3000
+    text_sentences: int = 3000
+    prefix_pairs: int = 16
+    align_clips: int = 1000
+    val_clips: int = 100
+    pseudo_clips: int = 500
+    test_clips: int = 100
+    references: int = 5
+
+    def digest(self) -> str:
+        text = json.dumps(dataclasses.asdict(self) | {"version": WORLD_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+REDUCED = WorldConfig(captioner_scenes=400, text_sentences=400, align_clips=64, val_clips=16, pseudo_clips=32,
+                      test_clips=12)
+SPLITS = ("prefix", "align", "val", "pseudo", "test")
+
+
+def _write_clip(args: tuple[Scene, str]) -> None:
+    scene, root = args
+    root_path = Path(root)
+    soundfile.write(root_path / "audio" / f"{scene.id}.wav", render_audio(scene), sounds.RATE, subtype="PCM_16")
+    for frame in range(NUM_FRAMES):
+        render_frame(scene, frame).save(root_path / "frames" / f"frame_{frame}" / f"{scene.id}.jpg", quality=92)
+
+
+def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), workers: int = 2) -> Path:
+    """Write the world under ``root`` (idempotent: a finished world with the same config is kept)."""
+    from dali.runs import atomic_write_json, atomic_write_text
+
+    root = Path(root)
+    marker = root / "world.json"
+    if marker.exists() and json.loads(marker.read_text()).get("digest") == config.digest():
+        return root
+    rng = np.random.default_rng(config.seed)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    for frame in range(NUM_FRAMES):
+        (root / "frames" / f"frame_{frame}").mkdir(parents=True, exist_ok=True)
+    (root / "captioner" / "images").mkdir(parents=True, exist_ok=True)
+
+    # the image captioner's data: images with visual captions and imagined sounds, plus generic sound text
+    records = []
+    for i in range(config.captioner_scenes):
+        scene = sample_scene(rng, f"img{i:05d}")
+        render_frame(scene, 5).save(root / "captioner" / "images" / f"{scene.id}.jpg", quality=92)
+        records.append({"id": scene.id, "image": f"images/{scene.id}.jpg", "caption": visual_caption(scene, rng),
+                        "sounds": imagined_sounds(scene)})
+    atomic_write_json(root / "captioner" / "captions.json", records)
+    atomic_write_text(root / "captioner" / "text.txt", "\n".join(sound_sentences(rng, config.text_sentences)) + "\n")
+
+    counts = {"prefix": config.prefix_pairs, "align": config.align_clips, "val": config.val_clips,
+              "pseudo": config.pseudo_clips, "test": config.test_clips}
+    scenes = {split: [sample_scene(rng, f"{split}{i:05d}") for i in range(n)] for split, n in counts.items()}
+    jobs = [(scene, str(root)) for split in SPLITS for scene in scenes[split]]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_clip, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _write_clip(job)
+
+    question = "<image>\nDescribe the sound that can be heard in this scene."
+    atomic_write_json(root / "prefix_pairs.json", [
+        {"id": s.id, "image": f"frames/frame_5/{s.id}.jpg", "audio": f"audio/{s.id}.wav",
+         "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": audio_caption(s, rng)}]}
+        for s in scenes["prefix"]])
+    for split in ("align", "val", "pseudo"):
+        atomic_write_json(root / f"{split}.json", {"data": [
+            {"video_id": s.id, "wav": f"audio/{s.id}.wav", "video_path": "frames", "labels": ""} for s in scenes[split]]})
+    with open(root / "test.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["youtube_id", "caption"])
+        for scene in scenes["test"]:
+            captions = set()
+            for _ in range(50):
+                captions.add(audio_caption(scene, rng))
+                if len(captions) == config.references:
+                    break
+            for caption in sorted(captions):
+                writer.writerow([scene.id, caption])
+    atomic_write_json(root / "scenes.json", {split: [dataclasses.asdict(s) for s in scenes[split]] for split in SPLITS})
+    atomic_write_json(marker, {"digest": config.digest(), "config": dataclasses.asdict(config)})
+    return root

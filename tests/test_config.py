@@ -1,0 +1,49 @@
+import dataclasses
+
+import pytest
+
+from dali.config import ConfigError, field, parse_config
+
+
+@dataclasses.dataclass
+class Example:
+    """An example stage config."""
+
+    name: str = field(help="required")
+    epochs: int = field(3)
+    rate: float | None = field(None)
+    flag: bool = field(False)
+    weights: tuple[float, ...] = field((1.0, 2.0))
+    mode: str = field("a", choices=("a", "b"))
+
+    def validate(self):
+        if self.epochs < 0:
+            raise ConfigError("--epochs must be >= 0")
+
+
+def test_flags_win_over_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: x\nepochs: 5\nweights: [3, 4]\nflag: true\n")
+    config = parse_config(Example, ["--config", str(preset), "--epochs", "7"])
+    assert config == Example(name="x", epochs=7, weights=(3.0, 4.0), flag=True)
+    assert parse_config(Example, ["--config", str(preset), "--no-flag", "--weights", "9"]).weights == (9.0,)
+    assert parse_config(Example, ["--name", "y", "--rate", "none"]).rate is None
+
+
+def test_errors_name_the_key_or_flag(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: x\nepochz: 5\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        parse_config(Example, ["--config", str(preset)])
+    with pytest.raises(ConfigError, match="--name is required"):
+        parse_config(Example, [])
+    with pytest.raises(ConfigError, match="--epochs must be"):
+        parse_config(Example, ["--name", "x", "--epochs", "-1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(Example, ["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit):
+        parse_config(Example, ["--name", "x", "--mode", "c"])
+    assert "--mode" in capsys.readouterr().err
+    preset.write_text("name: x\nepochs: many\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        parse_config(Example, ["--config", str(preset)])

@@ -1,0 +1,141 @@
+"""One smoke test per stage on the reduced synthetic world, then the five scripts chained."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dali.runs import StageStateError, read_jsonl, read_manifest
+from dali.stages import align, distill, evaluate, infer, prefix_tune, pseudo_label
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipeline(synthetic, tmp_path_factory):
+    """Prefix and aligned encoder shared by the later stages' tests."""
+    world, llava = synthetic
+    run = tmp_path_factory.mktemp("expe") / "run"
+    assert prefix_tune.main(["--llava", str(llava), "--pairs", str(world / "prefix_pairs.json"), "--epochs", "4",
+                             "--num-prefix-tokens", "4", "--out", str(run / "prefix")]) == 0
+    assert align.main(_align_flags(world, llava) + ["--out", str(run / "align")]) == 0
+    return world, llava, run
+
+
+def _align_flags(world, llava, method="ot_att"):
+    return ["--llava", str(llava), "--train-list", str(world / "align.json"), "--val-list", str(world / "val.json"),
+            "--encoder-dim", "32", "--encoder-depth", "1", "--encoder-heads", "2", "--encoder-patch-time", "128",
+            "--method", method, "--epochs", "2", "--batch-size", "16", "--max-steps-per-epoch", "2",
+            "--num-workers", "0", "--cache-vision-tokens", "--scorer-heads", "2"]
+
+
+def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pipeline):
+    world, llava, run = pipeline
+    folder = run / "prefix"
+    manifest = read_manifest(folder)
+    assert manifest["stage"] == "prefix_tune" and manifest["outputs"]["prefix.safetensors"]
+    assert manifest["inputs"]["pairs"]["sha256"] and manifest["versions"]["torch"]
+    assert len(read_jsonl(folder / "metrics.jsonl")) == 4
+    assert (folder / "config.yaml").exists() and not (folder / "checkpoint.pt").exists()
+    argv = ["--llava", str(llava), "--pairs", str(world / "prefix_pairs.json"), "--epochs", "1", "--out", str(folder)]
+    with pytest.raises(StageStateError, match="--overwrite"):
+        prefix_tune.main(argv)
+    assert prefix_tune.main(argv + ["--overwrite", "--num-prefix-tokens", "4"]) == 0
+    assert len(read_jsonl(folder / "metrics.jsonl")) == 1
+
+
+@pytest.mark.parametrize("method,solver", [("mmd", "emd"), ("ot", "emd"), ("ot", "sinkhorn"), ("ot_att", "sinkhorn")])
+def test_alignment_methods(synthetic, tmp_path, method, solver):
+    world, llava = synthetic
+    out = tmp_path / "align"
+    assert align.main(_align_flags(world, llava, method) + ["--ot-solver", solver, "--out", str(out)]) == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert [r["epoch"] for r in records if "val_loss" in r] == [1, 2]
+    assert (out / "token_weights.safetensors").exists() == (method == "ot_att")
+    if method == "ot_att":  # the scorers are frozen in epoch 1, then weighted by the first lambda
+        assert {r["entropy_weight"] for r in records if r.get("epoch") == 1 and "loss" in r} == {0.0}
+        assert {r["entropy_weight"] for r in records if r.get("epoch") == 2 and "loss" in r} == {500.0}
+
+
+def test_downstream_refuses_unfinished_upstream(pipeline, tmp_path):
+    world, llava, run = pipeline
+    (tmp_path / "align").mkdir()
+    with pytest.raises(StageStateError, match="--align-dir"):
+        pseudo_label.main(["--llava", str(llava), "--clips", str(world / "pseudo.json"), "--align-dir",
+                           str(tmp_path / "align"), "--prefix-dir", str(run / "prefix"), "--out", str(tmp_path / "p")])
+
+
+def test_pseudo_labels_distillation_and_inference(pipeline):
+    world, llava, run = pipeline
+    assert pseudo_label.main(["--llava", str(llava), "--clips", str(world / "pseudo.json"), "--run", "run",
+                              "--expe-dir", str(run.parent), "--batch-size", "8", "--num-workers", "0",
+                              "--max-new-tokens", "12"]) == 0
+    captions = read_jsonl(run / "pseudo_label" / "pseudo_captions.jsonl")
+    clips = json.loads((world / "pseudo.json").read_text())["data"]
+    assert [c["id"] for c in captions] == [c["video_id"] for c in clips][: len(captions)]
+    assert len(captions) + len(read_jsonl(run / "pseudo_label" / "skipped.jsonl")) == len(clips)
+    assert not list((run / "pseudo_label").glob("part-*"))
+
+    assert distill.main(["--llava", str(llava), "--run", "run", "--expe-dir", str(run.parent), "--batch-size", "8",
+                         "--epochs", "2", "--num-workers", "0", "--cache-audio-tokens"]) == 0
+    assert read_manifest(run / "distill")["metrics"]["steps"] == 2 * -(-len(captions) // 8)
+
+    common = ["--llava", str(llava), "--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio"),
+              "--run", "run", "--expe-dir", str(run.parent), "--batch-size", "6", "--num-workers", "0",
+              "--max-new-tokens", "10", "--no-sbert"]
+    assert infer.main(common + ["--modality", "audio"]) == 0
+    out = run / "infer_audio"
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert len(predictions) == 12 and {p["modality"] for p in predictions} == {"audio"}
+    assert predictions[0]["decoding"]["strategy"] == "sample"
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["scores"]) >= {"bleu_4", "meteor", "rouge_l", "cider_d"} and "spice" in scores["unavailable"]
+    assert "cider_d" in (out / "scores.md").read_text()
+    for modality in ("image", "audio_vis"):
+        assert infer.main(common + ["--modality", modality, "--frames-dir", str(world / "frames"), "--use-prefix",
+                                    "--projector", "original", "--limit", "4"]) == 0
+        assert len(read_jsonl(run / f"infer_{modality}" / "predictions.jsonl")) == 4
+
+    assert evaluate.main(["--predictions", str(out / "predictions.jsonl"), "--test-list", str(world / "test.csv"),
+                          "--out", str(run / "rescored"), "--no-sbert"]) == 0
+    rescored = json.loads((run / "rescored" / "scores.json").read_text())
+    assert rescored["scores"] == scores["scores"]
+
+
+def test_image_modality_needs_frames(pipeline):
+    from dali.config import ConfigError
+
+    world, llava, run = pipeline
+    with pytest.raises(ConfigError, match="--frames-dir"):
+        infer.main(["--llava", str(llava), "--test-list", str(world / "test.csv"), "--modality", "image"])
+
+
+@pytest.mark.slow
+def test_five_scripts_chain_on_the_synthetic_world(synthetic, tmp_path):
+    """The scripts users run, in order, each consuming the previous stage's folder, with the synthetic presets."""
+    world, llava = synthetic
+    env = dict(os.environ, PYTHON=sys.executable, DALI_PROGRESS="0")
+    expe = ["--expe-dir", str(tmp_path), "--run", "chain", "--llava", str(llava)]
+    steps = [
+        ("prefix_tuning.sh", "prefix_tuning", ["--pairs", str(world / "prefix_pairs.json"), "--epochs", "3"]),
+        ("alignment.sh", "alignment", ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json"),
+                                       "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16"]),
+        ("infere_pseudo_labels.sh", "pseudo_labels", ["--clips", str(world / "pseudo.json"), "--max-new-tokens", "8"]),
+        ("audio_vis_distil.sh", "distillation", ["--epochs", "1"]),
+        ("inference.sh", "inference", ["--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio"),
+                                       "--frames-dir", str(world / "frames"), "--modality", "audio",
+                                       "--max-new-tokens", "8", "--no-sbert"]),
+    ]
+    for script, preset, flags in steps:
+        command = [str(ROOT / script), "--config", str(ROOT / "configs" / "synthetic" / f"{preset}.yaml"), *expe, *flags]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    for stage in ("prefix", "align", "pseudo_label", "distill", "infer_audio"):
+        assert (tmp_path / "chain" / stage / "manifest.json").exists()
+    assert (tmp_path / "chain" / "infer_audio" / "scores.md").exists()
