@@ -7,21 +7,9 @@ from dali.models.cav_mae import (
     CAVMAEAudioEncoder, CAVMAEConfig, CheckpointError, load_audio_encoder, save_audio_encoder, sincos_pos_embed_2d,
 )
 
+from helpers import original_layout
+
 TINY = CAVMAEConfig(embed_dim=32, depth_audio=2, num_heads=4, target_frames=256, proj_dim=48)
-
-
-def original_layout(encoder: CAVMAEAudioEncoder, with_extras: bool) -> dict:
-    """A state dict written the way the original code saves it: DataParallel 'module.' keys plus extra branches."""
-    state = {f"module.{key}": value.clone() for key, value in encoder.state_dict().items()}
-    if with_extras:
-        dim = encoder.config.embed_dim
-        state["module.patch_embed_v.proj.weight"] = torch.randn(dim, 3, 16, 16)
-        state["module.blocks_v.0.attn.qkv.weight"] = torch.randn(3 * dim, dim)
-        state["module.decoder_blocks.0.norm1.weight"] = torch.randn(16)
-        state["module.vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.randn(4, 3, 14, 14)
-        state["module.audio_scorer.in_proj_weight"] = torch.randn(12, 4)
-        state["module.a_q.weight"] = torch.randn(4, 4)
-    return state
 
 
 def test_shapes_and_token_order():

@@ -134,3 +134,16 @@ def test_attentive_weights_shapes_entropy_and_original_names():
     loss = ot_loss(audio, image, weights.audio, weights.image, solver="sinkhorn") - weights.entropy.mean()
     loss.backward()
     assert scorer.a_q.weight.grad.abs().sum() > 0 and scorer.audio_scorer.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_parallel_emd_matches_pot_value_and_gradients():
+    x, y = clouds()
+    wx = torch.softmax(torch.randn(3, 12, dtype=torch.float64), -1)
+    grads = []
+    for workers in (0, 2):
+        xx, logits = x.clone().requires_grad_(True), torch.log(wx).clone().requires_grad_(True)
+        value = ot_loss(xx, y, x_weights=torch.softmax(logits, -1), solver="emd", workers=workers)
+        value.backward()
+        grads.append((value.item(), xx.grad.clone(), logits.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-9)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-8) and torch.allclose(grads[0][2], grads[1][2], atol=1e-8)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import torch
 
 WEIGHT_SUM_TOLERANCE = 1e-4
+# POT imports every array library it finds; JAX then reserves most of the GPU's memory at import. We only
+# hand POT torch tensors and numpy arrays, so its other backends stay off.
+for _library in ("JAX", "CUPY", "TENSORFLOW"):
+    os.environ.setdefault(f"POT_BACKEND_DISABLE_{_library}", "1")
 
 
 def squared_euclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,6 +53,7 @@ def ot_loss(
     reg: float = 0.05,
     max_iters: int = 200,
     tol: float = 1e-5,
+    workers: int = 0,
 ) -> torch.Tensor:
     """Per-sample OT cost between token clouds under a squared-Euclidean cost, averaged over the batch.
 
@@ -60,6 +68,8 @@ def ot_loss(
             cost, potentials for the weights), exact at convergence, without back-propagating through the
             iterations. ``reg`` is relative to the mean cost of each sample, so it is scale-free.
         max_iters, tol: Sinkhorn stops after ``max_iters`` or once the marginal error is below ``tol``.
+        workers: with "emd", solve the batch's problems on this many CPU processes (0: one after another in
+            this process, as the original).
     Returns:
         scalar: mean over the batch. A sample whose cost is not finite yields NaN (the original silently
         replaced it by 0); the training loop skips such steps and counts them.
@@ -71,6 +81,8 @@ def ot_loss(
     a = _check_weights(x_weights, batch, n, "x_weights", cost)
     b = _check_weights(y_weights, batch, m, "y_weights", cost)
     if solver == "emd":
+        if workers > 1:
+            return emd_cost_parallel(cost, a, b, workers).mean()
         return torch.stack([emd_cost(cost[i], a[i], b[i]) for i in range(batch)]).mean()
     if solver == "sinkhorn":
         return sinkhorn_cost(cost, a, b, reg=reg, max_iters=max_iters, tol=tol).mean()
@@ -97,22 +109,60 @@ def emd_cost(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return value.to(cost.dtype)
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _solve_emd(problem: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import ot
+
+    a, b, cost = problem
+    plan, log = ot.emd(a / a.sum(), b / b.sum(), cost, numItermax=1_000_000, log=True)
+    return plan, log["u"], log["v"]
+
+
+def emd_cost_parallel(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, workers: int) -> torch.Tensor:
+    """Exact EMD of each problem of a batch, solved on a pool of CPU processes: [B, N, M], [B, N], [B, M] -> [B].
+
+    POT has no batched exact solver, so the problems are spread over processes. Gradients are POT's own:
+    the optimal plan for the cost, the centred dual potentials for the weights. Non-finite costs give NaN.
+    """
+    import multiprocessing
+
+    if workers not in _POOLS:  # spawned, not forked: the parent may hold CUDA state and threads
+        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    finite = torch.isfinite(cost.detach()).flatten(1).all(dim=1)
+    problems = [(a[i].detach().double().cpu().numpy(), b[i].detach().double().cpu().numpy(),
+                 (cost[i].detach().double().cpu().numpy() if finite[i] else np.zeros(cost.shape[1:])))
+                for i in range(cost.shape[0])]
+    solved = list(_POOLS[workers].map(_solve_emd, problems, chunksize=max(1, len(problems) // (4 * workers))))
+    plan = torch.from_numpy(np.stack([s[0] for s in solved])).to(cost)
+    u = torch.from_numpy(np.stack([s[1] for s in solved])).to(cost)
+    v = torch.from_numpy(np.stack([s[2] for s in solved])).to(cost)
+    u, v = u - u.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
+    value = (plan * cost).sum(dim=(1, 2)) + (u * (a - a.detach())).sum(-1) + (v * (b - b.detach())).sum(-1)
+    return torch.where(finite, value, torch.full_like(value, math.nan))
+
+
 def sinkhorn_potentials(
     cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor, max_iters: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn dual potentials f [B, N], g [B, M] for costs [B, N, M] and eps [B, 1, 1]."""
+    """Log-domain Sinkhorn dual potentials f [B, N], g [B, M] for costs [B, N, M] and eps [B, 1, 1].
+
+    Works on the scaled kernel -C/eps, computed once; f and g are kept divided by eps. The marginal error is
+    checked every 10 iterations only (each check synchronises a GPU); tol=0 runs exactly ``max_iters``.
+    """
+    log_kernel = -cost / eps  # [B, N, M]
     f = torch.zeros_like(log_a)
     g = torch.zeros_like(log_b)
-    check_every = 10
     for iteration in range(max_iters):
-        f = -eps[..., 0] * torch.logsumexp((g.unsqueeze(1) - cost) / eps + log_b.unsqueeze(1), dim=2)
-        g = -eps[..., 0] * torch.logsumexp((f.unsqueeze(2) - cost) / eps + log_a.unsqueeze(2), dim=1)
-        if tol > 0 and (iteration + 1) % check_every == 0:
-            log_plan = (f.unsqueeze(2) + g.unsqueeze(1) - cost) / eps + log_a.unsqueeze(2) + log_b.unsqueeze(1)
+        f = -torch.logsumexp(log_kernel + (g + log_b).unsqueeze(1), dim=2)
+        g = -torch.logsumexp(log_kernel + (f + log_a).unsqueeze(2), dim=1)
+        if tol > 0 and (iteration + 1) % 10 == 0:
+            log_plan = log_kernel + (f + log_a).unsqueeze(2) + (g + log_b).unsqueeze(1)
             row_error = (torch.logsumexp(log_plan, dim=2).exp() - log_a.exp()).abs().sum(-1).max()
             if row_error < tol:
                 break
-    return f, g
+    return f * eps[..., 0], g * eps[..., 0]
 
 
 def sinkhorn_cost(

@@ -46,6 +46,9 @@ class DecodingOptions:
     temperature: float = 0.2  # sample only
     top_p: float | None = None  # sample only
     seed: int = 0
+    # "static": a pre-allocated KV cache (transformers compiles the decode step with CUDA graphs on a GPU);
+    # "dynamic": transformers' default growing cache.
+    cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -54,13 +57,16 @@ class DecodingOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.strategy == "sample" and self.temperature <= 0:
             raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got '{self.cache}'")
 
     def generate_kwargs(self) -> dict:
+        kwargs = {"cache_implementation": "static"} if self.cache == "static" else {}
         if self.strategy == "greedy":
-            return {"do_sample": False, "num_beams": 1}
+            return kwargs | {"do_sample": False, "num_beams": 1}
         if self.strategy == "beam":
-            return {"do_sample": False, "num_beams": self.num_beams}
-        kwargs = {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_k": 0}
+            return kwargs | {"do_sample": False, "num_beams": self.num_beams}
+        kwargs |= {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_k": 0}
         if self.top_p is not None:
             kwargs["top_p"] = self.top_p
         return kwargs
@@ -251,6 +257,11 @@ class Captioner(nn.Module):
         return result
 
     # -- training ------------------------------------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LLM's activations in backward; gradients still reach the prefix or projector copy."""
+        self.llava.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.llava.model.language_model.train()  # checkpointing is active in train mode only (no dropout here)
+
     def caption_loss(self, block: torch.Tensor, captions: Sequence[str], question: str = QUESTION) -> torch.Tensor:
         """Mean next-token cross-entropy over the answer tokens of a batch (LLaVA's masking)."""
         inputs = self.build_inputs(block, captions, question=question)

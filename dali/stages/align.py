@@ -49,6 +49,7 @@ class AlignConfig:
     target_frames: int = field(1024, help="fbank frames per clip")
     method: str = field("ot_att", choices=METHODS)
     ot_solver: str = field("emd", choices=SOLVERS, help="emd: exact (the original); sinkhorn: batched, on device")
+    emd_workers: int = field(0, help="CPU processes solving the batch's exact EMD problems (0: one by one)")
     sinkhorn_reg: float = field(0.05, help="entropic reg relative to the mean cost")
     sinkhorn_iters: int = field(200)
     scorer_heads: int = field(8)
@@ -115,7 +116,8 @@ def alignment_loss(config: AlignConfig, audio: torch.Tensor, image: torch.Tensor
     """The configured criterion between [B, N, D] audio and [B, M, D] image tokens (uniform weights if None)."""
     if config.method == "mmd":
         return mmd_loss(audio, image)
-    kwargs = dict(solver=config.ot_solver, reg=config.sinkhorn_reg, max_iters=config.sinkhorn_iters)
+    kwargs = dict(solver=config.ot_solver, reg=config.sinkhorn_reg, max_iters=config.sinkhorn_iters,
+                  workers=config.emd_workers)
     if weights is None:
         return ot_loss(audio, image, **kwargs)
     return ot_loss(audio, image, weights.audio, weights.image, **kwargs)
@@ -280,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             bad.extend(item.as_record() for item in batch["bad"])
             if len(batch["index"]) == 0:
                 continue
+            image = train_vision.tokens(batch)  # [B, M, D]
             with autocast():
                 audio = encoder.project(batch["fbank"].to(device, non_blocking=True)).float()  # [B, N, D]
-            image = train_vision.tokens(batch)  # [B, M, D]
-            weights = scorers(audio, image) if scorers is not None else None
+                weights = scorers(audio, image) if scorers is not None else None
             loss = alignment_loss(config, audio, image, weights)
             optimizer.zero_grad(set_to_none=True)
             if scorer_optimizer is not None:

@@ -46,6 +46,7 @@ class DistillConfig:
     dtype: str = field("float32", choices=tuple(DTYPES))
     device: str = field("auto")
     seed: int = field(0)
+    gradient_checkpointing: bool = field(False, help="recompute the frozen LLM's activations in backward (saves memory)")
     checkpoint_every: int = field(200)
     max_non_finite_steps: int = field(10)
     overwrite: bool = field(False)
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.barrier()
 
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=device)
+    if config.gradient_checkpointing:
+        captioner.enable_gradient_checkpointing()
     encoder = load_align_stage(align_dir, captioner.vision_dim).to(device)
     records = load_pseudo_captions(pseudo_dir)
     if not records:

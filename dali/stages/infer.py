@@ -44,6 +44,7 @@ class InferConfig:
     num_beams: int = field(4)
     max_new_tokens: int = field(64)
     seed: int = field(0)
+    cache: str = field("dynamic", choices=("dynamic", "static"), help="KV cache; static compiles the decode on GPU")
     limit: int | None = field(None, help="caption only the first N clips")
     evaluate: bool = field(True, help="score the predictions against the list's references")
     sbert: bool = field(True)
@@ -61,7 +62,7 @@ class InferConfig:
 
     def decoding(self) -> DecodingOptions:
         return DecodingOptions(strategy=self.strategy, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                               temperature=self.temperature, seed=self.seed)
+                               temperature=self.temperature, seed=self.seed, cache=self.cache)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ class PrefixTuneConfig:
     dtype: str = field("float32", help="LLaVA weights dtype", choices=tuple(DTYPES))
     device: str = field("auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda:0', ...")
     seed: int = field(0)
+    gradient_checkpointing: bool = field(False, help="recompute the frozen LLM's activations in backward (saves memory)")
     checkpoint_every: int = field(50, help="steps between resumable checkpoints")
     max_non_finite_steps: int = field(10, help="skipped non-finite steps before the run stops")
     overwrite: bool = field(False, help="replace a finished stage folder")
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- setup: frozen captioner; the frames' CLIP tokens are computed once (the tower is frozen)
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
+    if config.gradient_checkpointing:
+        captioner.enable_gradient_checkpointing()
     pairs = read_prefix_pairs(config.pairs, config.data_root)
     try:
         images = [load_frame(clip) for clip in pairs]

@@ -43,6 +43,7 @@ class PseudoLabelConfig:
     num_beams: int = field(4)
     max_new_tokens: int = field(128)
     seed: int = field(0)
+    cache: str = field("dynamic", choices=("dynamic", "static"), help="KV cache; static compiles the decode on GPU")
     shuffle: bool = field(False, help="caption in a seeded random order (the original shuffled, unseeded)")
     limit: int | None = field(None, help="caption only the first N clips of the list")
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
@@ -57,7 +58,7 @@ class PseudoLabelConfig:
 
     def decoding(self) -> DecodingOptions:
         return DecodingOptions(strategy=self.strategy, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                               temperature=self.temperature, seed=self.seed)
+                               temperature=self.temperature, seed=self.seed, cache=self.cache)
 
 
 def main(argv: list[str] | None = None) -> int:

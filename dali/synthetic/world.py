@@ -26,7 +26,7 @@ from dali.synthetic import sounds
 DURATION_S = 10.0
 FRAME_SIZE = 64
 NUM_FRAMES = 10
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -36,31 +36,21 @@ class SourceClass:
     rgb: tuple[int, int, int]
     shape: str
     actions: tuple[str, ...]  # present-tense phrasings of its sound, "a dog barks"
-    gerund: str  # "a dog barking"
     synth: str  # generator in dali.synthetic.sounds
 
 
 SOURCES = (
-    SourceClass("dog", "brown", (140, 85, 40), "triangle", ("a dog barks", "a dog is barking", "a dog barks repeatedly"),
-                "a dog barking", "bark"),
-    SourceClass("bell", "yellow", (240, 210, 30), "circle", ("a bell rings", "a bell is ringing", "a bell chimes"),
-                "a bell ringing", "bell"),
-    SourceClass("car", "grey", (160, 160, 170), "square", ("a car engine hums", "a car passes by", "a car drives past"),
-                "a car engine humming", "engine"),
-    SourceClass("bird", "blue", (40, 90, 220), "diamond", ("a bird chirps", "a bird is chirping", "a bird sings"),
-                "a bird chirping", "chirp"),
+    SourceClass("dog", "brown", (140, 85, 40), "triangle", ("a dog barks", "a dog is barking", "a dog barks repeatedly"), "bark"),
+    SourceClass("bell", "yellow", (240, 210, 30), "circle", ("a bell rings", "a bell is ringing", "a bell chimes"), "bell"),
+    SourceClass("car", "grey", (160, 160, 170), "square", ("a car engine hums", "a car passes by", "a car drives past"), "engine"),
+    SourceClass("bird", "blue", (40, 90, 220), "diamond", ("a bird chirps", "a bird is chirping", "a bird sings"), "chirp"),
     SourceClass("stream", "cyan", (40, 200, 220), "wave", ("water flows", "a stream trickles", "water is running"),
-                "water flowing", "stream"),
-    SourceClass("drum", "red", (210, 40, 40), "ring", ("a drum beats", "a drum is played", "someone plays a drum"),
-                "a drum beating", "drum"),
-    SourceClass("siren", "orange", (250, 140, 20), "cross", ("a siren wails", "a siren is blaring", "a siren sounds"),
-                "a siren wailing", "siren"),
-    SourceClass("whistle", "black", (20, 20, 20), "bar", ("someone whistles", "a whistle blows", "a whistle is blown"),
-                "a whistle blowing", "whistle"),
-    SourceClass("clock", "purple", (140, 60, 180), "star", ("a clock ticks", "a clock is ticking", "a clock ticks steadily"),
-                "a clock ticking", "tick"),
-    SourceClass("phone", "pink", (240, 110, 180), "hexagon", ("a phone rings", "a telephone rings", "a phone is ringing"),
-                "a phone ringing", "ring"),
+                "stream"),
+    SourceClass("drum", "red", (210, 40, 40), "ring", ("a drum beats", "a drum is played", "someone plays a drum"), "drum"),
+    SourceClass("siren", "orange", (250, 140, 20), "cross", ("a siren wails", "a siren is blaring", "a siren sounds"), "siren"),
+    SourceClass("whistle", "black", (20, 20, 20), "bar", ("someone whistles", "a whistle blows", "a whistle is blown"), "whistle"),
+    SourceClass("clock", "purple", (140, 60, 180), "star", ("a clock ticks", "a clock is ticking", "a clock ticks steadily"), "tick"),
+    SourceClass("phone", "pink", (240, 110, 180), "hexagon", ("a phone rings", "a telephone rings", "a phone is ringing"), "ring"),
 )
 PLACES = {
     "grass": ("on the grass", (60, 140, 60)),
@@ -147,12 +137,13 @@ def visual_caption(scene: Scene, rng: np.random.Generator) -> str:
     return str(rng.choice([f"{listed} {place}", f"there is {listed} {place}", f"a picture of {listed} {place}"]))
 
 
-def imagined_sounds(scene: Scene) -> str:
-    """What an image captioner guesses one would hear: every visible object, silent or not."""
-    objects = [SOURCES[s].gerund for s in scene.visible]
+def imagined_sounds(scene: Scene, rng: np.random.Generator) -> str:
+    """What an image captioner guesses one would hear: a sound for every visible object, silent or not, left to
+    right, with no order in time and no loudness (a picture shows neither)."""
+    objects = [str(rng.choice(SOURCES[s].actions)) for s in scene.visible]
     if not objects:
-        return "probably nothing"
-    return "one might hear " + (objects[0] if len(objects) == 1 else ", ".join(objects[:-1]) + " and " + objects[-1])
+        return "nothing can be heard"
+    return objects[0] if len(objects) == 1 else ", ".join(objects[:-1]) + " and " + objects[-1]
 
 
 def sound_sentences(rng: np.random.Generator, count: int) -> list[str]:
@@ -262,7 +253,7 @@ def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), worker
         scene = sample_scene(rng, f"img{i:05d}")
         render_frame(scene, 5).save(root / "captioner" / "images" / f"{scene.id}.jpg", quality=92)
         records.append({"id": scene.id, "image": f"images/{scene.id}.jpg", "caption": visual_caption(scene, rng),
-                        "sounds": imagined_sounds(scene)})
+                        "sounds": imagined_sounds(scene, rng)})
     atomic_write_json(root / "captioner" / "captions.json", records)
     atomic_write_text(root / "captioner" / "text.txt", "\n".join(sound_sentences(rng, config.text_sentences)) + "\n")
 

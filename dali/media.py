@@ -1,0 +1,135 @@
+"""Decoding audio and frames from any media file (wav, flac, ogg, mp4, mkv, webm) with PyAV.
+
+PyAV links FFmpeg's libraries into the wheel, so no ffmpeg binary is assumed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dali.audio import SAMPLE_RATE, resample
+
+MEDIA_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4a")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+FRAME_SIZE = 224  # CAV-MAE's frames: resize the short side, centre crop
+
+
+class MediaError(RuntimeError):
+    """A media file cannot be decoded; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot decode '{path}': {reason}")
+
+
+def _open(path: Path):
+    import av
+
+    if not path.is_file():
+        raise MediaError(path, "no such file")
+    try:
+        return av.open(str(path))
+    except Exception as error:  # PyAV raises FFmpeg errors of many types for foreign or broken files
+        raise MediaError(path, f"unreadable ({type(error).__name__}: {error})") from None
+
+
+def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Channel 0 of the file's first audio stream as float32 at ``sample_rate`` (mean not removed).
+
+    Raises:
+        MediaError: no file, no audio stream, undecodable or empty.
+    """
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise MediaError(path, "no audio stream")
+        stream = container.streams.audio[0]
+        chunks, rate = [], stream.codec_context.sample_rate or stream.rate
+        try:
+            for frame in container.decode(stream):
+                data = frame.to_ndarray()
+                if frame.format.is_planar:
+                    channel = data[0]
+                else:  # interleaved: [1, samples * channels]
+                    channel = data.reshape(-1, len(frame.layout.channels))[:, 0]
+                chunks.append(_to_float(channel))
+                rate = frame.sample_rate
+        except Exception as error:
+            if not chunks:
+                raise MediaError(path, f"undecodable audio ({type(error).__name__}: {error})") from None
+    if not chunks or sum(chunk.size for chunk in chunks) == 0:
+        raise MediaError(path, "the audio stream holds no samples")
+    wave = np.concatenate(chunks)
+    if not np.isfinite(wave).all():
+        raise MediaError(path, "the audio holds NaN or infinite samples")
+    return resample(wave, int(rate), sample_rate)
+
+
+def _to_float(samples: np.ndarray) -> np.ndarray:
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32)
+    info = np.iinfo(samples.dtype)
+    scale = max(abs(info.min), info.max)
+    return (samples.astype(np.float32) - (0 if info.min < 0 else scale / 2)) / scale
+
+
+def has_video(path: str | Path) -> bool:
+    with _open(Path(path)) as container:
+        return bool(container.streams.video)
+
+
+def decode_frames(path: str | Path, times: list[float]) -> list[Image.Image]:
+    """The frames nearest to each time (seconds), as RGB PIL images, decoding the stream once in order."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(path, "no video stream")
+        stream = container.streams.video[0]
+        wanted = sorted(range(len(times)), key=lambda i: times[i])
+        found: dict[int, Image.Image] = {}
+        previous = None
+        position = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                while position < len(wanted) and frame.time >= times[wanted[position]]:
+                    target = times[wanted[position]]
+                    use_previous = previous is not None and abs(previous[0] - target) < abs(frame.time - target)
+                    found[wanted[position]] = previous[1] if use_previous else frame.to_image()
+                    position += 1
+                if position == len(wanted):
+                    break
+                previous = (frame.time, frame.to_image())
+        except Exception as error:
+            if previous is None:
+                raise MediaError(path, f"undecodable video ({type(error).__name__}: {error})") from None
+        if previous is None and not found:
+            raise MediaError(path, "the video stream holds no frames")
+        for index in wanted[position:]:  # times past the end: the last frame
+            found[index] = previous[1]
+    return [found[i].convert("RGB") for i in range(len(times))]
+
+
+def resize_center_crop(image: Image.Image, size: int = FRAME_SIZE) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic), then crop the centre square (CAV-MAE's frame extraction)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def media_duration(path: str | Path) -> float | None:
+    """Container duration in seconds when the file declares it."""
+    with _open(Path(path)) as container:
+        if container.duration:
+            return container.duration / 1_000_000
+        stream = (container.streams.video or container.streams.audio or [None])[0]
+        if stream is not None and stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+    return None

@@ -1,0 +1,118 @@
+"""``dali import-original SOURCE_DIR RUN_DIR``: the released DALI files -> a run folder `inference.sh` uses.
+
+SOURCE_DIR holds the original's files (any subset, at least the backbone):
+  audio_backbone.pth  -> RUN_DIR/align   (CAV-MAE audio branch + proj; attentive scorers kept apart)
+  prefixMLP.bin       -> RUN_DIR/distill (model.mm_projector.{0,2}.*; a stage-1a file carries the prefix too)
+  prefix.bin          -> RUN_DIR/prefix  (model.audio_tower.prefix)
+Every mapping is strict: a missing or mis-shaped key stops with its name. Each folder gets a manifest, so the
+stages accept it as if they had produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
+from dali.models.cav_mae import CheckpointError, load_audio_encoder, read_state_dict, save_audio_encoder, strip_prefix
+from dali.models.prefix import ORIGINAL_PREFIX_KEY, ORIGINAL_PROJECTOR_KEYS, load_prefix, save_prefix
+from dali.runs import Stage, atomic_write
+from dali.stages.common import log, setup_logging
+
+SCORER_PREFIXES = ("audio_scorer.", "image_scorer.", "a_q.", "a_k.", "a_v.", "i_q.", "i_k.", "i_v.")
+
+
+def llava_shapes(llava: str | None) -> tuple[int | None, int | None]:
+    """(LLM hidden size, vision hidden size) from a LLaVA config, to check the imported shapes against."""
+    if not llava:
+        return None, None
+    from transformers import LlavaConfig
+
+    config = LlavaConfig.from_pretrained(llava)
+    return config.text_config.hidden_size, config.vision_config.hidden_size
+
+
+def import_backbone(path: Path, out: Path, vision_dim: int | None) -> dict:
+    encoder = load_audio_encoder(path)
+    if encoder.proj is None:
+        raise CheckpointError(f"'{path}' has no 'proj' layer: it is a bare CAV-MAE checkpoint, not a DALI backbone "
+                              f"(use it as `dali align --init-encoder {path}`)")
+    if vision_dim is not None and encoder.output_dim != vision_dim:
+        raise CheckpointError(f"'{path}': proj gives {encoder.output_dim}-d tokens, the LLaVA vision tower {vision_dim}")
+    stage = Stage(out, "import_original/align", overwrite=True)
+    stage.add_input("audio_backbone", path)
+    atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
+    outputs = [ENCODER_FILE]
+    state = strip_prefix(read_state_dict(path)[0])
+    scorers = {k: v.contiguous() for k, v in state.items() if k.startswith(SCORER_PREFIXES)}
+    if scorers:
+        atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(scorers, str(tmp)))
+        outputs.append(TOKEN_WEIGHTS_FILE)
+    stage.finish({"imported_from": str(path), "encoder_config": encoder.config.__dict__}, outputs=outputs)
+    return {"align": str(out)}
+
+
+def import_projector(path: Path, out: Path, hidden: int | None, vision_dim: int | None) -> dict:
+    state, _ = read_state_dict(path)
+    missing = sorted(key for key in ORIGINAL_PROJECTOR_KEYS if key not in state)
+    if missing:
+        raise CheckpointError(f"'{path}' lacks projector keys {missing}")
+    weights = {ORIGINAL_PROJECTOR_KEYS[key]: state[key].float().contiguous() for key in ORIGINAL_PROJECTOR_KEYS}
+    h, v = weights["linear_1.weight"].shape
+    expected = {"linear_1.weight": (hidden or h, vision_dim or v), "linear_1.bias": (hidden or h,),
+                "linear_2.weight": (hidden or h, hidden or h), "linear_2.bias": (hidden or h,)}
+    for key, shape in expected.items():
+        if tuple(weights[key].shape) != shape:
+            raise CheckpointError(f"'{path}': '{key}' has shape {list(weights[key].shape)}, expected {list(shape)}")
+    stage = Stage(out, "import_original/distill", overwrite=True)
+    stage.add_input("projector", path)
+    atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, str(tmp)))
+    stage.finish({"imported_from": str(path)}, outputs=[PROJECTOR_FILE])
+    return {"distill": str(out)}
+
+
+def import_prefix(path: Path, out: Path, hidden: int | None) -> dict:
+    prefix = load_prefix(path, hidden_size=hidden)
+    stage = Stage(out, "import_original/prefix", overwrite=True)
+    stage.add_input("prefix", path)
+    atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
+    stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0]}, outputs=[PREFIX_FILE])
+    return {"prefix": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="folder with audio_backbone.pth [prefixMLP.bin] [prefix.bin]")
+    parser.add_argument("run", help="run folder to create (e.g. expe/DALI_OT_ATT)")
+    parser.add_argument("--llava", help="LLaVA-1.5 config to check the shapes against (hub id or folder)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    source, run = Path(args.source), Path(args.run)
+    backbone = source / "audio_backbone.pth"
+    if not backbone.is_file():
+        raise SystemExit(f"SOURCE_DIR: '{backbone}' does not exist")
+    hidden, vision_dim = llava_shapes(args.llava)
+    done = import_backbone(backbone, run / "align", vision_dim)
+    projector = source / "prefixMLP.bin"
+    if projector.is_file():
+        if ORIGINAL_PREFIX_KEY in read_state_dict(projector)[0]:
+            # stage 1a writes the same name with the prefix and LLaVA's unchanged projector: not a distilled one
+            log.warning("'%s' is a stage-1a file (it holds the prefix): its projector is LLaVA's own, not imported",
+                        projector)
+        else:
+            done |= import_projector(projector, run / "distill", hidden, vision_dim)
+    prefix_files = [p for p in (source / "prefix.bin", projector) if p.is_file()]
+    for path in prefix_files:  # prefix.bin, else a stage-1a prefixMLP.bin that carries the prefix
+        if ORIGINAL_PREFIX_KEY in read_state_dict(path)[0]:
+            done |= import_prefix(path, run / "prefix", hidden)
+            break
+    for stage, folder in done.items():
+        log.info("imported %s -> %s", stage, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

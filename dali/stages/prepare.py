@@ -1,0 +1,107 @@
+"""``dali prepare INPUT OUTPUT_DIR``: media files -> 16 kHz mono wav + 10 frames per clip + a CAV-MAE JSON.
+
+Like CAV-MAE's preprocessing: channel 0 of the audio at 16 kHz; 10 frames evenly spaced over the first 10 s,
+short side resized to 224 and centre-cropped, saved as ``frames/frame_<k>/<id>.jpg``. Runs on several
+processes, skips clips already done (resumable), writes every file atomically, and reports failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from dali.audio import SAMPLE_RATE
+from dali.data import Clip, write_cavmae_json
+from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
+from dali.runs import atomic_write, atomic_write_jsonl
+from dali.stages.common import log, progress, setup_logging
+
+NUM_FRAMES = 10
+WINDOW_S = 10.0
+REPORT = "prepare_report.jsonl"
+LIST = "clips.json"
+
+
+def list_inputs(source: Path) -> list[Path]:
+    """Media files of a folder (recursively) or of a text file with one path per line."""
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file())
+    if source.is_file() and source.suffix == ".txt":
+        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        return [Path(line) if Path(line).is_absolute() else source.parent / line for line in lines]
+    raise SystemExit(f"INPUT '{source}' must be a folder of media files or a .txt list of paths")
+
+
+def outputs_of(out: Path, clip_id: str, video: bool) -> list[Path]:
+    files = [out / "audio" / f"{clip_id}.wav"]
+    if video:
+        files += [out / "frames" / f"frame_{k}" / f"{clip_id}.jpg" for k in range(NUM_FRAMES)]
+    return files
+
+
+def prepare_one(path: Path, out: Path) -> dict:
+    """Write one clip's wav (and frames for a video); returns its report record."""
+    clip_id = path.stem
+    video = path.suffix.lower() in VIDEO_EXTENSIONS
+    record = {"id": clip_id, "source": str(path), "video": video}
+    if all(p.exists() for p in outputs_of(out, clip_id, video)):
+        return record | {"status": "ok", "reused": True}
+    try:
+        wave = decode_audio(path)
+        atomic_write(out / "audio" / f"{clip_id}.wav",
+                     lambda tmp: soundfile.write(str(tmp), wave, SAMPLE_RATE, subtype="PCM_16", format="WAV"))
+        if video:
+            duration = min(len(wave) / SAMPLE_RATE, WINDOW_S)
+            times = [duration * k / NUM_FRAMES for k in range(NUM_FRAMES)]
+            for k, frame in enumerate(decode_frames(path, times)):
+                atomic_write(out / "frames" / f"frame_{k}" / f"{clip_id}.jpg",
+                             lambda tmp, f=frame: resize_center_crop(f).save(tmp, format="JPEG", quality=95))
+    except MediaError as error:
+        return record | {"status": "failed", "reason": error.reason}
+    return record | {"status": "ok", "seconds": round(len(wave) / SAMPLE_RATE, 3)}
+
+
+def _job(args: tuple[str, str]) -> dict:
+    return prepare_one(Path(args[0]), Path(args[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="folder of media files, or a .txt list of paths")
+    parser.add_argument("output", help="output folder (audio/, frames/, clips.json, prepare_report.jsonl)")
+    parser.add_argument("--workers", type=int, default=4, help="processes")
+    args = parser.parse_args(argv)
+    setup_logging()
+    out = Path(args.output)
+    inputs = list_inputs(Path(args.input))
+    ids = [p.stem for p in inputs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise SystemExit(f"INPUT: several files share the ids {duplicates[:10]} (ids are file names without extension)")
+    for k in range(NUM_FRAMES):
+        (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(p), str(out)) for p in inputs]
+    if args.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            records = list(progress(pool.map(_job, jobs, chunksize=4), total=len(jobs), desc="preparing"))
+    else:
+        records = [_job(job) for job in progress(jobs, desc="preparing")]
+    atomic_write_jsonl(out / REPORT, records)
+    good = [r for r in records if r["status"] == "ok"]
+    clips = [Clip(id=r["id"], audio=out / "audio" / f"{r['id']}.wav", frames_root=(out / "frames") if r["video"] else None)
+             for r in good]
+    write_cavmae_json(clips, out / LIST, root=out)
+    failed = [r for r in records if r["status"] != "ok"]
+    for record in failed:
+        log.warning("failed %s: %s", record["source"], record["reason"])
+    log.info("%d clips prepared in %s, %d failed (see %s)", len(good), out, len(failed), out / REPORT)
+    return 0 if good or not records else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Files made in the tests: media written with PyAV, checkpoints written in the original DALI key layouts."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def original_layout(encoder, with_extras: bool) -> dict:
+    """A state dict as the original code saves it: DataParallel 'module.' keys plus the branches it also kept."""
+    state = {f"module.{key}": value.clone() for key, value in encoder.state_dict().items()}
+    if with_extras:
+        dim = encoder.config.embed_dim
+        state["module.patch_embed_v.proj.weight"] = torch.randn(dim, 3, 16, 16)
+        state["module.blocks_v.0.attn.qkv.weight"] = torch.randn(3 * dim, dim)
+        state["module.decoder_blocks.0.norm1.weight"] = torch.randn(16)
+        state["module.vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.randn(4, 3, 14, 14)
+        state["module.audio_scorer.in_proj_weight"] = torch.randn(12, 4)
+        state["module.a_q.weight"] = torch.randn(4, 4)
+    return state
+
+
+def write_mp4(path: Path, seconds: float = 3.0, fps: int = 10, rate: int = 44_100, size=(96, 64)) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=rate)
+        audio.layout = "stereo"
+        for index in range(int(seconds * fps)):
+            image = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+            x = 20 + int(index / (seconds * fps) * (size[0] - 56))  # stays inside the centre crop
+            image[20:36, x:x + 16] = (255, 0, 0)
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        samples = np.stack([tone, tone * 0.5])  # planar stereo
+        step = 1024
+        for start in range(0, samples.shape[1], step):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + step]), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate = rate
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    return path

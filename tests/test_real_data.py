@@ -1,0 +1,128 @@
+"""Real-data path, end to end on files made here: prepare media -> import original-format weights ->
+caption files and evaluate a Clotho-style list, with no manual step."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, CheckpointError
+from dali.runs import read_jsonl, read_manifest
+from dali.stages import caption, import_original, infer, prepare
+from helpers import original_layout, write_mp4
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    write_mp4(folder / "video_clip.mp4", seconds=12.5)
+    t = np.arange(44_100 * 2) / 44_100
+    soundfile.write(folder / "stereo44k.wav", np.stack([np.sin(2 * np.pi * 300 * t), np.zeros_like(t)], 1) * 0.3, 44_100)
+    soundfile.write(folder / "mono8k.flac", 0.2 * np.sin(2 * np.pi * 200 * np.arange(8000 * 3) / 8000), 8000)
+    soundfile.write(folder / "short48k.ogg", 0.1 * np.random.default_rng(0).standard_normal(4800), 48_000)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes((folder / "video_clip.mp4").read_bytes()[:600])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(media, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    assert prepare.main([str(media), str(out), "--workers", "2"]) == 0
+    return out
+
+
+def test_prepare_writes_16k_wavs_frames_list_and_report(prepared):
+    report = {r["id"]: r for r in read_jsonl(prepared / "prepare_report.jsonl")}
+    assert {i for i, r in report.items() if r["status"] == "failed"} == {"empty", "truncated"}
+    assert all(r["reason"] for r in report.values() if r["status"] == "failed")
+    for clip_id in ("video_clip", "stereo44k", "mono8k", "short48k"):
+        info = soundfile.info(prepared / "audio" / f"{clip_id}.wav")
+        assert info.samplerate == 16_000 and info.channels == 1
+    assert soundfile.info(prepared / "audio" / "stereo44k.wav").duration == pytest.approx(2.0, abs=0.01)
+    from PIL import Image
+
+    frames = [Image.open(prepared / "frames" / f"frame_{k}" / "video_clip.jpg") for k in range(10)]
+    assert all(frame.size == (224, 224) for frame in frames)
+    # the red square moves left to right over the first 10 s: its centre moves right frame after frame
+    centres = [np.argwhere(np.asarray(f)[..., 0] > 150)[:, 1].mean() for f in frames]
+    assert all(a < b for a, b in zip(centres, centres[1:]))
+    assert not (prepared / "frames" / "frame_0" / "stereo44k.jpg").exists()
+    listed = json.loads((prepared / "clips.json").read_text())["data"]
+    assert sorted(r["video_id"] for r in listed) == ["mono8k", "short48k", "stereo44k", "video_clip"]
+
+
+def test_prepare_resumes_without_redoing(media, prepared):
+    before = (prepared / "audio" / "mono8k.wav").stat().st_mtime_ns
+    assert prepare.main([str(media), str(prepared), "--workers", "1"]) == 0
+    assert (prepared / "audio" / "mono8k.wav").stat().st_mtime_ns == before
+    assert all(r.get("reused") for r in read_jsonl(prepared / "prepare_report.jsonl") if r["status"] == "ok")
+
+
+@pytest.fixture(scope="module")
+def original_weights(tiny_llava_dir, tmp_path_factory):
+    """Files in the layouts of the released DALI weights, for the tiny captioner (hidden 32, vision 32)."""
+    source = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    encoder = CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=32, depth_audio=1, num_heads=2, patch_time=128, proj_dim=32))
+    torch.save(original_layout(encoder, with_extras=True), source / "audio_backbone.pth")
+    projector = {"model.mm_projector.0.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.0.bias": torch.zeros(32),
+                 "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.2.bias": torch.zeros(32)}
+    torch.save(projector, source / "prefixMLP.bin")
+    torch.save({"model.audio_tower.prefix": torch.randn(16, 32) * 1e-4}, source / "prefix.bin")
+    return source, encoder
+
+
+def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_weights, prepared, media, tmp_path):
+    source, encoder = original_weights
+    run = tmp_path / "DALI_OT_ATT"
+    assert import_original.main([str(source), str(run), "--llava", str(tiny_llava_dir)]) == 0
+    for stage in ("align", "distill", "prefix"):
+        assert read_manifest(run / stage)["stage"].startswith("import_original")
+    assert (run / "align" / "token_weights.safetensors").exists()
+
+    # Clotho-style list: wide captions, file names, audio only (no frames anywhere on this path)
+    clotho = tmp_path / "clotho_eval.csv"
+    with open(clotho, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
+        for name in ("mono8k.wav", "stereo44k.wav", "short48k.wav"):
+            writer.writerow([name] + [f"a tone number {i} plays" for i in range(1, 6)])
+    assert infer.main(["--llava", str(tiny_llava_dir), "--test-list", str(clotho), "--audio-dir",
+                       str(prepared / "audio"), "--expe-dir", str(tmp_path), "--run", "DALI_OT_ATT",
+                       "--max-new-tokens", "6", "--num-workers", "0", "--no-sbert", "--device", "cpu"]) == 0
+    predictions = read_jsonl(run / "infer_audio" / "predictions.jsonl")
+    assert [p["id"] for p in predictions] == ["mono8k", "stereo44k", "short48k"]
+    assert "cider_d" in json.loads((run / "infer_audio" / "scores.json").read_text())["scores"]
+
+    out = tmp_path / "captions.json"
+    assert caption.main(["--run", str(run), "--llava", str(tiny_llava_dir), str(media / "video_clip.mp4"),
+                         str(media / "mono8k.flac"), "--modality", "audio_vis", "--max-new-tokens", "5",
+                         "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert [f["file"].split("/")[-1] for f in written["failed"]] == ["mono8k.flac"]  # audio_vis needs a video
+    assert "no video stream" in written["failed"][0]["error"] and len(written["captions"]) == 2
+    assert caption.main(["--run", str(run), "--llava", str(tiny_llava_dir), str(media / "video_clip.mp4"),
+                         str(media / "mono8k.flac"), "--max-new-tokens", "5", "--json", str(out)]) == 0
+    captions = json.loads(out.read_text())["captions"]
+    windows = [(c["file"].split("/")[-1], c["start"]) for c in captions]
+    assert windows == [("video_clip.mp4", 0.0), ("video_clip.mp4", 10.24), ("mono8k.flac", 0.0)]
+    assert caption.main(["--run", str(run), "--llava", str(tiny_llava_dir), str(media / "video_clip.mp4"),
+                         "--modality", "audio_vis", "--first-window-only", "--max-new-tokens", "5", "--json",
+                         str(out)]) == 0
+    assert len(json.loads(out.read_text())["captions"]) == 1
+
+
+def test_import_stops_on_mis_shaped_keys(tiny_llava_dir, original_weights, tmp_path):
+    source, _ = original_weights
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "audio_backbone.pth").write_bytes((source / "audio_backbone.pth").read_bytes())
+    torch.save({"model.mm_projector.0.weight": torch.zeros(32, 48), "model.mm_projector.0.bias": torch.zeros(32),
+                "model.mm_projector.2.weight": torch.zeros(32, 32), "model.mm_projector.2.bias": torch.zeros(32)},
+               bad / "prefixMLP.bin")
+    with pytest.raises(CheckpointError, match="linear_1.weight"):
+        import_original.main([str(bad), str(tmp_path / "run"), "--llava", str(tiny_llava_dir)])
