@@ -285,10 +285,10 @@ class ClipDataset(torch.utils.data.Dataset):
 
         Loader workers started afterwards share the cache copy-on-write.
         """
-        from tqdm.auto import tqdm
+        from dali.runs import progress
 
         cache, bad = {}, []
-        for index, clip in enumerate(tqdm(self.clips, desc="caching audio features", leave=False)):
+        for index, clip in enumerate(progress(self.clips, desc="caching audio features", leave=False)):
             try:
                 cache[index] = clip_features(clip, self.target_frames).half()
             except ClipError as error:

@@ -59,6 +59,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_parameters(*modules: torch.nn.Module) -> None:
+    """Give every rank rank 0's initial weights (and buffers): the start of training must not depend on rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return

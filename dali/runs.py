@@ -200,6 +200,11 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
 
+    def rewind(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """On resume: drop the records logged after the checkpoint, so no step appears twice."""
+        if self.enabled and self.path.exists():
+            atomic_write_jsonl(self.path, [record for record in read_jsonl(self.path) if keep(record)])
+
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a killed writer) is ignored, any other bad line is an error."""
@@ -256,3 +261,14 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar; DALI_PROGRESS=0 turns bars off, and logs that are not a terminal get few updates."""
+    from tqdm.auto import tqdm
+
+    if os.environ.get("DALI_PROGRESS", "1") == "0":
+        kwargs["disable"] = True
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 20.0)
+    return tqdm(iterable, **kwargs)

@@ -29,6 +29,7 @@ SYSTEM_PROMPT = (
 )
 QUESTION = "Describe the sound that can be heard in this scene."
 IGNORE_INDEX = -100
+MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption must not blow the context
 # LLaVA-1.5 'pad': frames are padded to a square with the CLIP mean colour before CLIP's resize and crop.
 CLIP_MEAN_RGB = (122, 116, 104)
 
@@ -210,6 +211,8 @@ class Captioner(nn.Module):
         joint = self.tokenizer(f"{after} {caption}", add_special_tokens=False)["input_ids"]
         head = self._ids(after)
         answer = joint[len(head):] if joint[: len(head)] == head else self._ids(f" {caption}")
+        if len(answer) >= MAX_ANSWER_TOKENS:
+            return answer[:MAX_ANSWER_TOKENS]  # cut: no EOS, the caption did not end there
         return answer + [self.tokenizer.eos_token_id]
 
     def build_inputs(

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(AlignConfig, argv)
     context = distributed.setup(config.device)
-    seed_everything(config.seed + context.rank)
+    seed_everything(config.seed)
     device = context.device
     out = stage_dir(config.expe_dir, config.run, "align", config.out)
     stage = Stage(out, "align", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     scorers = None
     if config.method == "ot_att":
         scorers = AttentiveTokenWeights(tower.hidden_size, config.scorer_heads, config.scorer_temperature).to(device)
+    distributed.broadcast_parameters(encoder, *([scorers] if scorers is not None else []))
     train_clips = read_cavmae_json(config.train_list, config.data_root)
     val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
     bad: list[dict] = []
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = state["bad"]
         log.info("resuming alignment at epoch %d step %d", epoch, step_in_epoch)
     metrics = stage.metrics()
+    metrics.rewind(lambda record: record["step"] <= global_step if "step" in record else record["epoch"] < epoch)
     guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
     autocast = _autocast(config, device)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dali.config import config_to_dict
-from dali.runs import atomic_write
+from dali.runs import atomic_write, progress  # noqa: F401  (re-exported for the stages)
 
 log = logging.getLogger("dali")
 
@@ -99,13 +99,3 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """A seeded shuffle per epoch, reproducible after a resume."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_items, generator=generator).tolist()
-
-
-def progress(iterable=None, **kwargs):
-    from tqdm.auto import tqdm
-
-    if os.environ.get("DALI_PROGRESS", "1") == "0":
-        kwargs["disable"] = True
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 20.0)  # few lines in log files
-    return tqdm(iterable, **kwargs)

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     usable = [i for i in range(len(clips)) if not token_cache or i in token_cache]
 
     projector = captioner.copy_projector().to(device)
+    distributed.broadcast_parameters(projector)
     params = list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     my_count = len(distributed.shard(usable, context))
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         step, bad = state["step"], state["bad"]
         log.info("resuming distillation at step %d of %d", step, total_steps)
     metrics = stage.metrics()
+    metrics.rewind(lambda record: record.get("step", 0) <= step)
     guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
 
     def checkpoint() -> None:

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for i in range(0, len(images), 32)])
     captions = [clip.captions[0] for clip in pairs]
     prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)
+    distributed.broadcast_parameters(prefix)
     optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     my_items = distributed.shard(list(range(len(pairs))), context)
     steps_per_epoch = math.ceil(len(my_items) / config.batch_size)
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         step = state["step"]
         log.info("resuming prefix tuning at step %d of %d", step, total_steps)
     metrics = stage.metrics()
+    metrics.rewind(lambda record: record.get("step", 0) <= step)
     guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
 
     # -- train
