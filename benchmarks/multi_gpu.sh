@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-2}"; WORK="${2:-/tmp/dali_multi}"; PY="${PYTHON:-python3}"
 export DALI_PROGRESS=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-$PY -m dali.synthetic.build --data "$WORK/world" --reduced
+$PY -m dali.synthetic.build --data "$WORK/world" --captioner-epochs 1  # the full world: 1000 alignment clips
 $PY benchmarks/make_llava.py "$WORK/llava" --tokenizer-from "$WORK/world/captioner_model"
 W="$WORK/world"; L="$WORK/llava"
 launch() {  # launch NPROC MODULE ARGS...
@@ -17,12 +17,13 @@ for n in 1 "$N"; do
   launch "$n" dali.stages.prefix_tune --llava "$L" --pairs "$W/prefix_pairs.json" --epochs 12 \
     --batch-size $((16 / n)) --dtype bfloat16 --out "$R/prefix" --overwrite
   launch "$n" dali.stages.align --llava "$L" --train-list "$W/align.json" --method ot_att --ot-solver sinkhorn \
-    --epochs 4 --batch-size $((64 / n)) --cache-vision-tokens --noise --num-workers 2 --out "$R/align" --overwrite
+    --epochs 2 --batch-size $((64 / n)) --cache-vision-tokens --cache-audio-features --num-workers 4 \
+    --out "$R/align" --overwrite
   launch "$n" dali.stages.pseudo_label --llava "$L" --clips "$W/pseudo.json" --align-dir "$R/align" \
-    --prefix-dir "$R/prefix" --strategy greedy --max-new-tokens 12 --batch-size 8 --dtype bfloat16 \
-    --num-workers 2 --out "$R/pseudo_label" --overwrite
-  launch "$n" dali.stages.distill --llava "$L" --align-dir "$R/align" --pseudo-dir "$R/pseudo_label" --epochs 6 \
-    --batch-size $((16 / n)) --dtype bfloat16 --num-workers 2 --out "$R/distill" --overwrite
+    --prefix-dir "$R/prefix" --strategy greedy --max-new-tokens 12 --batch-size 32 --dtype bfloat16 \
+    --num-workers 4 --limit 128 --out "$R/pseudo_label" --overwrite
+  launch "$n" dali.stages.distill --llava "$L" --align-dir "$R/align" --pseudo-dir "$WORK/run1/pseudo_label" \
+    --epochs 2 --batch-size $((16 / n)) --dtype bfloat16 --num-workers 4 --out "$R/distill" --overwrite
 done
 for stage in prefix align distill; do
   $PY benchmarks/compare_runs.py "$WORK/run1/$stage" "$WORK/run$N/$stage" --name "$stage"

@@ -154,7 +154,7 @@ def read_caption_csv(
     rows = list(_csv_rows(path))
     if not rows:
         raise DataError(f"'{path}' has no rows")
-    columns = set(rows[0][1])
+    columns = {name for name in rows[0][1] if name}
     wide = [name for name in sorted(columns) if name.startswith("caption_")]
     id_column = next((name for name in ("file_id", "youtube_id", "file_name", "id") if name in columns), None)
     if id_column is None or not (wide or "caption" in columns):
@@ -190,7 +190,12 @@ def _csv_rows(path: Path, required: Sequence[str] = ()):
             missing = [name for name in required if name not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"'{path}' lacks columns {missing}; it has {reader.fieldnames}")
-            return [(number, row) for number, row in enumerate(reader, start=2)]
+            rows = []
+            for number, row in enumerate(reader, start=2):
+                if None in row:  # DictReader files surplus fields under the key None
+                    raise DataError(f"'{path}' line {number} has more fields than the header")
+                rows.append((number, row))
+            return rows
     except UnicodeDecodeError as error:
         raise DataError(f"'{path}' is not UTF-8 text: {error}") from None
     except csv.Error as error:

@@ -86,6 +86,19 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     return float(tensor.item() / dist.get_world_size())
 
 
+def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def global_token_mean(total: torch.Tensor, count: torch.Tensor, context: "Context") -> torch.Tensor:
+    """A per-process loss whose gradient, averaged over processes, is that of the global per-token mean."""
+    return total / sum_across_ranks(count).clamp_min(1) * context.world_size
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     if not dist.is_initialized():
         return flag

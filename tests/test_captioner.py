@@ -105,3 +105,11 @@ def test_prefix_and_projector_files(captioner, tmp_path):
                        projector.linear_2.bias)
     with pytest.raises(CheckpointError, match="not a projector"):
         load_projector(tmp_path / "prefix.safetensors", captioner.projector)
+
+
+def test_bfloat16_captioner_takes_float32_tokens_and_a_float32_projector_copy(tiny_llava_dir):
+    captioner = Captioner.from_pretrained(tiny_llava_dir, dtype=torch.bfloat16)
+    copy = captioner.copy_projector()  # float32, trained in full precision
+    block = captioner.modality_block(torch.randn(1, 16, 32), torch.randn(1, 10, 32), audio_projector=copy)
+    assert block.dtype == torch.bfloat16 and block.shape == (1, 26, 32)
+    assert len(captioner.generate(block, DecodingOptions(max_new_tokens=3))) == 1

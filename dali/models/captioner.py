@@ -190,9 +190,9 @@ class Captioner(nn.Module):
         """
         parts = []
         if image_tokens is not None:
-            parts.append((image_projector or self.projector)(image_tokens.to(self.device)))
+            parts.append(_apply(image_projector or self.projector, image_tokens))
         if audio_tokens is not None:
-            parts.append((audio_projector or self.projector)(audio_tokens.to(self.device)))
+            parts.append(_apply(audio_projector or self.projector, audio_tokens))
         if not parts:
             raise ValueError("a modality block needs image tokens, audio tokens or both")
         batch = parts[0].shape[0]
@@ -265,10 +265,23 @@ class Captioner(nn.Module):
         self.llava.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
         self.llava.model.language_model.train()  # checkpointing is active in train mode only (no dropout here)
 
-    def caption_loss(self, block: torch.Tensor, captions: Sequence[str], question: str = QUESTION) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens of a batch (LLaVA's masking)."""
+    def caption_loss(self, block: torch.Tensor, captions: Sequence[str], question: str = QUESTION,
+                     reduction: str = "mean") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy over the answer tokens of a batch (LLaVA's masking).
+
+        The LM head runs only at the answer positions (a [tokens, vocab] slice instead of [B, T, vocab]).
+        ``reduction="sum"`` returns (sum, number of answer tokens), so that processes can normalise by the
+        token count of the whole global batch, as one process would.
+        """
         inputs = self.build_inputs(block, captions, question=question)
-        return self.llava(**inputs, use_cache=False).loss
+        labels = inputs.pop("labels")
+        hidden = self.llava.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        targets = labels[:, 1:]
+        answer = targets != IGNORE_INDEX  # [B, T-1]
+        logits = self.llava.lm_head(hidden[:, :-1][answer]).float()  # [tokens, vocab]
+        total = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum")
+        count = answer.sum()
+        return total / count.clamp_min(1) if reduction == "mean" else (total, count)
 
     # -- decoding ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -287,6 +300,12 @@ class Captioner(nn.Module):
             output = self.llava.generate(**inputs, **kwargs)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [" ".join(text.replace("\n", " ").split()) for text in texts]
+
+
+def _apply(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A projector on tokens moved to its device and dtype (encoders and projector copies may differ)."""
+    weight = next(projector.parameters())
+    return projector(tokens.to(weight.device, weight.dtype))
 
 
 @torch.no_grad()

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         audio = encoder.project(batch["fbank"].to(device))
                 block = captioner.modality_block(audio_tokens=audio, audio_projector=projector)
-                loss = captioner.caption_loss(block, [clips[i].captions[0] for i in indices])
+                loss = distributed.global_token_mean(
+                    *captioner.caption_loss(block, [clips[i].captions[0] for i in indices], reduction="sum"), context)
                 optimizer.zero_grad(set_to_none=True)
                 if guard.check(loss, step):
                     loss.backward()

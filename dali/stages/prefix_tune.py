@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         order = [my_items[i] for i in epoch_order(len(my_items), config.seed, epoch)]
         batch = order[batch_index * config.batch_size: (batch_index + 1) * config.batch_size]
         block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
-        loss = captioner.caption_loss(block, [captions[i] for i in batch])
+        total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
+        loss = distributed.global_token_mean(total, count, context)
         optimizer.zero_grad(set_to_none=True)
         if guard.check(loss, step):
             loss.backward()
