@@ -139,3 +139,22 @@ def test_five_scripts_chain_on_the_synthetic_world(synthetic, tmp_path):
     for stage in ("prefix", "align", "pseudo_label", "distill", "infer_audio"):
         assert (tmp_path / "chain" / stage / "manifest.json").exists()
     assert (tmp_path / "chain" / "infer_audio" / "scores.md").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_loss_curve(synthetic, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and half the batch each: the same losses as one process."""
+    world, llava = synthetic
+    env = dict(os.environ, DALI_PROGRESS="0", PYTHONPATH=str(ROOT))
+    losses = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes), "-m", "dali.stages.prefix_tune", "--llava", str(llava), "--pairs",
+                   str(world / "prefix_pairs.json"), "--epochs", "4", "--batch-size", str(16 // processes),
+                   "--num-prefix-tokens", "4", "--device", "cpu", "--out", str(out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[processes] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses[1]) == len(losses[2]) == 4
+    assert max(abs(a - b) for a, b in zip(losses[1], losses[2])) < 1e-4

@@ -72,7 +72,8 @@ class AlignConfig:
     cache_audio_features: bool = field(False, help="keep every clip's fbank in memory (augmented per step)")
     num_workers: int = field(4)
     on_error: str = field("skip", choices=ON_ERROR_CHOICES, help="bad clip: skip and list it, or stop")
-    autocast: str = field("bfloat16", choices=("none", "bfloat16", "float16"), help="mixed precision on GPU")
+    autocast: str = field("bfloat16", choices=("none", "bfloat16"), help="mixed precision on GPU (bf16 needs no "
+                                                                             "loss scaling, unlike the original's fp16)")
     vision_dtype: str = field("float32", choices=tuple(DTYPES))
     device: str = field("auto")
     seed: int = field(0)
