@@ -35,28 +35,55 @@ def fbank_parity() -> dict:
 
     generator = torch.Generator().manual_seed(0)
     t = torch.arange(160_000) / 16_000
-    clips = {"noise": 0.1 * torch.randn(160_000, generator=generator),
-             "chirp": 0.5 * torch.sin(2 * torch.pi * (100 + 2000 * t) * t),
-             "short_1s": 0.3 * torch.randn(16_000, generator=generator)}
+    clips = {
+        "noise": 0.1 * torch.randn(160_000, generator=generator),
+        "chirp": 0.5 * torch.sin(2 * torch.pi * (100 + 2000 * t) * t),
+        "short_1s": 0.3 * torch.randn(16_000, generator=generator),
+    }
     result = {}
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     for name, wave in clips.items():
         wave = wave - wave.mean()
         for device in devices:
-            reference = kaldi.fbank(wave.unsqueeze(0).to(device), htk_compat=True, sample_frequency=16000,
-                                    use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
-                                    frame_shift=10).cpu()
+            reference = kaldi.fbank(
+                wave.unsqueeze(0).to(device),
+                htk_compat=True,
+                sample_frequency=16000,
+                use_energy=False,
+                window_type="hanning",
+                num_mel_bins=128,
+                dither=0.0,
+                frame_shift=10,
+            ).cpu()
             ours = kaldi_fbank(wave.to(device)).cpu()
             error = (ours - reference).abs()
             # bins within 80 dB of the clip's loudest bin: where float32 rounding cannot dominate
             audible = reference > reference.max() - 80 * torch.log(torch.tensor(10.0)) / 10
-            result[f"{name}_{device}"] = {"max_abs_diff": float(error.max()),
-                                          "max_abs_diff_within_80dB": float(error[audible].max())}
+            result[f"{name}_{device}"] = {
+                "max_abs_diff": float(error.max()),
+                "max_abs_diff_within_80dB": float(error[audible].max()),
+            }
         if len(devices) == 2:  # torchaudio against itself across devices: the float32 rounding floor
-            cpu = kaldi.fbank(wave.unsqueeze(0), htk_compat=True, sample_frequency=16000, use_energy=False,
-                              window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
-            gpu = kaldi.fbank(wave.unsqueeze(0).cuda(), htk_compat=True, sample_frequency=16000, use_energy=False,
-                              window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10).cpu()
+            cpu = kaldi.fbank(
+                wave.unsqueeze(0),
+                htk_compat=True,
+                sample_frequency=16000,
+                use_energy=False,
+                window_type="hanning",
+                num_mel_bins=128,
+                dither=0.0,
+                frame_shift=10,
+            )
+            gpu = kaldi.fbank(
+                wave.unsqueeze(0).cuda(),
+                htk_compat=True,
+                sample_frequency=16000,
+                use_energy=False,
+                window_type="hanning",
+                num_mel_bins=128,
+                dither=0.0,
+                frame_shift=10,
+            ).cpu()
             result[f"{name}_torchaudio_cpu_vs_cuda_max_abs_diff"] = float((cpu - gpu).abs().max())
     return result
 
@@ -114,23 +141,36 @@ def main() -> int:
         sync()
         return time.perf_counter() - start
 
-    recipes = {"original_ot_att": args.original_steps, "original_ot": args.original_steps,
-               "mmd": args.steps, "sinkhorn_ot": args.steps, "sinkhorn_ot_att": args.steps,
-               "emd_pool_ot": args.steps, "emd_pool_ot_att": args.steps}
+    recipes = {
+        "original_ot_att": args.original_steps,
+        "original_ot": args.original_steps,
+        "mmd": args.steps,
+        "sinkhorn_ot": args.steps,
+        "sinkhorn_ot_att": args.steps,
+        "emd_pool_ot": args.steps,
+        "emd_pool_ot_att": args.steps,
+    }
     rows = {}
     for recipe, steps in recipes.items():
         torch.cuda.reset_peak_memory_stats()
         step(recipe)  # warm-up (and the process pool's start)
         times = [step(recipe) for _ in range(steps)]
         median = sorted(times)[len(times) // 2]
-        rows[recipe] = {"step_s": round(median, 3), "samples_per_s": round(args.batch / median, 1),
-                        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+        rows[recipe] = {
+            "step_s": round(median, 3),
+            "samples_per_s": round(args.batch / median, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        }
         print(recipe, rows[recipe], flush=True)
     baseline = rows["original_ot_att"]["samples_per_s"]
     for name, row in rows.items():
         row["speedup_vs_original_ot_att"] = round(row["samples_per_s"] / baseline, 1)
-    results.update(batch=args.batch, emd_workers=args.emd_workers, rows=rows,
-                   target_30x_met_by=[name for name, row in rows.items() if row["speedup_vs_original_ot_att"] >= 30])
+    results.update(
+        batch=args.batch,
+        emd_workers=args.emd_workers,
+        rows=rows,
+        target_30x_met_by=[name for name, row in rows.items() if row["speedup_vs_original_ot_att"] >= 30],
+    )
     report("alignment", results)
     print(f"device: {device_name()}")
     return 0

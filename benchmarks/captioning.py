@@ -98,8 +98,9 @@ def main() -> int:
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 break
-            results["rows"].append({"engine": "hf-generate", "new_tokens": new, "batch": batch,
-                                    "clips_per_s": round(plain[batch], 2)})
+            results["rows"].append(
+                {"engine": "hf-generate", "new_tokens": new, "batch": batch, "clips_per_s": round(plain[batch], 2)}
+            )
             print(results["rows"][-1], flush=True)
         best_batch = max(plain, key=plain.get)
         ours = {}
@@ -109,20 +110,34 @@ def main() -> int:
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 continue
-            results["rows"].append({"engine": "dali-static-compiled", "new_tokens": new, "batch": batch,
-                                    "clips_per_s": round(ours[batch], 2)})
+            results["rows"].append(
+                {
+                    "engine": "dali-static-compiled",
+                    "new_tokens": new,
+                    "batch": batch,
+                    "clips_per_s": round(ours[batch], 2),
+                }
+            )
             print(results["rows"][-1], flush=True)
         our_batch = max(ours, key=ours.get)
         bound = roofline(config, our_batch, prompt_len, new, ceilings)
-        summary = {"new_tokens": new, "plain_batch1": round(plain[1], 2) if 1 in plain else None,
-                   "plain_best": round(plain[best_batch], 2), "plain_best_batch": best_batch,
-                   "ours_best": round(ours[our_batch], 2), "ours_batch": our_batch,
-                   "speedup_vs_plain_best": round(ours[our_batch] / plain[best_batch], 2),
-                   "roofline_clips_per_s": round(bound["clips_per_s"], 2),
-                   "fraction_of_roofline": round(ours[our_batch] / bound["clips_per_s"], 2),
-                   "roofline_prefill_s": round(bound["prefill_s"], 3), "roofline_decode_s": round(bound["decode_s"], 3)}
-        summary["targets"] = {"speedup>=1.5": summary["speedup_vs_plain_best"] >= 1.5,
-                              "roofline>=0.8": summary["fraction_of_roofline"] >= 0.8}
+        summary = {
+            "new_tokens": new,
+            "plain_batch1": round(plain[1], 2) if 1 in plain else None,
+            "plain_best": round(plain[best_batch], 2),
+            "plain_best_batch": best_batch,
+            "ours_best": round(ours[our_batch], 2),
+            "ours_batch": our_batch,
+            "speedup_vs_plain_best": round(ours[our_batch] / plain[best_batch], 2),
+            "roofline_clips_per_s": round(bound["clips_per_s"], 2),
+            "fraction_of_roofline": round(ours[our_batch] / bound["clips_per_s"], 2),
+            "roofline_prefill_s": round(bound["prefill_s"], 3),
+            "roofline_decode_s": round(bound["decode_s"], 3),
+        }
+        summary["targets"] = {
+            "speedup>=1.5": summary["speedup_vs_plain_best"] >= 1.5,
+            "roofline>=0.8": summary["fraction_of_roofline"] >= 0.8,
+        }
         results.setdefault("summary", []).append(summary)
         print(summary, flush=True)
     results["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)

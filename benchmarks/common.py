@@ -60,18 +60,41 @@ def measured_ceilings() -> dict:
 def clip_vit_l_336_config():
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
 
 
 def llava_7b_config(vocab_size: int = 32064, text_layers: int = 32):
     from transformers import LlamaConfig, LlavaConfig
 
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=text_layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    return LlavaConfig(vision_config=clip_vit_l_336_config(), text_config=text, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", image_token_index=vocab_size - 1)
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=text_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    return LlavaConfig(
+        vision_config=clip_vit_l_336_config(),
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_token_index=vocab_size - 1,
+    )
 
 
 def random_llava(config, dtype=torch.bfloat16, device="cuda"):

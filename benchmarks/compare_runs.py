@@ -33,11 +33,17 @@ def main() -> int:
     pairs = list(zip(single, multi))
     diffs = [abs(a["loss"] - b["loss"]) for a, b in pairs]
     t1, tn = statistics.median(step_times(single)), statistics.median(step_times(multi))
-    result = {"stage": args.name, "steps": len(pairs), "max_abs_loss_diff": max(diffs),
-              "max_rel_loss_diff": max(d / max(abs(a["loss"]), 1e-9) for d, (a, _) in zip(diffs, pairs)),
-              "first_loss": [single[0]["loss"], multi[0]["loss"]], "last_loss": [single[-1]["loss"], multi[-1]["loss"]],
-              "median_step_s_1gpu": round(t1, 4), "median_step_s_ngpu": round(tn, 4),
-              "throughput_speedup": round(t1 / tn, 2)}
+    result = {
+        "stage": args.name,
+        "steps": len(pairs),
+        "max_abs_loss_diff": max(diffs),
+        "max_rel_loss_diff": max(d / max(abs(a["loss"]), 1e-9) for d, (a, _) in zip(diffs, pairs)),
+        "first_loss": [single[0]["loss"], multi[0]["loss"]],
+        "last_loss": [single[-1]["loss"], multi[-1]["loss"]],
+        "median_step_s_1gpu": round(t1, 4),
+        "median_step_s_ngpu": round(tn, 4),
+        "throughput_speedup": round(t1 / tn, 2),
+    }
     print(json.dumps(result))
     return 0
 

@@ -1,6 +1,6 @@
 """Write a randomly initialised LLaVA-1.5-shaped model in Hugging Face format (for GPU runs without weights).
 
-    python benchmarks/make_llava.py OUT --tokenizer-from data/synthetic/captioner_model --text-hidden 2048 --text-layers 8
+    python benchmarks/make_llava.py OUT --tokenizer-from data/synthetic/captioner_model --text-layers 8
 Sizes default to CLIP ViT-L/14-336 + a 2048-wide, 8-layer Llama; the tokenizer is copied from a folder.
 """
 
@@ -27,9 +27,16 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from)
-    config = TinyLlavaConfig(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
-                             text_hidden=args.text_hidden, text_layers=args.text_layers,
-                             text_heads=args.text_hidden // 128)
+    config = TinyLlavaConfig(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=args.text_hidden,
+        text_layers=args.text_layers,
+        text_heads=args.text_hidden // 128,
+    )
     model = build_tiny_llava(tokenizer, config).to(torch.bfloat16)
     save_tiny_llava(model, tokenizer, args.out)
     print(f"random LLaVA ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) in {args.out}")

@@ -52,8 +52,9 @@ def main() -> int:
                 sync()
                 start = time.perf_counter()
                 if stage == "1a_prefix":
-                    block = captioner.modality_block(image_tokens=captioner.image_tokens(pixels),
-                                                     prefix=prefix().to(torch.bfloat16))
+                    block = captioner.modality_block(
+                        image_tokens=captioner.image_tokens(pixels), prefix=prefix().to(torch.bfloat16)
+                    )
                 else:
                     block = captioner.modality_block(audio_tokens=audio, audio_projector=projector)
                 loss = captioner.caption_loss(block, [CAPTION] * batch)
@@ -68,16 +69,24 @@ def main() -> int:
                 step()
                 times = [step() for _ in range(args.steps)]
             except torch.OutOfMemoryError:
-                rows.append({"stage": stage, "batch": batch, "gradient_checkpointing": checkpointing,
-                             "result": "out of memory"})
+                rows.append(
+                    {"stage": stage, "batch": batch, "gradient_checkpointing": checkpointing, "result": "out of memory"}
+                )
                 torch.cuda.empty_cache()
                 continue
             median = sorted(times)[len(times) // 2]
-            rows.append({"stage": stage, "batch": batch, "gradient_checkpointing": checkpointing,
-                         "step_s": round(median, 3), "samples_per_s": round(batch / median, 1),
-                         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
+            rows.append(
+                {
+                    "stage": stage,
+                    "batch": batch,
+                    "gradient_checkpointing": checkpointing,
+                    "step_s": round(median, 3),
+                    "samples_per_s": round(batch / median, 1),
+                    "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                }
+            )
             print(rows[-1], flush=True)
-            del prefix, projector, optimizer
+
             torch.cuda.empty_cache()
     report("train_steps", {"rows": rows})
     print(f"device: {device_name()}")

@@ -98,7 +98,10 @@ def mel_filterbank(device: torch.device | str | None = None, dtype: torch.dtype 
     """
     num_fft_bins = FFT_LENGTH // 2
     bin_width = SAMPLE_RATE / FFT_LENGTH
-    mel_low, mel_high = _mel(torch.tensor(LOW_FREQ, dtype=torch.float64)), _mel(torch.tensor(HIGH_FREQ, dtype=torch.float64))
+    mel_low, mel_high = (
+        _mel(torch.tensor(LOW_FREQ, dtype=torch.float64)),
+        _mel(torch.tensor(HIGH_FREQ, dtype=torch.float64)),
+    )
     delta = (mel_high - mel_low) / (NUM_MEL_BINS + 1)
     index = torch.arange(NUM_MEL_BINS, dtype=torch.float64).unsqueeze(1)
     left, center, right = mel_low + index * delta, mel_low + (index + 1) * delta, mel_low + (index + 2) * delta

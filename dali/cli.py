@@ -7,9 +7,14 @@ import sys
 
 from dali.stages import STAGES
 
-COMMANDS = dict(STAGES, prepare="dali.stages.prepare", caption="dali.stages.caption",
-                **{"import-original": "dali.stages.import_original"}, world="dali.synthetic.build",
-                demo="dali.synthetic.demo")
+COMMANDS = dict(
+    STAGES,
+    prepare="dali.stages.prepare",
+    caption="dali.stages.caption",
+    **{"import-original": "dali.stages.import_original"},
+    world="dali.synthetic.build",
+    demo="dali.synthetic.demo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,18 +107,36 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
         if typing.get_origin(base) in (tuple, list):
             (item_type, *_) = typing.get_args(base) or (str,)
             if field.metadata.get("positional"):
-                parser.add_argument(field.name, nargs="*", type=_converter(item_type, False), default=default,
-                                    help=help_text)
+                parser.add_argument(
+                    field.name, nargs="*", type=_converter(item_type, False), default=default, help=help_text
+                )
             else:
-                parser.add_argument(flag(field.name), dest=field.name, nargs="*", type=_converter(item_type, False),
-                                    default=default, help=help_text)
+                parser.add_argument(
+                    flag(field.name),
+                    dest=field.name,
+                    nargs="*",
+                    type=_converter(item_type, False),
+                    default=default,
+                    help=help_text,
+                )
         elif base is bool:
-            parser.add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+            parser.add_argument(
+                flag(field.name),
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
         else:
             choices = field.metadata.get("choices")
-            parser.add_argument(flag(field.name), dest=field.name, type=_converter(base, optional), default=default,
-                                choices=choices, help=help_text)
+            parser.add_argument(
+                flag(field.name),
+                dest=field.name,
+                type=_converter(base, optional),
+                default=default,
+                choices=choices,
+                help=help_text,
+            )
     return parser
 
 
@@ -158,8 +176,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {field.name: plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None,
-          positional: bool = False) -> Any:
+def field(
+    default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, positional: bool = False
+) -> Any:
     """A dataclass field with CLI help (and choices); ``positional`` for a sequence given without a flag."""
     metadata = {"help": help, "positional": positional}
     if choices:

@@ -83,9 +83,14 @@ def read_prefix_pairs(path: str | Path, root: str | Path | None = None) -> list[
     if path.suffix == ".csv":
         for number, row in _csv_rows(path, required=("image", "caption")):
             where = f"'{path}' line {number}"
-            clips.append(Clip(id=row.get("id") or Path(row["image"]).stem, image=_resolve(root, row["image"]),
-                              audio=_resolve(root, row["audio"]) if row.get("audio") else None,
-                              captions=[_check_caption(row["caption"], where)]))
+            clips.append(
+                Clip(
+                    id=row.get("id") or Path(row["image"]).stem,
+                    image=_resolve(root, row["image"]),
+                    audio=_resolve(root, row["audio"]) if row.get("audio") else None,
+                    captions=[_check_caption(row["caption"], where)],
+                )
+            )
         return clips
     records = _load_json(path)
     if not isinstance(records, list):
@@ -94,9 +99,14 @@ def read_prefix_pairs(path: str | Path, root: str | Path | None = None) -> list[
         where = f"'{path}' record {number}"
         try:
             answer = next(turn["value"] for turn in record["conversations"] if turn.get("from") == "gpt")
-            clips.append(Clip(id=str(record.get("id", number)), image=_resolve(root, record["image"]),
-                              audio=_resolve(root, record["audio"]) if record.get("audio") else None,
-                              captions=[_check_caption(answer, where)]))
+            clips.append(
+                Clip(
+                    id=str(record.get("id", number)),
+                    image=_resolve(root, record["image"]),
+                    audio=_resolve(root, record["audio"]) if record.get("audio") else None,
+                    captions=[_check_caption(answer, where)],
+                )
+            )
         except (KeyError, TypeError, StopIteration):
             raise DataError(f"{where}: needs 'image' and a 'conversations' list with a 'gpt' turn") from None
     return clips
@@ -108,12 +118,15 @@ def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> list[C
     root = Path(root) if root is not None else path.parent
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise DataError(f"'{path}' must be a CAV-MAE list: {{\"data\": [{{\"video_id\", \"wav\", \"video_path\"}}]}}")
+        raise DataError(f'\'{path}\' must be a CAV-MAE list: {{"data": [{{"video_id", "wav", "video_path"}}]}}')
     clips, seen = [], set()
     for number, record in enumerate(data["data"]):
         try:
-            clip = Clip(id=str(record["video_id"]), audio=_resolve(root, record["wav"]),
-                        frames_root=_resolve(root, record["video_path"]) if record.get("video_path") else None)
+            clip = Clip(
+                id=str(record["video_id"]),
+                audio=_resolve(root, record["wav"]),
+                frames_root=_resolve(root, record["video_path"]) if record.get("video_path") else None,
+            )
         except (KeyError, TypeError):
             raise DataError(f"'{path}' record {number}: needs 'video_id' and 'wav'") from None
         if clip.id in seen:
@@ -135,9 +148,20 @@ def write_cavmae_json(clips: Sequence[Clip], path: str | Path, root: str | Path 
         except ValueError:
             return str(p)
 
-    atomic_write_json(path, {"data": [
-        {"video_id": clip.id, "wav": rel(clip.audio), "video_path": rel(clip.frames_root) if clip.frames_root else "",
-         "labels": ""} for clip in clips]})
+    atomic_write_json(
+        path,
+        {
+            "data": [
+                {
+                    "video_id": clip.id,
+                    "wav": rel(clip.audio),
+                    "video_path": rel(clip.frames_root) if clip.frames_root else "",
+                    "labels": "",
+                }
+                for clip in clips
+            ]
+        },
+    )
 
 
 def read_caption_csv(
@@ -158,8 +182,10 @@ def read_caption_csv(
     wide = [name for name in sorted(columns) if name.startswith("caption_")]
     id_column = next((name for name in ("file_id", "youtube_id", "file_name", "id") if name in columns), None)
     if id_column is None or not (wide or "caption" in columns):
-        raise DataError(f"'{path}' needs an id column (file_id, youtube_id, file_name or id) and 'caption' or "
-                        f"'caption_1'..; it has {sorted(columns)}")
+        raise DataError(
+            f"'{path}' needs an id column (file_id, youtube_id, file_name or id) and 'caption' or "
+            f"'caption_1'..; it has {sorted(columns)}"
+        )
     clips: dict[str, Clip] = {}
     for number, row in rows:
         where = f"'{path}' line {number}"
@@ -167,8 +193,11 @@ def read_caption_csv(
         if not raw_id:
             raise DataError(f"{where}: empty {id_column}")
         clip_id = Path(raw_id).stem if id_column == "file_name" else raw_id
-        captions = [_check_caption(row[name], f"{where} {name}") for name in wide] if wide else \
-            [_check_caption(row["caption"], where)]
+        captions = (
+            [_check_caption(row[name], f"{where} {name}") for name in wide]
+            if wide
+            else [_check_caption(row["caption"], where)]
+        )
         if clip_id not in clips:
             if row.get("file_path"):
                 audio = _resolve(audio_dir, row["file_path"])
@@ -272,9 +301,18 @@ class ClipDataset(torch.utils.data.Dataset):
         on_error: 'skip' yields a BadClip for the collate to drop and the stage to list; 'stop' raises.
     """
 
-    def __init__(self, clips: Sequence[Clip], need_audio: bool, need_image: bool, image_transform=None,
-                 frame_index: int = DEFAULT_FRAME_INDEX, target_frames: int = 1024, augment: bool = False,
-                 on_error: str = "skip", seed: int = 0):
+    def __init__(
+        self,
+        clips: Sequence[Clip],
+        need_audio: bool,
+        need_image: bool,
+        image_transform=None,
+        frame_index: int = DEFAULT_FRAME_INDEX,
+        target_frames: int = 1024,
+        augment: bool = False,
+        on_error: str = "skip",
+        seed: int = 0,
+    ):
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got '{on_error}'")
         self.clips = list(clips)

@@ -55,7 +55,9 @@ def sbert_similarity(candidates: Sequence[str], references: Sequence[Sequence[st
 
 
 def evaluate_captions(
-    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], use_sbert: bool = True,
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    use_sbert: bool = True,
     use_spice: bool = True,
 ) -> dict:
     """Corpus scores of one caption per clip against its references.
@@ -113,7 +115,9 @@ def evaluate_captions(
     return {"scores": scores, "unavailable": unavailable, "num_clips": len(ids)}
 
 
-def markdown_table(rows: Sequence[tuple[str, Mapping[str, float | None]]], metrics: Sequence[str] = TABLE_METRICS) -> str:
+def markdown_table(
+    rows: Sequence[tuple[str, Mapping[str, float | None]]], metrics: Sequence[str] = TABLE_METRICS
+) -> str:
     header = "| system | " + " | ".join(SBERT_NAME if m == "sbert_sim" else m for m in metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
     for name, scores in rows:

@@ -34,8 +34,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 CAPTIONS = [
-    "a dog barks twice", "a bell rings once", "wind blows hard", "a red ball on the grass",
-    "a man speaks and a car passes", "water flows in a stream", "a cat meows", "birds chirp in the trees",
+    "a dog barks twice",
+    "a bell rings once",
+    "wind blows hard",
+    "a red ball on the grass",
+    "a man speaks and a car passes",
+    "water flows in a stream",
+    "a cat meows",
+    "birds chirp in the trees",
 ]
 
 
@@ -46,8 +52,16 @@ def tiny_llava_dir(tmp_path_factory):
     from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
 
     tokenizer = train_tokenizer(CAPTIONS * 4 + [SYSTEM_PROMPT, QUESTION, "USER: ASSISTANT:"], vocab_size=160)
-    config = TinyLlavaConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
-                             text_hidden=32, text_layers=1, text_heads=2)
+    config = TinyLlavaConfig(
+        image_size=32,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+    )
     model = build_tiny_llava(tokenizer, config)
     return save_tiny_llava(model, tokenizer, tmp_path_factory.mktemp("tiny_llava"))
 

@@ -32,7 +32,7 @@ def write_mp4(path: Path, seconds: float = 3.0, fps: int = 10, rate: int = 44_10
         for index in range(int(seconds * fps)):
             image = np.zeros((size[1], size[0], 3), dtype=np.uint8)
             x = 20 + int(index / (seconds * fps) * (size[0] - 56))  # stays inside the centre crop
-            image[20:36, x:x + 16] = (255, 0, 0)
+            image[20:36, x : x + 16] = (255, 0, 0)
             for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in video.encode():
@@ -42,8 +42,9 @@ def write_mp4(path: Path, seconds: float = 3.0, fps: int = 10, rate: int = 44_10
         samples = np.stack([tone, tone * 0.5])  # planar stereo
         step = 1024
         for start in range(0, samples.shape[1], step):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + step]), format="fltp",
-                                               layout="stereo")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples[:, start : start + step]), format="fltp", layout="stereo"
+            )
             frame.sample_rate = rate
             for packet in audio.encode(frame):
                 container.mux(packet)

@@ -12,12 +12,27 @@ def transformers_fbank(wave: np.ndarray) -> np.ndarray:
     from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
     filters = mel_filter_bank(
-        num_frequency_bins=257, num_mel_filters=128, min_frequency=20, max_frequency=8000, sampling_rate=16000,
-        norm=None, mel_scale="kaldi", triangularize_in_mel_space=True,
+        num_frequency_bins=257,
+        num_mel_filters=128,
+        min_frequency=20,
+        max_frequency=8000,
+        sampling_rate=16000,
+        norm=None,
+        mel_scale="kaldi",
+        triangularize_in_mel_space=True,
     )
     return spectrogram(
-        wave, window_function(400, "hann", periodic=False), frame_length=400, hop_length=160, fft_length=512,
-        power=2.0, center=False, preemphasis=0.97, mel_filters=filters, log_mel="log", mel_floor=audio.LOG_FLOOR,
+        wave,
+        window_function(400, "hann", periodic=False),
+        frame_length=400,
+        hop_length=160,
+        fft_length=512,
+        power=2.0,
+        center=False,
+        preemphasis=0.97,
+        mel_filters=filters,
+        log_mel="log",
+        mel_floor=audio.LOG_FLOOR,
         remove_dc_offset=True,
     ).T
 
@@ -55,8 +70,14 @@ def test_fbank_parity_with_torchaudio_on_gpu(rng):
     wave = torch.from_numpy((0.1 * rng.standard_normal(160_000)).astype(np.float32))
     wave = wave - wave.mean()
     reference = kaldi.fbank(
-        wave.unsqueeze(0), htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-        num_mel_bins=128, dither=0.0, frame_shift=10,
+        wave.unsqueeze(0),
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
     )
     ours = kaldi_fbank(wave.cuda()).cpu()
     assert (ours - reference).abs().max() < 1e-3
@@ -83,7 +104,9 @@ def test_resampled_8k_clip_has_the_same_fbank_as_16k(tmp_path):
     assert int(low[50].argmax()) == int(high[50].argmax())
 
 
-@pytest.mark.parametrize("content,reason", [(None, "no such file"), (b"", "unreadable"), (b"RIFF0000WAVEjunk", "unreadable")])
+@pytest.mark.parametrize(
+    "content,reason", [(None, "no such file"), (b"", "unreadable"), (b"RIFF0000WAVEjunk", "unreadable")]
+)
 def test_load_audio_errors_name_the_file(tmp_path, content, reason):
     path = tmp_path / "bad.wav"
     if content is not None:

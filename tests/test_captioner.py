@@ -96,13 +96,16 @@ def test_prefix_and_projector_files(captioner, tmp_path):
     save_projector(projector, tmp_path / "projector.safetensors")
     loaded = load_projector(tmp_path / "projector.safetensors", captioner.projector)
     assert torch.equal(loaded.linear_1.weight, projector.linear_1.weight)
-    original = {"model.mm_projector.0.weight": projector.linear_1.weight.detach(),
-                "model.mm_projector.0.bias": projector.linear_1.bias.detach(),
-                "model.mm_projector.2.weight": projector.linear_2.weight.detach(),
-                "model.mm_projector.2.bias": projector.linear_2.bias.detach()}
+    original = {
+        "model.mm_projector.0.weight": projector.linear_1.weight.detach(),
+        "model.mm_projector.0.bias": projector.linear_1.bias.detach(),
+        "model.mm_projector.2.weight": projector.linear_2.weight.detach(),
+        "model.mm_projector.2.bias": projector.linear_2.bias.detach(),
+    }
     torch.save(original, tmp_path / "prefixMLP.bin")
-    assert torch.equal(load_projector(tmp_path / "prefixMLP.bin", captioner.projector).linear_2.bias,
-                       projector.linear_2.bias)
+    assert torch.equal(
+        load_projector(tmp_path / "prefixMLP.bin", captioner.projector).linear_2.bias, projector.linear_2.bias
+    )
     with pytest.raises(CheckpointError, match="not a projector"):
         load_projector(tmp_path / "prefix.safetensors", captioner.projector)
 

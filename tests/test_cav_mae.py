@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from dali.models.cav_mae import (
-    CAVMAEAudioEncoder, CAVMAEConfig, CheckpointError, load_audio_encoder, save_audio_encoder, sincos_pos_embed_2d,
+    CAVMAEAudioEncoder,
+    CAVMAEConfig,
+    CheckpointError,
+    load_audio_encoder,
+    save_audio_encoder,
+    sincos_pos_embed_2d,
 )
 
 from helpers import original_layout

@@ -95,7 +95,9 @@ def test_odd_frames_are_accepted(tmp_path, tiny_llava_dir, mode, size):
 
     folder = tmp_path / "frames" / "frame_5"
     folder.mkdir(parents=True)
-    Image.new(mode, size).save(folder / "x.png" if mode == "P" else folder / "x.jpg" if mode != "RGBA" else folder / "x.png")
+    Image.new(mode, size).save(
+        folder / "x.png" if mode == "P" else folder / "x.jpg" if mode != "RGBA" else folder / "x.png"
+    )
     image_file = next(folder.iterdir())
     image = load_frame(Clip(id="x", image=image_file))
     pixels = Captioner.from_pretrained(tiny_llava_dir).preprocess_images([image])
@@ -108,8 +110,10 @@ def test_missing_and_corrupt_frames_are_reported_or_stop(tmp_path, write_wav):
     (tmp_path / "frames" / "frame_5" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     clips = [Clip("missing", audio, tmp_path / "frames"), Clip("bad", audio, tmp_path / "frames")]
     batch = collate([ClipDataset(clips, need_audio=True, need_image=True)[i] for i in range(2)])
-    assert [(b.id, b.reason.split(" (")[0]) for b in batch["bad"]] == [("missing", "no such frame"),
-                                                                       ("bad", "unreadable image")]
+    assert [(b.id, b.reason.split(" (")[0]) for b in batch["bad"]] == [
+        ("missing", "no such frame"),
+        ("bad", "unreadable image"),
+    ]
     with pytest.raises(Exception, match="missing"):
         ClipDataset(clips, need_audio=True, need_image=True, on_error="stop")[0]
 
@@ -151,8 +155,10 @@ def test_wrong_stage_files_are_refused(tmp_path):
         load_audio_encoder(tmp_path / "prefix.safetensors")
     from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, save_audio_encoder
 
-    save_audio_encoder(CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=16, depth_audio=1, num_heads=2, proj_dim=8)),
-                       tmp_path / "encoder.safetensors")
+    save_audio_encoder(
+        CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=16, depth_audio=1, num_heads=2, proj_dim=8)),
+        tmp_path / "encoder.safetensors",
+    )
     with pytest.raises(CheckpointError, match="holds no prefix"):
         load_prefix(tmp_path / "encoder.safetensors")
     (tmp_path / "torn.safetensors").write_bytes((tmp_path / "encoder.safetensors").read_bytes()[:200])
@@ -186,10 +192,31 @@ def test_alignment_skips_nan_steps_and_stops_past_the_limit(synthetic, tmp_path,
         return value * float("nan") if calls["n"] in (2, 3) else value
 
     monkeypatch.setattr(align, "alignment_loss", flaky)
-    flags = ["--llava", str(llava), "--train-list", str(world / "align.json"), "--encoder-dim", "32",
-             "--encoder-depth", "1", "--encoder-heads", "2", "--encoder-patch-time", "128", "--method", "ot",
-             "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "5", "--num-workers", "0",
-             "--cache-vision-tokens"]
+    flags = [
+        "--llava",
+        str(llava),
+        "--train-list",
+        str(world / "align.json"),
+        "--encoder-dim",
+        "32",
+        "--encoder-depth",
+        "1",
+        "--encoder-heads",
+        "2",
+        "--encoder-patch-time",
+        "128",
+        "--method",
+        "ot",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-steps-per-epoch",
+        "5",
+        "--num-workers",
+        "0",
+        "--cache-vision-tokens",
+    ]
     assert align.main(flags + ["--out", str(tmp_path / "a")]) == 0
     records = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     assert sum("skipped_non_finite" in r for r in records) == 2
@@ -203,8 +230,9 @@ def test_alignment_skips_nan_steps_and_stops_past_the_limit(synthetic, tmp_path,
 def _run(argv: list[str], kill_when=None, timeout: float = 240) -> int | None:
     """Run a stage in a subprocess; with ``kill_when``, SIGKILL it once that predicate holds."""
     env = dict(os.environ, DALI_PROGRESS="0", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + timeout
     while process.poll() is None and time.time() < deadline:
         if kill_when is not None and kill_when():
@@ -229,14 +257,67 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
     aligned = tmp_path / "align"
     from dali.stages import align, prefix_tune
 
-    assert prefix_tune.main(["--llava", str(llava), "--pairs", str(world / "prefix_pairs.json"), "--epochs", "2",
-                             "--num-prefix-tokens", "4", "--out", str(tmp_path / "prefix")]) == 0
-    assert align.main(["--llava", str(llava), "--train-list", str(world / "align.json"), "--encoder-dim", "32",
-                       "--encoder-depth", "1", "--encoder-heads", "2", "--encoder-patch-time", "128", "--epochs",
-                       "0", "--num-workers", "0", "--out", str(aligned)]) == 0
-    base = ["dali.stages.pseudo_label", "--llava", str(llava), "--clips", str(world / "pseudo.json"), "--align-dir",
-            str(aligned), "--prefix-dir", str(tmp_path / "prefix"), "--batch-size", "4", "--num-workers", "0",
-            "--max-new-tokens", "10", "--temperature", "1.0"]  # sampling: resumption must reuse the same seeds
+    assert (
+        prefix_tune.main(
+            [
+                "--llava",
+                str(llava),
+                "--pairs",
+                str(world / "prefix_pairs.json"),
+                "--epochs",
+                "2",
+                "--num-prefix-tokens",
+                "4",
+                "--out",
+                str(tmp_path / "prefix"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        align.main(
+            [
+                "--llava",
+                str(llava),
+                "--train-list",
+                str(world / "align.json"),
+                "--encoder-dim",
+                "32",
+                "--encoder-depth",
+                "1",
+                "--encoder-heads",
+                "2",
+                "--encoder-patch-time",
+                "128",
+                "--epochs",
+                "0",
+                "--num-workers",
+                "0",
+                "--out",
+                str(aligned),
+            ]
+        )
+        == 0
+    )
+    base = [
+        "dali.stages.pseudo_label",
+        "--llava",
+        str(llava),
+        "--clips",
+        str(world / "pseudo.json"),
+        "--align-dir",
+        str(aligned),
+        "--prefix-dir",
+        str(tmp_path / "prefix"),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "1.0",
+    ]  # sampling: resumption must reuse the same seeds
     _run(base + ["--out", str(tmp_path / "whole")])
     part = tmp_path / "killed" / "part-000.jsonl"
     threshold = random.Random(0).randint(4, 20)
@@ -253,14 +334,48 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
 def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_path, stage):
     world, llava = synthetic
     if stage == "prefix_tune":
-        base = ["dali.stages.prefix_tune", "--llava", str(llava), "--pairs", str(world / "prefix_pairs.json"),
-                "--epochs", "30", "--num-prefix-tokens", "4", "--checkpoint-every", "3"]
+        base = [
+            "dali.stages.prefix_tune",
+            "--llava",
+            str(llava),
+            "--pairs",
+            str(world / "prefix_pairs.json"),
+            "--epochs",
+            "30",
+            "--num-prefix-tokens",
+            "4",
+            "--checkpoint-every",
+            "3",
+        ]
         output = "prefix.safetensors"
     else:
-        base = ["dali.stages.align", "--llava", str(llava), "--train-list", str(world / "align.json"),
-                "--encoder-dim", "32", "--encoder-depth", "1", "--encoder-heads", "2", "--encoder-patch-time", "128",
-                "--method", "ot_att", "--epochs", "3", "--batch-size", "8", "--num-workers", "0",
-                "--cache-vision-tokens", "--cache-audio-features", "--checkpoint-every", "2"]
+        base = [
+            "dali.stages.align",
+            "--llava",
+            str(llava),
+            "--train-list",
+            str(world / "align.json"),
+            "--encoder-dim",
+            "32",
+            "--encoder-depth",
+            "1",
+            "--encoder-heads",
+            "2",
+            "--encoder-patch-time",
+            "128",
+            "--method",
+            "ot_att",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--cache-vision-tokens",
+            "--cache-audio-features",
+            "--checkpoint-every",
+            "2",
+        ]
         output = "audio_encoder.safetensors"
     _run(base + ["--out", str(tmp_path / "whole")])
     metrics = tmp_path / "killed" / "metrics.jsonl"

@@ -61,8 +61,10 @@ def test_emd_equals_brute_force_and_beats_any_coupling():
 def test_sinkhorn_converges_to_emd_as_reg_shrinks():
     x, y = clouds()
     exact = ot_loss(x, y, solver="emd").item()
-    gaps = [abs(ot_loss(x, y, solver="sinkhorn", reg=reg, max_iters=20000, tol=1e-9).item() - exact)
-            for reg in (0.1, 0.02, 0.004)]
+    gaps = [
+        abs(ot_loss(x, y, solver="sinkhorn", reg=reg, max_iters=20000, tol=1e-9).item() - exact)
+        for reg in (0.1, 0.02, 0.004)
+    ]
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] / exact < 0.02
 
@@ -72,8 +74,9 @@ def test_batched_equals_per_sample():
     wx = torch.softmax(torch.randn(3, 12, dtype=torch.float64), -1)
     for solver in ("emd", "sinkhorn"):
         batched = ot_loss(x, y, x_weights=wx, solver=solver).item()
-        single = np.mean([ot_loss(x[i:i + 1], y[i:i + 1], x_weights=wx[i:i + 1], solver=solver).item()
-                          for i in range(3)])
+        single = np.mean(
+            [ot_loss(x[i : i + 1], y[i : i + 1], x_weights=wx[i : i + 1], solver=solver).item() for i in range(3)]
+        )
         assert batched == pytest.approx(single, rel=1e-6)
 
 

@@ -20,7 +20,9 @@ def media(tmp_path_factory):
     folder = tmp_path_factory.mktemp("media")
     write_mp4(folder / "video_clip.mp4", seconds=12.5)
     t = np.arange(44_100 * 2) / 44_100
-    soundfile.write(folder / "stereo44k.wav", np.stack([np.sin(2 * np.pi * 300 * t), np.zeros_like(t)], 1) * 0.3, 44_100)
+    soundfile.write(
+        folder / "stereo44k.wav", np.stack([np.sin(2 * np.pi * 300 * t), np.zeros_like(t)], 1) * 0.3, 44_100
+    )
     soundfile.write(folder / "mono8k.flac", 0.2 * np.sin(2 * np.pi * 200 * np.arange(8000 * 3) / 8000), 8000)
     soundfile.write(folder / "short48k.ogg", 0.1 * np.random.default_rng(0).standard_normal(4800), 48_000)
     (folder / "empty.wav").write_bytes(b"")
@@ -69,8 +71,12 @@ def original_weights(tiny_llava_dir, tmp_path_factory):
     torch.manual_seed(0)
     encoder = CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=32, depth_audio=1, num_heads=2, patch_time=128, proj_dim=32))
     torch.save(original_layout(encoder, with_extras=True), source / "audio_backbone.pth")
-    projector = {"model.mm_projector.0.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.0.bias": torch.zeros(32),
-                 "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.2.bias": torch.zeros(32)}
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(32, 32) * 0.1,
+        "model.mm_projector.0.bias": torch.zeros(32),
+        "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1,
+        "model.mm_projector.2.bias": torch.zeros(32),
+    }
     torch.save(projector, source / "prefixMLP.bin")
     torch.save({"model.audio_tower.prefix": torch.randn(16, 32) * 1e-4}, source / "prefix.bin")
     return source, encoder
@@ -91,28 +97,96 @@ def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_
         writer.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
         for name in ("mono8k.wav", "stereo44k.wav", "short48k.wav"):
             writer.writerow([name] + [f"a tone number {i} plays" for i in range(1, 6)])
-    assert infer.main(["--llava", str(tiny_llava_dir), "--test-list", str(clotho), "--audio-dir",
-                       str(prepared / "audio"), "--expe-dir", str(tmp_path), "--run", "DALI_OT_ATT",
-                       "--max-new-tokens", "6", "--num-workers", "0", "--no-sbert", "--device", "cpu"]) == 0
+    assert (
+        infer.main(
+            [
+                "--llava",
+                str(tiny_llava_dir),
+                "--test-list",
+                str(clotho),
+                "--audio-dir",
+                str(prepared / "audio"),
+                "--expe-dir",
+                str(tmp_path),
+                "--run",
+                "DALI_OT_ATT",
+                "--max-new-tokens",
+                "6",
+                "--num-workers",
+                "0",
+                "--no-sbert",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     predictions = read_jsonl(run / "infer_audio" / "predictions.jsonl")
     assert [p["id"] for p in predictions] == ["mono8k", "stereo44k", "short48k"]
     assert "cider_d" in json.loads((run / "infer_audio" / "scores.json").read_text())["scores"]
 
     out = tmp_path / "captions.json"
-    assert caption.main(["--run", str(run), "--llava", str(tiny_llava_dir), str(media / "video_clip.mp4"),
-                         str(media / "mono8k.flac"), "--modality", "audio_vis", "--max-new-tokens", "5",
-                         "--json", str(out)]) == 0
+    assert (
+        caption.main(
+            [
+                "--run",
+                str(run),
+                "--llava",
+                str(tiny_llava_dir),
+                str(media / "video_clip.mp4"),
+                str(media / "mono8k.flac"),
+                "--modality",
+                "audio_vis",
+                "--max-new-tokens",
+                "5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     written = json.loads(out.read_text())
     assert [f["file"].split("/")[-1] for f in written["failed"]] == ["mono8k.flac"]  # audio_vis needs a video
     assert "no video stream" in written["failed"][0]["error"] and len(written["captions"]) == 2
-    assert caption.main(["--run", str(run), "--llava", str(tiny_llava_dir), str(media / "video_clip.mp4"),
-                         str(media / "mono8k.flac"), "--max-new-tokens", "5", "--json", str(out)]) == 0
+    assert (
+        caption.main(
+            [
+                "--run",
+                str(run),
+                "--llava",
+                str(tiny_llava_dir),
+                str(media / "video_clip.mp4"),
+                str(media / "mono8k.flac"),
+                "--max-new-tokens",
+                "5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captions = json.loads(out.read_text())["captions"]
     windows = [(c["file"].split("/")[-1], c["start"]) for c in captions]
     assert windows == [("video_clip.mp4", 0.0), ("video_clip.mp4", 10.24), ("mono8k.flac", 0.0)]
-    assert caption.main(["--run", str(run), "--llava", str(tiny_llava_dir), str(media / "video_clip.mp4"),
-                         "--modality", "audio_vis", "--first-window-only", "--max-new-tokens", "5", "--json",
-                         str(out)]) == 0
+    assert (
+        caption.main(
+            [
+                "--run",
+                str(run),
+                "--llava",
+                str(tiny_llava_dir),
+                str(media / "video_clip.mp4"),
+                "--modality",
+                "audio_vis",
+                "--first-window-only",
+                "--max-new-tokens",
+                "5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(out.read_text())["captions"]) == 1
 
 
@@ -121,8 +195,14 @@ def test_import_stops_on_mis_shaped_keys(tiny_llava_dir, original_weights, tmp_p
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "audio_backbone.pth").write_bytes((source / "audio_backbone.pth").read_bytes())
-    torch.save({"model.mm_projector.0.weight": torch.zeros(32, 48), "model.mm_projector.0.bias": torch.zeros(32),
-                "model.mm_projector.2.weight": torch.zeros(32, 32), "model.mm_projector.2.bias": torch.zeros(32)},
-               bad / "prefixMLP.bin")
+    torch.save(
+        {
+            "model.mm_projector.0.weight": torch.zeros(32, 48),
+            "model.mm_projector.0.bias": torch.zeros(32),
+            "model.mm_projector.2.weight": torch.zeros(32, 32),
+            "model.mm_projector.2.bias": torch.zeros(32),
+        },
+        bad / "prefixMLP.bin",
+    )
     with pytest.raises(CheckpointError, match="linear_1.weight"):
         import_original.main([str(bad), str(tmp_path / "run"), "--llava", str(tiny_llava_dir)])

@@ -20,17 +20,57 @@ def pipeline(synthetic, tmp_path_factory):
     """Prefix and aligned encoder shared by the later stages' tests."""
     world, llava = synthetic
     run = tmp_path_factory.mktemp("expe") / "run"
-    assert prefix_tune.main(["--llava", str(llava), "--pairs", str(world / "prefix_pairs.json"), "--epochs", "4",
-                             "--num-prefix-tokens", "4", "--out", str(run / "prefix")]) == 0
+    assert (
+        prefix_tune.main(
+            [
+                "--llava",
+                str(llava),
+                "--pairs",
+                str(world / "prefix_pairs.json"),
+                "--epochs",
+                "4",
+                "--num-prefix-tokens",
+                "4",
+                "--out",
+                str(run / "prefix"),
+            ]
+        )
+        == 0
+    )
     assert align.main(_align_flags(world, llava) + ["--out", str(run / "align")]) == 0
     return world, llava, run
 
 
 def _align_flags(world, llava, method="ot_att"):
-    return ["--llava", str(llava), "--train-list", str(world / "align.json"), "--val-list", str(world / "val.json"),
-            "--encoder-dim", "32", "--encoder-depth", "1", "--encoder-heads", "2", "--encoder-patch-time", "128",
-            "--method", method, "--epochs", "2", "--batch-size", "16", "--max-steps-per-epoch", "2",
-            "--num-workers", "0", "--cache-vision-tokens", "--scorer-heads", "2"]
+    return [
+        "--llava",
+        str(llava),
+        "--train-list",
+        str(world / "align.json"),
+        "--val-list",
+        str(world / "val.json"),
+        "--encoder-dim",
+        "32",
+        "--encoder-depth",
+        "1",
+        "--encoder-heads",
+        "2",
+        "--encoder-patch-time",
+        "128",
+        "--method",
+        method,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-steps-per-epoch",
+        "2",
+        "--num-workers",
+        "0",
+        "--cache-vision-tokens",
+        "--scorer-heads",
+        "2",
+    ]
 
 
 def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pipeline):
@@ -67,28 +107,92 @@ def test_downstream_refuses_unfinished_upstream(pipeline, tmp_path):
     world, llava, run = pipeline
     (tmp_path / "align").mkdir()
     with pytest.raises(StageStateError, match="--align-dir"):
-        pseudo_label.main(["--llava", str(llava), "--clips", str(world / "pseudo.json"), "--align-dir",
-                           str(tmp_path / "align"), "--prefix-dir", str(run / "prefix"), "--out", str(tmp_path / "p")])
+        pseudo_label.main(
+            [
+                "--llava",
+                str(llava),
+                "--clips",
+                str(world / "pseudo.json"),
+                "--align-dir",
+                str(tmp_path / "align"),
+                "--prefix-dir",
+                str(run / "prefix"),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
 
 
 def test_pseudo_labels_distillation_and_inference(pipeline):
     world, llava, run = pipeline
-    assert pseudo_label.main(["--llava", str(llava), "--clips", str(world / "pseudo.json"), "--run", "run",
-                              "--expe-dir", str(run.parent), "--batch-size", "8", "--num-workers", "0",
-                              "--max-new-tokens", "12"]) == 0
+    assert (
+        pseudo_label.main(
+            [
+                "--llava",
+                str(llava),
+                "--clips",
+                str(world / "pseudo.json"),
+                "--run",
+                "run",
+                "--expe-dir",
+                str(run.parent),
+                "--batch-size",
+                "8",
+                "--num-workers",
+                "0",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     captions = read_jsonl(run / "pseudo_label" / "pseudo_captions.jsonl")
     clips = json.loads((world / "pseudo.json").read_text())["data"]
     assert [c["id"] for c in captions] == [c["video_id"] for c in clips][: len(captions)]
     assert len(captions) + len(read_jsonl(run / "pseudo_label" / "skipped.jsonl")) == len(clips)
     assert not list((run / "pseudo_label").glob("part-*"))
 
-    assert distill.main(["--llava", str(llava), "--run", "run", "--expe-dir", str(run.parent), "--batch-size", "8",
-                         "--epochs", "2", "--num-workers", "0", "--cache-audio-tokens"]) == 0
+    assert (
+        distill.main(
+            [
+                "--llava",
+                str(llava),
+                "--run",
+                "run",
+                "--expe-dir",
+                str(run.parent),
+                "--batch-size",
+                "8",
+                "--epochs",
+                "2",
+                "--num-workers",
+                "0",
+                "--cache-audio-tokens",
+            ]
+        )
+        == 0
+    )
     assert read_manifest(run / "distill")["metrics"]["steps"] == 2 * -(-len(captions) // 8)
 
-    common = ["--llava", str(llava), "--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio"),
-              "--run", "run", "--expe-dir", str(run.parent), "--batch-size", "6", "--num-workers", "0",
-              "--max-new-tokens", "10", "--no-sbert"]
+    common = [
+        "--llava",
+        str(llava),
+        "--test-list",
+        str(world / "test.csv"),
+        "--audio-dir",
+        str(world / "audio"),
+        "--run",
+        "run",
+        "--expe-dir",
+        str(run.parent),
+        "--batch-size",
+        "6",
+        "--num-workers",
+        "0",
+        "--max-new-tokens",
+        "10",
+        "--no-sbert",
+    ]
     assert infer.main(common + ["--modality", "audio"]) == 0
     out = run / "infer_audio"
     predictions = read_jsonl(out / "predictions.jsonl")
@@ -98,12 +202,39 @@ def test_pseudo_labels_distillation_and_inference(pipeline):
     assert set(scores["scores"]) >= {"bleu_4", "meteor", "rouge_l", "cider_d"} and "spice" in scores["unavailable"]
     assert "cider_d" in (out / "scores.md").read_text()
     for modality in ("image", "audio_vis"):
-        assert infer.main(common + ["--modality", modality, "--frames-dir", str(world / "frames"), "--use-prefix",
-                                    "--projector", "original", "--limit", "4"]) == 0
+        assert (
+            infer.main(
+                common
+                + [
+                    "--modality",
+                    modality,
+                    "--frames-dir",
+                    str(world / "frames"),
+                    "--use-prefix",
+                    "--projector",
+                    "original",
+                    "--limit",
+                    "4",
+                ]
+            )
+            == 0
+        )
         assert len(read_jsonl(run / f"infer_{modality}" / "predictions.jsonl")) == 4
 
-    assert evaluate.main(["--predictions", str(out / "predictions.jsonl"), "--test-list", str(world / "test.csv"),
-                          "--out", str(run / "rescored"), "--no-sbert"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--predictions",
+                str(out / "predictions.jsonl"),
+                "--test-list",
+                str(world / "test.csv"),
+                "--out",
+                str(run / "rescored"),
+                "--no-sbert",
+            ]
+        )
+        == 0
+    )
     rescored = json.loads((run / "rescored" / "scores.json").read_text())
     assert rescored["scores"] == scores["scores"]
 
@@ -124,16 +255,50 @@ def test_five_scripts_chain_on_the_synthetic_world(synthetic, tmp_path):
     expe = ["--expe-dir", str(tmp_path), "--run", "chain", "--llava", str(llava)]
     steps = [
         ("prefix_tuning.sh", "prefix_tuning", ["--pairs", str(world / "prefix_pairs.json"), "--epochs", "3"]),
-        ("alignment.sh", "alignment", ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json"),
-                                       "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16"]),
+        (
+            "alignment.sh",
+            "alignment",
+            [
+                "--train-list",
+                str(world / "align.json"),
+                "--val-list",
+                str(world / "val.json"),
+                "--epochs",
+                "1",
+                "--max-steps-per-epoch",
+                "2",
+                "--batch-size",
+                "16",
+            ],
+        ),
         ("infere_pseudo_labels.sh", "pseudo_labels", ["--clips", str(world / "pseudo.json"), "--max-new-tokens", "8"]),
         ("audio_vis_distil.sh", "distillation", ["--epochs", "1"]),
-        ("inference.sh", "inference", ["--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio"),
-                                       "--frames-dir", str(world / "frames"), "--modality", "audio",
-                                       "--max-new-tokens", "8", "--no-sbert"]),
+        (
+            "inference.sh",
+            "inference",
+            [
+                "--test-list",
+                str(world / "test.csv"),
+                "--audio-dir",
+                str(world / "audio"),
+                "--frames-dir",
+                str(world / "frames"),
+                "--modality",
+                "audio",
+                "--max-new-tokens",
+                "8",
+                "--no-sbert",
+            ],
+        ),
     ]
     for script, preset, flags in steps:
-        command = [str(ROOT / script), "--config", str(ROOT / "configs" / "synthetic" / f"{preset}.yaml"), *expe, *flags]
+        command = [
+            str(ROOT / script),
+            "--config",
+            str(ROOT / "configs" / "synthetic" / f"{preset}.yaml"),
+            *expe,
+            *flags,
+        ]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
     for stage in ("prefix", "align", "pseudo_label", "distill", "infer_audio"):
@@ -149,10 +314,30 @@ def test_two_processes_follow_the_single_process_loss_curve(synthetic, tmp_path)
     losses = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                   str(processes), "-m", "dali.stages.prefix_tune", "--llava", str(llava), "--pairs",
-                   str(world / "prefix_pairs.json"), "--epochs", "4", "--batch-size", str(16 // processes),
-                   "--num-prefix-tokens", "4", "--device", "cpu", "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            "-m",
+            "dali.stages.prefix_tune",
+            "--llava",
+            str(llava),
+            "--pairs",
+            str(world / "prefix_pairs.json"),
+            "--epochs",
+            "4",
+            "--batch-size",
+            str(16 // processes),
+            "--num-prefix-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         losses[processes] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]

@@ -5,6 +5,11 @@ from dali.losses.mmd import mmd_loss
 from dali.losses.ot import ot_loss, sinkhorn_cost, squared_euclidean_cost
 
 __all__ = [
-    "AttentiveTokenWeights", "TokenWeights", "categorical_entropy", "mmd_loss", "ot_loss", "sinkhorn_cost",
+    "AttentiveTokenWeights",
+    "TokenWeights",
+    "categorical_entropy",
+    "mmd_loss",
+    "ot_loss",
+    "sinkhorn_cost",
     "squared_euclidean_cost",
 ]

@@ -43,10 +43,12 @@ class AttentiveTokenWeights(nn.Module):
 
     def forward(self, audio_tokens: torch.Tensor, image_tokens: torch.Tensor) -> TokenWeights:
         """[B, N, D] audio and [B, M, D] image tokens -> weights [B, N], [B, M] and entropy [B]."""
-        audio_out, _ = self.image_scorer(self.a_q(audio_tokens), self.i_k(image_tokens), self.i_v(image_tokens),
-                                         need_weights=False)  # [B, N, D]
-        image_out, _ = self.audio_scorer(self.i_q(image_tokens), self.a_k(audio_tokens), self.a_v(audio_tokens),
-                                         need_weights=False)  # [B, M, D]
+        audio_out, _ = self.image_scorer(
+            self.a_q(audio_tokens), self.i_k(image_tokens), self.i_v(image_tokens), need_weights=False
+        )  # [B, N, D]
+        image_out, _ = self.audio_scorer(
+            self.i_q(image_tokens), self.a_k(audio_tokens), self.a_v(audio_tokens), need_weights=False
+        )  # [B, M, D]
         audio_weights = self._weights(audio_out.mean(-1))
         image_weights = self._weights(image_out.mean(-1))
         entropy = categorical_entropy(audio_weights) + categorical_entropy(image_weights)

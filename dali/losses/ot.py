@@ -131,9 +131,14 @@ def emd_cost_parallel(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, work
     if workers not in _POOLS:  # spawned, not forked: the parent may hold CUDA state and threads
         _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     finite = torch.isfinite(cost.detach()).flatten(1).all(dim=1)
-    problems = [(a[i].detach().double().cpu().numpy(), b[i].detach().double().cpu().numpy(),
-                 (cost[i].detach().double().cpu().numpy() if finite[i] else np.zeros(cost.shape[1:])))
-                for i in range(cost.shape[0])]
+    problems = [
+        (
+            a[i].detach().double().cpu().numpy(),
+            b[i].detach().double().cpu().numpy(),
+            (cost[i].detach().double().cpu().numpy() if finite[i] else np.zeros(cost.shape[1:])),
+        )
+        for i in range(cost.shape[0])
+    ]
     solved = list(_POOLS[workers].map(_solve_emd, problems, chunksize=max(1, len(problems) // (4 * workers))))
     plan = torch.from_numpy(np.stack([s[0] for s in solved])).to(cost)
     u = torch.from_numpy(np.stack([s[1] for s in solved])).to(cost)

@@ -210,7 +210,7 @@ class Captioner(nn.Module):
         """Token ids of the answer, tokenised together with the text before it (as LLaVA masks by length)."""
         joint = self.tokenizer(f"{after} {caption}", add_special_tokens=False)["input_ids"]
         head = self._ids(after)
-        answer = joint[len(head):] if joint[: len(head)] == head else self._ids(f" {caption}")
+        answer = joint[len(head) :] if joint[: len(head)] == head else self._ids(f" {caption}")
         if len(answer) >= MAX_ANSWER_TOKENS:
             return answer[:MAX_ANSWER_TOKENS]  # cut: no EOS, the caption did not end there
         return answer + [self.tokenizer.eos_token_id]
@@ -265,8 +265,9 @@ class Captioner(nn.Module):
         self.llava.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
         self.llava.model.language_model.train()  # checkpointing is active in train mode only (no dropout here)
 
-    def caption_loss(self, block: torch.Tensor, captions: Sequence[str], question: str = QUESTION,
-                     reduction: str = "mean") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def caption_loss(
+        self, block: torch.Tensor, captions: Sequence[str], question: str = QUESTION, reduction: str = "mean"
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy over the answer tokens of a batch (LLaVA's masking).
 
         The LM head runs only at the answer positions (a [tokens, vocab] slice instead of [B, T, vocab]).
@@ -285,8 +286,9 @@ class Captioner(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, block: torch.Tensor, options: DecodingOptions = DecodingOptions(),
-                 question: str = QUESTION) -> list[str]:
+    def generate(
+        self, block: torch.Tensor, options: DecodingOptions = DecodingOptions(), question: str = QUESTION
+    ) -> list[str]:
         """Decode one caption per row of a [B, K, hidden] modality block."""
         inputs = self.build_inputs(block, question=question)
         kwargs = dict(
@@ -340,8 +342,9 @@ class VisionTower(nn.Module):
         return clip_patch_tokens(self.tower, pixel_values, self.feature_layer)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "VisionTower":
+    def from_pretrained(
+        cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "VisionTower":
         import json
 
         from safetensors import safe_open
@@ -360,7 +363,11 @@ class VisionTower(nn.Module):
             raise FileNotFoundError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
         tower = CLIPVisionModel(config.vision_config)
         index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
         state = {}
         # Both key layouts: 'model.vision_tower.' (transformers >= 4.52) and 'vision_tower.' (older llava-hf).
         prefixes = ("model.vision_tower.", "vision_tower.")
@@ -369,13 +376,15 @@ class VisionTower(nn.Module):
                 for key in handle.keys():
                     prefix = next((p for p in prefixes if key.startswith(p)), None)
                     if prefix is not None:
-                        state[key[len(prefix):]] = handle.get_tensor(key)
+                        state[key[len(prefix) :]] = handle.get_tensor(key)
         expected = tower.state_dict()
         missing = sorted(set(expected) - set(state))
         if missing:
             raise FileNotFoundError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
         tower.load_state_dict({key: state[key] for key in expected})
-        return cls(tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path))
+        return cls(
+            tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path)
+        )
 
 
 def _left_pad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

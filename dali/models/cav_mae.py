@@ -184,8 +184,24 @@ class CAVMAEAudioEncoder(nn.Module):
 
 # Keys of an original CAV-MAE / DALI checkpoint that the audio path does not use.
 _SKIPPED_PREFIXES = (
-    "patch_embed_v.", "pos_embed_v", "modality_v", "blocks_v.", "norm_v.", "norm.", "decoder_", "mask_token",
-    "vision_tower.", "audio_scorer.", "image_scorer.", "a_q.", "a_k.", "a_v.", "i_q.", "i_k.", "i_v.", "mmd.",
+    "patch_embed_v.",
+    "pos_embed_v",
+    "modality_v",
+    "blocks_v.",
+    "norm_v.",
+    "norm.",
+    "decoder_",
+    "mask_token",
+    "vision_tower.",
+    "audio_scorer.",
+    "image_scorer.",
+    "a_q.",
+    "a_k.",
+    "a_v.",
+    "i_q.",
+    "i_k.",
+    "i_v.",
+    "mmd.",
     "cls_token",
 )
 CONFIG_METADATA_KEY = "dali.cav_mae_config"
@@ -222,7 +238,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+    return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
 
 
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> CAVMAEConfig:

@@ -50,20 +50,33 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), see
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden, intermediate_size=4 * config.vision_hidden,
-        num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads,
-        image_size=config.image_size, patch_size=config.patch_size, projection_dim=config.vision_hidden,
+        hidden_size=config.vision_hidden,
+        intermediate_size=4 * config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        projection_dim=config.vision_hidden,
     )
     text = LlamaConfig(
-        hidden_size=config.text_hidden, intermediate_size=4 * config.text_hidden,
-        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
-        num_key_value_heads=config.text_heads, vocab_size=len(tokenizer), max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=config.text_hidden,
+        intermediate_size=4 * config.text_hidden,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     llava_config = LlavaConfig(
-        vision_config=vision, text_config=text, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(llava_config)
@@ -80,5 +93,7 @@ def save_tiny_llava(model, tokenizer, folder: str | Path) -> Path:
     size = model.config.vision_config.image_size
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        folder
+    )
     return folder

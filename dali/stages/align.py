@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,8 +20,18 @@ from dali.models.captioner import VisionTower
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder, save_audio_encoder
 from dali.runs import Stage, atomic_write, atomic_write_jsonl
 from dali.stages.common import (
-    CHECKPOINT, DTYPES, NonFiniteGuard, epoch_order, load_checkpoint, log, print_config, progress, save_checkpoint,
-    seed_everything, setup_logging, stage_dir,
+    CHECKPOINT,
+    DTYPES,
+    NonFiniteGuard,
+    epoch_order,
+    load_checkpoint,
+    log,
+    print_config,
+    progress,
+    save_checkpoint,
+    seed_everything,
+    setup_logging,
+    stage_dir,
 )
 
 METHODS = ("mmd", "ot", "ot_att")
@@ -40,8 +49,11 @@ class AlignConfig:
     run: str = field("default")
     expe_dir: str = field("expe")
     out: str | None = field(None, help="explicit output folder (default <expe-dir>/<run>/align)")
-    init_encoder: str | None = field(None, help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
-                                                "none = random init with the --encoder-* shape")
+    init_encoder: str | None = field(
+        None,
+        help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
+        "none = random init with the --encoder-* shape",
+    )
     encoder_dim: int = field(768)
     encoder_depth: int = field(11)
     encoder_heads: int = field(12)
@@ -55,8 +67,9 @@ class AlignConfig:
     scorer_heads: int = field(8)
     scorer_temperature: float = field(20.0)
     scorer_freeze_epochs: int = field(1, help="epochs during which the scorers do not step")
-    entropy_weights: tuple[float, ...] = field((500.0, 400.0, 300.0, 200.0, 100.0),
-                                               help="lambda per epoch after the frozen ones; the last repeats")
+    entropy_weights: tuple[float, ...] = field(
+        (500.0, 400.0, 300.0, 200.0, 100.0), help="lambda per epoch after the frozen ones; the last repeats"
+    )
     epochs: int = field(20)
     batch_size: int = field(256, help="per-process batch")
     lr: float = field(1e-4)
@@ -72,8 +85,11 @@ class AlignConfig:
     cache_audio_features: bool = field(False, help="keep every clip's fbank in memory (augmented per step)")
     num_workers: int = field(4)
     on_error: str = field("skip", choices=ON_ERROR_CHOICES, help="bad clip: skip and list it, or stop")
-    autocast: str = field("bfloat16", choices=("none", "bfloat16"), help="mixed precision on GPU (bf16 needs no "
-                                                                             "loss scaling, unlike the original's fp16)")
+    autocast: str = field(
+        "bfloat16",
+        choices=("none", "bfloat16"),
+        help="mixed precision on GPU (bf16 needs no loss scaling, unlike the original's fp16)",
+    )
     vision_dtype: str = field("float32", choices=tuple(DTYPES))
     device: str = field("auto")
     seed: int = field(0)
@@ -103,13 +119,22 @@ def build_encoder(config: AlignConfig, vision_dim: int) -> CAVMAEAudioEncoder:
     if config.init_encoder:
         encoder = load_audio_encoder(config.init_encoder, new_proj_dim=vision_dim)
         if encoder.output_dim != vision_dim:
-            raise ConfigError(f"--init-encoder: its proj gives {encoder.output_dim}-d tokens, CLIP's are {vision_dim}-d")
+            raise ConfigError(
+                f"--init-encoder: its proj gives {encoder.output_dim}-d tokens, CLIP's are {vision_dim}-d"
+            )
         if encoder.config.target_frames != config.target_frames:
-            raise ConfigError(f"--target-frames {config.target_frames} differs from the checkpoint's "
-                              f"{encoder.config.target_frames}")
+            raise ConfigError(
+                f"--target-frames {config.target_frames} differs from the checkpoint's {encoder.config.target_frames}"
+            )
         return encoder.train()
-    shape = CAVMAEConfig(embed_dim=config.encoder_dim, depth_audio=config.encoder_depth, num_heads=config.encoder_heads,
-                         patch_time=config.encoder_patch_time, target_frames=config.target_frames, proj_dim=vision_dim)
+    shape = CAVMAEConfig(
+        embed_dim=config.encoder_dim,
+        depth_audio=config.encoder_depth,
+        num_heads=config.encoder_heads,
+        patch_time=config.encoder_patch_time,
+        target_frames=config.target_frames,
+        proj_dim=vision_dim,
+    )
     return CAVMAEAudioEncoder(shape).train()
 
 
@@ -117,8 +142,9 @@ def alignment_loss(config: AlignConfig, audio: torch.Tensor, image: torch.Tensor
     """The configured criterion between [B, N, D] audio and [B, M, D] image tokens (uniform weights if None)."""
     if config.method == "mmd":
         return mmd_loss(audio, image)
-    kwargs = dict(solver=config.ot_solver, reg=config.sinkhorn_reg, max_iters=config.sinkhorn_iters,
-                  workers=config.emd_workers)
+    kwargs = dict(
+        solver=config.ot_solver, reg=config.sinkhorn_reg, max_iters=config.sinkhorn_iters, workers=config.emd_workers
+    )
     if weights is None:
         return ot_loss(audio, image, **kwargs)
     return ot_loss(audio, image, weights.audio, weights.image, **kwargs)
@@ -127,8 +153,9 @@ def alignment_loss(config: AlignConfig, audio: torch.Tensor, image: torch.Tensor
 class VisionTokenSource:
     """CLIP tokens of a batch: from the in-memory cache, or the frozen tower on the batch's pixels."""
 
-    def __init__(self, tower: VisionTower, clips: list[Clip], config: AlignConfig, device: torch.device,
-                 bad: list[dict]):
+    def __init__(
+        self, tower: VisionTower, clips: list[Clip], config: AlignConfig, device: torch.device, bad: list[dict]
+    ):
         self.tower, self.device = tower, device
         self.cache: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
@@ -136,10 +163,17 @@ class VisionTokenSource:
             self._fill(clips, config, bad)
 
     def _fill(self, clips: list[Clip], config: AlignConfig, bad: list[dict]) -> None:
-        dataset = ClipDataset(clips, need_audio=False, need_image=True, image_transform=self.tower.preprocess_images,
-                              frame_index=config.frame_index, on_error=config.on_error)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=min(config.num_workers, 4),
-                                             collate_fn=collate)
+        dataset = ClipDataset(
+            clips,
+            need_audio=False,
+            need_image=True,
+            image_transform=self.tower.preprocess_images,
+            frame_index=config.frame_index,
+            on_error=config.on_error,
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=64, num_workers=min(config.num_workers, 4), collate_fn=collate
+        )
         self.cache = torch.zeros(len(clips), self.tower.num_tokens, self.tower.hidden_size, dtype=torch.float16)
         self.valid = torch.zeros(len(clips), dtype=torch.bool)
         for batch in progress(loader, desc="caching vision tokens", leave=False):
@@ -219,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     need_pixels = not config.cache_vision_tokens
 
     def dataset(clips, augment):
-        return ClipDataset(clips, need_audio=True, need_image=need_pixels, image_transform=tower.preprocess_images,
-                           frame_index=config.frame_index, target_frames=config.target_frames, augment=augment,
-                           on_error=config.on_error, seed=config.seed)
+        return ClipDataset(
+            clips,
+            need_audio=True,
+            need_image=need_pixels,
+            image_transform=tower.preprocess_images,
+            frame_index=config.frame_index,
+            target_frames=config.target_frames,
+            augment=augment,
+            on_error=config.on_error,
+            seed=config.seed,
+        )
 
     train_set = dataset(train_clips, config.noise)
     if config.cache_audio_features:
@@ -234,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_decay)
     scorer_optimizer = None
     if scorers is not None:  # the scorers have their own optimiser and no lr decay, as in the original
-        scorer_optimizer = torch.optim.Adam(scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                            betas=betas)
+        scorer_optimizer = torch.optim.Adam(
+            scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas
+        )
     my_count = len(distributed.shard(usable, context))
     steps_per_epoch = my_count // config.batch_size if my_count >= config.batch_size else 1
     if config.max_steps_per_epoch:
@@ -250,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         if scorers is not None:
             scorers.load_state_dict(state["scorers"])
             scorer_optimizer.load_state_dict(state["scorer_optimizer"])
-        epoch, step_in_epoch, best_val, global_step = (state["epoch"], state["step_in_epoch"], state["best_val"],
-                                                       state["global_step"])
+        epoch, step_in_epoch, best_val, global_step = (
+            state["epoch"],
+            state["step_in_epoch"],
+            state["best_val"],
+            state["global_step"],
+        )
         bad = state["bad"]
         log.info("resuming alignment at epoch %d step %d", epoch, step_in_epoch)
     metrics = stage.metrics()
@@ -261,12 +308,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint() -> None:
         if context.is_main:
-            save_checkpoint(out / CHECKPOINT, {
-                "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "best_val": best_val, "global_step": global_step, "bad": bad,
-                "scorers": scorers.state_dict() if scorers is not None else None,
-                "scorer_optimizer": scorer_optimizer.state_dict() if scorer_optimizer is not None else None})
+            save_checkpoint(
+                out / CHECKPOINT,
+                {
+                    "encoder": encoder.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "best_val": best_val,
+                    "global_step": global_step,
+                    "bad": bad,
+                    "scorers": scorers.state_dict() if scorers is not None else None,
+                    "scorer_optimizer": scorer_optimizer.state_dict() if scorer_optimizer is not None else None,
+                },
+            )
 
     # -- train
     while epoch <= config.epochs:
@@ -274,13 +330,22 @@ def main(argv: list[str] | None = None) -> int:
         order = [usable[i] for i in epoch_order(len(usable), config.seed, epoch)]
         mine = distributed.shard(order, context)[: steps_per_epoch * config.batch_size]
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=config.batch_size, sampler=OrderedSampler(mine[step_in_epoch * config.batch_size:]),
-            num_workers=config.num_workers, collate_fn=collate, persistent_workers=False,
-            pin_memory=device.type == "cuda")
+            train_set,
+            batch_size=config.batch_size,
+            sampler=OrderedSampler(mine[step_in_epoch * config.batch_size :]),
+            num_workers=config.num_workers,
+            collate_fn=collate,
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+        )
         entropy_weight = config.entropy_weight(epoch)
         scorers_train = scorers is not None and epoch > config.scorer_freeze_epochs
-        bar = progress(total=steps_per_epoch, initial=step_in_epoch, desc=f"align epoch {epoch}/{config.epochs}",
-                       disable=not context.is_main)
+        bar = progress(
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            desc=f"align epoch {epoch}/{config.epochs}",
+            disable=not context.is_main,
+        )
         for batch in loader:
             bad.extend(item.as_record() for item in batch["bad"])
             if len(batch["index"]) == 0:
@@ -304,9 +369,12 @@ def main(argv: list[str] | None = None) -> int:
                     scorer_objective.backward(inputs=list(scorers.parameters()))
                     distributed.average_gradients(scorers.parameters())
                     scorer_optimizer.step()
-            record = {"step": global_step + 1, "epoch": epoch,
-                      "loss": distributed.mean_across_ranks(float(loss.detach()), device),
-                      "lr": optimizer.param_groups[0]["lr"]}
+            record = {
+                "step": global_step + 1,
+                "epoch": epoch,
+                "loss": distributed.mean_across_ranks(float(loss.detach()), device),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             if weights is not None:
                 record["entropy"] = float(weights.entropy.mean().detach())
                 record["entropy_weight"] = entropy_weight
@@ -321,10 +389,15 @@ def main(argv: list[str] | None = None) -> int:
 
         val_loss = None
         if val_vision is not None:
-            val_loader = torch.utils.data.DataLoader(dataset(val_clips, augment=False), batch_size=config.batch_size,
-                                                     num_workers=config.num_workers, collate_fn=collate)
+            val_loader = torch.utils.data.DataLoader(
+                dataset(val_clips, augment=False),
+                batch_size=config.batch_size,
+                num_workers=config.num_workers,
+                collate_fn=collate,
+            )
             val_loss = distributed.mean_across_ranks(
-                validation_loss(config, encoder, val_vision, val_loader, device, autocast), device)
+                validation_loss(config, encoder, val_vision, val_loader, device, autocast), device
+            )
             metrics.log(epoch=epoch, val_loss=val_loss)
             log.info("epoch %d: validation %s %.4f", epoch, config.method, val_loss)
         if context.is_main and (val_loss is None or val_loss < best_val):
@@ -345,12 +418,25 @@ def main(argv: list[str] | None = None) -> int:
         if scorers is not None:
             from safetensors.torch import save_file
 
-            atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(
-                {k: v.detach().cpu().contiguous() for k, v in scorers.state_dict().items()}, str(tmp)))
+            atomic_write(
+                out / TOKEN_WEIGHTS_FILE,
+                lambda tmp: save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in scorers.state_dict().items()}, str(tmp)
+                ),
+            )
             outputs.append(TOKEN_WEIGHTS_FILE)
-        stage.finish({"best_val_loss": None if math.isinf(best_val) else best_val, "epochs": config.epochs,
-                      "method": config.method, "ot_solver": config.ot_solver, "skipped_clips": len(_unique(bad)),
-                      "non_finite_steps": guard.count, "llava": config.llava}, outputs=outputs)
+        stage.finish(
+            {
+                "best_val_loss": None if math.isinf(best_val) else best_val,
+                "epochs": config.epochs,
+                "method": config.method,
+                "ot_solver": config.ot_solver,
+                "skipped_clips": len(_unique(bad)),
+                "non_finite_steps": guard.count,
+                "llava": config.llava,
+            },
+            outputs=outputs,
+        )
         (out / CHECKPOINT).unlink(missing_ok=True)
         log.info("aligned encoder written to %s", out / ENCODER_FILE)
     distributed.teardown()

@@ -18,13 +18,13 @@ from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_sta
 from dali.audio import SAMPLE_RATE, audio_to_features
 from dali.config import ConfigError, field, parse_config
 from dali.media import MediaError, decode_audio, decode_frames
-from dali.models.captioner import Captioner, DecodingOptions
+from dali.models.captioner import Captioner
 from dali.runs import MANIFEST, atomic_write_json
-from dali.stages.common import DTYPES, log, progress, setup_logging
+from dali.stages.common import DTYPES, DecodingFlags, log, progress, setup_logging
 
 
-@dataclass
-class CaptionConfig:
+@dataclass(kw_only=True)
+class CaptionConfig(DecodingFlags):
     """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
 
     run: str = field(help="run folder with align/ (and distill/, prefix/), e.g. expe/DALI_OT_ATT")
@@ -37,10 +37,6 @@ class CaptionConfig:
     min_window: float = field(1.0, help="shortest trailing window to caption, in seconds")
     batch_size: int = field(16)
     strategy: str = field("greedy", choices=("greedy", "beam", "sample"))
-    temperature: float = field(0.2)
-    num_beams: int = field(4)
-    max_new_tokens: int = field(64)
-    seed: int = field(0)
     json: str | None = field(None, help="also write the captions to this JSON file")
     dtype: str = field("float32", choices=tuple(DTYPES))
     device: str = field("auto")
@@ -66,11 +62,17 @@ def cut_windows(path: Path, target_frames: int, first_only: bool, min_window: fl
     starts = [0] if first_only else list(range(0, max(len(wave), 1), window))
     windows = []
     for start in starts:
-        piece = wave[start: start + window]
+        piece = wave[start : start + window]
         if start > 0 and len(piece) < min_window * SAMPLE_RATE:
             break
-        windows.append(Window(str(path), start / SAMPLE_RATE, (start + len(piece)) / SAMPLE_RATE,
-                              audio_to_features(piece - piece.mean(), target_frames)))
+        windows.append(
+            Window(
+                str(path),
+                start / SAMPLE_RATE,
+                (start + len(piece)) / SAMPLE_RATE,
+                audio_to_features(piece - piece.mean(), target_frames),
+            )
+        )
     if need_frame:
         frames = decode_frames(path, [(w.start + w.end) / 2 for w in windows])
         for w, frame in zip(windows, frames):
@@ -88,39 +90,67 @@ def main(argv: list[str] | None = None) -> int:
         llava = json.loads(manifest.read_text())["metrics"].get("llava") if manifest.exists() else None
         if not llava:
             raise ConfigError("--llava is needed: the run's align manifest does not name a LLaVA")
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if config.device == "auto" else config.device)
+    device = (
+        "cuda"
+        if config.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if config.device == "auto" else config.device)
+    )
     captioner = Captioner.from_pretrained(llava, dtype=DTYPES[config.dtype], device=device)
     encoder = load_align_stage(run / "align", captioner.vision_dim, "--run").to(device)
-    projector = load_distill_stage(run / "distill", captioner.projector, "--run").to(device) \
-        if config.projector == "distilled" else None
+    projector = (
+        load_distill_stage(run / "distill", captioner.projector, "--run").to(device)
+        if config.projector == "distilled"
+        else None
+    )
     prefix = load_prefix_stage(run / "prefix", captioner.hidden_size, "--run").to(device) if config.use_prefix else None
-    options = DecodingOptions(strategy=config.strategy, max_new_tokens=config.max_new_tokens,
-                              num_beams=config.num_beams, temperature=config.temperature, seed=config.seed)
+    options = config.decoding()
     windows, failures = [], []
     for name in config.files:
         try:
-            windows += cut_windows(Path(name), encoder.config.target_frames, config.first_window_only,
-                                   config.min_window, config.modality == "audio_vis")
+            windows += cut_windows(
+                Path(name),
+                encoder.config.target_frames,
+                config.first_window_only,
+                config.min_window,
+                config.modality == "audio_vis",
+            )
         except MediaError as error:
             failures.append({"file": name, "error": error.reason})
             log.error("%s", error)
     results = []
     for start in progress(range(0, len(windows), config.batch_size), desc="captioning", unit="batch"):
-        batch = windows[start: start + config.batch_size]
+        batch = windows[start : start + config.batch_size]
         with torch.no_grad():
             audio = encoder.project(torch.stack([w.features for w in batch]).to(device))
-            image = captioner.image_tokens(captioner.preprocess_images([w.frame for w in batch])) \
-                if config.modality == "audio_vis" else None
-            block = captioner.modality_block(image, audio, prefix=prefix() if prefix is not None else None,
-                                             audio_projector=projector, image_projector=projector)
+            image = (
+                captioner.image_tokens(captioner.preprocess_images([w.frame for w in batch]))
+                if config.modality == "audio_vis"
+                else None
+            )
+            block = captioner.modality_block(
+                image,
+                audio,
+                prefix=prefix() if prefix is not None else None,
+                audio_projector=projector,
+                image_projector=projector,
+            )
         for window, caption in zip(batch, captioner.generate(block, options)):
-            results.append({"file": window.file, "start": round(window.start, 2), "end": round(window.end, 2),
-                            "caption": caption})
+            results.append(
+                {"file": window.file, "start": round(window.start, 2), "end": round(window.end, 2), "caption": caption}
+            )
             print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
     if config.json:
-        atomic_write_json(config.json, {"captions": results, "failed": failures, "modality": config.modality,
-                                        "decoding": options.__dict__, "run": str(run), "llava": llava})
+        atomic_write_json(
+            config.json,
+            {
+                "captions": results,
+                "failed": failures,
+                "modality": config.modality,
+                "decoding": options.__dict__,
+                "run": str(run),
+                "llava": llava,
+            },
+        )
     return 1 if failures and not results else 0
 
 

@@ -49,11 +49,13 @@ def caption_clips(
     todo = [chunk for chunk in chunks if mine[chunk[0]].id not in done_ids]
     if kept:
         log.info("rank %d: resuming, %d of %d batches already done", context.rank, len(chunks) - len(todo), len(chunks))
-    loader = torch.utils.data.DataLoader(dataset_for(mine), batch_sampler=todo, num_workers=num_workers,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        dataset_for(mine), batch_sampler=todo, num_workers=num_workers, collate_fn=collate
+    )
     with JsonlWriter(part) as writer:
-        bar = progress(total=len(chunks), initial=len(chunks) - len(todo), unit="batch",
-                       desc=f"captioning (rank {context.rank})")
+        bar = progress(
+            total=len(chunks), initial=len(chunks) - len(todo), unit="batch", desc=f"captioning (rank {context.rank})"
+        )
         for chunk, batch in zip(todo, loader):
             records = [item.as_record() | {"skipped": True} for item in batch["bad"]]
             for item in batch["bad"]:
@@ -63,8 +65,10 @@ def caption_clips(
                     block = make_block(batch)
                 seeded = dataclasses.replace(options, seed=options.seed + positions[mine[chunk[0]].id])
                 captions = captioner.generate(block, seeded)
-                records += [{"id": mine[index].id, "caption": caption, **extra(mine[index])}
-                            for index, caption in zip(batch["index"].tolist(), captions)]
+                records += [
+                    {"id": mine[index].id, "caption": caption, **extra(mine[index])}
+                    for index, caption in zip(batch["index"].tolist(), captions)
+                ]
             writer.write(records)
             bar.update(1)
         bar.close()

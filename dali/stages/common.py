@@ -7,13 +7,14 @@ import math
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dali.config import config_to_dict
+from dali.config import config_to_dict, field
 from dali.runs import atomic_write, progress  # noqa: F401  (re-exported for the stages)
 
 log = logging.getLogger("dali")
@@ -24,8 +25,11 @@ CHECKPOINT = "checkpoint.pt"
 
 def setup_logging() -> None:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("DALI_LOG_LEVEL", "INFO"),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        logging.basicConfig(
+            level=os.environ.get("DALI_LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -34,6 +38,35 @@ def setup_logging() -> None:
 
 def stage_dir(expe_dir: str, run: str, stage: str, out: str | None) -> Path:
     return Path(out) if out else Path(expe_dir) / run / stage
+
+
+def upstream_dir(explicit: str | None, expe_dir: str, run: str, stage: str) -> Path:
+    """An upstream stage folder: the flag's value, else ``<expe_dir>/<run>/<stage>``."""
+    return Path(explicit) if explicit else Path(expe_dir) / run / stage
+
+
+@dataclass(kw_only=True)
+class DecodingFlags:
+    """The decoding flags shared by the stages that caption (a stage may redeclare a field's default)."""
+
+    strategy: str = field("sample", choices=("greedy", "beam", "sample"))
+    temperature: float = field(0.2)
+    num_beams: int = field(4)
+    max_new_tokens: int = field(64)
+    seed: int = field(0)
+    cache: str = field("dynamic", choices=("dynamic", "static"), help="KV cache; static compiles the decode on GPU")
+
+    def decoding(self):
+        from dali.models.captioner import DecodingOptions
+
+        return DecodingOptions(
+            strategy=self.strategy,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            temperature=self.temperature,
+            seed=self.seed,
+            cache=self.cache,
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -49,8 +82,9 @@ def print_config(name: str, config: Any) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Resumable training state, written atomically (a kill mid-write leaves the previous checkpoint)."""
-    state = dict(state, rng={"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()})
+    state = dict(
+        state, rng={"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    )
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

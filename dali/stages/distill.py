@@ -19,8 +19,20 @@ from dali.models.captioner import Captioner
 from dali.models.prefix import save_projector
 from dali.runs import Stage, atomic_write, atomic_write_jsonl
 from dali.stages.common import (
-    CHECKPOINT, DTYPES, NonFiniteGuard, cosine_schedule, epoch_order, load_checkpoint, log, print_config, progress,
-    save_checkpoint, seed_everything, setup_logging, stage_dir,
+    CHECKPOINT,
+    DTYPES,
+    NonFiniteGuard,
+    cosine_schedule,
+    epoch_order,
+    load_checkpoint,
+    log,
+    print_config,
+    progress,
+    save_checkpoint,
+    seed_everything,
+    setup_logging,
+    stage_dir,
+    upstream_dir,
 )
 
 
@@ -46,7 +58,9 @@ class DistillConfig:
     dtype: str = field("float32", choices=tuple(DTYPES))
     device: str = field("auto")
     seed: int = field(0)
-    gradient_checkpointing: bool = field(False, help="recompute the frozen LLM's activations in backward (saves memory)")
+    gradient_checkpointing: bool = field(
+        False, help="recompute the frozen LLM's activations in backward (saves memory)"
+    )
     checkpoint_every: int = field(200)
     max_non_finite_steps: int = field(10)
     overwrite: bool = field(False)
@@ -64,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(config.seed)
     device = context.device
     out = stage_dir(config.expe_dir, config.run, "distill", config.out)
-    align_dir = Path(config.align_dir) if config.align_dir else Path(config.expe_dir) / config.run / "align"
-    pseudo_dir = Path(config.pseudo_dir) if config.pseudo_dir else Path(config.expe_dir) / config.run / "pseudo_label"
+    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
+    pseudo_dir = upstream_dir(config.pseudo_dir, config.expe_dir, config.run, "pseudo_label")
     stage = Stage(out, "distill", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
 
@@ -82,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_input("align_dir", align_dir)
         stage.add_input("pseudo_dir", pseudo_dir)
     clips = [Clip(id=record["id"], audio=Path(record["audio"]), captions=[record["caption"]]) for record in records]
-    dataset = ClipDataset(clips, need_audio=True, need_image=False, target_frames=encoder.config.target_frames,
-                          on_error=config.on_error)
+    dataset = ClipDataset(
+        clips, need_audio=True, need_image=False, target_frames=encoder.config.target_frames, on_error=config.on_error
+    )
     bad: list[dict] = []
     token_cache: dict[int, torch.Tensor] = {}
     if config.cache_audio_tokens:
@@ -120,21 +135,32 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint() -> None:
         if context.is_main:
-            save_checkpoint(out / CHECKPOINT, {"projector": projector.state_dict(), "optimizer": optimizer.state_dict(),
-                                               "scheduler": scheduler.state_dict(), "step": step, "bad": bad})
+            save_checkpoint(
+                out / CHECKPOINT,
+                {
+                    "projector": projector.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "bad": bad,
+                },
+            )
 
     bar = progress(total=total_steps, initial=step, desc="distillation", disable=not context.is_main)
     last_loss = float("nan")
     while step < total_steps:
         epoch, batch_index = divmod(step, steps_per_epoch)
         order = distributed.shard([usable[i] for i in epoch_order(len(usable), config.seed, epoch)], context)
-        remaining = order[batch_index * config.batch_size: steps_per_epoch * config.batch_size]
-        batches = [remaining[i: i + config.batch_size] for i in range(0, len(remaining), config.batch_size)]
+        remaining = order[batch_index * config.batch_size : steps_per_epoch * config.batch_size]
+        batches = [remaining[i : i + config.batch_size] for i in range(0, len(remaining), config.batch_size)]
         if token_cache:
             loader = ({"index": torch.tensor(b), "bad": []} for b in batches)
         else:
-            loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
-                                                      collate_fn=collate))
+            loader = iter(
+                torch.utils.data.DataLoader(
+                    dataset, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate
+                )
+            )
         for batch in loader:
             bad.extend(item.as_record() for item in batch["bad"])
             indices = batch["index"].tolist()
@@ -146,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         audio = encoder.project(batch["fbank"].to(device))
                 block = captioner.modality_block(audio_tokens=audio, audio_projector=projector)
                 loss = distributed.global_token_mean(
-                    *captioner.caption_loss(block, [clips[i].captions[0] for i in indices], reduction="sum"), context)
+                    *captioner.caption_loss(block, [clips[i].captions[0] for i in indices], reduction="sum"), context
+                )
                 optimizer.zero_grad(set_to_none=True)
                 if guard.check(loss, step):
                     loss.backward()
@@ -166,8 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_projector(projector, tmp, source=config.llava))
         atomic_write_jsonl(out / SKIPPED_FILE, bad)
-        stage.finish({"final_loss": last_loss, "steps": total_steps, "clips": len(usable), "skipped": len(bad),
-                      "non_finite_steps": guard.count, "llava": config.llava}, outputs=[PROJECTOR_FILE, SKIPPED_FILE])
+        stage.finish(
+            {
+                "final_loss": last_loss,
+                "steps": total_steps,
+                "clips": len(usable),
+                "skipped": len(bad),
+                "non_finite_steps": guard.count,
+                "llava": config.llava,
+            },
+            outputs=[PROJECTOR_FILE, SKIPPED_FILE],
+        )
         (out / CHECKPOINT).unlink(missing_ok=True)
         log.info("distilled projector written to %s", out / PROJECTOR_FILE)
     distributed.teardown()

@@ -28,15 +28,19 @@ class EvaluateConfig:
     name: str = field("predictions", help="row name in the markdown table")
 
 
-def score_predictions(records: list[dict], references: dict[str, list[str]], out: Path, name: str,
-                      sbert: bool = True, spice: bool = True) -> dict:
+def score_predictions(
+    records: list[dict], references: dict[str, list[str]], out: Path, name: str, sbert: bool = True, spice: bool = True
+) -> dict:
     """Evaluate, then write scores.json and scores.md into ``out``; returns the result dict."""
     predictions = {record["id"]: record["caption"] for record in records}
     evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
     missing = sorted(set(references) - set(predictions))
     if missing:
-        log.warning("%d clips of the test list have no prediction (skipped clips) and are left out: %s",
-                    len(missing), missing[:10])
+        log.warning(
+            "%d clips of the test list have no prediction (skipped clips) and are left out: %s",
+            len(missing),
+            missing[:10],
+        )
     result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice)
     result["missing_predictions"] = missing
     atomic_write_json(out / SCORES_JSON, result)

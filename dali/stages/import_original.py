@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
@@ -38,10 +37,14 @@ def llava_shapes(llava: str | None) -> tuple[int | None, int | None]:
 def import_backbone(path: Path, out: Path, vision_dim: int | None) -> dict:
     encoder = load_audio_encoder(path)
     if encoder.proj is None:
-        raise CheckpointError(f"'{path}' has no 'proj' layer: it is a bare CAV-MAE checkpoint, not a DALI backbone "
-                              f"(use it as `dali align --init-encoder {path}`)")
+        raise CheckpointError(
+            f"'{path}' has no 'proj' layer: it is a bare CAV-MAE checkpoint, not a DALI backbone "
+            f"(use it as `dali align --init-encoder {path}`)"
+        )
     if vision_dim is not None and encoder.output_dim != vision_dim:
-        raise CheckpointError(f"'{path}': proj gives {encoder.output_dim}-d tokens, the LLaVA vision tower {vision_dim}")
+        raise CheckpointError(
+            f"'{path}': proj gives {encoder.output_dim}-d tokens, the LLaVA vision tower {vision_dim}"
+        )
     stage = Stage(out, "import_original/align", overwrite=True)
     stage.add_input("audio_backbone", path)
     atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
@@ -62,8 +65,12 @@ def import_projector(path: Path, out: Path, hidden: int | None, vision_dim: int 
         raise CheckpointError(f"'{path}' lacks projector keys {missing}")
     weights = {ORIGINAL_PROJECTOR_KEYS[key]: state[key].float().contiguous() for key in ORIGINAL_PROJECTOR_KEYS}
     h, v = weights["linear_1.weight"].shape
-    expected = {"linear_1.weight": (hidden or h, vision_dim or v), "linear_1.bias": (hidden or h,),
-                "linear_2.weight": (hidden or h, hidden or h), "linear_2.bias": (hidden or h,)}
+    expected = {
+        "linear_1.weight": (hidden or h, vision_dim or v),
+        "linear_1.bias": (hidden or h,),
+        "linear_2.weight": (hidden or h, hidden or h),
+        "linear_2.bias": (hidden or h,),
+    }
     for key, shape in expected.items():
         if tuple(weights[key].shape) != shape:
             raise CheckpointError(f"'{path}': '{key}' has shape {list(weights[key].shape)}, expected {list(shape)}")
@@ -100,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if projector.is_file():
         if ORIGINAL_PREFIX_KEY in read_state_dict(projector)[0]:
             # stage 1a writes the same name with the prefix and LLaVA's unchanged projector: not a distilled one
-            log.warning("'%s' is a stage-1a file (it holds the prefix): its projector is LLaVA's own, not imported",
-                        projector)
+            log.warning(
+                "'%s' is a stage-1a file (it holds the prefix): its projector is LLaVA's own, not imported", projector
+            )
         else:
             done |= import_projector(projector, run / "distill", hidden, vision_dim)
     prefix_files = [p for p in (source / "prefix.bin", projector) if p.is_file()]

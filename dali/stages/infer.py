@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE, load_align_stage, load_distill_stage, load_prefix_stage
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
-from dali.models.captioner import MODALITIES, Captioner, DecodingOptions
+from dali.models.captioner import MODALITIES, Captioner
 from dali.runs import Stage, atomic_write_jsonl
 from dali.stages.captioning import caption_clips, remove_parts
-from dali.stages.common import DTYPES, log, print_config, seed_everything, setup_logging, stage_dir
+from dali.stages.common import (
+    DTYPES,
+    DecodingFlags,
+    log,
+    print_config,
+    seed_everything,
+    setup_logging,
+    stage_dir,
+    upstream_dir,
+)
 from dali.stages.evaluate import SCORES_JSON, SCORES_MD, score_predictions
 
 
-@dataclass
-class InferConfig:
+@dataclass(kw_only=True)
+class InferConfig(DecodingFlags):
     """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
 
     llava: str = field(help="LLaVA-1.5: hub id or local folder")
@@ -33,18 +41,14 @@ class InferConfig:
     prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
     distill_dir: str | None = field(None, help="stage 2b folder (default <expe-dir>/<run>/distill)")
     use_prefix: bool = field(False, help="append the stage-1a prefix")
-    projector: str = field("distilled", choices=("distilled", "original"),
-                           help="projector for every modality: the distilled copy (the original's --use_mlp true) "
-                                "or LLaVA's own")
+    projector: str = field(
+        "distilled",
+        choices=("distilled", "original"),
+        help="projector for every modality: the distilled copy (the original's --use_mlp true) or LLaVA's own",
+    )
     frame_index: int = field(DEFAULT_FRAME_INDEX)
     batch_size: int = field(32)
     num_workers: int = field(4)
-    strategy: str = field("sample", choices=("greedy", "beam", "sample"))
-    temperature: float = field(0.2)
-    num_beams: int = field(4)
-    max_new_tokens: int = field(64)
-    seed: int = field(0)
-    cache: str = field("dynamic", choices=("dynamic", "static"), help="KV cache; static compiles the decode on GPU")
     limit: int | None = field(None, help="caption only the first N clips")
     evaluate: bool = field(True, help="score the predictions against the list's references")
     sbert: bool = field(True)
@@ -60,17 +64,12 @@ class InferConfig:
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
 
-    def decoding(self) -> DecodingOptions:
-        return DecodingOptions(strategy=self.strategy, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                               temperature=self.temperature, seed=self.seed, cache=self.cache)
-
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(InferConfig, argv)
     context = distributed.setup(config.device)
     seed_everything(config.seed)
-    run_dir = Path(config.expe_dir) / config.run
     name = f"infer_{config.modality}" + (f"_{config.tag}" if config.tag else "")
     out = stage_dir(config.expe_dir, config.run, name, config.out)
     stage = Stage(out, "infer", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
@@ -79,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     uses_image = config.modality in ("image", "audio_vis")
 
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
-    align_dir = Path(config.align_dir) if config.align_dir else run_dir / "align"
-    prefix_dir = Path(config.prefix_dir) if config.prefix_dir else run_dir / "prefix"
-    distill_dir = Path(config.distill_dir) if config.distill_dir else run_dir / "distill"
+    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
+    prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix")
+    distill_dir = upstream_dir(config.distill_dir, config.expe_dir, config.run, "distill")
     encoder = load_align_stage(align_dir, captioner.vision_dim).to(context.device) if uses_audio else None
     prefix = load_prefix_stage(prefix_dir, captioner.hidden_size).to(context.device) if config.use_prefix else None
     projector = None
@@ -91,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print_config("infer", config)
         stage.save_config(config_to_dict(config) | {"decoding": config_to_dict(config.decoding())})
         stage.add_input("test_list", config.test_list)
-        for used, label, folder in ((uses_audio, "align_dir", align_dir), (config.use_prefix, "prefix_dir", prefix_dir),
-                                    (projector is not None, "distill_dir", distill_dir)):
+        for used, label, folder in (
+            (uses_audio, "align_dir", align_dir),
+            (config.use_prefix, "prefix_dir", prefix_dir),
+            (projector is not None, "distill_dir", distill_dir),
+        ):
             if used:
                 stage.add_input(label, folder)
 
@@ -102,21 +104,41 @@ def main(argv: list[str] | None = None) -> int:
     target_frames = encoder.config.target_frames if encoder is not None else 1024
 
     def dataset_for(mine):
-        return ClipDataset(mine, need_audio=uses_audio, need_image=uses_image,
-                           image_transform=captioner.preprocess_images, frame_index=config.frame_index,
-                           target_frames=target_frames, on_error=config.on_error)
+        return ClipDataset(
+            mine,
+            need_audio=uses_audio,
+            need_image=uses_image,
+            image_transform=captioner.preprocess_images,
+            frame_index=config.frame_index,
+            target_frames=target_frames,
+            on_error=config.on_error,
+        )
 
     def make_block(batch):
         image_tokens = captioner.image_tokens(batch["pixels"]) if uses_image else None
         audio_tokens = encoder.project(batch["fbank"].to(context.device)) if uses_audio else None
-        return captioner.modality_block(image_tokens, audio_tokens, prefix=prefix() if prefix is not None else None,
-                                        audio_projector=projector, image_projector=projector)
+        return captioner.modality_block(
+            image_tokens,
+            audio_tokens,
+            prefix=prefix() if prefix is not None else None,
+            audio_projector=projector,
+            image_projector=projector,
+        )
 
     options = config.decoding()
     decoding = config_to_dict(options)
-    captions, skipped = caption_clips(captioner, clips, dataset_for, make_block, options, out, context,
-                                      config.batch_size, config.num_workers,
-                                      extra=lambda clip: {"modality": config.modality, "decoding": decoding})
+    captions, skipped = caption_clips(
+        captioner,
+        clips,
+        dataset_for,
+        make_block,
+        options,
+        out,
+        context,
+        config.batch_size,
+        config.num_workers,
+        extra=lambda clip: {"modality": config.modality, "decoding": decoding},
+    )
     if context.is_main:
         atomic_write_jsonl(out / PREDICTIONS_FILE, captions)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)

@@ -18,8 +18,19 @@ from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix
 from dali.runs import Stage
 from dali.stages.common import (
-    CHECKPOINT, DTYPES, NonFiniteGuard, cosine_schedule, epoch_order, load_checkpoint, log, print_config, progress,
-    save_checkpoint, seed_everything, setup_logging, stage_dir,
+    CHECKPOINT,
+    DTYPES,
+    NonFiniteGuard,
+    cosine_schedule,
+    epoch_order,
+    load_checkpoint,
+    log,
+    print_config,
+    progress,
+    save_checkpoint,
+    seed_everything,
+    setup_logging,
+    stage_dir,
 )
 
 
@@ -44,7 +55,9 @@ class PrefixTuneConfig:
     dtype: str = field("float32", help="LLaVA weights dtype", choices=tuple(DTYPES))
     device: str = field("auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda:0', ...")
     seed: int = field(0)
-    gradient_checkpointing: bool = field(False, help="recompute the frozen LLM's activations in backward (saves memory)")
+    gradient_checkpointing: bool = field(
+        False, help="recompute the frozen LLM's activations in backward (saves memory)"
+    )
     checkpoint_every: int = field(50, help="steps between resumable checkpoints")
     max_non_finite_steps: int = field(10, help="skipped non-finite steps before the run stops")
     overwrite: bool = field(False, help="replace a finished stage folder")
@@ -81,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClipError as error:  # 16 hand-picked pairs: a broken one is a mistake to fix, not to skip
         raise SystemExit(f"--pairs: {error}") from None
     with torch.no_grad():
-        image_tokens = torch.cat([captioner.image_tokens(captioner.preprocess_images(images[i: i + 32]))
-                                  for i in range(0, len(images), 32)])
+        image_tokens = torch.cat(
+            [captioner.image_tokens(captioner.preprocess_images(images[i : i + 32])) for i in range(0, len(images), 32)]
+        )
     captions = [clip.captions[0] for clip in pairs]
     prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)
     distributed.broadcast_parameters(prefix)
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     while step < total_steps:
         epoch, batch_index = divmod(step, steps_per_epoch)
         order = [my_items[i] for i in epoch_order(len(my_items), config.seed, epoch)]
-        batch = order[batch_index * config.batch_size: (batch_index + 1) * config.batch_size]
+        batch = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
         block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
         total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
         loss = distributed.global_token_mean(total, count, context)
@@ -126,16 +140,25 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}")
         if context.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
-            save_checkpoint(out / CHECKPOINT, {"prefix": prefix.state_dict(), "optimizer": optimizer.state_dict(),
-                                               "scheduler": scheduler.state_dict(), "step": step})
+            save_checkpoint(
+                out / CHECKPOINT,
+                {
+                    "prefix": prefix.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                },
+            )
     bar.close()
 
     # -- save
     if context.is_main:
         save_prefix(prefix, out / PREFIX_FILE)
         (out / CHECKPOINT).unlink(missing_ok=True)
-        stage.finish({"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count,
-                      "llava": config.llava}, outputs=[PREFIX_FILE])
+        stage.finish(
+            {"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count, "llava": config.llava},
+            outputs=[PREFIX_FILE],
+        )
         log.info("prefix written to %s", out / PREFIX_FILE)
     distributed.teardown()
     return 0

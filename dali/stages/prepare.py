@@ -11,7 +11,6 @@ import argparse
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import soundfile
 
 from dali.audio import SAMPLE_RATE
@@ -52,14 +51,18 @@ def prepare_one(path: Path, out: Path) -> dict:
         return record | {"status": "ok", "reused": True}
     try:
         wave = decode_audio(path)
-        atomic_write(out / "audio" / f"{clip_id}.wav",
-                     lambda tmp: soundfile.write(str(tmp), wave, SAMPLE_RATE, subtype="PCM_16", format="WAV"))
+        atomic_write(
+            out / "audio" / f"{clip_id}.wav",
+            lambda tmp: soundfile.write(str(tmp), wave, SAMPLE_RATE, subtype="PCM_16", format="WAV"),
+        )
         if video:
             duration = min(len(wave) / SAMPLE_RATE, WINDOW_S)
             times = [duration * k / NUM_FRAMES for k in range(NUM_FRAMES)]
             for k, frame in enumerate(decode_frames(path, times)):
-                atomic_write(out / "frames" / f"frame_{k}" / f"{clip_id}.jpg",
-                             lambda tmp, f=frame: resize_center_crop(f).save(tmp, format="JPEG", quality=95))
+                atomic_write(
+                    out / "frames" / f"frame_{k}" / f"{clip_id}.jpg",
+                    lambda tmp, f=frame: resize_center_crop(f).save(tmp, format="JPEG", quality=95),
+                )
     except MediaError as error:
         return record | {"status": "failed", "reason": error.reason}
     return record | {"status": "ok", "seconds": round(len(wave) / SAMPLE_RATE, 3)}
@@ -93,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         records = [_job(job) for job in progress(jobs, desc="preparing")]
     atomic_write_jsonl(out / REPORT, records)
     good = [r for r in records if r["status"] == "ok"]
-    clips = [Clip(id=r["id"], audio=out / "audio" / f"{r['id']}.wav", frames_root=(out / "frames") if r["video"] else None)
-             for r in good]
+    clips = [
+        Clip(id=r["id"], audio=out / "audio" / f"{r['id']}.wav", frames_root=(out / "frames") if r["video"] else None)
+        for r in good
+    ]
     write_cavmae_json(clips, out / LIST, root=out)
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:

@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE, load_align_stage, load_prefix_stage
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
-from dali.models.captioner import Captioner, DecodingOptions
+from dali.models.captioner import Captioner
 from dali.runs import Stage, atomic_write_jsonl
 from dali.stages.captioning import caption_clips, remove_parts
-from dali.stages.common import DTYPES, log, print_config, progress, seed_everything, setup_logging, stage_dir
+from dali.stages.common import (
+    DTYPES,
+    DecodingFlags,
+    log,
+    print_config,
+    seed_everything,
+    setup_logging,
+    stage_dir,
+    upstream_dir,
+)
 
 
-@dataclass
-class PseudoLabelConfig:
+@dataclass(kw_only=True)
+class PseudoLabelConfig(DecodingFlags):
     """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
 
     llava: str = field(help="LLaVA-1.5: hub id or local folder")
@@ -38,12 +45,7 @@ class PseudoLabelConfig:
     frame_index: int = field(DEFAULT_FRAME_INDEX)
     batch_size: int = field(32)
     num_workers: int = field(4)
-    strategy: str = field("sample", choices=("greedy", "beam", "sample"))
-    temperature: float = field(0.2)
-    num_beams: int = field(4)
     max_new_tokens: int = field(128)
-    seed: int = field(0)
-    cache: str = field("dynamic", choices=("dynamic", "static"), help="KV cache; static compiles the decode on GPU")
     shuffle: bool = field(False, help="caption in a seeded random order (the original shuffled, unseeded)")
     limit: int | None = field(None, help="caption only the first N clips of the list")
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
@@ -56,10 +58,6 @@ class PseudoLabelConfig:
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
 
-    def decoding(self) -> DecodingOptions:
-        return DecodingOptions(strategy=self.strategy, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                               temperature=self.temperature, seed=self.seed, cache=self.cache)
-
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
@@ -67,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     context = distributed.setup(config.device)
     seed_everything(config.seed)
     out = stage_dir(config.expe_dir, config.run, "pseudo_label", config.out)
-    align_dir = Path(config.align_dir) if config.align_dir else Path(config.expe_dir) / config.run / "align"
-    prefix_dir = Path(config.prefix_dir) if config.prefix_dir else Path(config.expe_dir) / config.run / "prefix"
+    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
+    prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix")
     stage = Stage(out, "pseudo_label", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
 
@@ -90,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         clips = clips[: config.limit]
 
     def dataset_for(mine):
-        return ClipDataset(mine, need_audio=True, need_image=True, image_transform=captioner.preprocess_images,
-                           frame_index=config.frame_index, target_frames=encoder.config.target_frames,
-                           on_error=config.on_error)
+        return ClipDataset(
+            mine,
+            need_audio=True,
+            need_image=True,
+            image_transform=captioner.preprocess_images,
+            frame_index=config.frame_index,
+            target_frames=encoder.config.target_frames,
+            on_error=config.on_error,
+        )
 
     def make_block(batch):
         image_tokens = captioner.image_tokens(batch["pixels"])
@@ -100,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         return captioner.modality_block(image_tokens, audio_tokens, prefix=prefix() if prefix is not None else None)
 
     merged, skipped = caption_clips(
-        captioner, clips, dataset_for, make_block, config.decoding(), out, context, config.batch_size,
-        config.num_workers, extra=lambda clip: {"audio": str(clip.audio), "image": str(clip.frame_path(config.frame_index))})
+        captioner,
+        clips,
+        dataset_for,
+        make_block,
+        config.decoding(),
+        out,
+        context,
+        config.batch_size,
+        config.num_workers,
+        extra=lambda clip: {"audio": str(clip.audio), "image": str(clip.frame_path(config.frame_index))},
+    )
 
     if context.is_main:
         empty = [record["id"] for record in merged if not record["caption"].strip()]
@@ -109,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         skipped.extend({"id": clip_id, "path": "", "reason": "empty caption generated"} for clip_id in empty)
         atomic_write_jsonl(out / PSEUDO_CAPTIONS_FILE, merged)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
-        stage.finish({"captions": len(merged), "skipped": len(skipped), "llava": config.llava},
-                     outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE])
+        stage.finish(
+            {"captions": len(merged), "skipped": len(skipped), "llava": config.llava},
+            outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE],
+        )
         remove_parts(out, context.world_size)
-        log.info("%d pseudo-captions written to %s (%d clips skipped)", len(merged), out / PSEUDO_CAPTIONS_FILE,
-                 len(skipped))
+        log.info(
+            "%d pseudo-captions written to %s (%d clips skipped)", len(merged), out / PSEUDO_CAPTIONS_FILE, len(skipped)
+        )
     distributed.teardown()
     return 0
 

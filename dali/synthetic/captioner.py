@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ class CaptionerTraining:
 def _batches(items: list, size: int, rng: random.Random) -> list[list]:
     items = list(items)
     rng.shuffle(items)
-    return [items[i: i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def train_captioner(world: str | Path, out: str | Path, training: CaptionerTraining = CaptionerTraining()) -> Path:
@@ -76,7 +75,7 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
     captioner.llava.requires_grad_(True).train()
     torch.manual_seed(training.seed)
     images = [Image.open(world / "captioner" / r["image"]).convert("RGB") for r in records]
-    pixels = torch.cat([captioner.preprocess_images(images[i: i + 256]) for i in range(0, len(images), 256)])
+    pixels = torch.cat([captioner.preprocess_images(images[i : i + 256]) for i in range(0, len(images), 256)])
 
     vocabulary = sorted({word for r in records for word in r["caption"].split()})
     word_index = {word: i for i, word in enumerate(vocabulary)}
@@ -116,7 +115,8 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
                 if training.words_loss_weight:
                     logits = words_head(image_tokens.mean(dim=1))
                     loss = loss + training.words_loss_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                        logits, word_targets[batch])
+                        logits, word_targets[batch]
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -128,9 +128,16 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
     bar.close()
     captioner.llava.eval().requires_grad_(False)
     save_tiny_llava(captioner.llava, tokenizer, out)
-    atomic_write_json(out / MARKER, {"key": key, "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
-                                     "steps": total, "wall_time_s": round(time.time() - started, 1),
-                                     "training": json.loads(key)})
+    atomic_write_json(
+        out / MARKER,
+        {
+            "key": key,
+            "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
+            "steps": total,
+            "wall_time_s": round(time.time() - started, 1),
+            "training": json.loads(key),
+        },
+    )
     return out
 
 

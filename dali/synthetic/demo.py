@@ -8,7 +8,6 @@ Every stage runs through its own ``main(argv)`` with the ``configs/synthetic`` p
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,13 @@ from dali.synthetic.captioner import CaptionerTraining, train_captioner
 from dali.synthetic.world import REDUCED, WorldConfig, generate_world
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "synthetic"
-PAPER_NAMES = {"image_captioner": "Image captioner on images (*)", "unaligned": "Unaligned encoder",
-               "mmd": "DALI-MMD", "ot": "DALI-OT", "ot_att": "DALI-OT-Att"}
+PAPER_NAMES = {
+    "image_captioner": "Image captioner on images (*)",
+    "unaligned": "Unaligned encoder",
+    "mmd": "DALI-MMD",
+    "ot": "DALI-OT",
+    "ot_att": "DALI-OT-Att",
+}
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,25 @@ class Row:
         return label + (" + distillation" if self.distilled else "")
 
 
-DEFAULT_ROWS = (Row("image_captioner", False, "image"), Row("unaligned", False, "audio"),
-                Row("ot_att", False, "audio"), Row("ot_att", True, "audio"), Row("ot_att", False, "audio_vis"))
-FULL_ROWS = (Row("image_captioner", False, "image"), Row("unaligned", False, "audio"), Row("unaligned", True, "audio"),
-             Row("mmd", False, "audio"), Row("mmd", True, "audio"), Row("ot", False, "audio"), Row("ot", True, "audio"),
-             Row("ot_att", False, "audio"), Row("ot_att", True, "audio"), Row("ot_att", False, "audio_vis"))
+DEFAULT_ROWS = (
+    Row("image_captioner", False, "image"),
+    Row("unaligned", False, "audio"),
+    Row("ot_att", False, "audio"),
+    Row("ot_att", True, "audio"),
+    Row("ot_att", False, "audio_vis"),
+)
+FULL_ROWS = (
+    Row("image_captioner", False, "image"),
+    Row("unaligned", False, "audio"),
+    Row("unaligned", True, "audio"),
+    Row("mmd", False, "audio"),
+    Row("mmd", True, "audio"),
+    Row("ot", False, "audio"),
+    Row("ot", True, "audio"),
+    Row("ot_att", False, "audio"),
+    Row("ot_att", True, "audio"),
+    Row("ot_att", False, "audio_vis"),
+)
 
 
 def _done(folder: Path) -> bool:
@@ -87,31 +105,73 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--llava", llava]
     short = ["--epochs", "20"] if args.reduced else []
 
-    prefix_dir = run_stage(prefix_tune, run / "prefix", ["--config", str(PRESETS / "prefix_tuning.yaml"), *common,
-                                                         "--pairs", str(world / "prefix_pairs.json"), *short])
+    prefix_dir = run_stage(
+        prefix_tune,
+        run / "prefix",
+        ["--config", str(PRESETS / "prefix_tuning.yaml"), *common, "--pairs", str(world / "prefix_pairs.json"), *short],
+    )
     rows = FULL_ROWS if args.full else DEFAULT_ROWS
     variants = sorted({row.variant for row in rows if row.variant != "image_captioner"})
-    test = ["--config", str(PRESETS / "inference.yaml"), *common, "--test-list", str(world / "test.csv"),
-            "--audio-dir", str(world / "audio"), "--frames-dir", str(world / "frames")]
+    test = [
+        "--config",
+        str(PRESETS / "inference.yaml"),
+        *common,
+        "--test-list",
+        str(world / "test.csv"),
+        "--audio-dir",
+        str(world / "audio"),
+        "--frames-dir",
+        str(world / "frames"),
+    ]
     results = []
     for variant in ["image_captioner", *variants]:
         folder = run / variant
         if variant != "image_captioner":
             method = {"unaligned": []}.get(variant, ["--method", variant])
-            align_flags = ["--config", str(PRESETS / "alignment.yaml"), *common, "--train-list",
-                           str(world / "align.json"), "--val-list", str(world / "val.json"), *method]
+            align_flags = [
+                "--config",
+                str(PRESETS / "alignment.yaml"),
+                *common,
+                "--train-list",
+                str(world / "align.json"),
+                "--val-list",
+                str(world / "val.json"),
+                *method,
+            ]
             if variant == "unaligned":
                 align_flags += ["--epochs", "0"]
             elif args.reduced:
                 align_flags += ["--epochs", "2"]
             run_stage(align, folder / "align", align_flags)
             if any(row.variant == variant and row.distilled for row in rows):
-                run_stage(pseudo_label, folder / "pseudo_label", [
-                    "--config", str(PRESETS / "pseudo_labels.yaml"), *common, "--clips", str(world / "pseudo.json"),
-                    "--align-dir", str(folder / "align"), "--prefix-dir", str(prefix_dir)])
-                run_stage(distill, folder / "distill", [
-                    "--config", str(PRESETS / "distillation.yaml"), *common, "--align-dir", str(folder / "align"),
-                    "--pseudo-dir", str(folder / "pseudo_label")])
+                run_stage(
+                    pseudo_label,
+                    folder / "pseudo_label",
+                    [
+                        "--config",
+                        str(PRESETS / "pseudo_labels.yaml"),
+                        *common,
+                        "--clips",
+                        str(world / "pseudo.json"),
+                        "--align-dir",
+                        str(folder / "align"),
+                        "--prefix-dir",
+                        str(prefix_dir),
+                    ],
+                )
+                run_stage(
+                    distill,
+                    folder / "distill",
+                    [
+                        "--config",
+                        str(PRESETS / "distillation.yaml"),
+                        *common,
+                        "--align-dir",
+                        str(folder / "align"),
+                        "--pseudo-dir",
+                        str(folder / "pseudo_label"),
+                    ],
+                )
         for row in (r for r in rows if r.variant == variant):
             # Without distillation the captioner needs the prefix (and its own projector) to talk about sounds;
             # distilled rows use the distilled projector without prefix, as the original's inference.sh.
@@ -125,14 +185,25 @@ def main(argv: list[str] | None = None) -> int:
             name = f"infer_{row.modality}" + ("_distilled" if row.distilled else "")
             out = run_stage(infer, folder / name, test + flags)
             scores = read_manifest(out)["metrics"]["scores"]
-            results.append({"variant": row.variant, "distilled": row.distilled, "modality": row.modality,
-                            "metrics": {metric: scores.get(metric) for metric in TABLE_METRICS},
-                            "name": row.name, "predictions": str(out / "predictions.jsonl")})
+            results.append(
+                {
+                    "variant": row.variant,
+                    "distilled": row.distilled,
+                    "modality": row.modality,
+                    "metrics": {metric: scores.get(metric) for metric in TABLE_METRICS},
+                    "name": row.name,
+                    "predictions": str(out / "predictions.jsonl"),
+                }
+            )
 
     atomic_write_json(run / "results.json", results)
     table = markdown_table([(r["name"], r["metrics"]) for r in results])
-    atomic_write_text(run / "results.md", "# Synthetic world: audio captioning on audio-only test clips\n\n" + table +
-                      "\n(*) sees the test clip's frame, not its audio.\n")
+    atomic_write_text(
+        run / "results.md",
+        "# Synthetic world: audio captioning on audio-only test clips\n\n"
+        + table
+        + "\n(*) sees the test clip's frame, not its audio.\n",
+    )
     plot_results(results, run / "results.png")
     print("\n" + table)
     log.info("demo finished in %.0f s; results in %s", time.time() - started, run / "results.json")

@@ -95,7 +95,9 @@ def drum(rng, duration):
     f0 = rng.uniform(70, 110)
     for start in np.arange(rng.uniform(0, 0.2), duration - 0.3, period):
         t = _time(0.3)
-        hit = np.sin(2 * np.pi * np.cumsum(f0 * (1 + np.exp(-t / 0.03))) / RATE) + 0.2 * rng.standard_normal(t.size) * np.exp(-t / 0.01)
+        hit = np.sin(2 * np.pi * np.cumsum(f0 * (1 + np.exp(-t / 0.03))) / RATE) + 0.2 * rng.standard_normal(
+            t.size
+        ) * np.exp(-t / 0.01)
         _place(out, hit * _envelope(t.size, 0.002, 0.12), start)
     return _normalise(out)
 

@@ -40,17 +40,56 @@ class SourceClass:
 
 
 SOURCES = (
-    SourceClass("dog", "brown", (140, 85, 40), "triangle", ("a dog barks", "a dog is barking", "a dog barks repeatedly"), "bark"),
-    SourceClass("bell", "yellow", (240, 210, 30), "circle", ("a bell rings", "a bell is ringing", "a bell chimes"), "bell"),
-    SourceClass("car", "grey", (160, 160, 170), "square", ("a car engine hums", "a car passes by", "a car drives past"), "engine"),
-    SourceClass("bird", "blue", (40, 90, 220), "diamond", ("a bird chirps", "a bird is chirping", "a bird sings"), "chirp"),
-    SourceClass("stream", "cyan", (40, 200, 220), "wave", ("water flows", "a stream trickles", "water is running"),
-                "stream"),
-    SourceClass("drum", "red", (210, 40, 40), "ring", ("a drum beats", "a drum is played", "someone plays a drum"), "drum"),
-    SourceClass("siren", "orange", (250, 140, 20), "cross", ("a siren wails", "a siren is blaring", "a siren sounds"), "siren"),
-    SourceClass("whistle", "black", (20, 20, 20), "bar", ("someone whistles", "a whistle blows", "a whistle is blown"), "whistle"),
-    SourceClass("clock", "purple", (140, 60, 180), "star", ("a clock ticks", "a clock is ticking", "a clock ticks steadily"), "tick"),
-    SourceClass("phone", "pink", (240, 110, 180), "hexagon", ("a phone rings", "a telephone rings", "a phone is ringing"), "ring"),
+    SourceClass(
+        "dog", "brown", (140, 85, 40), "triangle", ("a dog barks", "a dog is barking", "a dog barks repeatedly"), "bark"
+    ),
+    SourceClass(
+        "bell", "yellow", (240, 210, 30), "circle", ("a bell rings", "a bell is ringing", "a bell chimes"), "bell"
+    ),
+    SourceClass(
+        "car",
+        "grey",
+        (160, 160, 170),
+        "square",
+        ("a car engine hums", "a car passes by", "a car drives past"),
+        "engine",
+    ),
+    SourceClass(
+        "bird", "blue", (40, 90, 220), "diamond", ("a bird chirps", "a bird is chirping", "a bird sings"), "chirp"
+    ),
+    SourceClass(
+        "stream", "cyan", (40, 200, 220), "wave", ("water flows", "a stream trickles", "water is running"), "stream"
+    ),
+    SourceClass(
+        "drum", "red", (210, 40, 40), "ring", ("a drum beats", "a drum is played", "someone plays a drum"), "drum"
+    ),
+    SourceClass(
+        "siren", "orange", (250, 140, 20), "cross", ("a siren wails", "a siren is blaring", "a siren sounds"), "siren"
+    ),
+    SourceClass(
+        "whistle",
+        "black",
+        (20, 20, 20),
+        "bar",
+        ("someone whistles", "a whistle blows", "a whistle is blown"),
+        "whistle",
+    ),
+    SourceClass(
+        "clock",
+        "purple",
+        (140, 60, 180),
+        "star",
+        ("a clock ticks", "a clock is ticking", "a clock ticks steadily"),
+        "tick",
+    ),
+    SourceClass(
+        "phone",
+        "pink",
+        (240, 110, 180),
+        "hexagon",
+        ("a phone rings", "a telephone rings", "a phone is ringing"),
+        "ring",
+    ),
 )
 PLACES = {
     "grass": ("on the grass", (60, 140, 60)),
@@ -60,7 +99,11 @@ PLACES = {
     "snow": ("in the snow", (235, 240, 245)),
 }
 LOUDNESS = {"quiet": 0.12, "normal": 0.35, "loud": 0.8}
-LOUDNESS_WORDS = {"quiet": ("softly", "quietly", "faintly"), "normal": ("",), "loud": ("loudly", "loudly", "very loudly")}
+LOUDNESS_WORDS = {
+    "quiet": ("softly", "quietly", "faintly"),
+    "normal": ("",),
+    "loud": ("loudly", "loudly", "very loudly"),
+}
 THEN_WORDS = (", then ", " and then ", ", after which ", ", and after that ")
 
 
@@ -96,8 +139,11 @@ def sample_scene(rng: np.random.Generator, scene_id: str) -> Scene:
     for source in heard:
         duration = float(rng.uniform(2.0, 4.0))
         duration = min(duration, DURATION_S - start)
-        events.append(Event(source, start, duration, str(rng.choice(list(LOUDNESS), p=[0.25, 0.5, 0.25])),
-                            bool(rng.random() < 0.8)))
+        events.append(
+            Event(
+                source, start, duration, str(rng.choice(list(LOUDNESS), p=[0.25, 0.5, 0.25])), bool(rng.random() < 0.8)
+            )
+        )
         start = min(start + duration * float(rng.uniform(0.7, 1.0)), DURATION_S - 2.0)
     seen_heard = sum(e.visible for e in events)
     silent_count = min(int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15])), 3 - seen_heard)  # 3 places in a frame
@@ -129,8 +175,10 @@ def audio_caption(scene: Scene, rng: np.random.Generator) -> str:
 def visual_caption(scene: Scene, rng: np.random.Generator) -> str:
     """What is seen: objects with colours, left to right, and the place."""
     place = PLACES[scene.place][0]
-    objects = [f"{'an' if SOURCES[s].colour[0] in 'aeiou' else 'a'} {SOURCES[s].colour} {SOURCES[s].name}"
-               for s in scene.visible]
+    objects = [
+        f"{'an' if SOURCES[s].colour[0] in 'aeiou' else 'a'} {SOURCES[s].colour} {SOURCES[s].name}"
+        for s in scene.visible
+    ]
     if not objects:
         return str(rng.choice([f"an empty scene {place}", f"nothing {place}"]))
     listed = objects[0] if len(objects) == 1 else ", ".join(objects[:-1]) + " and " + objects[-1]
@@ -154,11 +202,21 @@ def sound_sentences(rng: np.random.Generator, count: int) -> list[str]:
 # -- rendering -----------------------------------------------------------------------------------------
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     def regular(n, rotation=0.0, radii=(1.0,)):
-        return [(cx + r * radii[i % len(radii)] * math.cos(rotation + 2 * math.pi * i / n),
-                 cy + r * radii[i % len(radii)] * math.sin(rotation + 2 * math.pi * i / n)) for i in range(n)]
+        return [
+            (
+                cx + r * radii[i % len(radii)] * math.cos(rotation + 2 * math.pi * i / n),
+                cy + r * radii[i % len(radii)] * math.sin(rotation + 2 * math.pi * i / n),
+            )
+            for i in range(n)
+        ]
 
-    return {"triangle": regular(3, -math.pi / 2), "square": regular(4, math.pi / 4), "diamond": regular(4),
-            "hexagon": regular(6), "star": regular(10, -math.pi / 2, (1.0, 0.45))}.get(shape)
+    return {
+        "triangle": regular(3, -math.pi / 2),
+        "square": regular(4, math.pi / 4),
+        "diamond": regular(4),
+        "hexagon": regular(6),
+        "star": regular(10, -math.pi / 2, (1.0, 0.45)),
+    }.get(shape)
 
 
 def render_frame(scene: Scene, frame: int, size: int = FRAME_SIZE) -> Image.Image:
@@ -186,8 +244,11 @@ def render_frame(scene: Scene, frame: int, size: int = FRAME_SIZE) -> Image.Imag
             draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=colour)
         elif shape == "wave":
             xs = np.linspace(cx - r, cx + r, 12)
-            draw.line([(float(a), float(cy + r / 2 * math.sin((a - cx) / r * 2 * math.pi))) for a in xs], fill=colour,
-                      width=max(2, int(r / 2.5)))
+            draw.line(
+                [(float(a), float(cy + r / 2 * math.sin((a - cx) / r * 2 * math.pi))) for a in xs],
+                fill=colour,
+                width=max(2, int(r / 2.5)),
+            )
     return image
 
 
@@ -220,8 +281,9 @@ class WorldConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-REDUCED = WorldConfig(captioner_scenes=400, text_sentences=400, align_clips=64, val_clips=16, pseudo_clips=32,
-                      test_clips=12)
+REDUCED = WorldConfig(
+    captioner_scenes=400, text_sentences=400, align_clips=64, val_clips=16, pseudo_clips=32, test_clips=12
+)
 SPLITS = ("prefix", "align", "val", "pseudo", "test")
 
 
@@ -252,13 +314,24 @@ def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), worker
     for i in range(config.captioner_scenes):
         scene = sample_scene(rng, f"img{i:05d}")
         render_frame(scene, 5).save(root / "captioner" / "images" / f"{scene.id}.jpg", quality=92)
-        records.append({"id": scene.id, "image": f"images/{scene.id}.jpg", "caption": visual_caption(scene, rng),
-                        "sounds": imagined_sounds(scene, rng)})
+        records.append(
+            {
+                "id": scene.id,
+                "image": f"images/{scene.id}.jpg",
+                "caption": visual_caption(scene, rng),
+                "sounds": imagined_sounds(scene, rng),
+            }
+        )
     atomic_write_json(root / "captioner" / "captions.json", records)
     atomic_write_text(root / "captioner" / "text.txt", "\n".join(sound_sentences(rng, config.text_sentences)) + "\n")
 
-    counts = {"prefix": config.prefix_pairs, "align": config.align_clips, "val": config.val_clips,
-              "pseudo": config.pseudo_clips, "test": config.test_clips}
+    counts = {
+        "prefix": config.prefix_pairs,
+        "align": config.align_clips,
+        "val": config.val_clips,
+        "pseudo": config.pseudo_clips,
+        "test": config.test_clips,
+    }
     scenes = {split: [sample_scene(rng, f"{split}{i:05d}") for i in range(n)] for split, n in counts.items()}
     jobs = [(scene, str(root)) for split in SPLITS for scene in scenes[split]]
     if workers > 1:
@@ -269,13 +342,31 @@ def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), worker
             _write_clip(job)
 
     question = "<image>\nDescribe the sound that can be heard in this scene."
-    atomic_write_json(root / "prefix_pairs.json", [
-        {"id": s.id, "image": f"frames/frame_5/{s.id}.jpg", "audio": f"audio/{s.id}.wav",
-         "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": audio_caption(s, rng)}]}
-        for s in scenes["prefix"]])
+    atomic_write_json(
+        root / "prefix_pairs.json",
+        [
+            {
+                "id": s.id,
+                "image": f"frames/frame_5/{s.id}.jpg",
+                "audio": f"audio/{s.id}.wav",
+                "conversations": [
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": audio_caption(s, rng)},
+                ],
+            }
+            for s in scenes["prefix"]
+        ],
+    )
     for split in ("align", "val", "pseudo"):
-        atomic_write_json(root / f"{split}.json", {"data": [
-            {"video_id": s.id, "wav": f"audio/{s.id}.wav", "video_path": "frames", "labels": ""} for s in scenes[split]]})
+        atomic_write_json(
+            root / f"{split}.json",
+            {
+                "data": [
+                    {"video_id": s.id, "wav": f"audio/{s.id}.wav", "video_path": "frames", "labels": ""}
+                    for s in scenes[split]
+                ]
+            },
+        )
     with open(root / "test.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["youtube_id", "caption"])
