@@ -8,16 +8,17 @@ Every stage runs through its own ``main(argv)`` with the ``configs/synthetic`` p
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dali.evaluation import TABLE_METRICS, markdown_table
-from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, read_manifest
+from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, read_jsonl, read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.stages.common import log, setup_logging
 from dali.synthetic.captioner import CaptionerTraining, train_captioner
-from dali.synthetic.world import REDUCED, WorldConfig, generate_world
+from dali.synthetic.world import REDUCED, WorldConfig, generate_world, source_scores
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "synthetic"
 PAPER_NAMES = {
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "--frames-dir",
         str(world / "frames"),
     ]
+    scenes = {scene["id"]: scene for scene in json.loads((world / "scenes.json").read_text())["test"]}
     results = []
     for variant in ["image_captioner", *variants]:
         folder = run / variant
@@ -185,24 +187,28 @@ def main(argv: list[str] | None = None) -> int:
             name = f"infer_{row.modality}" + ("_distilled" if row.distilled else "")
             out = run_stage(infer, folder / name, test + flags)
             scores = read_manifest(out)["metrics"]["scores"]
+            captions = {record["id"]: record["caption"] for record in read_jsonl(out / "predictions.jsonl")}
             results.append(
                 {
                     "variant": row.variant,
                     "distilled": row.distilled,
                     "modality": row.modality,
                     "metrics": {metric: scores.get(metric) for metric in TABLE_METRICS},
+                    "sources": source_scores(captions, scenes),
                     "name": row.name,
                     "predictions": str(out / "predictions.jsonl"),
                 }
             )
 
     atomic_write_json(run / "results.json", results)
-    table = markdown_table([(r["name"], r["metrics"]) for r in results])
+    sources = ("heard_source_precision", "heard_source_recall")
+    table = markdown_table([(r["name"], r["metrics"] | r["sources"]) for r in results], (*TABLE_METRICS, *sources))
     atomic_write_text(
         run / "results.md",
         "# Synthetic world: audio captioning on audio-only test clips\n\n"
         + table
-        + "\n(*) sees the test clip's frame, not its audio.\n",
+        + "\n(*) sees the test clip's frame, not its audio. heard_source_precision / recall: the share of the "
+        "sources a caption names that were heard in the clip, and of the heard sources that it names.\n",
     )
     plot_results(results, run / "results.png")
     print("\n" + table)

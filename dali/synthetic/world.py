@@ -194,6 +194,39 @@ def imagined_sounds(scene: Scene, rng: np.random.Generator) -> str:
     return objects[0] if len(objects) == 1 else ", ".join(objects[:-1]) + " and " + objects[-1]
 
 
+# words that name each source in captions of either kind (object names and the nouns of their sounds)
+SOURCE_WORDS = (
+    ("dog",),
+    ("bell",),
+    ("car",),
+    ("bird",),
+    ("water", "stream"),
+    ("drum",),
+    ("siren",),
+    ("whistle", "whistles"),
+    ("clock",),
+    ("phone", "telephone"),
+)
+
+
+def mentioned_sources(caption: str) -> set[int]:
+    """Indices of the sources a caption names."""
+    words = set(caption.lower().replace(",", " ").split())
+    return {index for index, names in enumerate(SOURCE_WORDS) if words & set(names)}
+
+
+def source_scores(captions: dict[str, str], scenes: dict[str, "Scene | dict"]) -> dict[str, float]:
+    """Precision and recall of the heard sources a set of captions names (a diagnostic the metrics lack)."""
+    hits = named = heard = 0
+    for clip_id, caption in captions.items():
+        scene = scenes[clip_id]
+        events = scene["events"] if isinstance(scene, dict) else [dataclasses.asdict(e) for e in scene.events]
+        truth = {event["source"] for event in events}
+        said = mentioned_sources(caption)
+        hits, named, heard = hits + len(truth & said), named + len(said), heard + len(truth)
+    return {"heard_source_precision": hits / max(named, 1), "heard_source_recall": hits / max(heard, 1)}
+
+
 def sound_sentences(rng: np.random.Generator, count: int) -> list[str]:
     """Generic sentences about sounds, tied to no clip: the small LM's stand-in for text pretraining."""
     return [audio_caption(sample_scene(rng, f"text{i}"), rng) for i in range(count)]
