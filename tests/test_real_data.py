@@ -206,3 +206,15 @@ def test_import_stops_on_mis_shaped_keys(tiny_llava_dir, original_weights, tmp_p
     )
     with pytest.raises(CheckpointError, match="linear_1.weight"):
         import_original.main([str(bad), str(tmp_path / "run"), "--llava", str(tiny_llava_dir)])
+
+
+def test_public_audiocaps_layout_groups_five_references(tmp_path):
+    from dali.data import read_caption_csv
+
+    listing = tmp_path / "test.csv"
+    rows = ["audiocap_id,youtube_id,start_time,caption"]
+    rows += [f"{i},yt{i // 5},30,caption number {i}" for i in range(10)]
+    listing.write_text("\n".join(rows) + "\n")
+    clips = read_caption_csv(listing, audio_dir=tmp_path / "audio")
+    assert [c.id for c in clips] == ["yt0", "yt1"] and [len(c.captions) for c in clips] == [5, 5]
+    assert clips[1].audio == tmp_path / "audio" / "yt1.wav"
