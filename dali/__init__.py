@@ -1,0 +1,9 @@
+"""dali: zero-shot audio captioning from an image captioner (An Eye for an Ear, NeurIPS 2024).
+
+The library: ``dali.audio`` (front end), ``dali.models`` (CAV-MAE audio encoder, LLaVA captioner, prefix and
+projector files), ``dali.losses`` (MMD, OT, attentive token weights), ``dali.data``, ``dali.evaluation``,
+``dali.runs`` (experiment folders). The stages live in ``dali.stages``; the built-in world in ``dali.synthetic``.
+Submodules are imported on use, so ``import dali`` stays cheap.
+"""
+
+__version__ = "0.1.0"

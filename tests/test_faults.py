@@ -329,11 +329,102 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
     assert resumed == whole and len({r["id"] for r in resumed}) == len(resumed)
 
 
+def _distill_inputs(world, llava, folder: Path) -> tuple[Path, Path]:
+    """An unaligned encoder and pseudo-captions to distil from (made in-process, quickly)."""
+    from dali.stages import align, prefix_tune, pseudo_label
+
+    aligned, prefix, pseudo = folder / "align", folder / "prefix", folder / "pseudo"
+    assert (
+        align.main(
+            [
+                "--llava",
+                str(llava),
+                "--train-list",
+                str(world / "align.json"),
+                "--encoder-dim",
+                "32",
+                "--encoder-depth",
+                "1",
+                "--encoder-heads",
+                "2",
+                "--encoder-patch-time",
+                "128",
+                "--epochs",
+                "0",
+                "--num-workers",
+                "0",
+                "--out",
+                str(aligned),
+            ]
+        )
+        == 0
+    )
+    assert (
+        prefix_tune.main(
+            [
+                "--llava",
+                str(llava),
+                "--pairs",
+                str(world / "prefix_pairs.json"),
+                "--epochs",
+                "1",
+                "--num-prefix-tokens",
+                "4",
+                "--out",
+                str(prefix),
+            ]
+        )
+        == 0
+    )
+    assert (
+        pseudo_label.main(
+            [
+                "--llava",
+                str(llava),
+                "--clips",
+                str(world / "pseudo.json"),
+                "--align-dir",
+                str(aligned),
+                "--prefix-dir",
+                str(prefix),
+                "--num-workers",
+                "0",
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(pseudo),
+            ]
+        )
+        == 0
+    )
+    return aligned, pseudo
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["prefix_tune", "align"])
+@pytest.mark.parametrize("stage", ["prefix_tune", "align", "distill"])
 def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_path, stage):
     world, llava = synthetic
-    if stage == "prefix_tune":
+    if stage == "distill":
+        aligned, pseudo = _distill_inputs(world, llava, tmp_path / "inputs")
+        base = [
+            "dali.stages.distill",
+            "--llava",
+            str(llava),
+            "--align-dir",
+            str(aligned),
+            "--pseudo-dir",
+            str(pseudo),
+            "--epochs",
+            "4",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--checkpoint-every",
+            "3",
+        ]
+        output = "projector.safetensors"
+    elif stage == "prefix_tune":
         base = [
             "dali.stages.prefix_tune",
             "--llava",
