@@ -6,6 +6,24 @@ import numpy as np
 import torch
 
 
+def tiny_encoder_flags(world: Path, llava: Path) -> list[str]:
+    """Stage-1b flags for a CPU-sized encoder on the reduced world: 32 wide, 1+1 blocks, 64 audio tokens."""
+    return [
+        "--llava",
+        str(llava),
+        "--train-list",
+        str(world / "align.json"),
+        "--encoder-dim",
+        "32",
+        "--encoder-depth",
+        "1",
+        "--encoder-heads",
+        "2",
+        "--encoder-patch-time",
+        "128",
+    ]
+
+
 def original_layout(encoder, with_extras: bool) -> dict:
     """A state dict as the original code saves it: DataParallel 'module.' keys plus the branches it also kept."""
     state = {f"module.{key}": value.clone() for key, value in encoder.state_dict().items()}

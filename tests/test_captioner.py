@@ -3,8 +3,8 @@ import torch
 from PIL import Image
 
 from dali.models.captioner import IGNORE_INDEX, Captioner, DecodingOptions, expand_to_square
-from dali.models.prefix import Prefix, load_prefix, load_projector, save_prefix, save_projector
 from dali.models.cav_mae import CheckpointError
+from dali.models.prefix import Prefix, load_prefix, load_projector, save_prefix, save_projector
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import original_layout
 
 from dali.models.cav_mae import (
     CAVMAEAudioEncoder,
@@ -11,8 +12,6 @@ from dali.models.cav_mae import (
     save_audio_encoder,
     sincos_pos_embed_2d,
 )
-
-from helpers import original_layout
 
 TINY = CAVMAEConfig(embed_dim=32, depth_audio=2, num_heads=4, target_frames=256, proj_dim=48)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import tiny_encoder_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -193,18 +194,7 @@ def test_alignment_skips_nan_steps_and_stops_past_the_limit(synthetic, tmp_path,
 
     monkeypatch.setattr(align, "alignment_loss", flaky)
     flags = [
-        "--llava",
-        str(llava),
-        "--train-list",
-        str(world / "align.json"),
-        "--encoder-dim",
-        "32",
-        "--encoder-depth",
-        "1",
-        "--encoder-heads",
-        "2",
-        "--encoder-patch-time",
-        "128",
+        *tiny_encoder_flags(world, llava),
         "--method",
         "ot",
         "--epochs",
@@ -275,28 +265,7 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
         == 0
     )
     assert (
-        align.main(
-            [
-                "--llava",
-                str(llava),
-                "--train-list",
-                str(world / "align.json"),
-                "--encoder-dim",
-                "32",
-                "--encoder-depth",
-                "1",
-                "--encoder-heads",
-                "2",
-                "--encoder-patch-time",
-                "128",
-                "--epochs",
-                "0",
-                "--num-workers",
-                "0",
-                "--out",
-                str(aligned),
-            ]
-        )
+        align.main([*tiny_encoder_flags(world, llava), "--epochs", "0", "--num-workers", "0", "--out", str(aligned)])
         == 0
     )
     base = [
@@ -335,28 +304,7 @@ def _distill_inputs(world, llava, folder: Path) -> tuple[Path, Path]:
 
     aligned, prefix, pseudo = folder / "align", folder / "prefix", folder / "pseudo"
     assert (
-        align.main(
-            [
-                "--llava",
-                str(llava),
-                "--train-list",
-                str(world / "align.json"),
-                "--encoder-dim",
-                "32",
-                "--encoder-depth",
-                "1",
-                "--encoder-heads",
-                "2",
-                "--encoder-patch-time",
-                "128",
-                "--epochs",
-                "0",
-                "--num-workers",
-                "0",
-                "--out",
-                str(aligned),
-            ]
-        )
+        align.main([*tiny_encoder_flags(world, llava), "--epochs", "0", "--num-workers", "0", "--out", str(aligned)])
         == 0
     )
     assert (
@@ -442,18 +390,7 @@ def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_pat
     else:
         base = [
             "dali.stages.align",
-            "--llava",
-            str(llava),
-            "--train-list",
-            str(world / "align.json"),
-            "--encoder-dim",
-            "32",
-            "--encoder-depth",
-            "1",
-            "--encoder-heads",
-            "2",
-            "--encoder-patch-time",
-            "128",
+            *tiny_encoder_flags(world, llava),
             "--method",
             "ot_att",
             "--epochs",

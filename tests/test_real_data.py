@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import original_layout, write_mp4
 
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, CheckpointError
 from dali.runs import read_jsonl, read_manifest
 from dali.stages import caption, import_original, infer, prepare
-from helpers import original_layout, write_mp4
 
 
 @pytest.fixture(scope="module")

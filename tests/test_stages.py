@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_encoder_flags
 
 from dali.runs import StageStateError, read_jsonl, read_manifest
 from dali.stages import align, distill, evaluate, infer, prefix_tune, pseudo_label
@@ -43,20 +44,9 @@ def pipeline(synthetic, tmp_path_factory):
 
 def _align_flags(world, llava, method="ot_att"):
     return [
-        "--llava",
-        str(llava),
-        "--train-list",
-        str(world / "align.json"),
+        *tiny_encoder_flags(world, llava),
         "--val-list",
         str(world / "val.json"),
-        "--encoder-dim",
-        "32",
-        "--encoder-depth",
-        "1",
-        "--encoder-heads",
-        "2",
-        "--encoder-patch-time",
-        "128",
         "--method",
         method,
         "--epochs",

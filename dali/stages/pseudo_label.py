@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE, load_align_stage, load_prefix_stage
 from dali.config import ConfigError, config_to_dict, field, parse_config
