@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             step_in_epoch += 1
             global_step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if global_step % config.checkpoint_every == 0:
                 checkpoint()
         bar.close()

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         metrics.log(step=step, epoch=epoch + 1, loss=last_loss, lr=scheduler.get_last_lr()[0])
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
         if context.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
             save_checkpoint(
                 out / CHECKPOINT,

@@ -124,7 +124,7 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
             scheduler.step()
             losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     bar.close()
     captioner.llava.eval().requires_grad_(False)
     save_tiny_llava(captioner.llava, tokenizer, out)
