@@ -361,12 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             if guard.check(loss, global_step):
                 # The encoder follows the criterion alone; the scorers follow criterion - lambda * entropy.
                 # (The original let both backward passes add up in the encoder's gradients.)
+                # Both backward passes run before any weight changes.
                 loss.backward(inputs=encoder_params, retain_graph=scorers_train)
-                distributed.average_gradients(encoder_params)
-                optimizer.step()
                 if scorers_train:
                     scorer_objective = loss - entropy_weight * weights.entropy.mean()
                     scorer_objective.backward(inputs=list(scorers.parameters()))
+                distributed.average_gradients(encoder_params)
+                optimizer.step()
+                if scorers_train:
                     distributed.average_gradients(scorers.parameters())
                     scorer_optimizer.step()
             record = {
