@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (out / ENCODER_FILE).exists():  # --epochs 0: the initial (unaligned) encoder
             atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
         outputs = [ENCODER_FILE, SKIPPED_FILE]
-        atomic_write_jsonl(out / SKIPPED_FILE, _unique(bad))
+        skipped = _unique(bad)
+        atomic_write_jsonl(out / SKIPPED_FILE, skipped)
         if scorers is not None:
             from safetensors.torch import save_file
 
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": config.epochs,
                 "method": config.method,
                 "ot_solver": config.ot_solver,
-                "skipped_clips": len(_unique(bad)),
+                "skipped_clips": len(skipped),
                 "non_finite_steps": guard.count,
                 "llava": config.llava,
             },

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dali import distributed
 from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
 from dali.audio import SAMPLE_RATE, audio_to_features
 from dali.config import ConfigError, field, parse_config
@@ -90,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         llava = json.loads(manifest.read_text())["metrics"].get("llava") if manifest.exists() else None
         if not llava:
             raise ConfigError("--llava is needed: the run's align manifest does not name a LLaVA")
-    device = (
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if config.device == "auto" else config.device)
-    )
+    device = distributed.setup(config.device).device
     captioner = Captioner.from_pretrained(llava, dtype=DTYPES[config.dtype], device=device)
     encoder = load_align_stage(run / "align", captioner.vision_dim, "--run").to(device)
     projector = (

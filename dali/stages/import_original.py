@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
@@ -58,8 +59,9 @@ def import_backbone(path: Path, out: Path, vision_dim: int | None) -> dict:
     return {"align": str(out)}
 
 
-def import_projector(path: Path, out: Path, hidden: int | None, vision_dim: int | None) -> dict:
-    state, _ = read_state_dict(path)
+def import_projector(
+    path: Path, state: dict[str, torch.Tensor], out: Path, hidden: int | None, vision_dim: int | None
+) -> dict:
     missing = sorted(key for key in ORIGINAL_PROJECTOR_KEYS if key not in state)
     if missing:
         raise CheckpointError(f"'{path}' lacks projector keys {missing}")
@@ -104,17 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     hidden, vision_dim = llava_shapes(args.llava)
     done = import_backbone(backbone, run / "align", vision_dim)
     projector = source / "prefixMLP.bin"
-    if projector.is_file():
-        if ORIGINAL_PREFIX_KEY in read_state_dict(projector)[0]:
+    # each file is read once: the keys decide what it is, then the same tensors are imported
+    keys = {path: read_state_dict(path)[0] for path in (projector, source / "prefix.bin") if path.is_file()}
+    if projector in keys:
+        if ORIGINAL_PREFIX_KEY in keys[projector]:
             # stage 1a writes the same name with the prefix and LLaVA's unchanged projector: not a distilled one
             log.warning(
                 "'%s' is a stage-1a file (it holds the prefix): its projector is LLaVA's own, not imported", projector
             )
         else:
-            done |= import_projector(projector, run / "distill", hidden, vision_dim)
-    prefix_files = [p for p in (source / "prefix.bin", projector) if p.is_file()]
-    for path in prefix_files:  # prefix.bin, else a stage-1a prefixMLP.bin that carries the prefix
-        if ORIGINAL_PREFIX_KEY in read_state_dict(path)[0]:
+            done |= import_projector(projector, keys[projector], run / "distill", hidden, vision_dim)
+    for path in (source / "prefix.bin", projector):  # prefix.bin, else a stage-1a prefixMLP.bin with the prefix
+        if ORIGINAL_PREFIX_KEY in keys.get(path, {}):
             done |= import_prefix(path, run / "prefix", hidden)
             break
     for stage, folder in done.items():
