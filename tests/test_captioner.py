@@ -80,6 +80,58 @@ def test_generation_from_embeddings_is_seeded(captioner):
     assert len(captioner.generate(block, DecodingOptions(strategy="beam", num_beams=2, max_new_tokens=4))) == 3
     with pytest.raises(ValueError, match="strategy"):
         DecodingOptions(strategy="nucleus")
+    with pytest.raises(ValueError, match="engine"):
+        DecodingOptions(engine="vllm")
+
+
+def test_prompt_parts_are_the_generation_prompt(captioner):
+    block = captioner.modality_block(audio_tokens=torch.randn(2, 10, 32), prefix=torch.randn(4, 32))
+    shared, rows = captioner.prompt_parts(block)
+    prompt = captioner.build_inputs(block)
+    assert prompt["attention_mask"].all()  # generation prompts of one question are never padded
+    joined = torch.cat([shared.unsqueeze(0).expand(2, -1, -1), rows], dim=1)
+    assert torch.equal(joined, prompt["inputs_embeds"])
+
+
+@pytest.mark.parametrize("new_tokens", [1, 12])
+def test_our_engine_decodes_what_generate_decodes(captioner, new_tokens):
+    torch.manual_seed(1)
+    block = captioner.modality_block(audio_tokens=torch.randn(5, 10, 32) * 3, prefix=torch.randn(4, 32))
+    ours = captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=new_tokens))
+    plain = captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=new_tokens, engine="generate"))
+    static = DecodingOptions(strategy="greedy", max_new_tokens=new_tokens, engine="generate-static")
+    assert ours == plain == captioner.generate(block, static)
+    # exactly N tokens when EOS is forbidden before N, as generate's min_new_tokens
+    shared, rows = captioner.prompt_parts(block)
+    tokenizer = captioner.tokenizer
+    ids = captioner.decoder.generate(
+        shared, rows, new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, min_new_tokens=new_tokens
+    )
+    assert ids.shape == (5, new_tokens) and not (ids == tokenizer.eos_token_id).any()
+
+
+def test_our_engine_stops_rows_at_eos_and_samples_reproducibly(captioner):
+    tokenizer = captioner.tokenizer
+    eos = tokenizer.eos_token_id
+    block = captioner.modality_block(audio_tokens=torch.randn(4, 10, 32))
+    shared, rows = captioner.prompt_parts(block)
+    # an LM head biased towards EOS makes every row stop at once; later positions are padding
+    decoder = captioner.decoder
+    head = decoder.lm_head
+    bias = torch.zeros(head.out_features)
+    bias[eos] = 1e4
+    decoder.lm_head = lambda hidden: head(hidden) + bias
+    try:
+        ids = decoder.generate(shared, rows, 12, eos, tokenizer.pad_token_id)
+    finally:
+        decoder.lm_head = head
+    assert (ids[:, 0] == eos).all() and ids.shape[1] <= 8  # stops at the first check once all rows ended
+    assert (ids[:, 1:] == tokenizer.pad_token_id).all()
+    sample = dict(temperature=1.0, top_p=0.9, seed=7)
+    first = captioner.decoder.generate(shared, rows, 6, eos, tokenizer.pad_token_id, **sample)
+    assert torch.equal(first, captioner.decoder.generate(shared, rows, 6, eos, tokenizer.pad_token_id, **sample))
+    cold = captioner.decoder.generate(shared, rows, 6, eos, tokenizer.pad_token_id, temperature=1e-4, seed=1)
+    assert torch.equal(cold, captioner.decoder.generate(shared, rows, 6, eos, tokenizer.pad_token_id))
 
 
 def test_prefix_and_projector_files(captioner, tmp_path):
@@ -116,3 +168,14 @@ def test_bfloat16_captioner_takes_float32_tokens_and_a_float32_projector_copy(ti
     block = captioner.modality_block(torch.randn(1, 16, 32), torch.randn(1, 10, 32), audio_projector=copy)
     assert block.dtype == torch.bfloat16 and block.shape == (1, 26, 32)
     assert len(captioner.generate(block, DecodingOptions(max_new_tokens=3))) == 1
+
+
+@pytest.mark.gpu
+def test_compiled_engine_on_gpu_matches_generate_and_pads_smaller_batches(tiny_llava_dir):
+    captioner = Captioner.from_pretrained(tiny_llava_dir, device="cuda")
+    assert captioner.decoder.compile
+    block = captioner.modality_block(audio_tokens=torch.randn(4, 10, 32, device="cuda") * 3)
+    options = DecodingOptions(strategy="greedy", max_new_tokens=8)
+    plain = captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=8, engine="generate"))
+    assert captioner.generate(block, options) == plain
+    assert captioner.generate(block[:3], options) == plain[:3]  # padded to the compiled batch of 4

@@ -22,7 +22,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dali.models.decoding import StaticDecoder
+
 MODALITIES = ("image", "audio", "audio_vis")
+DECODING_ENGINES = ("dali", "generate", "generate-static")
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -47,9 +50,11 @@ class DecodingOptions:
     temperature: float = 0.2  # sample only
     top_p: float | None = None  # sample only
     seed: int = 0
-    # "static": a pre-allocated KV cache (transformers compiles the decode step with CUDA graphs on a GPU);
-    # "dynamic": transformers' default growing cache.
-    cache: str = "dynamic"
+    # "dali": our engine (dali.models.decoding: the shared prompt head prefilled once, static KV cache, prefill
+    # compiled and decode graph-captured on a GPU); "generate": transformers' generate with its growing cache;
+    # "generate-static": generate with a static cache. Beam search always runs through generate.
+    engine: str = "dali"
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens (benchmarks decode a fixed length)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -58,11 +63,13 @@ class DecodingOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.strategy == "sample" and self.temperature <= 0:
             raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
-        if self.cache not in ("dynamic", "static"):
-            raise ValueError(f"cache must be 'dynamic' or 'static', got '{self.cache}'")
+        if self.engine not in DECODING_ENGINES:
+            raise ValueError(f"decoding engine must be one of {DECODING_ENGINES}, got '{self.engine}'")
 
     def generate_kwargs(self) -> dict:
-        kwargs = {"cache_implementation": "static"} if self.cache == "static" else {}
+        """Keyword arguments of transformers' ``generate`` for these options."""
+        kwargs = {"cache_implementation": "static"} if self.engine == "generate-static" else {}
+        kwargs["min_new_tokens"] = self.min_new_tokens
         if self.strategy == "greedy":
             return kwargs | {"do_sample": False, "num_beams": 1}
         if self.strategy == "beam":
@@ -100,6 +107,7 @@ class Captioner(nn.Module):
         self.image_processor = image_processor
         self.source = source
         self._text_cache: dict[str, list[int]] = {}
+        self._decoder: StaticDecoder | None = None
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -239,8 +247,7 @@ class Captioner(nn.Module):
         before_embeds = embed(torch.tensor(before, device=device)).unsqueeze(0).expand(batch, -1, -1)
         tail_ids = [after + (answers[i] if answers else []) for i in range(batch)]
         width = max(len(ids) for ids in tail_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        tails = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+        tails = torch.full((batch, width), self._pad_id, dtype=torch.long, device=device)
         tail_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
         for i, ids in enumerate(tail_ids):
             tails[i, : len(ids)] = torch.tensor(ids, device=device)
@@ -285,23 +292,61 @@ class Captioner(nn.Module):
         return total / count.clamp_min(1) if reduction == "mean" else (total, count)
 
     # -- decoding ------------------------------------------------------------------------------------
+    def prompt_parts(self, block: torch.Tensor, question: str = QUESTION) -> tuple[torch.Tensor, torch.Tensor]:
+        """A generation prompt split into the head every row shares and the rest of each row.
+
+        Returns:
+            shared [S, hidden] (BOS, system prompt, "USER: ") and rows [B, K + Q, hidden] (the block, then the
+            question and "ASSISTANT:"); concatenated they are :meth:`build_inputs`' prompt, without padding.
+        """
+        embed = self.llava.get_input_embeddings()
+        shared = embed(torch.tensor(self._ids(f"{SYSTEM_PROMPT} USER: ", bos=True), device=self.device))
+        after = embed(torch.tensor(self._ids(f"\n{question} ASSISTANT:"), device=self.device))
+        rows = torch.cat([block.to(self.device, self.dtype), after.unsqueeze(0).expand(block.shape[0], -1, -1)], 1)
+        return shared, rows
+
+    @property
+    def decoder(self) -> StaticDecoder:
+        """Our decoding engine, built on first use (it keeps its KV cache and compiled code between calls)."""
+        if self._decoder is None:
+            self._decoder = StaticDecoder(self.llava)
+        return self._decoder
+
     @torch.no_grad()
     def generate(
         self, block: torch.Tensor, options: DecodingOptions = DecodingOptions(), question: str = QUESTION
     ) -> list[str]:
         """Decode one caption per row of a [B, K, hidden] modality block."""
-        inputs = self.build_inputs(block, question=question)
-        kwargs = dict(
-            max_new_tokens=options.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **options.generate_kwargs(),
-        )
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(options.seed)
-            output = self.llava.generate(**inputs, **kwargs)
+        if options.engine == "dali" and options.strategy != "beam":
+            shared, rows = self.prompt_parts(block, question)
+            output = self.decoder.generate(
+                shared,
+                rows,
+                max_new_tokens=options.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self._pad_id,
+                temperature=options.temperature if options.strategy == "sample" else None,
+                top_p=options.top_p,
+                seed=options.seed,
+                min_new_tokens=options.min_new_tokens,
+            )
+        else:
+            inputs = self.build_inputs(block, question=question)
+            kwargs = dict(
+                max_new_tokens=options.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self._pad_id,
+                **options.generate_kwargs(),
+            )
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(options.seed)
+                output = self.llava.generate(**inputs, **kwargs)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [" ".join(text.replace("\n", " ").split()) for text in texts]
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
 
 def _apply(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,12 @@ class DecodingFlags:
     num_beams: int = field(4)
     max_new_tokens: int = field(64)
     seed: int = field(0)
-    cache: str = field("dynamic", choices=("dynamic", "static"), help="KV cache; static compiles the decode on GPU")
+    engine: str = field(
+        "dali",
+        choices=("dali", "generate", "generate-static"),
+        help="dali: our engine (shared prompt prefilled once, static KV cache, compiled on GPU); "
+        "generate: transformers' generate (beam search always uses it)",
+    )
 
     def decoding(self):
         from dali.models.captioner import DecodingOptions
@@ -65,7 +70,7 @@ class DecodingFlags:
             num_beams=self.num_beams,
             temperature=self.temperature,
             seed=self.seed,
-            cache=self.cache,
+            engine=self.engine,
         )
 
 
