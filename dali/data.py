@@ -322,6 +322,9 @@ class ClipDataset(torch.utils.data.Dataset):
         self.augment, self.on_error, self.seed = augment, on_error, seed
         self.epoch = 0
         self.fbank_cache: dict[int, torch.Tensor] | None = None
+        # Precomputed image tokens [len(clips), M, D] (alignment's vision-token cache): items carry their row,
+        # so the gather and the pinning happen in the loader workers, not in the training process.
+        self.image_tokens: torch.Tensor | None = None
 
     def preload_audio(self) -> list[dict[str, str]]:
         """Compute every clip's un-augmented fbank once and keep it (float16) in memory; returns the bad clips.
@@ -358,6 +361,8 @@ class ClipDataset(torch.utils.data.Dataset):
                 if self.augment:
                     fbank = augment_fbank(fbank, random.Random(hash((self.seed, self.epoch, index))))
                 item["fbank"] = fbank
+            if self.image_tokens is not None:
+                item["image_tokens"] = self.image_tokens[index]
             if self.need_image:
                 image = load_frame(clip, self.frame_index)
                 item["pixels"] = self.image_transform([image])[0] if self.image_transform else image
@@ -374,7 +379,7 @@ def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     batch: dict[str, Any] = {"bad": [item for item in items if isinstance(item, BadClip)]}
     batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["id"] = [item["id"] for item in good]
-    for key in ("fbank", "pixels"):
+    for key in ("fbank", "pixels", "image_tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])
     return batch

@@ -150,3 +150,17 @@ def test_parallel_emd_matches_pot_value_and_gradients():
         grads.append((value.item(), xx.grad.clone(), logits.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-9)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-8) and torch.allclose(grads[0][2], grads[1][2], atol=1e-8)
+    # another shape and float32: the shared blocks are replaced, the workers follow
+    small_x, small_y = x[:2, :5].float(), y[:2, :7].float()
+    assert ot_loss(small_x, small_y, solver="emd", workers=2).item() == pytest.approx(
+        ot_loss(small_x, small_y, solver="emd").item(), rel=1e-5
+    )
+
+
+@pytest.mark.gpu
+def test_sinkhorn_on_gpu_runs_compiled_and_matches_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 64, 16, generator=generator), torch.randn(4, 80, 16, generator=generator)
+    on_cpu = ot_loss(x, y, solver="sinkhorn", max_iters=50, tol=0)
+    on_gpu = ot_loss(x.cuda(), y.cuda(), solver="sinkhorn", max_iters=50, tol=0)
+    assert on_gpu.item() == pytest.approx(on_cpu.item(), rel=1e-4)

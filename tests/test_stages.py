@@ -333,3 +333,15 @@ def test_two_processes_follow_the_single_process_loss_curve(synthetic, tmp_path)
         losses[processes] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(losses[1]) == len(losses[2]) == 4
     assert max(abs(a - b) for a, b in zip(losses[1], losses[2])) < 1e-4
+
+
+def test_cached_image_tokens_travel_with_the_batch(write_wav):
+    from dali.data import Clip, ClipDataset, collate
+
+    clips = [Clip(f"c{i}", write_wav(f"c{i}.wav", seconds=0.5)) for i in range(3)]
+    dataset = ClipDataset(clips, need_audio=True, need_image=False, target_frames=64)
+    dataset.image_tokens = torch.arange(3 * 4 * 2, dtype=torch.float16).view(3, 4, 2)
+    batch = collate([dataset[i] for i in (2, 0)])
+    assert batch["image_tokens"].dtype == torch.float16
+    assert torch.equal(batch["image_tokens"], dataset.image_tokens[[2, 0]])
+    assert batch["fbank"].shape == (2, 64, 128)

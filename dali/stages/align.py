@@ -90,6 +90,7 @@ class AlignConfig:
         choices=("none", "bfloat16"),
         help="mixed precision on GPU (bf16 needs no loss scaling, unlike the original's fp16)",
     )
+    compile: bool = field(True, help="torch.compile the encoder's training forward (GPU only)")
     vision_dtype: str = field("float32", choices=tuple(DTYPES))
     device: str = field("auto")
     seed: int = field(0)
@@ -186,8 +187,12 @@ class VisionTokenSource:
         return self.valid is None or bool(self.valid[index])
 
     def tokens(self, batch: dict) -> torch.Tensor:
+        # float16 crosses to the device and is widened there: a CPU -> GPU copy that changes dtype converts
+        # on the CPU, single-threaded under torchrun.
+        if "image_tokens" in batch:  # gathered by the loader workers
+            return batch["image_tokens"].to(self.device, non_blocking=True).float()
         if self.cache is not None:
-            return self.cache[batch["index"]].to(self.device, torch.float32)
+            return self.cache[batch["index"]].to(self.device, non_blocking=True).float()
         return self.tower.image_tokens(batch["pixels"]).float()
 
 
@@ -266,18 +271,22 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     train_set = dataset(train_clips, config.noise)
+    train_set.image_tokens = train_vision.cache
     if config.cache_audio_features:
         bad.extend(train_set.preload_audio())
     usable = [i for i in range(len(train_clips)) if train_vision.usable(i) and train_set.usable(i)]
     encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     betas = (config.beta1, config.beta2)
-    optimizer = torch.optim.Adam(encoder_params, lr=config.lr, weight_decay=config.weight_decay, betas=betas)
+    fused = device.type == "cuda"  # one kernel for all parameters instead of several per tensor
+    optimizer = torch.optim.Adam(
+        encoder_params, lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
+    )
     milestones = list(range(config.lr_decay_start, 10_000, config.lr_decay_every))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_decay)
     scorer_optimizer = None
     if scorers is not None:  # the scorers have their own optimiser and no lr decay, as in the original
         scorer_optimizer = torch.optim.Adam(
-            scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas
+            scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
         )
     my_count = len(distributed.shard(usable, context))
     steps_per_epoch = my_count // config.batch_size if my_count >= config.batch_size else 1
@@ -305,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics.rewind(lambda record: record["step"] <= global_step if "step" in record else record["epoch"] < epoch)
     guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
     autocast = _autocast(config, device)
+    # Batches have one shape (full batches only), so the compiled forward is built once; the weights stay
+    # the encoder's own, so checkpoints and saved files do not change.
+    project = encoder.project
+    if config.compile and device.type == "cuda":
+        project = torch.compile(encoder.project, dynamic=False)
 
     def checkpoint() -> None:
         if context.is_main:
@@ -352,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             image = train_vision.tokens(batch)  # [B, M, D]
             with autocast():
-                audio = encoder.project(batch["fbank"].to(device, non_blocking=True)).float()  # [B, N, D]
+                audio = project(batch["fbank"].to(device, non_blocking=True)).float()  # [B, N, D]
                 weights = scorers(audio, image) if scorers is not None else None
             loss = alignment_loss(config, audio, image, weights)
             optimizer.zero_grad(set_to_none=True)
@@ -361,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             if guard.check(loss, global_step):
                 # The encoder follows the criterion alone; the scorers follow criterion - lambda * entropy.
                 # (The original let both backward passes add up in the encoder's gradients.)
-                # Both backward passes run before any weight changes.
-                loss.backward(inputs=encoder_params, retain_graph=scorers_train)
+                # Both backward passes run before any weight changes. The scorers' pass goes first and
+                # keeps the graph: it never reaches the encoder, whose compiled backward may run only once
+                # (without retain_graph).
                 if scorers_train:
                     scorer_objective = loss - entropy_weight * weights.entropy.mean()
-                    scorer_objective.backward(inputs=list(scorers.parameters()))
+                    scorer_objective.backward(inputs=list(scorers.parameters()), retain_graph=True)
+                loss.backward(inputs=encoder_params)
                 distributed.average_gradients(encoder_params)
                 optimizer.step()
                 if scorers_train:
