@@ -1,7 +1,9 @@
 """Alignment (stage 1b) throughput at the paper's sizes: CAV-MAE ViT-B (+ proj) against a frozen CLIP
 ViT-L/14-336, batch 256, random weights. The original recipe (vision tower forward every step, per-sample
 exact EMD on the CPU one after another, fp16 autocast) against ours (vision tokens cached, bf16 autocast,
-batched criteria on the GPU, or exact EMD on a pool of CPU processes). Also fbank parity with torchaudio.
+batched criteria on the GPU, or exact EMD on a pool of CPU processes sharing memory; the encoder's forward
+compiled with torch.compile and a fused Adam, as `dali align` does on a GPU). Also fbank parity with
+torchaudio, and the ceiling of exact EMD on this machine's CPU cores.
 
     python benchmarks/alignment.py --batch 256 --steps 3
 """
@@ -73,6 +75,28 @@ def fbank_parity() -> dict:
     return result
 
 
+def emd_ceiling(args, baseline: float) -> dict:
+    """What exact EMD allows on this machine: one 512 x 576 problem's solve time, spread over every core."""
+    import ot
+
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(6):
+        x, y = torch.randn(512, 1024, generator=generator), torch.randn(576, 1024, generator=generator)
+        cost = torch.cdist(x, y).square().double().numpy()
+        start = time.perf_counter()
+        ot.emd(ot.unif(512), ot.unif(576), cost, numItermax=1_000_000)
+        times.append(time.perf_counter() - start)
+    per_problem = sorted(times)[len(times) // 2]
+    cores = os.cpu_count() or 1
+    return {
+        "seconds_per_problem": round(per_problem, 4),
+        "cpu_cores": cores,
+        "samples_per_s_if_every_core_solved": round(cores / per_problem, 1),
+        "cores_needed_for_30x": round(30 * baseline * per_problem, 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=256)
@@ -89,7 +113,12 @@ def main() -> int:
     tower = CLIPVisionModel(clip_vit_l_336_config()).to(device).eval().requires_grad_(False)
     encoder = CAVMAEAudioEncoder(CAVMAEConfig()).to(device).train()
     scorers = AttentiveTokenWeights(1024, 8).to(device)
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(scorers.parameters()), lr=1e-4)
+    trained = list(encoder.parameters()) + list(scorers.parameters())
+    optimizers = {
+        "original": torch.optim.Adam(trained, lr=1e-4),
+        "ours": torch.optim.Adam(trained, lr=1e-4, fused=True),
+    }
+    compiled_project = torch.compile(encoder.project, dynamic=False)
     fbank = torch.randn(args.batch, 1024, 128, device=device)
     pixels = torch.randn(args.batch, 3, 336, 336, device=device)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -98,14 +127,16 @@ def main() -> int:
     def step(recipe: str) -> float:
         sync()
         start = time.perf_counter()
-        dtype = torch.float16 if recipe.startswith("original") else torch.bfloat16
+        original = recipe.startswith("original")
+        dtype = torch.float16 if original else torch.bfloat16
+        optimizer = optimizers["original" if original else "ours"]
         with torch.autocast("cuda", dtype=dtype):
-            if recipe.startswith("original"):
+            if original:
                 with torch.no_grad():
                     image = tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:].float()
             else:
                 image = cached
-            audio = encoder.project(fbank).float()
+            audio = (encoder.project if original else compiled_project)(fbank).float()
             # the original ran its scorers under fp16 autocast too
             weights = scorers(audio, image) if recipe.endswith("ot_att") else None
         wa, wi = (weights.audio, weights.image) if weights is not None else (None, None)
@@ -149,13 +180,11 @@ def main() -> int:
         print(recipe, rows[recipe], flush=True)
     baseline = rows["original_ot_att"]["samples_per_s"]
     for name, row in rows.items():
-        row["speedup_vs_original_ot_att"] = round(row["samples_per_s"] / baseline, 1)
-    results.update(
-        batch=args.batch,
-        emd_workers=args.emd_workers,
-        rows=rows,
-        target_30x_met_by=[name for name, row in rows.items() if row["speedup_vs_original_ot_att"] >= 30],
-    )
+        speedup = row["samples_per_s"] / baseline
+        row["speedup_vs_original_ot_att"] = round(speedup, 1)
+        if not name.startswith("original"):
+            row["target_30x"] = "met" if speedup >= 30 else f"MISSED by {30 / speedup:.2f}x"
+    results.update(batch=args.batch, emd_workers=args.emd_workers, rows=rows, emd_ceiling=emd_ceiling(args, baseline))
     report("alignment", results)
     print(f"device: {device_name()}")
     return 0

@@ -18,8 +18,12 @@ from dali.runs import read_jsonl  # noqa: E402
 
 
 def step_times(records: list[dict]) -> list[float]:
-    times = [r["time"] for r in records if "loss" in r and "step" in r]
-    return [b - a for a, b in zip(times, times[1:])][1:]  # the first steps include warm-up
+    """Seconds between consecutive steps, within epochs where epochs have several steps (epoch ends hold
+    checkpoints and loader restarts); the first gap, with warm-up and compilation, is dropped."""
+    steps = [r for r in records if "loss" in r and "step" in r]
+    pairs = list(zip(steps, steps[1:]))
+    within = [(a, b) for a, b in pairs if a.get("epoch") == b.get("epoch")]
+    return [b["time"] - a["time"] for a, b in (within if len(within) > 2 else pairs)][1:]
 
 
 def main() -> int:

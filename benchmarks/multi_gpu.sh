@@ -17,12 +17,13 @@ for n in 1 "$N"; do
   launch "$n" dali.stages.prefix_tune --llava "$L" --pairs "$W/prefix_pairs.json" --epochs 12 \
     --batch-size $((16 / n)) --dtype bfloat16 --out "$R/prefix" --overwrite
   launch "$n" dali.stages.align --llava "$L" --train-list "$W/align.json" --method ot_att --ot-solver sinkhorn \
-    --epochs 2 --batch-size $((64 / n)) --cache-vision-tokens --cache-audio-features --num-workers 4 \
+    --epochs 8 --batch-size $((256 / n)) --cache-vision-tokens --cache-audio-features --num-workers 4 \
     --out "$R/align" --overwrite
-  launch "$n" dali.stages.pseudo_label --llava "$L" --clips "$W/pseudo.json" --align-dir "$R/align" \
-    --prefix-dir "$R/prefix" --strategy greedy --max-new-tokens 12 --batch-size 32 --dtype bfloat16 \
+  # downstream of 1b, both runs use the 1-GPU run's prefix and encoder: only the sharding differs
+  launch "$n" dali.stages.pseudo_label --llava "$L" --clips "$W/pseudo.json" --align-dir "$WORK/run1/align" \
+    --prefix-dir "$WORK/run1/prefix" --strategy greedy --max-new-tokens 12 --batch-size 32 --dtype bfloat16 \
     --num-workers 4 --limit 128 --out "$R/pseudo_label" --overwrite
-  launch "$n" dali.stages.distill --llava "$L" --align-dir "$R/align" --pseudo-dir "$WORK/run1/pseudo_label" \
+  launch "$n" dali.stages.distill --llava "$L" --align-dir "$WORK/run1/align" --pseudo-dir "$WORK/run1/pseudo_label" \
     --epochs 2 --batch-size $((16 / n)) --dtype bfloat16 --num-workers 4 --out "$R/distill" --overwrite
 done
 for stage in prefix align distill; do
