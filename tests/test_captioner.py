@@ -101,6 +101,11 @@ def test_our_engine_decodes_what_generate_decodes(captioner, new_tokens):
     plain = captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=new_tokens, engine="generate"))
     static = DecodingOptions(strategy="greedy", max_new_tokens=new_tokens, engine="generate-static")
     assert ours == plain == captioner.generate(block, static)
+    # seeded sampling draws the same stream as generate's (same warpers, one draw per step over the batch)
+    sample = dict(strategy="sample", temperature=0.8, top_p=0.9, max_new_tokens=new_tokens, seed=5)
+    assert captioner.generate(block, DecodingOptions(**sample)) == captioner.generate(
+        block, DecodingOptions(**sample, engine="generate")
+    )
     # exactly N tokens when EOS is forbidden before N, as generate's min_new_tokens
     shared, rows = captioner.prompt_parts(block)
     tokenizer = captioner.tokenizer

@@ -93,6 +93,17 @@ def test_alignment_methods(synthetic, tmp_path, method, solver):
         assert {r["entropy_weight"] for r in records if r.get("epoch") == 2 and "loss" in r} == {500.0}
 
 
+@pytest.mark.gpu
+def test_attentive_alignment_trains_compiled_on_gpu(synthetic, tmp_path):
+    """On a GPU the encoder's forward is compiled; its backward may run once, so the scorers' pass comes first."""
+    world, llava = synthetic
+    out = tmp_path / "align"
+    flags = _align_flags(world, llava, "ot_att") + ["--ot-solver", "sinkhorn", "--device", "cuda", "--out", str(out)]
+    assert align.main(flags) == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert {r["entropy_weight"] for r in records if r.get("epoch") == 2 and "loss" in r} == {500.0}
+
+
 def test_downstream_refuses_unfinished_upstream(pipeline, tmp_path):
     world, llava, run = pipeline
     (tmp_path / "align").mkdir()
