@@ -150,39 +150,32 @@ def main() -> int:
         return {key: round(value, 4) for key, value in parts.items()}
 
     results = {"ceilings": ceilings, "prompt_tokens": prompt_len, "shared_head_tokens": shared_len, "rows": []}
+
+    def sweep(engine: str, batches: list[int], new: int) -> dict[int, float]:
+        """Clips/s per batch size (ascending); a batch that runs out of memory is recorded and ends the sweep."""
+        speeds = {}
+        for batch in batches:
+            try:
+                speeds[batch] = run(batch, new, engine)
+                row = {"clips_per_s": round(speeds[batch], 2)}
+            except torch.OutOfMemoryError:
+                captioner._decoder = None  # drop a KV cache that did not fit
+                torch.cuda.empty_cache()
+                row = {"result": "out of memory"}
+            results["rows"].append({"engine": engine, "new_tokens": new, "batch": batch, **row})
+            print(results["rows"][-1], flush=True)
+            if "result" in row:
+                break
+        return speeds
+
     for new in args.new_tokens:
         # our engine's KV cache and CUDA graphs from the previous setting must not squeeze the baseline
         captioner._decoder = None
         torch.compiler.reset()
         torch.cuda.empty_cache()
-        plain = {}
-        for batch in args.batches:
-            try:
-                plain[batch] = run(batch, new, engine="generate")
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                results["rows"].append({"engine": "hf-generate", "new_tokens": new, "batch": batch, "result": "OOM"})
-                print(results["rows"][-1], flush=True)
-                break
-            results["rows"].append(
-                {"engine": "hf-generate", "new_tokens": new, "batch": batch, "clips_per_s": round(plain[batch], 2)}
-            )
-            print(results["rows"][-1], flush=True)
+        plain = sweep("generate", args.batches, new)
         best_batch = max(plain, key=plain.get)
-        ours = {}
-        for batch in args.ours_batches:
-            try:
-                ours[batch] = run(batch, new, engine="dali")
-            except torch.OutOfMemoryError:
-                captioner._decoder = None  # drop the cache that did not fit
-                torch.cuda.empty_cache()
-                results["rows"].append({"engine": "dali", "new_tokens": new, "batch": batch, "result": "OOM"})
-                print(results["rows"][-1], flush=True)
-                continue
-            results["rows"].append(
-                {"engine": "dali", "new_tokens": new, "batch": batch, "clips_per_s": round(ours[batch], 2)}
-            )
-            print(results["rows"][-1], flush=True)
+        ours = sweep("dali", args.ours_batches, new)
         our_batch = max(ours, key=ours.get)
         bound = roofline(config, our_batch, shared_len, row_len, new, ceilings)
         if "sustained_tflops" not in ceilings:
