@@ -41,6 +41,8 @@ def setup(device: str = "auto") -> Context:
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None:  # '--device cuda': this rank's GPU
+        chosen = torch.device("cuda", local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
