@@ -159,7 +159,7 @@ def main() -> int:
                 speeds[batch] = run(batch, new, engine)
                 row = {"clips_per_s": round(speeds[batch], 2)}
             except torch.OutOfMemoryError:
-                captioner._decoder = None  # drop a KV cache that did not fit
+                captioner.release_decoder()  # drop a KV cache that did not fit
                 torch.cuda.empty_cache()
                 row = {"result": "out of memory"}
             results["rows"].append({"engine": engine, "new_tokens": new, "batch": batch, **row})
@@ -170,7 +170,7 @@ def main() -> int:
 
     for new in args.new_tokens:
         # our engine's KV cache and CUDA graphs from the previous setting must not squeeze the baseline
-        captioner._decoder = None
+        captioner.release_decoder()
         torch.compiler.reset()
         torch.cuda.empty_cache()
         plain = sweep("generate", args.batches, new)

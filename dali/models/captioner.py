@@ -312,6 +312,10 @@ class Captioner(nn.Module):
             self._decoder = StaticDecoder(self.llava)
         return self._decoder
 
+    def release_decoder(self) -> None:
+        """Drop the engine and its KV cache (memory for something else); the next call builds a new one."""
+        self._decoder = None
+
     @torch.no_grad()
     def generate(
         self, block: torch.Tensor, options: DecodingOptions = DecodingOptions(), question: str = QUESTION

@@ -187,12 +187,11 @@ class VisionTokenSource:
         return self.valid is None or bool(self.valid[index])
 
     def tokens(self, batch: dict) -> torch.Tensor:
-        # float16 crosses to the device and is widened there: a CPU -> GPU copy that changes dtype converts
-        # on the CPU, single-threaded under torchrun.
-        if "image_tokens" in batch:  # gathered by the loader workers
+        """The batch's cached tokens (gathered by the loader workers), or the tower on its pixels."""
+        if "image_tokens" in batch:
+            # float16 crosses to the device and is widened there: a CPU -> GPU copy that changes dtype
+            # converts on the CPU, single-threaded under torchrun.
             return batch["image_tokens"].to(self.device, non_blocking=True).float()
-        if self.cache is not None:
-            return self.cache[batch["index"]].to(self.device, non_blocking=True).float()
         return self.tower.image_tokens(batch["pixels"]).float()
 
 
@@ -257,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     val_vision = VisionTokenSource(tower, val_clips, config, device, bad) if val_clips else None
     need_pixels = not config.cache_vision_tokens
 
-    def dataset(clips, augment):
-        return ClipDataset(
+    def dataset(clips, augment, vision: VisionTokenSource):
+        clip_set = ClipDataset(
             clips,
             need_audio=True,
             need_image=need_pixels,
@@ -269,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             on_error=config.on_error,
             seed=config.seed,
         )
+        clip_set.image_tokens = vision.cache  # None without --cache-vision-tokens: pixels go to the tower
+        return clip_set
 
-    train_set = dataset(train_clips, config.noise)
-    train_set.image_tokens = train_vision.cache
+    train_set = dataset(train_clips, config.noise, train_vision)
     if config.cache_audio_features:
         bad.extend(train_set.preload_audio())
     usable = [i for i in range(len(train_clips)) if train_vision.usable(i) and train_set.usable(i)]
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         val_loss = None
         if val_vision is not None:
             val_loader = torch.utils.data.DataLoader(
-                dataset(val_clips, augment=False),
+                dataset(val_clips, augment=False, vision=val_vision),
                 batch_size=config.batch_size,
                 num_workers=config.num_workers,
                 collate_fn=collate,

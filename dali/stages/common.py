@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dali.config import config_to_dict, field
+from dali.models.captioner import DECODING_ENGINES, DecodingOptions
 from dali.runs import atomic_write, progress  # noqa: F401  (re-exported for the stages)
 
 log = logging.getLogger("dali")
@@ -56,14 +57,12 @@ class DecodingFlags:
     seed: int = field(0)
     engine: str = field(
         "dali",
-        choices=("dali", "generate", "generate-static"),
+        choices=DECODING_ENGINES,
         help="dali: our engine (shared prompt prefilled once, static KV cache, compiled on GPU); "
         "generate: transformers' generate (beam search always uses it)",
     )
 
-    def decoding(self):
-        from dali.models.captioner import DecodingOptions
-
+    def decoding(self) -> DecodingOptions:
         return DecodingOptions(
             strategy=self.strategy,
             max_new_tokens=self.max_new_tokens,
