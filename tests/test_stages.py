@@ -93,6 +93,25 @@ def test_alignment_methods(synthetic, tmp_path, method, solver):
         assert {r["entropy_weight"] for r in records if r.get("epoch") == 2 and "loss" in r} == {500.0}
 
 
+def test_validation_scores_only_clips_whose_frame_was_cached(synthetic, tmp_path):
+    world, llava = synthetic
+    listing = json.loads((world / "val.json").read_text())
+    broken = dict(listing["data"][0], video_id="no_frame", video_path=str(tmp_path / "nowhere"))
+    (tmp_path / "val_broken.json").write_text(json.dumps({"data": listing["data"] + [broken]}))
+    losses = {}
+    # a list outside the world with no --data-root: none of its files can be found
+    runs = {"clean": [world / "val.json"], "broken": [tmp_path / "val_broken.json", "--data-root", str(world)]}
+    runs["no_frames"] = [tmp_path / "val_broken.json"]
+    for name, (val_list, *extra) in runs.items():
+        flags = _align_flags(world, llava, "mmd") + ["--epochs", "1", "--out", str(tmp_path / name), *extra]
+        flags[flags.index("--val-list") + 1] = str(val_list)
+        assert align.main(flags) == 0
+        losses[name] = [r["val_loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "val_loss" in r]
+    assert len(losses["clean"]) == 1 and losses["broken"] == losses["clean"]
+    assert "no_frame" in (tmp_path / "broken" / "skipped.jsonl").read_text()
+    assert losses["no_frames"] == [] and (tmp_path / "no_frames" / "audio_encoder.safetensors").exists()
+
+
 @pytest.mark.gpu
 def test_attentive_alignment_trains_compiled_on_gpu(synthetic, tmp_path):
     """On a GPU the encoder's forward is compiled; its backward may run once, so the scorers' pass comes first."""

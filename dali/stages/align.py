@@ -206,8 +206,10 @@ class OrderedSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def validation_loss(config: AlignConfig, encoder, vision: VisionTokenSource, loader, device, autocast) -> float:
-    """Mean criterion with uniform weights over a validation loader."""
+def validation_loss(
+    config: AlignConfig, encoder, vision: VisionTokenSource, loader, device, autocast
+) -> tuple[float, int]:
+    """Summed criterion with uniform weights over a validation loader, and the number of clips it covers."""
     encoder.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -222,7 +224,7 @@ def validation_loss(config: AlignConfig, encoder, vision: VisionTokenSource, loa
                 total += float(loss) * len(batch["index"])
                 count += len(batch["index"])
     encoder.train()
-    return total / max(count, 1)
+    return total, count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,15 +411,22 @@ def main(argv: list[str] | None = None) -> int:
         if val_vision is not None:
             val_loader = torch.utils.data.DataLoader(
                 dataset(val_clips, augment=False, vision=val_vision),
+                # a clip whose frame could not be cached has no tokens to compare with: it is listed, not scored
+                sampler=OrderedSampler([i for i in range(len(val_clips)) if val_vision.usable(i)]),
                 batch_size=config.batch_size,
                 num_workers=config.num_workers,
                 collate_fn=collate,
             )
-            val_loss = distributed.mean_across_ranks(
-                validation_loss(config, encoder, val_vision, val_loader, device, autocast), device
+            total, count = validation_loss(config, encoder, val_vision, val_loader, device, autocast)
+            total, count = distributed.sum_across_ranks(
+                torch.tensor([total, count], dtype=torch.float64, device=device)
             )
-            metrics.log(epoch=epoch, val_loss=val_loss)
-            log.info("epoch %d: validation %s %.4f", epoch, config.method, val_loss)
+            if count > 0:
+                val_loss = float(total / count)
+                metrics.log(epoch=epoch, val_loss=val_loss)
+                log.info("epoch %d: validation %s %.4f", epoch, config.method, val_loss)
+            else:  # no score to pick an epoch by: keep the latest encoder, as without --val-list
+                log.warning("epoch %d: no validation clip could be scored (listed in %s)", epoch, SKIPPED_FILE)
         if context.is_main and (val_loss is None or val_loss < best_val):
             best_val = val_loss if val_loss is not None else best_val
             atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
