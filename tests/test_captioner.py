@@ -115,6 +115,53 @@ def test_our_engine_decodes_what_generate_decodes(captioner, new_tokens):
     assert ids.shape == (5, new_tokens) and not (ids == tokenizer.eos_token_id).any()
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_prefill_attention_is_the_masked_attention_over_the_filled_cache(kv_heads):
+    from types import SimpleNamespace
+
+    from dali.models.decoding import shared_head_attention
+
+    torch.manual_seed(0)
+    batch, heads, head_len, queries, spare, dim = 3, 4, 5, 7, 4, 8
+    length = head_len + queries + spare  # a static cache with room for new tokens
+    query = torch.randn(batch, heads, queries, dim)
+    key, value = torch.randn(2, batch, kv_heads, length, dim).unbind(0)
+    position = torch.arange(length)
+    allowed = position[None, :] <= head_len + torch.arange(queries)[:, None]  # causal after the head
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=allowed, scale=0.3
+    ).transpose(1, 2)
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    output, _ = shared_head_attention(module, query, key, value, None, scaling=0.3, prefill_keys=head_len + queries)
+    assert output.shape == (batch, queries, heads, dim)
+    torch.testing.assert_close(output, expected)
+
+
+def test_engine_prefill_uses_the_square_attention_and_gives_the_model_back(captioner, monkeypatch):
+    import dali.models.decoding as decoding
+
+    seen = []
+    original = decoding.shared_head_attention
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.shape[2], kwargs.get("prefill_keys")))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(decoding, "shared_head_attention", spy)
+    captioner.release_decoder()
+    block = captioner.modality_block(audio_tokens=torch.randn(2, 10, 32), prefix=torch.randn(4, 32))
+    shared, rows = captioner.prompt_parts(block)
+    captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=3))
+    layers = captioner.llava.config.text_config.num_hidden_layers
+    prefill = [keys for queries, keys in seen if keys is not None]  # (the shared head runs as plain sdpa)
+    assert prefill == [shared.shape[0] + rows.shape[1]] * layers  # every layer of the per-row prefill
+    text_config = captioner.llava.model.language_model.config
+    assert text_config._attn_implementation == decoding.SHARED_HEAD_ATTENTION
+    captioner.release_decoder()
+    assert text_config._attn_implementation == "sdpa"
+
+
 def test_our_engine_stops_rows_at_eos_and_samples_reproducibly(captioner):
     tokenizer = captioner.tokenizer
     eos = tokenizer.eos_token_id

@@ -314,6 +314,8 @@ class Captioner(nn.Module):
 
     def release_decoder(self) -> None:
         """Drop the engine and its KV cache (memory for something else); the next call builds a new one."""
+        if self._decoder is not None:
+            self._decoder.close()
         self._decoder = None
 
     @torch.no_grad()

@@ -6,7 +6,8 @@ a batch starts with the same text (BOS, the system prompt, "USER: ") and all row
 
 - computes the shared head's keys and values once (batch 1, kept across calls) and copies them into every
   row of the cache,
-- prefills only the per-row part, with one causal pass and the LM head on the last position only,
+- prefills only the per-row part, with one causal pass and the LM head on the last position only; its
+  attention runs as a square causal problem over the filled keys (see :func:`shared_head_attention`),
 - decodes one token per step against a pre-allocated KV cache (transformers' ``StaticCache``),
 
 and on a GPU compiles the prefill (fused norms, rotary and activations) and captures the decode step in a
@@ -21,6 +22,65 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+SHARED_HEAD_ATTENTION = "dali_sdpa"  # our name in transformers' attention registry: sdpa + the prefill below
+
+
+def shared_head_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    prefill_keys: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except in our prefill, which passes ``prefill_keys``.
+
+    The prefill's queries [B, heads, T, D] are the last T of ``prefill_keys`` filled cache positions (the
+    shared head sits in front), and the static cache hands over all of its positions, so transformers builds a
+    [T, cache length] boolean mask and SDPA falls back to a masked kernel (11 ms a layer at batch 256 on an
+    H200, 21% of the prefill). Padding the queries in front with the head's length makes the problem square:
+    plain causal attention over the filled keys, which SDPA runs with its flash kernels (under 3 ms). The
+    padded rows' outputs are dropped; every real query sees exactly the keys the mask allowed.
+
+    Returns the attention output [B, T, heads, D], as transformers' attention functions do.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    queries = query.shape[2]
+    if prefill_keys is None or queries == 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    head = prefill_keys - queries
+    key, value = key[:, :, :prefill_keys], value[:, :, :prefill_keys]
+    groups = heads // key.shape[1]
+    if groups > 1:  # grouped-query attention: one key/value head per group of query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    padded = torch.cat([query.new_zeros(batch, heads, head, dim), query], dim=2)
+    output = torch.nn.functional.scaled_dot_product_attention(padded, key, value, is_causal=True, scale=scaling)
+    return output[:, :, head:].transpose(1, 2).contiguous(), None
+
+
+def _use_shared_head_attention(language_model: nn.Module) -> str | None:
+    """Route an sdpa language model through :func:`shared_head_attention`; returns the implementation it had.
+
+    Outside our prefill the function is transformers' sdpa, so ``generate`` on the same model is unchanged.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    previous = language_model.config._attn_implementation
+    if previous != "sdpa":
+        return None
+    AttentionInterface.register(SHARED_HEAD_ATTENTION, shared_head_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_HEAD_ATTENTION, sdpa_mask)
+    language_model.config._attn_implementation = SHARED_HEAD_ATTENTION
+    return previous
 
 
 @dataclass
@@ -49,6 +109,7 @@ class StaticDecoder:
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
+        self._previous_attention = _use_shared_head_attention(self.language_model)
         self.cache = None
         self._cache_shape: tuple[int, int] | None = None
         self._shared_head: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -58,10 +119,29 @@ class StaticDecoder:
             self._prefill = torch.compile(self._last_logits, dynamic=False)
             self._step = torch.compile(self._step_logits, mode="reduce-overhead", dynamic=False)
 
+    def close(self) -> None:
+        """Free the KV cache and compiled code now, and give the language model back its attention implementation.
+
+        The compiled callables hold this engine (they wrap its bound methods), so without this the cache would
+        wait for Python's cycle collector: found on the GPU, where it took the memory of the next batch.
+        """
+        self.cache = self._cache_shape = self._shared_head = None
+        self._prefill = self._step = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self._previous_attention is not None:
+            self.language_model.config._attn_implementation = self._previous_attention
+            self._previous_attention = None
+
     # -- model calls (compiled on GPU) --------------------------------------------------------------
-    def _last_logits(self, embeds: torch.Tensor, cache) -> torch.Tensor:
-        """[B, T, H] continuing the cache -> float logits of the last position [B, V]."""
-        hidden = self.language_model(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
+    def _last_logits(self, embeds: torch.Tensor, cache, prefill_keys: int | None = None) -> torch.Tensor:
+        """[B, T, H] continuing the cache -> float logits of the last position [B, V].
+
+        ``prefill_keys``: the cache positions filled once ``embeds`` are in (prefill only; see
+        :func:`shared_head_attention`).
+        """
+        extra = {"prefill_keys": prefill_keys} if self._previous_attention and prefill_keys else {}
+        hidden = self.language_model(inputs_embeds=embeds, cache=cache, use_cache=True, **extra).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     def _step_logits(self, tokens: torch.Tensor, cache) -> torch.Tensor:
@@ -142,7 +222,7 @@ class StaticDecoder:
         cache = self._prepare_cache(width, length)
         self._write_shared(shared.to(self.device, dtype).unsqueeze(0), width)
         timings.shared = clock.lap()
-        logits = self._prefill(rows.to(self.device, dtype), cache)
+        logits = self._prefill(rows.to(self.device, dtype), cache, shared.shape[0] + rows.shape[1])
         timings.prefill = clock.lap()
 
         generator = None
