@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import tiny_encoder_flags
 
+from dali.models.captioner import DecodingOptions
 from dali.runs import StageStateError, read_jsonl, read_manifest
 from dali.stages import align, distill, evaluate, infer, prefix_tune, pseudo_label
 
@@ -375,3 +376,42 @@ def test_cached_image_tokens_travel_with_the_batch(write_wav):
     assert batch["image_tokens"].dtype == torch.float16
     assert torch.equal(batch["image_tokens"], dataset.image_tokens[[2, 0]])
     assert batch["fbank"].shape == (2, 64, 128)
+
+
+def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav, tmp_path):
+    """Two ranks (run one after the other here) caption their strided shares; rank 0 merges in input order."""
+    from dali.data import Clip, ClipDataset
+    from dali.distributed import Context
+    from dali.stages.captioning import caption_clips
+
+    clips = [Clip(f"c{i}", write_wav(f"c{i}.wav", seconds=0.5)) for i in range(7)]
+    clips[3] = Clip("c3", tmp_path / "missing.wav")  # a corrupt clip is reported, not captioned
+
+    class EchoCaptioner:  # names each row after the fbank it got, so a caption can only come from its own clip
+        def generate(self, block, options):
+            return [f"{row.sum().item():.3f}" for row in block]
+
+    def dataset_for(chunk):
+        return ClipDataset(chunk, need_audio=True, need_image=False, target_frames=32)
+
+    def run(rank: int):
+        return caption_clips(
+            EchoCaptioner(),
+            clips,
+            dataset_for,
+            lambda batch: batch["fbank"],
+            DecodingOptions(),
+            tmp_path,
+            Context(rank=rank, world_size=2),
+            batch_size=2,
+            num_workers=0,
+        )
+
+    assert run(1) == ([], [])  # a rank other than 0 writes its part and returns nothing
+    captions, skipped = run(0)
+    assert [record["id"] for record in captions] == ["c0", "c1", "c2", "c4", "c5", "c6"]
+    assert [record["id"] for record in skipped] == ["c3"]
+    expected = dataset_for(clips)
+    for record in captions:
+        index = int(record["id"][1:])
+        assert record["caption"] == f"{expected[index]['fbank'].sum().item():.3f}"
