@@ -139,6 +139,9 @@ def test_prefill_attention_is_the_masked_attention_over_the_filled_cache(kv_head
 
 
 def test_engine_prefill_uses_the_square_attention_and_gives_the_model_back(captioner, monkeypatch):
+    import gc
+    import weakref
+
     import dali.models.decoding as decoding
 
     seen = []
@@ -158,7 +161,13 @@ def test_engine_prefill_uses_the_square_attention_and_gives_the_model_back(capti
     assert prefill == [shared.shape[0] + rows.shape[1]] * layers  # every layer of the per-row prefill
     text_config = captioner.llava.model.language_model.config
     assert text_config._attn_implementation == decoding.SHARED_HEAD_ATTENTION
-    captioner.release_decoder()
+    keys = weakref.ref(captioner.decoder.cache.layers[0].keys)
+    gc.disable()  # the cache must go with the engine, not wait for the cycle collector
+    try:
+        captioner.release_decoder()
+        assert keys() is None
+    finally:
+        gc.enable()
     assert text_config._attn_implementation == "sdpa"
 
 
