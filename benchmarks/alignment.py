@@ -33,7 +33,7 @@ def fbank_parity() -> dict:
         from torchaudio.compliance import kaldi
     except ImportError:
         return {"skipped": "torchaudio is not installed"}
-    from dali.audio import kaldi_fbank
+    from dali.audio import TORCHAUDIO_FBANK_ARGS, kaldi_fbank
 
     generator = torch.Generator().manual_seed(0)
     t = torch.arange(160_000) / 16_000
@@ -45,16 +45,7 @@ def fbank_parity() -> dict:
 
     def reference(wave: torch.Tensor, device: str) -> torch.Tensor:
         """torchaudio's Kaldi fbank with CAV-MAE's arguments, computed on ``device``."""
-        return kaldi.fbank(
-            wave.unsqueeze(0).to(device),
-            htk_compat=True,
-            sample_frequency=16000,
-            use_energy=False,
-            window_type="hanning",
-            num_mel_bins=128,
-            dither=0.0,
-            frame_shift=10,
-        ).cpu()
+        return kaldi.fbank(wave.unsqueeze(0).to(device), **TORCHAUDIO_FBANK_ARGS).cpu()
 
     result = {}
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)

@@ -33,6 +33,18 @@ TARGET_FRAMES = 1024  # CAV-MAE pads or crops every clip to 1024 frames (10.24 s
 FBANK_MEAN = -5.081
 FBANK_STD = 4.4849
 
+# CAV-MAE's own call of torchaudio.compliance.kaldi.fbank, which kaldi_fbank reproduces (for parity checks
+# on machines that have torchaudio).
+TORCHAUDIO_FBANK_ARGS = dict(
+    htk_compat=True,
+    sample_frequency=SAMPLE_RATE,
+    use_energy=False,
+    window_type="hanning",
+    num_mel_bins=NUM_MEL_BINS,
+    dither=0.0,
+    frame_shift=FRAME_SHIFT_MS,
+)
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 

@@ -4,7 +4,7 @@ import soundfile
 import torch
 
 from dali import audio
-from dali.audio import AudioLoadError, audio_to_features, kaldi_fbank, load_audio
+from dali.audio import TORCHAUDIO_FBANK_ARGS, AudioLoadError, audio_to_features, kaldi_fbank, load_audio
 
 
 def transformers_fbank(wave: np.ndarray) -> np.ndarray:
@@ -69,16 +69,7 @@ def test_fbank_parity_with_torchaudio_on_gpu(rng):
     kaldi = pytest.importorskip("torchaudio.compliance.kaldi")
     wave = torch.from_numpy((0.1 * rng.standard_normal(160_000)).astype(np.float32))
     wave = wave - wave.mean()
-    reference = kaldi.fbank(
-        wave.unsqueeze(0),
-        htk_compat=True,
-        sample_frequency=16000,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=128,
-        dither=0.0,
-        frame_shift=10,
-    )
+    reference = kaldi.fbank(wave.unsqueeze(0), **TORCHAUDIO_FBANK_ARGS)
     ours = kaldi_fbank(wave.cuda()).cpu()
     assert (ours - reference).abs().max() < 1e-3
 
