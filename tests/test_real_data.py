@@ -11,7 +11,7 @@ import torch
 from helpers import original_layout, write_mp4
 
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, CheckpointError
-from dali.runs import read_jsonl, read_manifest
+from dali.runs import StageStateError, read_jsonl, read_manifest
 from dali.stages import caption, import_original, infer, prepare
 
 
@@ -218,3 +218,16 @@ def test_public_audiocaps_layout_groups_five_references(tmp_path):
     clips = read_caption_csv(listing, audio_dir=tmp_path / "audio")
     assert [c.id for c in clips] == ["yt0", "yt1"] and [len(c.captions) for c in clips] == [5, 5]
     assert clips[1].audio == tmp_path / "audio" / "yt1.wav"
+
+
+def test_import_refuses_a_finished_run_without_overwrite(tiny_llava_dir, original_weights, tmp_path):
+    source, _ = original_weights
+    run = tmp_path / "run"
+    argv = [str(source), str(run), "--llava", str(tiny_llava_dir)]
+    assert import_original.main(argv) == 0
+    before = {stage: read_manifest(run / stage) for stage in ("align", "distill", "prefix")}
+    with pytest.raises(StageStateError, match="--overwrite"):
+        import_original.main(argv)
+    assert {stage: read_manifest(run / stage) for stage in before} == before
+    assert import_original.main(argv + ["--overwrite"]) == 0
+    assert all(read_manifest(run / stage)["finished"] for stage in before)

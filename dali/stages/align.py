@@ -18,7 +18,7 @@ from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, 
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
 from dali.models.captioner import VisionTower
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder, save_audio_encoder
-from dali.runs import Stage, atomic_write, atomic_write_jsonl
+from dali.runs import Stage, atomic_write, atomic_write_jsonl, stage_main
 from dali.stages.common import (
     CHECKPOINT,
     DTYPES,
@@ -227,6 +227,7 @@ def validation_loss(
     return total, count
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(AlignConfig, argv)
@@ -236,22 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     out = stage_dir(config.expe_dir, config.run, "align", config.out)
     stage = Stage(out, "align", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
-    if context.is_main:
+
+    # -- setup
+    tower = VisionTower.from_pretrained(config.llava, dtype=DTYPES[config.vision_dtype], device=device)
+    encoder = build_encoder(config, tower.hidden_size).to(device)
+    train_clips = read_cavmae_json(config.train_list, config.data_root)
+    val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
+    if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
         print_config("align", config)
         stage.save_config(config_to_dict(config))
         for name in ("train_list", "val_list", "init_encoder"):
             if getattr(config, name):
                 stage.add_input(name, getattr(config, name))
-
-    # -- setup
-    tower = VisionTower.from_pretrained(config.llava, dtype=DTYPES[config.vision_dtype], device=device)
-    encoder = build_encoder(config, tower.hidden_size).to(device)
     scorers = None
     if config.method == "ot_att":
         scorers = AttentiveTokenWeights(tower.hidden_size, config.scorer_heads, config.scorer_temperature).to(device)
     distributed.broadcast_parameters(encoder, *([scorers] if scorers is not None else []))
-    train_clips = read_cavmae_json(config.train_list, config.data_root)
-    val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
     bad: list[dict] = []
     val_clips = distributed.shard(val_clips, context)  # every rank validates its share
     train_vision = VisionTokenSource(tower, train_clips, config, device, bad)
@@ -465,7 +466,6 @@ def main(argv: list[str] | None = None) -> int:
             },
             outputs=outputs,
         )
-        (out / CHECKPOINT).unlink(missing_ok=True)
         log.info("aligned encoder written to %s", out / ENCODER_FILE)
     distributed.teardown()
     return 0

@@ -16,12 +16,12 @@ import torch
 
 from dali.config import config_to_dict, field
 from dali.models.captioner import DECODING_ENGINES, DecodingOptions
-from dali.runs import atomic_write, progress  # noqa: F401  (re-exported for the stages)
+from dali.models.cav_mae import CheckpointError
+from dali.runs import CHECKPOINT, atomic_write, check_run_name, progress  # noqa: F401  (re-exported)
 
 log = logging.getLogger("dali")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHECKPOINT = "checkpoint.pt"
 
 
 def setup_logging() -> None:
@@ -38,12 +38,13 @@ def setup_logging() -> None:
 
 
 def stage_dir(expe_dir: str, run: str, stage: str, out: str | None) -> Path:
-    return Path(out) if out else Path(expe_dir) / run / stage
+    """A stage's own folder: ``--out``, else ``<expe_dir>/<run>/<stage>`` (``--run`` must be a plain name)."""
+    return Path(out) if out else Path(expe_dir) / check_run_name(run) / stage
 
 
 def upstream_dir(explicit: str | None, expe_dir: str, run: str, stage: str) -> Path:
     """An upstream stage folder: the flag's value, else ``<expe_dir>/<run>/<stage>``."""
-    return Path(explicit) if explicit else Path(expe_dir) / run / stage
+    return Path(explicit) if explicit else Path(expe_dir) / check_run_name(run) / stage
 
 
 @dataclass(kw_only=True)
@@ -85,21 +86,36 @@ def print_config(name: str, config: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Resumable training state, written atomically (a kill mid-write leaves the previous checkpoint)."""
-    state = dict(
-        state, rng={"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    )
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Resumable training state, written atomically (a kill mid-write leaves the previous checkpoint).
+
+    Only tensors, numbers, strings and plain containers go in, so that :func:`load_checkpoint` can read it
+    with ``weights_only=True``: a checkpoint from elsewhere cannot run code.
+    """
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    rng = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(dict(state, rng=rng), tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The state saved by :func:`save_checkpoint`, loaded safely; restores the random generators."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError for a bad file
+        raise CheckpointError(
+            f"--resume: '{path}' is not a training checkpoint that loads safely (tensors, numbers and plain "
+            f"containers only): {str(error).splitlines()[0]}. Delete it to start over, or use --overwrite"
+        ) from None
     rng = state.pop("rng", None)
     if rng:
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        kind, keys, position, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         torch.set_rng_state(rng["torch"])
     return state
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
 from dali.models.cav_mae import CheckpointError, load_audio_encoder, read_state_dict, save_audio_encoder, strip_prefix
 from dali.models.prefix import ORIGINAL_PREFIX_KEY, ORIGINAL_PROJECTOR_KEYS, load_prefix, save_prefix
-from dali.runs import Stage, atomic_write
+from dali.runs import Stage, atomic_write, stage_main
 from dali.stages.common import log, setup_logging
 
 SCORER_PREFIXES = ("audio_scorer.", "image_scorer.", "a_q.", "a_k.", "a_v.", "i_q.", "i_k.", "i_v.")
@@ -35,7 +35,7 @@ def llava_shapes(llava: str | None) -> tuple[int | None, int | None]:
     return config.text_config.hidden_size, config.vision_config.hidden_size
 
 
-def import_backbone(path: Path, out: Path, vision_dim: int | None) -> dict:
+def import_backbone(path: Path, stage: Stage, vision_dim: int | None) -> dict:
     encoder = load_audio_encoder(path)
     if encoder.proj is None:
         raise CheckpointError(
@@ -46,7 +46,8 @@ def import_backbone(path: Path, out: Path, vision_dim: int | None) -> dict:
         raise CheckpointError(
             f"'{path}': proj gives {encoder.output_dim}-d tokens, the LLaVA vision tower {vision_dim}"
         )
-    stage = Stage(out, "import_original/align", overwrite=True)
+    out = stage.path
+    stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("audio_backbone", path)
     atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
     outputs = [ENCODER_FILE]
@@ -60,7 +61,7 @@ def import_backbone(path: Path, out: Path, vision_dim: int | None) -> dict:
 
 
 def import_projector(
-    path: Path, state: dict[str, torch.Tensor], out: Path, hidden: int | None, vision_dim: int | None
+    path: Path, state: dict[str, torch.Tensor], stage: Stage, hidden: int | None, vision_dim: int | None
 ) -> dict:
     missing = sorted(key for key in ORIGINAL_PROJECTOR_KEYS if key not in state)
     if missing:
@@ -76,27 +77,31 @@ def import_projector(
     for key, shape in expected.items():
         if tuple(weights[key].shape) != shape:
             raise CheckpointError(f"'{path}': '{key}' has shape {list(weights[key].shape)}, expected {list(shape)}")
-    stage = Stage(out, "import_original/distill", overwrite=True)
+    out = stage.path
+    stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("projector", path)
     atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, str(tmp)))
     stage.finish({"imported_from": str(path)}, outputs=[PROJECTOR_FILE])
     return {"distill": str(out)}
 
 
-def import_prefix(path: Path, out: Path, hidden: int | None) -> dict:
+def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
     prefix = load_prefix(path, hidden_size=hidden)
-    stage = Stage(out, "import_original/prefix", overwrite=True)
+    out = stage.path
+    stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("prefix", path)
     atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
     stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0]}, outputs=[PREFIX_FILE])
     return {"prefix": str(out)}
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="folder with audio_backbone.pth [prefixMLP.bin] [prefix.bin]")
     parser.add_argument("run", help="run folder to create (e.g. expe/DALI_OT_ATT)")
     parser.add_argument("--llava", help="LLaVA-1.5 config to check the shapes against (hub id or folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace stage folders the run already has")
     args = parser.parse_args(argv)
     setup_logging()
     source, run = Path(args.source), Path(args.run)
@@ -104,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if not backbone.is_file():
         raise SystemExit(f"SOURCE_DIR: '{backbone}' does not exist")
     hidden, vision_dim = llava_shapes(args.llava)
-    done = import_backbone(backbone, run / "align", vision_dim)
     projector = source / "prefixMLP.bin"
     # each file is read once: the keys decide what it is, then the same tensors are imported
     keys = {path: read_state_dict(path)[0] for path in (projector, source / "prefix.bin") if path.is_file()}
+    prefix_file = next((p for p in (source / "prefix.bin", projector) if ORIGINAL_PREFIX_KEY in keys.get(p, {})), None)
+    targets = ["align"] + (["distill"] if projector in keys and ORIGINAL_PREFIX_KEY not in keys[projector] else [])
+    targets += ["prefix"] if prefix_file else []
+    # every target folder is checked (finished ones need --overwrite) before anything is written
+    stages = {name: Stage(run / name, f"import_original/{name}", overwrite=args.overwrite) for name in targets}
+    done = import_backbone(backbone, stages["align"], vision_dim)
     if projector in keys:
         if ORIGINAL_PREFIX_KEY in keys[projector]:
             # stage 1a writes the same name with the prefix and LLaVA's unchanged projector: not a distilled one
@@ -115,11 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 "'%s' is a stage-1a file (it holds the prefix): its projector is LLaVA's own, not imported", projector
             )
         else:
-            done |= import_projector(projector, keys[projector], run / "distill", hidden, vision_dim)
-    for path in (source / "prefix.bin", projector):  # prefix.bin, else a stage-1a prefixMLP.bin with the prefix
-        if ORIGINAL_PREFIX_KEY in keys.get(path, {}):
-            done |= import_prefix(path, run / "prefix", hidden)
-            break
+            done |= import_projector(projector, keys[projector], stages["distill"], hidden, vision_dim)
+    if prefix_file:  # prefix.bin, else a stage-1a prefixMLP.bin with the prefix
+        done |= import_prefix(prefix_file, stages["prefix"], hidden)
     for stage, folder in done.items():
         log.info("imported %s -> %s", stage, folder)
     return 0

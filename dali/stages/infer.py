@@ -9,7 +9,7 @@ from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE, load_align_stage, loa
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
 from dali.models.captioner import MODALITIES, Captioner
-from dali.runs import Stage, atomic_write_jsonl
+from dali.runs import Stage, atomic_write_jsonl, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DTYPES,
@@ -65,6 +65,7 @@ class InferConfig(DecodingFlags):
             raise ConfigError("--batch-size must be >= 1")
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(InferConfig, argv)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         projector = load_distill_stage(distill_dir, captioner.projector).to(context.device)
     if context.is_main:
         print_config("infer", config)
-        stage.save_config(config_to_dict(config) | {"decoding": config_to_dict(config.decoding())})
+        stage.save_config(config_to_dict(config))
         stage.add_input("test_list", config.test_list)
         for used, label, folder in (
             (uses_audio, "align_dir", align_dir),

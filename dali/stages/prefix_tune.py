@@ -16,7 +16,7 @@ from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix
-from dali.runs import Stage
+from dali.runs import Stage, atomic_write, stage_main
 from dali.stages.common import (
     CHECKPOINT,
     DTYPES,
@@ -71,6 +71,7 @@ class PrefixTuneConfig:
             raise ConfigError("--lr must be > 0")
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(PrefixTuneConfig, argv)
@@ -79,10 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     out = stage_dir(config.expe_dir, config.run, "prefix", config.out)
     stage = Stage(out, "prefix_tune", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
-    if context.is_main:
-        print_config("prefix_tune", config)
-        stage.save_config(config_to_dict(config))
-        stage.add_input("pairs", config.pairs)
 
     # -- setup: frozen captioner; the frames' CLIP tokens are computed once (the tower is frozen)
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
@@ -93,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         images = [load_frame(clip) for clip in pairs]
     except ClipError as error:  # 16 hand-picked pairs: a broken one is a mistake to fix, not to skip
         raise SystemExit(f"--pairs: {error}") from None
+    if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
+        print_config("prefix_tune", config)
+        stage.save_config(config_to_dict(config))
+        stage.add_input("pairs", config.pairs)
     with torch.no_grad():
         image_tokens = torch.cat(
             [captioner.image_tokens(captioner.preprocess_images(images[i : i + 32])) for i in range(0, len(images), 32)]
@@ -153,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- save
     if context.is_main:
-        save_prefix(prefix, out / PREFIX_FILE)
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
         stage.finish(
             {"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count, "llava": config.llava},
             outputs=[PREFIX_FILE],

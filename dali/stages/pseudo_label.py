@@ -14,7 +14,7 @@ from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE, load_align_stage,
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
 from dali.models.captioner import Captioner
-from dali.runs import Stage, atomic_write_jsonl
+from dali.runs import Stage, atomic_write_jsonl, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DTYPES,
@@ -58,6 +58,7 @@ class PseudoLabelConfig(DecodingFlags):
             raise ConfigError("--batch-size must be >= 1")
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(PseudoLabelConfig, argv)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = load_prefix_stage(prefix_dir, captioner.hidden_size).to(context.device) if config.use_prefix else None
     if context.is_main:
         print_config("pseudo_label", config)
-        stage.save_config(config_to_dict(config) | {"decoding": config_to_dict(config.decoding())})
+        stage.save_config(config_to_dict(config))
         stage.add_input("clips", config.clips)
         stage.add_input("align_dir", align_dir)
         if prefix is not None:
