@@ -90,7 +90,12 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"--config: preset '{path}' has unknown keys {unknown}; known keys: {sorted(fields)}")
-    return {key: _coerce(key, hints[key], value, f"preset '{path}'") for key, value in data.items()}
+    values = {key: _coerce(key, hints[key], value, f"preset '{path}'") for key, value in data.items()}
+    for key, value in values.items():  # a preset's value must pass what the flag would
+        choices = fields[key].metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"--config: preset '{path}': '{key}' = {value!r} is not one of {list(choices)}")
+    return values
 
 
 def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:

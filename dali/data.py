@@ -214,7 +214,7 @@ def _csv_rows(path: Path, required: Sequence[str] = ()):
     if not path.is_file():
         raise DataError(f"list file '{path}' does not exist")
     try:
-        with open(path, newline="", encoding="utf-8") as stream:
+        with open(path, newline="", encoding="utf-8-sig") as stream:  # a spreadsheet's byte-order mark is fine
             reader = csv.DictReader(stream)
             missing = [name for name in required if name not in (reader.fieldnames or [])]
             if missing:
@@ -235,9 +235,11 @@ def _load_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"list file '{path}' does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"'{path}' is not valid JSON: {error}") from None
+    except RecursionError:
+        raise DataError(f"'{path}' is not a list file: its JSON nests too deeply") from None
 
 
 # -- loading one clip -------------------------------------------------------------------------------------

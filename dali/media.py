@@ -36,8 +36,9 @@ def _open(path: Path):
         raise MediaError(path, f"unreadable ({type(error).__name__}: {error})") from None
 
 
-def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Channel 0 of the file's first audio stream as float32 at ``sample_rate`` (mean not removed).
+def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """Channel 0 of the file's first audio stream as float32 at ``sample_rate`` (mean not removed); with
+    ``max_seconds``, only that much is decoded (an hour-long file costs no more than its first seconds).
 
     Raises:
         MediaError: no file, no audio stream, undecodable or empty.
@@ -57,6 +58,8 @@ def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray
                     channel = data.reshape(-1, len(frame.layout.channels))[:, 0]
                 chunks.append(_to_float(channel))
                 rate = frame.sample_rate
+                if max_seconds is not None and sum(c.size for c in chunks) >= max_seconds * rate:
+                    break
         except Exception as error:
             if not chunks:
                 raise MediaError(path, f"undecodable audio ({type(error).__name__}: {error})") from None
@@ -65,7 +68,8 @@ def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray
     wave = np.concatenate(chunks)
     if not np.isfinite(wave).all():
         raise MediaError(path, "the audio holds NaN or infinite samples")
-    return resample(wave, int(rate), sample_rate)
+    wave = resample(wave, int(rate), sample_rate)
+    return wave if max_seconds is None else wave[: round(max_seconds * sample_rate)]
 
 
 def _to_float(samples: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ temporary name and ``os.replace``, so a killed process never leaves a half-writt
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -33,33 +34,70 @@ class StageStateError(RuntimeError):
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The temporary name is short and ASCII whatever ``path`` is called (a 250-byte or non-UTF-8 name still
+    fits and still opens); the file gets the mode the umask gives a new file; a full disk says so, naming the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    stem = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in path.name[:40])
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(tmp, path)
+    except Exception as error:  # torch.save and libsndfile report a full disk as RuntimeError / "System error"
+        if _disk_full(error, path.parent):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing '{path}'") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+def _disk_full(error: Exception, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < (1 << 20)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One JSON line, UTF-8 where it can be; a string that cannot be UTF-8 (a lone surrogate from a non-UTF-8
+    file name) is written as an ASCII escape instead."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
 def atomic_write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    return atomic_write_text(path, "".join(jsonl_line(record) for record in records))
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -71,12 +109,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def input_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Hash of an input: a file's sha256; for a stage folder, its manifest's sha256; for other folders, none."""
+    """Hash of an input: a file's sha256; a stage folder's manifest's or a model folder's config's; else none
+    (a hub id, say)."""
     path = Path(path)
     if path.is_file():
         return {"path": str(path), "sha256": file_sha256(path)}
     if (path / MANIFEST).is_file():
         return {"path": str(path), "manifest_sha256": file_sha256(path / MANIFEST)}
+    if (path / "config.json").is_file():  # a model folder (LLaVA): its config identifies it cheaply
+        return {"path": str(path), "config_sha256": file_sha256(path / "config.json")}
     return {"path": str(path), "exists": path.exists()}
 
 
@@ -416,12 +457,12 @@ class JsonlWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         repair_jsonl(self.path)
-        self.stream = open(self.path, "a")
+        self.stream = open(self.path, "a", encoding="utf-8")
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        self.stream.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        self.stream.write("".join(jsonl_line(record) for record in records))
         self.stream.flush()
         os.fsync(self.stream.fileno())
 

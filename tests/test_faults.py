@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dali.audio import AudioLoadError, audio_to_features, load_audio
-from dali.data import Clip, ClipDataset, DataError, collate, load_frame, read_caption_csv, read_cavmae_json
+from dali.data import Clip, ClipDataset, ClipError, DataError, collate, load_frame, read_caption_csv, read_cavmae_json
 from dali.models.cav_mae import CheckpointError, load_audio_encoder
 from dali.models.prefix import load_prefix
 from dali.runs import read_jsonl
@@ -115,7 +115,7 @@ def test_missing_and_corrupt_frames_are_reported_or_stop(tmp_path, write_wav):
         ("missing", "no such frame"),
         ("bad", "unreadable image"),
     ]
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(ClipError, match="missing"):
         ClipDataset(clips, need_audio=True, need_image=True, on_error="stop")[0]
 
 

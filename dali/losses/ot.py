@@ -192,10 +192,10 @@ def emd_cost_parallel(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, work
     and write the plans to shared memory. Gradients are POT's own: the optimal plan for the cost, the
     centred dual potentials for the weights. Non-finite costs give NaN.
     """
-    import multiprocessing
+    from dali.workers import worker_pool
 
     if workers not in _POOLS:  # spawned, not forked: the parent may hold CUDA state and threads
-        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _POOLS[workers] = worker_pool(workers, "spawn")
     shape = tuple(cost.shape)
     finite = torch.isfinite(cost.detach()).flatten(1).all(dim=1)
     # costs keep their precision (float32 in training; float64 stays exact), plans come back in it

@@ -267,6 +267,21 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -
     )
 
 
+def _metadata_config(path: str | Path, text: str, from_tensors: CAVMAEConfig) -> CAVMAEConfig:
+    """The config saved with the weights; it must describe the tensors beside it (a forged one could ask for a
+    model of any size before a single shape is checked)."""
+    try:
+        config = CAVMAEConfig(**json.loads(text))
+    except (TypeError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"'{path}': its encoder config metadata is not valid: {error}") from None
+    def shape(c: CAVMAEConfig) -> tuple:
+        return c.embed_dim, c.depth_audio, c.depth_shared, c.mlp_ratio, c.patch_shape, c.grid, c.proj_dim
+
+    if shape(config) != shape(from_tensors) or config.embed_dim % max(config.num_heads, 1):
+        raise CheckpointError(f"'{path}': its config metadata {config} does not match its tensors {from_tensors}")
+    return config
+
+
 def save_audio_encoder(encoder: CAVMAEAudioEncoder, path: str | Path) -> None:
     """Write the encoder as safetensors with its config in the metadata (what our stages save)."""
     from safetensors.torch import save_file
@@ -290,10 +305,9 @@ def load_audio_encoder(
     """
     state, metadata = read_state_dict(path)
     state = strip_prefix(state)
+    config = infer_config(state, num_heads)
     if CONFIG_METADATA_KEY in metadata:
-        config = CAVMAEConfig(**json.loads(metadata[CONFIG_METADATA_KEY]))
-    else:
-        config = infer_config(state, num_heads)
+        config = _metadata_config(path, metadata[CONFIG_METADATA_KEY], config)
     fresh_proj = config.proj_dim is None and new_proj_dim is not None
     if fresh_proj:
         config = dataclasses.replace(config, proj_dim=new_proj_dim)

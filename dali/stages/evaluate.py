@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali.config import field, parse_config
+from dali.config import ConfigError, field, parse_config
 from dali.data import read_caption_csv
 from dali.evaluation import evaluate_captions, markdown_table
-from dali.runs import atomic_write_json, atomic_write_text, read_jsonl
+from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, read_jsonl
 from dali.stages.common import log, setup_logging
 
 SCORES_JSON = "scores.json"
@@ -22,7 +22,11 @@ class EvaluateConfig:
 
     predictions: str = field(help="predictions.jsonl written by `dali infer` (id, caption, ...)")
     test_list: str = field(help="AudioCaps- or Clotho-style CSV with the references")
-    out: str | None = field(None, help="folder for scores.json / scores.md (default: the predictions' folder)")
+    out: str | None = field(
+        None,
+        help="folder for scores.json / scores.md (default: the predictions' folder, or '<it>_rescored' beside it "
+        "when it is a finished stage, whose manifest hashes its own scores)",
+    )
     sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
     spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
     name: str = field("predictions", help="row name in the markdown table")
@@ -55,9 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(EvaluateConfig, argv)
     predictions_path = Path(config.predictions)
     if not predictions_path.is_file():
-        raise SystemExit(f"--predictions: '{predictions_path}' does not exist")
+        raise ConfigError(f"--predictions: '{predictions_path}' does not exist")
     references = {clip.id: clip.captions for clip in read_caption_csv(config.test_list)}
-    out = Path(config.out) if config.out else predictions_path.parent
+    folder = predictions_path.parent
+    out = Path(config.out) if config.out else folder.with_name(folder.name + "_rescored")
+    if not config.out and not (folder / MANIFEST).exists():
+        out = folder
+    if (out / MANIFEST).exists():
+        raise ConfigError(f"--out: '{out}' is a finished stage folder; its scores belong to its manifest")
     out.mkdir(parents=True, exist_ok=True)
     result = score_predictions(read_jsonl(predictions_path), references, out, config.name, config.sbert, config.spice)
     print(markdown_table([(config.name, result["scores"])]))

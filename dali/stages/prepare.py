@@ -8,16 +8,17 @@ processes, skips clips already done (resumable), writes every file atomically, a
 from __future__ import annotations
 
 import argparse
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from pathlib import Path
 
 import soundfile
 
-from dali.audio import SAMPLE_RATE
+from dali.audio import SAMPLE_RATE, TARGET_FRAMES, samples_for_frames
 from dali.data import Clip, write_cavmae_json
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
 from dali.runs import atomic_write, atomic_write_jsonl
 from dali.stages.common import log, progress, setup_logging
+from dali.workers import worker_pool
 
 NUM_FRAMES = 10
 WINDOW_S = 10.0
@@ -42,15 +43,17 @@ def outputs_of(out: Path, clip_id: str, video: bool) -> list[Path]:
     return files
 
 
-def prepare_one(path: Path, out: Path) -> dict:
-    """Write one clip's wav (and frames for a video); returns its report record."""
+def prepare_one(path: Path, out: Path, max_seconds: float) -> dict:
+    """Write one clip's wav (and frames for a video); returns its report record.
+
+    Only the first ``max_seconds`` are decoded and written: the clip is cut there, and the report says so."""
     clip_id = path.stem
     video = path.suffix.lower() in VIDEO_EXTENSIONS
     record = {"id": clip_id, "source": str(path), "video": video}
     if all(p.exists() for p in outputs_of(out, clip_id, video)):
         return record | {"status": "ok", "reused": True}
     try:
-        wave = decode_audio(path)
+        wave = decode_audio(path, max_seconds=max_seconds)
         atomic_write(
             out / "audio" / f"{clip_id}.wav",
             lambda tmp: soundfile.write(str(tmp), wave, SAMPLE_RATE, subtype="PCM_16", format="WAV"),
@@ -65,11 +68,19 @@ def prepare_one(path: Path, out: Path) -> dict:
                 )
     except MediaError as error:
         return record | {"status": "failed", "reason": error.reason}
-    return record | {"status": "ok", "seconds": round(len(wave) / SAMPLE_RATE, 3)}
+    cut = {"cut_at_s": max_seconds} if len(wave) >= round(max_seconds * SAMPLE_RATE) else {}
+    return record | {"status": "ok", "seconds": round(len(wave) / SAMPLE_RATE, 3), **cut}
 
 
-def _job(args: tuple[str, str]) -> dict:
-    return prepare_one(Path(args[0]), Path(args[1]))
+def _job(args: tuple[str, str, float]) -> dict:
+    """One file; whatever goes wrong with it (a name the file system or a library refuses, a full disk) is that
+    file's failure, not the run's."""
+    path, out, max_seconds = Path(args[0]), Path(args[1]), args[2]
+    try:
+        return prepare_one(path, out, max_seconds)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        return {"id": path.stem, "source": str(path), "video": False, "status": "failed", "reason": reason}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,20 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", help="folder of media files, or a .txt list of paths")
     parser.add_argument("output", help="output folder (audio/, frames/, clips.json, prepare_report.jsonl)")
     parser.add_argument("--workers", type=int, default=4, help="processes")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE,
+        help="decode and keep only this much of each file (default: the 10.255 s that give CAV-MAE's 1024 frames)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     out = Path(args.output)
     inputs = list_inputs(Path(args.input))
-    ids = [p.stem for p in inputs]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(clip_id for clip_id, count in Counter(p.stem for p in inputs).items() if count > 1)
     if duplicates:
         raise SystemExit(f"INPUT: several files share the ids {duplicates[:10]} (ids are file names without extension)")
     for k in range(NUM_FRAMES):
         (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(p), str(out)) for p in inputs]
+    jobs = [(str(p), str(out), args.max_seconds) for p in inputs]
     if args.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(args.workers) as pool:
+        with worker_pool(args.workers) as pool:
             records = list(progress(pool.map(_job, jobs, chunksize=4), total=len(jobs), desc="preparing"))
     else:
         records = [_job(job) for job in progress(jobs, desc="preparing")]
