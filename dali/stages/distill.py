@@ -17,7 +17,7 @@ from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import ON_ERROR_CHOICES, Clip, ClipDataset, collate
 from dali.models.captioner import Captioner
 from dali.models.prefix import save_projector
-from dali.runs import Stage, atomic_write, atomic_write_jsonl
+from dali.runs import Stage, atomic_write, atomic_write_jsonl, stage_main
 from dali.stages.common import (
     CHECKPOINT,
     DTYPES,
@@ -28,6 +28,7 @@ from dali.stages.common import (
     log,
     print_config,
     progress,
+    resolve_captioner,
     save_checkpoint,
     seed_everything,
     setup_logging,
@@ -38,9 +39,9 @@ from dali.stages.common import (
 
 @dataclass
 class DistillConfig:
-    """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4."""
+    """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept."""
 
-    llava: str = field(help="LLaVA-1.5: hub id or local folder")
+    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
     run: str = field("default")
     expe_dir: str = field("expe")
     out: str | None = field(None, help="default <expe-dir>/<run>/distill")
@@ -52,6 +53,13 @@ class DistillConfig:
     weight_decay: float = field(0.0)
     warmup_ratio: float = field(0.03)
     max_grad_norm: float = field(1.0)
+    val_fraction: float = field(
+        0.0,
+        help="share of the pseudo-captions held out (seeded) to keep the step with the lowest held-out loss; "
+        "0 trains on all of them and keeps the last step, as the original",
+    )
+    eval_every: int = field(0, help="steps between held-out evaluations (0: at the end of every epoch)")
+    patience: int = field(0, help="stop after this many held-out evaluations without a lower loss (0: never)")
     cache_audio_tokens: bool = field(False, help="encode each clip once and keep its tokens in memory")
     num_workers: int = field(4)
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
@@ -67,10 +75,101 @@ class DistillConfig:
     resume: bool = field(False)
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("--epochs and --batch-size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ConfigError("--epochs, --batch-size and --checkpoint-every must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_every < 0 or self.patience < 0:
+            raise ConfigError("--eval-every and --patience must be >= 0")
 
 
+def held_out_split(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) positions: a seeded ``fraction`` of ``range(count)`` is held out, at least one clip."""
+    if fraction <= 0:
+        return list(range(count)), []
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    size = min(max(round(count * fraction), 1), count - 1)
+    return sorted(order[size:]), sorted(order[:size])
+
+
+class AudioTokens:
+    """The clips' aligned audio tokens, batch by batch: from an in-memory cache, or encoded as they load."""
+
+    def __init__(self, encoder, dataset: ClipDataset, config: DistillConfig, device: torch.device):
+        self.encoder, self.dataset, self.config, self.device = encoder, dataset, config, device
+        self.cache: dict[int, torch.Tensor] = {}
+        self.bad: list[dict] = []
+        if config.cache_audio_tokens:
+            self._fill_cache()
+
+    @torch.no_grad()
+    def _fill_cache(self) -> None:
+        dataset = self.dataset
+        self.bad += dataset.preload_audio()
+        for start in progress(range(0, len(dataset.clips), 64), desc="encoding audio", leave=False):
+            indices = [i for i in range(start, min(start + 64, len(dataset.clips))) if dataset.usable(i)]
+            if indices:
+                fbank = torch.stack([dataset.fbank_cache[i].float() for i in indices]).to(self.device)
+                for i, tokens in zip(indices, self.encoder.project(fbank).cpu()):
+                    self.cache[i] = tokens
+        dataset.fbank_cache = None  # the tokens replace the features
+
+    def usable(self, index: int) -> bool:
+        return not self.config.cache_audio_tokens or index in self.cache
+
+    def batches(self, batches: list[list[int]]):
+        """Yield (indices, audio tokens [B, N, D], bad clips) for each list of clip indices."""
+        if self.config.cache_audio_tokens:
+            for indices in batches:
+                yield indices, torch.stack([self.cache[i] for i in indices]).to(self.device), []
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.config.num_workers, collate_fn=collate
+        )
+        for batch in loader:
+            indices = batch["index"].tolist()
+            with torch.no_grad():
+                audio = self.encoder.project(batch["fbank"].to(self.device)) if indices else None
+            yield indices, audio, [item.as_record() for item in batch["bad"]]
+
+
+@torch.no_grad()
+def held_out_loss(captioner, projector, tokens: AudioTokens, clips, indices, batch_size, context) -> float:
+    """Token-mean caption loss of the distilled projector over the held-out clips of every rank."""
+    mine = distributed.shard(indices, context)
+    total = torch.zeros((), dtype=torch.float64, device=context.device)
+    count = torch.zeros((), dtype=torch.float64, device=context.device)
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    for chosen, audio, _ in tokens.batches(batches):
+        if chosen:
+            block = captioner.modality_block(audio_tokens=audio, audio_projector=projector)
+            loss, tokens_counted = captioner.caption_loss(
+                block, [clips[i].captions[0] for i in chosen], reduction="sum"
+            )
+            total, count = total + loss.double(), count + tokens_counted.double()
+    return float(distributed.sum_across_ranks(total) / distributed.sum_across_ranks(count).clamp_min(1))
+
+
+@dataclass
+class Selection:
+    """The best held-out loss so far, its step and projector weights, and evaluations since it improved."""
+
+    loss: float = math.inf
+    step: int = 0
+    state: dict | None = None
+    stale: int = 0
+
+    def update(self, loss: float, step: int, projector) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        if loss < self.loss:
+            self.loss, self.step, self.stale = loss, step, 0
+            self.state = {key: value.detach().clone().cpu() for key, value in projector.state_dict().items()}
+            return True
+        self.stale += 1
+        return False
+
+
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(DistillConfig, argv)
@@ -82,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     pseudo_dir = upstream_dir(config.pseudo_dir, config.expe_dir, config.run, "pseudo_label")
     stage = Stage(out, "distill", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
+    config = resolve_captioner(config, align_dir, pseudo_dir)
 
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=device)
     if config.gradient_checkpointing:
@@ -89,45 +189,56 @@ def main(argv: list[str] | None = None) -> int:
     encoder = load_align_stage(align_dir, captioner.vision_dim).to(device)
     records = load_pseudo_captions(pseudo_dir)
     if not records:
-        raise SystemExit(f"--pseudo-dir: '{pseudo_dir}' holds no pseudo-captions")
+        raise ConfigError(f"--pseudo-dir: '{pseudo_dir}' holds no pseudo-captions")
     if context.is_main:
         print_config("distill", config)
         stage.save_config(config_to_dict(config))
+        stage.add_input("llava", config.llava)
         stage.add_input("align_dir", align_dir)
         stage.add_input("pseudo_dir", pseudo_dir)
     clips = [Clip(id=record["id"], audio=Path(record["audio"]), captions=[record["caption"]]) for record in records]
     dataset = ClipDataset(
         clips, need_audio=True, need_image=False, target_frames=encoder.config.target_frames, on_error=config.on_error
     )
-    bad: list[dict] = []
-    token_cache: dict[int, torch.Tensor] = {}
-    if config.cache_audio_tokens:
-        bad += dataset.preload_audio()
-        with torch.no_grad():
-            for start in progress(range(0, len(clips), 64), desc="encoding audio", leave=False):
-                indices = [i for i in range(start, min(start + 64, len(clips))) if dataset.usable(i)]
-                if indices:
-                    fbank = torch.stack([dataset.fbank_cache[i].float() for i in indices]).to(device)
-                    for i, tokens in zip(indices, encoder.project(fbank).cpu()):
-                        token_cache[i] = tokens
-        dataset.fbank_cache = None  # the tokens replace the features
-    usable = [i for i in range(len(clips)) if not token_cache or i in token_cache]
-
+    tokens = AudioTokens(encoder, dataset, config, device)
+    train, held_out = held_out_split(len(clips), config.val_fraction, config.seed)
+    train = [i for i in train if tokens.usable(i)]
+    held_out = [i for i in held_out if tokens.usable(i)]
     projector = captioner.copy_projector().to(device)
     distributed.broadcast_parameters(projector)
+    result = train_projector(config, captioner, projector, tokens, clips, train, held_out, stage, context)
+
+    if context.is_main:
+        atomic_write(out / PROJECTOR_FILE, lambda tmp: save_projector(projector, tmp, source=config.llava))
+        atomic_write_jsonl(out / SKIPPED_FILE, result.pop("bad"))
+        stage.finish(
+            result | {"clips": len(train), "held_out": len(held_out), "llava": config.llava},
+            outputs=[PROJECTOR_FILE, SKIPPED_FILE],
+        )
+        log.info("distilled projector written to %s", out / PROJECTOR_FILE)
+    distributed.teardown()
+    return 0
+
+
+def train_projector(config, captioner, projector, tokens, clips, train, held_out, stage, context) -> dict:
+    """Fine-tune ``projector`` on the train clips' pseudo-captions; with held-out clips, keep the best step.
+
+    Returns the run's final metrics, and ``bad``: the clips that could not be read (each listed once).
+    """
+    device = context.device
     params = list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    my_count = len(distributed.shard(usable, context))
-    steps_per_epoch = max(math.ceil(my_count / config.batch_size), 1)
+    steps_per_epoch = max(math.ceil(len(distributed.shard(train, context)) / config.batch_size), 1)
     total_steps = steps_per_epoch * config.epochs
+    eval_every = config.eval_every or steps_per_epoch
     scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
-    step = 0
-    state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    step, bad, selection = 0, {record["id"]: record for record in tokens.bad}, Selection()
+    state = load_checkpoint(stage.path / CHECKPOINT) if config.resume else None
     if state is not None:
         projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, bad = state["step"], state["bad"]
+        step, bad, selection = state["step"], state["bad"], Selection(**state["selection"])
         log.info("resuming distillation at step %d of %d", step, total_steps)
     metrics = stage.metrics()
     metrics.rewind(lambda record: record.get("step", 0) <= step)
@@ -136,40 +247,27 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint() -> None:
         if context.is_main:
             save_checkpoint(
-                out / CHECKPOINT,
+                stage.path / CHECKPOINT,
                 {
                     "projector": projector.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
                     "bad": bad,
+                    "selection": vars(selection),
                 },
             )
 
     bar = progress(total=total_steps, initial=step, desc="distillation", disable=not context.is_main)
-    last_loss = float("nan")
-    while step < total_steps:
+    last_loss, stopped_early = float("nan"), False
+    while step < total_steps and not stopped_early:
         epoch, batch_index = divmod(step, steps_per_epoch)
-        order = distributed.shard([usable[i] for i in epoch_order(len(usable), config.seed, epoch)], context)
+        order = distributed.shard([train[i] for i in epoch_order(len(train), config.seed, epoch)], context)
         remaining = order[batch_index * config.batch_size : steps_per_epoch * config.batch_size]
         batches = [remaining[i : i + config.batch_size] for i in range(0, len(remaining), config.batch_size)]
-        if token_cache:
-            loader = ({"index": torch.tensor(b), "bad": []} for b in batches)
-        else:
-            loader = iter(
-                torch.utils.data.DataLoader(
-                    dataset, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate
-                )
-            )
-        for batch in loader:
-            bad.extend(item.as_record() for item in batch["bad"])
-            indices = batch["index"].tolist()
+        for indices, audio, new_bad in tokens.batches(batches):
+            bad.update((record["id"], record) for record in new_bad)
             if indices:
-                with torch.no_grad():
-                    if token_cache:
-                        audio = torch.stack([token_cache[i] for i in indices]).to(device)
-                    else:
-                        audio = encoder.project(batch["fbank"].to(device))
                 block = captioner.modality_block(audio_tokens=audio, audio_projector=projector)
                 loss = distributed.global_token_mean(
                     *captioner.caption_loss(block, [clips[i].captions[0] for i in indices], reduction="sum"), context
@@ -183,32 +281,33 @@ def main(argv: list[str] | None = None) -> int:
                     last_loss = distributed.mean_across_ranks(float(loss.detach()), device)
             scheduler.step()
             step += 1
-            metrics.log(step=step, epoch=epoch + 1, loss=last_loss, lr=scheduler.get_last_lr()[0])
+            record = {"step": step, "epoch": epoch + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}
+            if held_out and (step % eval_every == 0 or step == total_steps):
+                record["val_loss"] = held_out_loss(
+                    captioner, projector, tokens, clips, held_out, config.batch_size, context
+                )
+                record["best"] = selection.update(record["val_loss"], step, projector)
+                stopped_early = bool(config.patience) and selection.stale >= config.patience
+            metrics.log(**record)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-            if step % config.checkpoint_every == 0:
+            if step % config.checkpoint_every == 0 or stopped_early:
                 checkpoint()
+            if stopped_early:
+                log.info(
+                    "held-out loss has not improved for %d evaluations: stopping at step %d", selection.stale, step
+                )
+                break
     bar.close()
-
-    if context.is_main:
-        atomic_write(out / PROJECTOR_FILE, lambda tmp: save_projector(projector, tmp, source=config.llava))
-        atomic_write_jsonl(out / SKIPPED_FILE, bad)
-        stage.finish(
-            {
-                "final_loss": last_loss,
-                "steps": total_steps,
-                "clips": len(usable),
-                "skipped": len(bad),
-                "non_finite_steps": guard.count,
-                "llava": config.llava,
-            },
-            outputs=[PROJECTOR_FILE, SKIPPED_FILE],
-        )
-        (out / CHECKPOINT).unlink(missing_ok=True)
-        log.info("distilled projector written to %s", out / PROJECTOR_FILE)
-    distributed.teardown()
-    return 0
+    result = {"final_loss": last_loss, "steps": step, "planned_steps": total_steps, "non_finite_steps": guard.count}
+    if held_out:
+        projector.load_state_dict(selection.state)
+        result |= {"best_step": selection.step, "best_val_loss": selection.loss, "stopped_early": stopped_early}
+        log.info("kept the projector of step %d (held-out loss %.4f)", selection.step, selection.loss)
+    return result | {"bad": list(bad.values())}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("distill", main))

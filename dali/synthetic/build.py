@@ -7,6 +7,7 @@ After it, the stage scripts run on the world with the ``configs/synthetic`` pres
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from dali.stages.common import log, setup_logging
@@ -16,21 +17,27 @@ from dali.synthetic.world import REDUCED, WorldConfig, generate_world
 CAPTIONER_FOLDER = "captioner_model"
 
 
+def build_world(data: Path, reduced: bool = False, captioner_epochs: int | None = None, seed: int = 0) -> Path:
+    """Generate (or reuse) the world under ``data`` and train (or reuse) its image captioner; returns the latter."""
+    world = generate_world(data, dataclasses.replace(REDUCED if reduced else WorldConfig(), seed=seed))
+    epochs = captioner_epochs if captioner_epochs is not None else 1 if reduced else CaptionerTraining.epochs
+    return train_captioner(world, world / CAPTIONER_FOLDER, CaptionerTraining(epochs=epochs, seed=seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/synthetic", help="output folder of the world")
     parser.add_argument("--reduced", action="store_true", help="a small world and a briefly trained captioner")
     parser.add_argument("--captioner-epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of its captioner's training")
     args = parser.parse_args(argv)
     setup_logging()
-    world = generate_world(Path(args.data), REDUCED if args.reduced else WorldConfig())
-    training = CaptionerTraining(epochs=1) if args.reduced else CaptionerTraining()
-    if args.captioner_epochs is not None:
-        training = CaptionerTraining(epochs=args.captioner_epochs)
-    folder = train_captioner(world, world / CAPTIONER_FOLDER, training)
-    log.info("synthetic world in %s, its image captioner in %s", world, folder)
+    folder = build_world(Path(args.data), args.reduced, args.captioner_epochs, args.seed)
+    log.info("synthetic world in %s, its image captioner in %s", args.data, folder)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("world", main))

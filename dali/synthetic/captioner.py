@@ -31,7 +31,7 @@ MARKER = "captioner.json"
 @dataclass(frozen=True)
 class CaptionerTraining:
     model: TinyLlavaConfig = TinyLlavaConfig(vision_hidden=96, vision_layers=4)
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 2e-3
     warmup_ratio: float = 0.05

@@ -8,17 +8,21 @@ Every stage runs through its own ``main(argv)`` with the ``configs/synthetic`` p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dali.evaluation import TABLE_METRICS, markdown_table
-from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, read_jsonl, read_manifest
+from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, check_run_name, read_jsonl, read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.stages.common import log, setup_logging
-from dali.synthetic.captioner import CaptionerTraining, train_captioner
-from dali.synthetic.world import REDUCED, WorldConfig, generate_world, source_scores
+from dali.synthetic.build import build_world
+from dali.synthetic.world import source_scores
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "synthetic"
 PAPER_NAMES = {
@@ -43,7 +47,12 @@ class Row:
             label += " (audio + image)"
         return label + (" + distillation" if self.distilled else "")
 
+    @property
+    def folder(self) -> str:
+        return f"infer_{self.modality}" + ("_distilled" if self.distilled else "")
 
+
+DEMO_THREADS = 2
 DEFAULT_ROWS = (
     Row("image_captioner", False, "image"),
     Row("unaligned", False, "audio"),
@@ -51,6 +60,7 @@ DEFAULT_ROWS = (
     Row("ot_att", True, "audio"),
     Row("ot_att", False, "audio_vis"),
 )
+SEEDS_ROWS = DEFAULT_ROWS + (Row("mmd", False, "audio"), Row("ot", False, "audio"))
 FULL_ROWS = (
     Row("image_captioner", False, "image"),
     Row("unaligned", False, "audio"),
@@ -69,15 +79,15 @@ def _done(folder: Path) -> bool:
     return (folder / MANIFEST).exists()
 
 
-def run_stage(module, folder: Path, argv: list[str]) -> Path:
-    """Run a stage unless its folder is finished; an interrupted one resumes."""
-    if _done(folder):
+def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False) -> Path:
+    """Run a stage unless its folder is finished (or redo it with ``overwrite``); an interrupted one resumes."""
+    if _done(folder) and not overwrite:
         log.info("reusing finished stage %s", folder)
         return folder
-    flags = ["--out", str(folder)] + (["--resume"] if folder.exists() else [])
+    flags = ["--out", str(folder)] + (["--overwrite"] if overwrite else ["--resume"] if folder.exists() else [])
     code = module.main(argv + flags)
     if code:
-        raise SystemExit(f"stage {module.__name__} failed with code {code}")
+        raise RuntimeError(f"stage {module.__name__} failed with code {code}")
     return folder
 
 
@@ -90,130 +100,200 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduced", action="store_true", help="a small world and short stages (tests, CI)")
     parser.add_argument("--overwrite", action="store_true", help="redo every stage of the run")
     parser.add_argument("--captioner-epochs", type=int, default=None)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="N > 1: world, captioner and stages under seeds 0..N-1 (seed 0 is the plain demo), MMD and OT "
+        "rows added; writes <run>/seeds.{json,md} with each metric's mean and standard deviation",
+    )
     args = parser.parse_args(argv)
     setup_logging()
+    torch.set_num_threads(DEMO_THREADS)  # the same reductions on every run of a host: the same table
     started = time.time()
-    data, run = Path(args.data), Path(args.expe_dir) / args.run
-    if args.overwrite and run.exists():
-        import shutil
+    check_run_name(args.run)
+    rows = FULL_ROWS if args.full else SEEDS_ROWS if args.seeds > 1 else DEFAULT_ROWS
+    runs = []
+    for seed in range(args.seeds):
+        suffix = f"_seed{seed}" if seed else ""
+        run = Path(args.expe_dir) / (args.run + suffix)
+        results = run_demo(args, Path(args.data + suffix), run, rows, seed)
+        runs.append(results)
+        print(f"\n{run}: seed {seed}\n" + results_table(results["rows"]) + "\n" + claims_text(results["claims"]))
+    if args.seeds > 1:
+        summary = summarise_seeds(runs)
+        folder = Path(args.expe_dir) / args.run
+        atomic_write_json(folder / "seeds.json", summary)
+        text = seeds_markdown(summary)
+        atomic_write_text(folder / "seeds.md", text)
+        print("\n" + text)
+    log.info("demo finished in %.0f s", time.time() - started)
+    return 0
 
-        shutil.rmtree(run)
-    world = generate_world(data, REDUCED if args.reduced else WorldConfig())
-    training = CaptionerTraining(epochs=1) if args.reduced else CaptionerTraining()
-    if args.captioner_epochs is not None:
-        training = CaptionerTraining(epochs=args.captioner_epochs)
-    llava = str(train_captioner(world, data / "captioner_model", training))
-    common = ["--llava", llava]
+
+def run_demo(args, data: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
+    """World, captioner and every stage of one seed; writes and returns ``<run>/results.json``."""
+    llava = str(build_world(data, args.reduced, args.captioner_epochs, seed))
+    world = data
+    common = ["--llava", llava, "--seed", str(seed)]
+    stage = functools.partial(run_stage, overwrite=args.overwrite)
     short = ["--epochs", "20"] if args.reduced else []
-
-    prefix_dir = run_stage(
-        prefix_tune,
-        run / "prefix",
-        ["--config", str(PRESETS / "prefix_tuning.yaml"), *common, "--pairs", str(world / "prefix_pairs.json"), *short],
-    )
-    rows = FULL_ROWS if args.full else DEFAULT_ROWS
-    variants = sorted({row.variant for row in rows if row.variant != "image_captioner"})
-    test = [
-        "--config",
-        str(PRESETS / "inference.yaml"),
-        *common,
-        "--test-list",
-        str(world / "test.csv"),
-        "--audio-dir",
-        str(world / "audio"),
-        "--frames-dir",
-        str(world / "frames"),
-    ]
+    pairs = ["--pairs", str(world / "prefix_pairs.json")]
+    prefix_dir = stage(prefix_tune, run / "prefix", [*preset("prefix_tuning"), *common, *pairs, *short])
     scenes = {scene["id"]: scene for scene in json.loads((world / "scenes.json").read_text())["test"]}
+    variants = sorted({row.variant for row in rows if row.variant != "image_captioner"})
     results = []
     for variant in ["image_captioner", *variants]:
         folder = run / variant
         if variant != "image_captioner":
-            method = {"unaligned": []}.get(variant, ["--method", variant])
-            align_flags = [
-                "--config",
-                str(PRESETS / "alignment.yaml"),
-                *common,
-                "--train-list",
-                str(world / "align.json"),
-                "--val-list",
-                str(world / "val.json"),
-                *method,
-            ]
-            if variant == "unaligned":
-                align_flags += ["--epochs", "0"]
-            elif args.reduced:
-                align_flags += ["--epochs", "2"]
-            run_stage(align, folder / "align", align_flags)
-            if any(row.variant == variant and row.distilled for row in rows):
-                run_stage(
-                    pseudo_label,
-                    folder / "pseudo_label",
-                    [
-                        "--config",
-                        str(PRESETS / "pseudo_labels.yaml"),
-                        *common,
-                        "--clips",
-                        str(world / "pseudo.json"),
-                        "--align-dir",
-                        str(folder / "align"),
-                        "--prefix-dir",
-                        str(prefix_dir),
-                    ],
-                )
-                run_stage(
-                    distill,
-                    folder / "distill",
-                    [
-                        "--config",
-                        str(PRESETS / "distillation.yaml"),
-                        *common,
-                        "--align-dir",
-                        str(folder / "align"),
-                        "--pseudo-dir",
-                        str(folder / "pseudo_label"),
-                    ],
-                )
+            train_variant(stage, world, folder, variant, common, prefix_dir, args.reduced, rows)
         for row in (r for r in rows if r.variant == variant):
-            # Without distillation the captioner needs the prefix (and its own projector) to talk about sounds;
-            # distilled rows use the distilled projector without prefix, as the original's inference.sh.
-            flags = ["--modality", row.modality, "--prefix-dir", str(prefix_dir)]
-            if row.distilled:
-                flags += ["--projector", "distilled", "--no-use-prefix", "--distill-dir", str(folder / "distill")]
-            else:
-                flags += ["--projector", "original", "--use-prefix"]
-            if row.modality != "image":
-                flags += ["--align-dir", str(folder / "align")]
-            name = f"infer_{row.modality}" + ("_distilled" if row.distilled else "")
-            out = run_stage(infer, folder / name, test + flags)
-            scores = read_manifest(out)["metrics"]["scores"]
-            captions = {record["id"]: record["caption"] for record in read_jsonl(out / "predictions.jsonl")}
-            results.append(
-                {
-                    "variant": row.variant,
-                    "distilled": row.distilled,
-                    "modality": row.modality,
-                    "metrics": {metric: scores.get(metric) for metric in TABLE_METRICS},
-                    "sources": source_scores(captions, scenes),
-                    "name": row.name,
-                    "predictions": str(out / "predictions.jsonl"),
-                }
-            )
-
-    atomic_write_json(run / "results.json", results)
-    sources = ("heard_source_precision", "heard_source_recall")
-    table = markdown_table([(r["name"], r["metrics"] | r["sources"]) for r in results], (*TABLE_METRICS, *sources))
+            out = stage(infer, folder / row.folder, infer_flags(world, folder, row, common, prefix_dir))
+            results.append(row_result(row, out, scenes))
+    report = {"rows": results, "claims": check_claims([{row["name"]: row for row in results}])}
+    atomic_write_json(run / "results.json", report)
     atomic_write_text(
         run / "results.md",
         "# Synthetic world: audio captioning on audio-only test clips\n\n"
-        + table
+        + results_table(results)
         + "\n(*) sees the test clip's frame, not its audio. heard_source_precision / recall: the share of the "
-        "sources a caption names that were heard in the clip, and of the heard sources that it names.\n",
+        "sources a caption names that were heard in the clip, and of the heard sources that it names.\n\n"
+        + claims_text(report["claims"]),
     )
     plot_results(results, run / "results.png")
-    print("\n" + table)
-    log.info("demo finished in %.0f s; results in %s", time.time() - started, run / "results.json")
-    return 0
+    return report
+
+
+def preset(name: str) -> list[str]:
+    return ["--config", str(PRESETS / f"{name}.yaml")]
+
+
+def train_variant(stage, world: Path, folder: Path, variant: str, common, prefix_dir, reduced, rows) -> None:
+    """Stage 1b for one variant, then pseudo-captions and distillation when a distilled row needs them."""
+    method = {"unaligned": ["--epochs", "0"]}.get(variant, ["--method", variant] + (["--epochs", "2"] * reduced))
+    lists = ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
+    stage(align, folder / "align", [*preset("alignment"), *common, *lists, *method])
+    if not any(row.variant == variant and row.distilled for row in rows):
+        return
+    upstream = ["--align-dir", str(folder / "align")]
+    clips = ["--clips", str(world / "pseudo.json"), "--prefix-dir", str(prefix_dir)]
+    stage(pseudo_label, folder / "pseudo_label", [*preset("pseudo_labels"), *common, *upstream, *clips])
+    pseudo = ["--pseudo-dir", str(folder / "pseudo_label")]
+    stage(distill, folder / "distill", [*preset("distillation"), *common, *upstream, *pseudo])
+
+
+def infer_flags(world: Path, folder: Path, row: Row, common: list[str], prefix_dir: Path) -> list[str]:
+    """Without distillation the captioner needs the prefix (and its own projector) to talk about sounds;
+    distilled rows use the distilled projector without prefix, as the original's inference.sh."""
+    flags = [*preset("inference"), *common, "--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio")]
+    flags += ["--frames-dir", str(world / "frames"), "--modality", row.modality, "--prefix-dir", str(prefix_dir)]
+    if row.distilled:
+        flags += ["--projector", "distilled", "--no-use-prefix", "--distill-dir", str(folder / "distill")]
+    else:
+        flags += ["--projector", "original", "--use-prefix"]
+    return flags + (["--align-dir", str(folder / "align")] if row.modality != "image" else [])
+
+
+def row_result(row: Row, out: Path, scenes: dict) -> dict:
+    scores = read_manifest(out)["metrics"]["scores"]
+    captions = {record["id"]: record["caption"] for record in read_jsonl(out / "predictions.jsonl")}
+    return {
+        "variant": row.variant,
+        "distilled": row.distilled,
+        "modality": row.modality,
+        "metrics": {metric: scores.get(metric) for metric in TABLE_METRICS},
+        "sources": source_scores(captions, scenes),
+        "name": row.name,
+        "predictions": str(out / "predictions.jsonl"),
+    }
+
+
+def results_table(results: list[dict]) -> str:
+    sources = ("heard_source_precision", "heard_source_recall")
+    return markdown_table([(r["name"], r["metrics"] | r["sources"]) for r in results], (*TABLE_METRICS, *sources))
+
+
+# -- the paper's claims --------------------------------------------------------------------------------------
+def _audio_rows(rows: dict) -> list[str]:
+    return [name for name, row in rows.items() if row["modality"] == "audio"]
+
+
+CLAIMS = (
+    # (claim, the row that should win, the rows it should beat, factor: winner >= factor x each loser)
+    ("aligned >> unaligned (CIDEr-D at least 2x)", Row("ot_att", False, "audio").name, ["Unaligned encoder"], 2.0),
+    ("OT-Att >= MMD and >= OT", Row("ot_att", False, "audio").name, ["DALI-MMD", "DALI-OT"], 1.0),
+    ("distillation helps OT-Att", Row("ot_att", True, "audio").name, [Row("ot_att", False, "audio").name], 1.0),
+    ("audio + image is the best audio row", Row("ot_att", False, "audio_vis").name, _audio_rows, 1.0),
+)
+
+
+def check_claims(seed_rows: list[dict[str, dict]], metric: str = "cider_d") -> list[dict]:
+    """Each claim on CIDEr-D: per seed, the winner's margin over its closest rival (winner - factor x rival).
+
+    ``difference`` is the mean margin over seeds and ``spread`` its standard deviation (None for one seed).
+    A claim holds when the mean margin is positive and, over several seeds, larger than its spread.
+    """
+    report = []
+    for claim, winner, rivals, factor in CLAIMS:
+        margins = []
+        for rows in seed_rows:
+            names = rivals(rows) if callable(rivals) else rivals
+            if winner not in rows or not all(name in rows for name in names):
+                break
+            score = rows[winner]["metrics"][metric]
+            margins.append(min(score - factor * rows[name]["metrics"][metric] for name in names if name != winner))
+        if len(margins) < len(seed_rows) or not margins:
+            report.append({"claim": claim, "holds": None, "difference": None, "spread": None, "note": "rows not run"})
+            continue
+        mean = statistics.fmean(margins)
+        spread = statistics.stdev(margins) if len(margins) > 1 else None
+        holds = mean > 0 and (spread is None or mean > spread)
+        report.append({"claim": claim, "holds": holds, "difference": round(mean, 4), "spread": spread})
+    return report
+
+
+def claims_text(claims: list[dict]) -> str:
+    lines = ["The paper's claims on this run (CIDEr-D margin of the winner over its closest rival):"]
+    for claim in claims:
+        if claim["holds"] is None:
+            lines.append(f"- {claim['claim']}: not checked ({claim['note']}; `make demo-full` or `--seeds`)")
+            continue
+        spread = f" ± {claim['spread']:.3f} (std over seeds)" if claim["spread"] is not None else ""
+        verdict = "holds" if claim["holds"] else "does NOT hold"
+        lines.append(f"- {claim['claim']}: {verdict} (margin {claim['difference']:+.3f}{spread})")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_seeds(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every metric of every row, and the claims across seeds."""
+    seed_rows = [{row["name"]: row for row in run["rows"]} for run in runs]
+    rows = []
+    for name in seed_rows[0]:
+        values = [row_values(rows_of_seed[name]) for rows_of_seed in seed_rows]
+        rows.append(
+            {
+                "name": name,
+                "mean": {k: statistics.fmean(v[k] for v in values) for k in values[0]},
+                "std": {k: statistics.stdev(v[k] for v in values) for k in values[0]},
+                "per_seed": values,
+            }
+        )
+    return {"seeds": len(runs), "rows": rows, "claims": check_claims(seed_rows)}
+
+
+def row_values(row: dict) -> dict[str, float]:
+    return {k: v for k, v in (row["metrics"] | row["sources"]).items() if v is not None}
+
+
+def seeds_markdown(summary: dict) -> str:
+    metrics = list(summary["rows"][0]["mean"])
+    header = "| system | " + " | ".join(metrics) + " |\n|" + "---|" * (len(metrics) + 1) + "\n"
+    body = "".join(
+        f"| {row['name']} | " + " | ".join(f"{row['mean'][m]:.3f} ± {row['std'][m]:.3f}" for m in metrics) + " |\n"
+        for row in summary["rows"]
+    )
+    title = f"# Synthetic world over {summary['seeds']} seeds (mean ± standard deviation)\n\n"
+    return title + header + body + "\n" + claims_text(summary["claims"])
 
 
 def plot_results(results: list[dict], path: Path) -> None:
@@ -241,4 +321,6 @@ def plot_results(results: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("demo", main))

@@ -135,5 +135,23 @@ def ring(rng, duration):
     return _normalise(out)
 
 
+def knock(rng, duration):
+    """Groups of 2-4 dull knocks: a wooden body's low resonance under a short broadband hit. Two sources of the
+    world (a hammer, a door) make this same sound, so only a picture tells them apart."""
+    out = np.zeros(int(duration * RATE))
+    f0 = rng.uniform(180, 320)
+    t = _time(0.12)
+    start = rng.uniform(0, 0.4)
+    while start < duration - 0.5:
+        gap = rng.uniform(0.18, 0.3)
+        for k in range(int(rng.integers(2, 5))):
+            hit = _band_noise(rng, t.size, 300, 2500) * np.exp(-t / 0.01) + np.sin(2 * np.pi * f0 * t) * np.exp(
+                -t / 0.04
+            )
+            _place(out, hit, start + k * gap)
+        start += rng.uniform(1.0, 1.8)
+    return _normalise(out)
+
+
 def background(rng, duration):
     return _band_noise(rng, int(duration * RATE), 50, 7000).astype(np.float32)

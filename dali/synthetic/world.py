@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +21,12 @@ import soundfile
 from PIL import Image, ImageDraw
 
 from dali.synthetic import sounds
+from dali.workers import worker_pool
 
 DURATION_S = 10.0
 FRAME_SIZE = 64
 NUM_FRAMES = 10
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,18 @@ SOURCES = (
         "hexagon",
         ("a phone rings", "a telephone rings", "a phone is ringing"),
         "ring",
+    ),
+    # Two sources with one sound: audio alone cannot tell them apart, the frame can (when they are in view).
+    SourceClass(
+        "hammer", "teal", (0, 128, 128), "pentagon", ("a hammer knocks", "someone hammers", "a hammer pounds"), "knock"
+    ),
+    SourceClass(
+        "door",
+        "navy",
+        (25, 30, 110),
+        "door",
+        ("someone knocks on a door", "a door is knocked on", "a knock at the door"),
+        "knock",
     ),
 )
 PLACES = {
@@ -206,6 +218,8 @@ SOURCE_WORDS = (
     ("whistle", "whistles"),
     ("clock",),
     ("phone", "telephone"),
+    ("hammer", "hammers"),
+    ("door",),
 )
 
 
@@ -248,6 +262,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         "square": regular(4, math.pi / 4),
         "diamond": regular(4),
         "hexagon": regular(6),
+        "pentagon": regular(5, -math.pi / 2),
+        "door": [(cx - r * 0.55, cy - r), (cx + r * 0.55, cy - r), (cx + r * 0.55, cy + r), (cx - r * 0.55, cy + r)],
         "star": regular(10, -math.pi / 2, (1.0, 0.45)),
     }.get(shape)
 
@@ -368,7 +384,7 @@ def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), worker
     scenes = {split: [sample_scene(rng, f"{split}{i:05d}") for i in range(n)] for split, n in counts.items()}
     jobs = [(scene, str(root)) for split in SPLITS for scene in scenes[split]]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with worker_pool(workers) as pool:
             list(pool.map(_write_clip, jobs, chunksize=16))
     else:
         for job in jobs:
