@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dali.errors import DaliError
+
 SAMPLE_RATE = 16_000
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
@@ -48,7 +50,7 @@ TORCHAUDIO_FBANK_ARGS = dict(
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
-class AudioLoadError(RuntimeError):
+class AudioLoadError(DaliError, RuntimeError):
     """A clip could not be turned into a waveform; the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -184,6 +186,11 @@ def audio_to_features(path_or_wave: str | Path | torch.Tensor, target_frames: in
 def num_frames(num_samples: int) -> int:
     """Frames :func:`kaldi_fbank` gives for ``num_samples`` samples (snip_edges)."""
     return 0 if num_samples < WINDOW_LENGTH else 1 + (num_samples - WINDOW_LENGTH) // WINDOW_SHIFT
+
+
+def samples_for_frames(frames: int) -> int:
+    """The fewest samples that give ``frames`` fbank frames (the inverse of :func:`num_frames`)."""
+    return WINDOW_LENGTH + (frames - 1) * WINDOW_SHIFT
 
 
 def seconds_to_samples(seconds: float) -> int:

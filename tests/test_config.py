@@ -47,3 +47,46 @@ def test_errors_name_the_key_or_flag(tmp_path, capsys):
     preset.write_text("name: x\nepochs: many\n")
     with pytest.raises(ConfigError, match="epochs"):
         parse_config(Example, ["--config", str(preset)])
+
+
+def test_paper_presets_and_the_config_defaults_agree():
+    """Every hyper-parameter in configs/paper equals the dataclass default that the help calls the paper's. The
+    exceptions are where the data and weights live, and the dtype: defaults are float32 so that every command runs
+    on a CPU, the presets are bfloat16 as the original ran."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from dali.stages import align, distill, infer, prefix_tune, pseudo_label
+
+    local = {
+        "llava",
+        "train_list",
+        "val_list",
+        "init_encoder",
+        "pairs",
+        "clips",
+        "test_list",
+        "audio_dir",
+        "frames_dir",
+    }
+    precision = {"dtype": "bfloat16", "vision_dtype": "bfloat16", "autocast": "bfloat16"}
+    configs = {
+        "prefix_tuning": prefix_tune.PrefixTuneConfig,
+        "alignment": align.AlignConfig,
+        "pseudo_labels": pseudo_label.PseudoLabelConfig,
+        "distillation": distill.DistillConfig,
+        "inference": infer.InferConfig,
+    }
+    for name, cls in configs.items():
+        preset = yaml.safe_load((Path(__file__).parent.parent / "configs" / "paper" / f"{name}.yaml").read_text())
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in preset.items():
+            if key in local:
+                continue
+            if key in precision:
+                assert value == precision[key], (name, key)
+                continue
+            default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+            assert value == default, f"configs/paper/{name}.yaml: {key} = {value}, default {default}"

@@ -100,8 +100,6 @@ def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_
     assert (
         infer.main(
             [
-                "--llava",
-                str(tiny_llava_dir),
                 "--test-list",
                 str(clotho),
                 "--audio-dir",
@@ -131,8 +129,6 @@ def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_
             [
                 "--run",
                 str(run),
-                "--llava",
-                str(tiny_llava_dir),
                 str(media / "video_clip.mp4"),
                 str(media / "mono8k.flac"),
                 "--modality",
@@ -153,8 +149,6 @@ def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_
             [
                 "--run",
                 str(run),
-                "--llava",
-                str(tiny_llava_dir),
                 str(media / "video_clip.mp4"),
                 str(media / "mono8k.flac"),
                 "--max-new-tokens",
@@ -173,8 +167,6 @@ def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_
             [
                 "--run",
                 str(run),
-                "--llava",
-                str(tiny_llava_dir),
                 str(media / "video_clip.mp4"),
                 "--modality",
                 "audio_vis",
@@ -231,3 +223,66 @@ def test_import_refuses_a_finished_run_without_overwrite(tiny_llava_dir, origina
     assert {stage: read_manifest(run / stage) for stage in before} == before
     assert import_original.main(argv + ["--overwrite"]) == 0
     assert all(read_manifest(run / stage)["finished"] for stage in before)
+
+
+def test_imported_run_captions_as_the_original_with_no_llava_flag(tiny_llava_dir, original_weights, media, tmp_path):
+    """After import-original with --llava, `dali caption` and `dali infer` need no --llava, and caption as the
+    original's eval_captions_AC.py: llava_v1 prompt, distilled projector for the audio tokens, greedy."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from dali.audio import audio_to_features
+    from dali.models.captioner import CONV_MODES, QUESTION
+
+    source, encoder = original_weights
+    run = tmp_path / "expe" / "DALI_OT_ATT"
+    assert import_original.main([str(source), str(run), "--llava", str(tiny_llava_dir)]) == 0
+    clip = media / "mono8k.flac"
+    out = tmp_path / "captions.json"
+    flags = ["--max-new-tokens", "8", "--json", str(out)]
+    assert caption.main(["--run", str(run), str(clip), "--conv-mode", "llava_v1", *flags]) == 0
+    written = json.loads(out.read_text())
+    assert written["llava"] == str(tiny_llava_dir) and written["conv_mode"] == "llava_v1"
+    assert caption.main(["--run", str(run), str(clip), *flags]) == 0  # imported runs default to llava_v1
+    assert json.loads(out.read_text())["captions"] == written["captions"]
+
+    # the original's computation, written out by hand from its files
+    llava = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
+    weights = torch.load(source / "prefixMLP.bin")
+    projector = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    projector.load_state_dict({k.replace("model.mm_projector.", ""): v for k, v in weights.items()})
+    with torch.no_grad():
+        audio = projector(encoder.eval().project(audio_to_features(clip).unsqueeze(0)))
+        embed = llava.get_input_embeddings()
+        head = tokenizer(f"{CONV_MODES['llava_v1']} USER: ")["input_ids"]
+        tail = tokenizer(f"\n{QUESTION} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        embeds = torch.cat([embed(torch.tensor([head])), audio, embed(torch.tensor([tail]))], dim=1)
+        ids = llava.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = " ".join(tokenizer.decode(ids[0], skip_special_tokens=True).split())
+    assert written["captions"][0]["caption"] == expected
+
+    listing = tmp_path / "list.csv"
+    listing.write_text("file_name,caption_1\nmono8k.wav,a tone\n")
+    soundfile.write(tmp_path / "mono8k.wav", *soundfile.read(clip))
+    infer_flags = ["--run", "DALI_OT_ATT", "--expe-dir", str(tmp_path / "expe"), "--test-list", str(listing)]
+    infer_flags += ["--strategy", "greedy", "--max-new-tokens", "8", "--num-workers", "0", "--no-evaluate"]
+    assert infer.main(infer_flags) == 0
+    predictions = read_jsonl(run / "infer_audio" / "predictions.jsonl")
+    assert predictions[0]["caption"] == expected
+    assert read_manifest(run / "infer_audio")["metrics"]["conv_mode"] == "llava_v1"
+    assert read_manifest(run / "infer_audio")["inputs"]["llava"]["path"] == str(tiny_llava_dir)
+
+
+def test_a_caption_window_has_the_features_dali_infer_computes_for_that_audio(tmp_path):
+    from dali.audio import audio_to_features, samples_for_frames
+    from dali.stages.caption import cut_windows
+
+    wave = (0.2 * np.random.default_rng(3).standard_normal(16_000 * 12)).astype(np.float32)
+    soundfile.write(tmp_path / "long.wav", wave, 16_000, subtype="FLOAT")
+    soundfile.write(tmp_path / "first.wav", wave[: samples_for_frames(1024)], 16_000, subtype="FLOAT")
+    windows = cut_windows(tmp_path / "long.wav", 1024, first_only=False, min_window=1.0, need_frame=False)
+    assert [(w.start, w.end) for w in windows] == [(0.0, 10.24), (10.24, 12.0)]
+    first = windows[0].features
+    assert torch.allclose(first, audio_to_features(tmp_path / "first.wav"), atol=1e-5)  # the same audio as a clip
+    whole = audio_to_features(tmp_path / "long.wav")  # the whole-clip path keeps the first 1024 frames
+    assert (first - whole).abs().max() < 1e-3

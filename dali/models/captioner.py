@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dali.errors import ModelLoadError
 from dali.models.decoding import StaticDecoder
 
 MODALITIES = ("image", "audio", "audio_vis")
@@ -30,6 +31,12 @@ SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# LLaVA's conversation templates: the original trained with v1 (conv_vicuna_v1) and captioned with llava_v1.
+CONV_MODES = {
+    "v1": SYSTEM_PROMPT,
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+}
 QUESTION = "Describe the sound that can be heard in this scene."
 IGNORE_INDEX = -100
 MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption must not blow the context
@@ -100,8 +107,12 @@ class Captioner(nn.Module):
         tokenizer, image_processor: loaded from the same folder or hub id.
     """
 
-    def __init__(self, llava: nn.Module, tokenizer, image_processor, source: str = ""):
+    def __init__(self, llava: nn.Module, tokenizer, image_processor, source: str = "", conv_mode: str = "v1"):
         super().__init__()
+        if conv_mode not in CONV_MODES:
+            raise ValueError(f"conversation mode must be one of {sorted(CONV_MODES)}, got '{conv_mode}'")
+        self.conv_mode = conv_mode
+        self.system_prompt = CONV_MODES[conv_mode]
         self.llava = llava
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -117,6 +128,7 @@ class Captioner(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: str | None = "sdpa",
+        conv_mode: str = "v1",
     ) -> "Captioner":
         """Load LLaVA-1.5 in Hugging Face format (hub id such as ``llava-hf/llava-1.5-7b-hf`` or a local folder)."""
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -133,9 +145,9 @@ class Captioner(nn.Module):
             # The PIL backend needs no torchvision, which cannot be installed next to our CPU torch.
             image_processor = CLIPImageProcessorPil.from_pretrained(source)
         except OSError as error:
-            raise FileNotFoundError(f"cannot load the LLaVA captioner from '{source}': {error}") from None
+            raise ModelLoadError(f"cannot load the LLaVA captioner from '{source}': {error}") from None
         llava.requires_grad_(False)
-        return cls(llava.to(device).eval(), tokenizer, image_processor, source)
+        return cls(llava.to(device).eval(), tokenizer, image_processor, source, conv_mode)
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -236,7 +248,7 @@ class Captioner(nn.Module):
             Training batches are right-padded; generation prompts are left-padded.
         """
         batch = block.shape[0]
-        before = self._ids(f"{SYSTEM_PROMPT} USER: ", bos=True)
+        before = self._ids(f"{self.system_prompt} USER: ", bos=True)
         after_text = f"\n{question} ASSISTANT:"
         after = self._ids(after_text)
         answers = [self._answer_ids(after_text, caption) for caption in captions] if captions is not None else None
@@ -300,7 +312,7 @@ class Captioner(nn.Module):
             question and "ASSISTANT:"); concatenated they are :meth:`build_inputs`' prompt, without padding.
         """
         embed = self.llava.get_input_embeddings()
-        shared = embed(torch.tensor(self._ids(f"{SYSTEM_PROMPT} USER: ", bos=True), device=self.device))
+        shared = embed(torch.tensor(self._ids(f"{self.system_prompt} USER: ", bos=True), device=self.device))
         after = embed(torch.tensor(self._ids(f"\n{question} ASSISTANT:"), device=self.device))
         rows = torch.cat([block.to(self.device, self.dtype), after.unsqueeze(0).expand(block.shape[0], -1, -1)], 1)
         return shared, rows
@@ -411,7 +423,7 @@ class VisionTower(nn.Module):
             config = LlavaConfig.from_pretrained(folder)
             image_processor = CLIPImageProcessorPil.from_pretrained(folder)
         except OSError as error:
-            raise FileNotFoundError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
+            raise ModelLoadError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
         tower = CLIPVisionModel(config.vision_config)
         index = folder / "model.safetensors.index.json"
         files = (
@@ -431,7 +443,7 @@ class VisionTower(nn.Module):
         expected = tower.state_dict()
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise FileNotFoundError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
+            raise ModelLoadError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
         tower.load_state_dict({key: state[key] for key in expected})
         return cls(
             tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path)

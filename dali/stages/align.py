@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
         print_config("align", config)
         stage.save_config(config_to_dict(config))
+        stage.add_input("llava", config.llava)
         for name in ("train_list", "val_list", "init_encoder"):
             if getattr(config, name):
                 stage.add_input(name, getattr(config, name))
@@ -490,4 +491,6 @@ def _autocast(config: AlignConfig, device: torch.device):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("align", main))

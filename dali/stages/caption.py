@@ -7,21 +7,18 @@ with the video frame at its middle.
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dali import distributed
-from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
-from dali.audio import SAMPLE_RATE, audio_to_features
+from dali.audio import SAMPLE_RATE, WINDOW_SHIFT, audio_to_features, samples_for_frames
+from dali.captioning import CaptioningModels
 from dali.config import ConfigError, field, parse_config
 from dali.media import MediaError, decode_audio, decode_frames
-from dali.models.captioner import Captioner
-from dali.runs import MANIFEST, atomic_write_json
-from dali.stages.common import DTYPES, DecodingFlags, log, progress, setup_logging
+from dali.runs import atomic_write_json, stage_main
+from dali.stages.common import DTYPES, DecodingFlags, log, progress, resolve_captioner, setup_logging
 
 
 @dataclass(kw_only=True)
@@ -57,22 +54,20 @@ class Window:
 
 
 def cut_windows(path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool) -> list[Window]:
-    wave = decode_audio(path)
-    wave = torch.from_numpy(wave - wave.mean())
-    window = int(round(target_frames * 0.01 * SAMPLE_RATE))  # 10 ms hop per fbank frame
-    starts = [0] if first_only else list(range(0, max(len(wave), 1), window))
+    """10.24 s windows of a file, each with exactly the ``target_frames`` fbank frames that ``dali infer`` computes
+    for a clip of that audio (a window reads the 240 samples past its end that its last frame needs)."""
+    wave = torch.from_numpy(decode_audio(path))
+    step = target_frames * WINDOW_SHIFT  # 10.24 s
+    span = samples_for_frames(target_frames)
+    starts = [0] if first_only else list(range(0, max(len(wave), 1), step))
     windows = []
     for start in starts:
-        piece = wave[start : start + window]
-        if start > 0 and len(piece) < min_window * SAMPLE_RATE:
+        piece = wave[start : start + span]
+        end = min(start + step, len(wave))
+        if start > 0 and end - start < min_window * SAMPLE_RATE:
             break
         windows.append(
-            Window(
-                str(path),
-                start / SAMPLE_RATE,
-                (start + len(piece)) / SAMPLE_RATE,
-                audio_to_features(piece - piece.mean(), target_frames),
-            )
+            Window(str(path), start / SAMPLE_RATE, end / SAMPLE_RATE, audio_to_features(piece - piece.mean()))
         )
     if need_frame:
         frames = decode_frames(path, [(w.start + w.end) / 2 for w in windows])
@@ -81,57 +76,42 @@ def cut_windows(path: Path, target_frames: int, first_only: bool, min_window: fl
     return windows
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(CaptionConfig, argv)
     run = Path(config.run)
-    llava = config.llava
-    if llava is None:
-        manifest = run / "align" / MANIFEST
-        llava = json.loads(manifest.read_text())["metrics"].get("llava") if manifest.exists() else None
-        if not llava:
-            raise ConfigError("--llava is needed: the run's align manifest does not name a LLaVA")
+    align, prefix, distill = run / "align", run / "prefix", run / "distill"
+    config = resolve_captioner(config, align, distill, prefix)
     device = distributed.setup(config.device).device
-    captioner = Captioner.from_pretrained(llava, dtype=DTYPES[config.dtype], device=device)
-    encoder = load_align_stage(run / "align", captioner.vision_dim, "--run").to(device)
-    projector = (
-        load_distill_stage(run / "distill", captioner.projector, "--run").to(device)
-        if config.projector == "distilled"
-        else None
+    models = CaptioningModels.load(
+        config.llava,
+        dtype=DTYPES[config.dtype],
+        device=device,
+        conv_mode=config.conv_mode,
+        align_dir=align,
+        prefix_dir=prefix if config.use_prefix else None,
+        distill_dir=distill if config.projector == "distilled" else None,
+        flags=("--run", "--run", "--run"),
     )
-    prefix = load_prefix_stage(run / "prefix", captioner.hidden_size, "--run").to(device) if config.use_prefix else None
     options = config.decoding()
     windows, failures = [], []
     for name in config.files:
         try:
-            windows += cut_windows(
-                Path(name),
-                encoder.config.target_frames,
-                config.first_window_only,
-                config.min_window,
-                config.modality == "audio_vis",
-            )
+            target = models.encoder.config.target_frames
+            need_frame = config.modality == "audio_vis"
+            windows += cut_windows(Path(name), target, config.first_window_only, config.min_window, need_frame)
         except MediaError as error:
             failures.append({"file": name, "error": error.reason})
             log.error("%s", error)
     results = []
     for start in progress(range(0, len(windows), config.batch_size), desc="captioning", unit="batch"):
         batch = windows[start : start + config.batch_size]
-        with torch.no_grad():
-            audio = encoder.project(torch.stack([w.features for w in batch]).to(device))
-            image = (
-                captioner.image_tokens(captioner.preprocess_images([w.frame for w in batch]))
-                if config.modality == "audio_vis"
-                else None
-            )
-            block = captioner.modality_block(
-                image,
-                audio,
-                prefix=prefix() if prefix is not None else None,
-                audio_projector=projector,
-                image_projector=projector,
-            )
-        for window, caption in zip(batch, captioner.generate(block, options)):
+        pixels = None
+        if config.modality == "audio_vis":
+            pixels = models.captioner.preprocess_images([w.frame for w in batch])
+        block = models.block(torch.stack([w.features for w in batch]), pixels)
+        for window, caption in zip(batch, models.captioner.generate(block, options)):
             results.append(
                 {"file": window.file, "start": round(window.start, 2), "end": round(window.end, 2), "caption": caption}
             )
@@ -144,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                 "failed": failures,
                 "modality": config.modality,
                 "decoding": options.__dict__,
+                "conv_mode": config.conv_mode,
+                "dtype": config.dtype,
                 "run": str(run),
-                "llava": llava,
+                "llava": config.llava,
             },
         )
     return 1 if failures and not results else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("caption", main))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dali.config import config_to_dict, field
-from dali.models.captioner import DECODING_ENGINES, DecodingOptions
+from dali.config import ConfigError, config_to_dict, field
+from dali.models.captioner import CONV_MODES, DECODING_ENGINES, DecodingOptions
 from dali.models.cav_mae import CheckpointError
 from dali.runs import CHECKPOINT, atomic_write, check_run_name, progress  # noqa: F401  (re-exported)
 
@@ -63,6 +64,14 @@ class DecodingFlags:
         "generate: transformers' generate (beam search always uses it)",
     )
 
+    conv_mode: str | None = field(
+        None,
+        choices=tuple(CONV_MODES),
+        help="LLaVA's conversation template: v1 ('...a curious user...', the original's training prompt) or "
+        "llava_v1 ('...a curious human...', its inference prompt); default: the run's (llava_v1 for weights made "
+        "by import-original, v1 for runs trained here)",
+    )
+
     def decoding(self) -> DecodingOptions:
         return DecodingOptions(
             strategy=self.strategy,
@@ -72,6 +81,19 @@ class DecodingFlags:
             seed=self.seed,
             engine=self.engine,
         )
+
+
+def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
+    """The config with ``llava`` (and ``conv_mode``, where it has one) taken from the upstream stages' manifests
+    when no flag gave them; a clear error when none names a LLaVA."""
+    from dali.captioning import recorded_conv_mode, recorded_llava
+
+    changes = {"llava": config.llava or recorded_llava(*upstream)}
+    if not changes["llava"]:
+        raise ConfigError("--llava is needed: no finished upstream stage of this run names the LLaVA it used")
+    if hasattr(config, "conv_mode"):
+        changes["conv_mode"] = config.conv_mode or recorded_conv_mode(*upstream)
+    return dataclasses.replace(config, **changes)
 
 
 def seed_everything(seed: int) -> None:

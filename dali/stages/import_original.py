@@ -17,11 +17,14 @@ import torch
 from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
+from dali.config import ConfigError
 from dali.models.cav_mae import CheckpointError, load_audio_encoder, read_state_dict, save_audio_encoder, strip_prefix
 from dali.models.prefix import ORIGINAL_PREFIX_KEY, ORIGINAL_PROJECTOR_KEYS, load_prefix, save_prefix
 from dali.runs import Stage, atomic_write, stage_main
 from dali.stages.common import log, setup_logging
 
+# The original captioned with LLaVA's llava_v1 template (it trained with v1): imported runs caption the same way.
+ORIGINAL = {"conv_mode": "llava_v1"}
 SCORER_PREFIXES = ("audio_scorer.", "image_scorer.", "a_q.", "a_k.", "a_v.", "i_q.", "i_k.", "i_v.")
 
 
@@ -56,7 +59,7 @@ def import_backbone(path: Path, stage: Stage, vision_dim: int | None) -> dict:
     if scorers:
         atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(scorers, str(tmp)))
         outputs.append(TOKEN_WEIGHTS_FILE)
-    stage.finish({"imported_from": str(path), "encoder_config": encoder.config.__dict__}, outputs=outputs)
+    stage.finish({"imported_from": str(path), "encoder_config": encoder.config.__dict__, **ORIGINAL}, outputs=outputs)
     return {"align": str(out)}
 
 
@@ -81,7 +84,7 @@ def import_projector(
     stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("projector", path)
     atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, str(tmp)))
-    stage.finish({"imported_from": str(path)}, outputs=[PROJECTOR_FILE])
+    stage.finish({"imported_from": str(path), **ORIGINAL}, outputs=[PROJECTOR_FILE])
     return {"distill": str(out)}
 
 
@@ -91,7 +94,7 @@ def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
     stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("prefix", path)
     atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
-    stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0]}, outputs=[PREFIX_FILE])
+    stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0], **ORIGINAL}, outputs=[PREFIX_FILE])
     return {"prefix": str(out)}
 
 
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     source, run = Path(args.source), Path(args.run)
     backbone = source / "audio_backbone.pth"
     if not backbone.is_file():
-        raise SystemExit(f"SOURCE_DIR: '{backbone}' does not exist")
+        raise ConfigError(f"SOURCE_DIR: '{backbone}' does not exist")
     hidden, vision_dim = llava_shapes(args.llava)
     projector = source / "prefixMLP.bin"
     # each file is read once: the keys decide what it is, then the same tensors are imported
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     targets += ["prefix"] if prefix_file else []
     # every target folder is checked (finished ones need --overwrite) before anything is written
     stages = {name: Stage(run / name, f"import_original/{name}", overwrite=args.overwrite) for name in targets}
+    for stage in stages.values():
+        if args.llava:  # later stages and `dali caption` find the LLaVA here, with no --llava
+            stage.add_input("llava", args.llava)
     done = import_backbone(backbone, stages["align"], vision_dim)
     if projector in keys:
         if ORIGINAL_PREFIX_KEY in keys[projector]:
@@ -134,4 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("import-original", main))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dali import distributed
-from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE, load_align_stage, load_distill_stage, load_prefix_stage
+from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE
+from dali.captioning import CaptioningModels
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
-from dali.models.captioner import MODALITIES, Captioner
+from dali.models.captioner import MODALITIES
 from dali.runs import Stage, atomic_write_jsonl, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
@@ -16,6 +17,7 @@ from dali.stages.common import (
     DecodingFlags,
     log,
     print_config,
+    resolve_captioner,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -28,7 +30,7 @@ from dali.stages.evaluate import SCORES_JSON, SCORES_MD, score_predictions
 class InferConfig(DecodingFlags):
     """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
 
-    llava: str = field(help="LLaVA-1.5: hub id or local folder")
+    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
     test_list: str = field(help="AudioCaps- or Clotho-style CSV (ids and reference captions)")
     audio_dir: str | None = field(None, help="folder of <id>.wav (default: the list's folder)")
     frames_dir: str | None = field(None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis)")
@@ -78,25 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     uses_audio = config.modality in ("audio", "audio_vis")
     uses_image = config.modality in ("image", "audio_vis")
 
-    captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
-    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
-    prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix")
-    distill_dir = upstream_dir(config.distill_dir, config.expe_dir, config.run, "distill")
-    encoder = load_align_stage(align_dir, captioner.vision_dim).to(context.device) if uses_audio else None
-    prefix = load_prefix_stage(prefix_dir, captioner.hidden_size).to(context.device) if config.use_prefix else None
-    projector = None
+    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align") if uses_audio else None
+    prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix") if config.use_prefix else None
+    distill_dir = None
     if config.projector == "distilled":
-        projector = load_distill_stage(distill_dir, captioner.projector).to(context.device)
+        distill_dir = upstream_dir(config.distill_dir, config.expe_dir, config.run, "distill")
+    config = resolve_captioner(config, align_dir, distill_dir, prefix_dir)
+    models = CaptioningModels.load(
+        config.llava,
+        dtype=DTYPES[config.dtype],
+        device=context.device,
+        conv_mode=config.conv_mode,
+        align_dir=align_dir,
+        prefix_dir=prefix_dir,
+        distill_dir=distill_dir,
+    )
+    captioner, encoder = models.captioner, models.encoder
     if context.is_main:
         print_config("infer", config)
         stage.save_config(config_to_dict(config))
+        stage.add_input("llava", config.llava)
         stage.add_input("test_list", config.test_list)
-        for used, label, folder in (
-            (uses_audio, "align_dir", align_dir),
-            (config.use_prefix, "prefix_dir", prefix_dir),
-            (projector is not None, "distill_dir", distill_dir),
-        ):
-            if used:
+        for label, folder in (("align_dir", align_dir), ("prefix_dir", prefix_dir), ("distill_dir", distill_dir)):
+            if folder is not None:
                 stage.add_input(label, folder)
 
     clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
@@ -115,24 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             on_error=config.on_error,
         )
 
-    def make_block(batch):
-        image_tokens = captioner.image_tokens(batch["pixels"]) if uses_image else None
-        audio_tokens = encoder.project(batch["fbank"].to(context.device)) if uses_audio else None
-        return captioner.modality_block(
-            image_tokens,
-            audio_tokens,
-            prefix=prefix() if prefix is not None else None,
-            audio_projector=projector,
-            image_projector=projector,
-        )
-
     options = config.decoding()
     decoding = config_to_dict(options)
     captions, skipped = caption_clips(
         captioner,
         clips,
         dataset_for,
-        make_block,
+        lambda batch: models.block(batch.get("fbank"), batch.get("pixels")),
         options,
         out,
         context,
@@ -150,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
             outputs += [SCORES_JSON, SCORES_MD]
             log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})
-        stage.finish(final | {"llava": config.llava, "modality": config.modality}, outputs=outputs)
+        final |= {"llava": config.llava, "modality": config.modality, "conv_mode": config.conv_mode}
+        stage.finish(final, outputs=outputs)
         remove_parts(out, context.world_size)
         log.info("%d captions written to %s", len(captions), out / PREDICTIONS_FILE)
     distributed.teardown()
@@ -158,4 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("infer", main))

@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = [load_frame(clip) for clip in pairs]
     except ClipError as error:  # 16 hand-picked pairs: a broken one is a mistake to fix, not to skip
-        raise SystemExit(f"--pairs: {error}") from None
+        raise ConfigError(f"--pairs: {error}") from None
     if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
         print_config("prefix_tune", config)
         stage.save_config(config_to_dict(config))
+        stage.add_input("llava", config.llava)
         stage.add_input("pairs", config.pairs)
     with torch.no_grad():
         image_tokens = torch.cat(
@@ -165,4 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("prefix-tune", main))

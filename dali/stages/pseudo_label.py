@@ -10,10 +10,10 @@ import random
 from dataclasses import dataclass
 
 from dali import distributed
-from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE, load_align_stage, load_prefix_stage
+from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
+from dali.captioning import CaptioningModels
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
-from dali.models.captioner import Captioner
 from dali.runs import Stage, atomic_write_jsonl, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
@@ -21,6 +21,7 @@ from dali.stages.common import (
     DecodingFlags,
     log,
     print_config,
+    resolve_captioner,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -32,7 +33,7 @@ from dali.stages.common import (
 class PseudoLabelConfig(DecodingFlags):
     """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
 
-    llava: str = field(help="LLaVA-1.5: hub id or local folder")
+    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
     clips: str = field(help="CAV-MAE format JSON of the clips to caption (AudioSet balanced-train in the paper)")
     data_root: str | None = field(None)
     run: str = field("default")
@@ -70,15 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     stage = Stage(out, "pseudo_label", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
 
-    captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
-    encoder = load_align_stage(align_dir, captioner.vision_dim).to(context.device)
-    prefix = load_prefix_stage(prefix_dir, captioner.hidden_size).to(context.device) if config.use_prefix else None
+    config = resolve_captioner(config, align_dir, prefix_dir)
+    models = CaptioningModels.load(
+        config.llava,
+        dtype=DTYPES[config.dtype],
+        device=context.device,
+        conv_mode=config.conv_mode,
+        align_dir=align_dir,
+        prefix_dir=prefix_dir if config.use_prefix else None,
+    )
+    captioner, encoder = models.captioner, models.encoder
     if context.is_main:
         print_config("pseudo_label", config)
         stage.save_config(config_to_dict(config))
+        stage.add_input("llava", config.llava)
         stage.add_input("clips", config.clips)
         stage.add_input("align_dir", align_dir)
-        if prefix is not None:
+        if config.use_prefix:
             stage.add_input("prefix_dir", prefix_dir)
 
     clips = read_cavmae_json(config.clips, config.data_root)
@@ -98,16 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             on_error=config.on_error,
         )
 
-    def make_block(batch):
-        image_tokens = captioner.image_tokens(batch["pixels"])
-        audio_tokens = encoder.project(batch["fbank"].to(context.device))
-        return captioner.modality_block(image_tokens, audio_tokens, prefix=prefix() if prefix is not None else None)
-
     merged, skipped = caption_clips(
         captioner,
         clips,
         dataset_for,
-        make_block,
+        lambda batch: models.block(batch["fbank"], batch["pixels"]),
         config.decoding(),
         out,
         context,
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_jsonl(out / PSEUDO_CAPTIONS_FILE, merged)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
         stage.finish(
-            {"captions": len(merged), "skipped": len(skipped), "llava": config.llava},
+            {"captions": len(merged), "skipped": len(skipped), "llava": config.llava, "conv_mode": config.conv_mode},
             outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE],
         )
         remove_parts(out, context.world_size)
@@ -135,4 +139,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("pseudo-label", main))

@@ -1,0 +1,92 @@
+"""One captioning path: LLaVA, the aligned encoder, the prefix and a distilled projector, loaded once, in one
+dtype, and the modality block they make from audio features and frames. ``dali pseudo-label``, ``dali infer``
+and ``dali caption`` all caption through it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
+from dali.models.captioner import Captioner
+from dali.runs import MANIFEST
+
+
+class CaptioningModels:
+    """The models behind one set of captions. Every part runs in the captioner's dtype (the original ran all of
+    them in bf16): ``--dtype`` means the whole path."""
+
+    def __init__(self, captioner: Captioner, encoder=None, prefix=None, projector: nn.Module | None = None):
+        self.captioner, self.encoder, self.prefix, self.projector = captioner, encoder, prefix, projector
+
+    @classmethod
+    def load(
+        cls,
+        llava: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        conv_mode: str = "v1",
+        align_dir: Path | None = None,
+        prefix_dir: Path | None = None,
+        distill_dir: Path | None = None,
+        flags: tuple[str, str, str] = ("--align-dir", "--prefix-dir", "--distill-dir"),
+    ) -> "CaptioningModels":
+        """LLaVA, plus whichever of the aligned encoder, the prefix and the distilled projector is given."""
+        captioner = Captioner.from_pretrained(llava, dtype=dtype, device=device, conv_mode=conv_mode)
+        encoder = prefix = projector = None
+        if align_dir is not None:
+            encoder = load_align_stage(align_dir, captioner.vision_dim, flags[0]).to(device, dtype)
+        if prefix_dir is not None:
+            prefix = load_prefix_stage(prefix_dir, captioner.hidden_size, flags[1]).to(device, dtype)
+        if distill_dir is not None:
+            projector = load_distill_stage(distill_dir, captioner.projector, flags[2]).to(device, dtype)
+        return cls(captioner, encoder, prefix, projector)
+
+    @property
+    def device(self) -> torch.device:
+        return self.captioner.device
+
+    @torch.no_grad()
+    def block(self, fbank: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The modality block [B, K, hidden]: [image tokens?, audio tokens?, prefix?].
+
+        Args:
+            fbank: [B, frames, mel] audio features (needs the encoder).
+            pixels: [B, 3, S, S] preprocessed frames.
+        """
+        image = self.captioner.image_tokens(pixels) if pixels is not None else None
+        audio = self.encoder.project(fbank.to(self.device)) if fbank is not None else None
+        prefix = self.prefix() if self.prefix is not None else None
+        return self.captioner.modality_block(
+            image, audio, prefix=prefix, audio_projector=self.projector, image_projector=self.projector
+        )
+
+
+def _manifests(folders) -> list[dict]:
+    paths = [Path(folder) / MANIFEST for folder in folders if folder is not None]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
+def recorded_llava(*folders) -> str | None:
+    """The LLaVA that the first of these finished stage folders names (an input, or a metric in older runs)."""
+    for manifest in _manifests(folders):
+        llava = manifest.get("inputs", {}).get("llava", {}).get("path") or manifest.get("metrics", {}).get("llava")
+        if llava:
+            return llava
+    return None
+
+
+def recorded_conv_mode(*folders) -> str:
+    """The conversation mode a run's captions use by default: the one its first finished folder records;
+    ``llava_v1`` (the original's inference prompt) for imported weights, ``v1`` (the training prompt) otherwise."""
+    for manifest in _manifests(folders):
+        mode = manifest.get("metrics", {}).get("conv_mode")
+        if mode:
+            return mode
+        return "llava_v1" if manifest.get("stage", "").startswith("import_original") else "v1"
+    return "v1"
