@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dali.errors import DaliError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(DaliError, ValueError):
     """A flag or preset value is wrong; the message names it."""
 
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dali.audio import AudioLoadError, audio_to_features, load_audio
+from dali.errors import DaliError
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,11 @@ DEFAULT_FRAME_INDEX = 5  # the middle of CAV-MAE's 10 frames; one index for ever
 ON_ERROR_CHOICES = ("skip", "stop")
 
 
-class DataError(ValueError):
+class DataError(DaliError, ValueError):
     """A dataset list is malformed; the message names the file, the line and the problem."""
 
 
-class ClipError(RuntimeError):
+class ClipError(DaliError, RuntimeError):
     """One clip's audio or frame cannot be used; the message names the file."""
 
     def __init__(self, clip_id: str, path: str | Path, reason: str):

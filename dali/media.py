@@ -11,13 +11,14 @@ import numpy as np
 from PIL import Image
 
 from dali.audio import SAMPLE_RATE, resample
+from dali.errors import DaliError
 
 MEDIA_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4a")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 FRAME_SIZE = 224  # CAV-MAE's frames: resize the short side, centre crop
 
 
-class MediaError(RuntimeError):
+class MediaError(DaliError, RuntimeError):
     """A media file cannot be decoded; the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):

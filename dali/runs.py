@@ -24,12 +24,14 @@ from typing import Any, Callable
 
 import yaml
 
+from dali.errors import DaliError
+
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 
 
-class StageStateError(RuntimeError):
+class StageStateError(DaliError, RuntimeError):
     """A stage folder is in a state that forbids the requested action (finished, partial, missing upstream)."""
 
 

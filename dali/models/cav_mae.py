@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dali.audio import NUM_MEL_BINS, TARGET_FRAMES
+from dali.errors import DaliError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ _SKIPPED_PREFIXES = (
 CONFIG_METADATA_KEY = "dali.cav_mae_config"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DaliError, ValueError):
     """A checkpoint does not fit the model it is loaded into; the message names the file and the keys."""
 
 
@@ -274,6 +275,7 @@ def _metadata_config(path: str | Path, text: str, from_tensors: CAVMAEConfig) ->
         config = CAVMAEConfig(**json.loads(text))
     except (TypeError, ValueError) as error:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"'{path}': its encoder config metadata is not valid: {error}") from None
+
     def shape(c: CAVMAEConfig) -> tuple:
         return c.embed_dim, c.depth_audio, c.depth_shared, c.mlp_ratio, c.patch_shape, c.grid, c.proj_dim
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import soundfile
 
 from dali.audio import SAMPLE_RATE, TARGET_FRAMES, samples_for_frames
+from dali.config import ConfigError
 from dali.data import Clip, write_cavmae_json
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
 from dali.runs import atomic_write, atomic_write_jsonl
@@ -33,7 +34,7 @@ def list_inputs(source: Path) -> list[Path]:
     if source.is_file() and source.suffix == ".txt":
         lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
         return [Path(line) if Path(line).is_absolute() else source.parent / line for line in lines]
-    raise SystemExit(f"INPUT '{source}' must be a folder of media files or a .txt list of paths")
+    raise ConfigError(f"INPUT '{source}' must be a folder of media files or a .txt list of paths")
 
 
 def outputs_of(out: Path, clip_id: str, video: bool) -> list[Path]:
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = list_inputs(Path(args.input))
     duplicates = sorted(clip_id for clip_id, count in Counter(p.stem for p in inputs).items() if count > 1)
     if duplicates:
-        raise SystemExit(f"INPUT: several files share the ids {duplicates[:10]} (ids are file names without extension)")
+        raise ConfigError(
+            f"INPUT: several files share the ids {duplicates[:10]} (ids are file names without extension)"
+        )
     for k in range(NUM_FRAMES):
         (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -125,4 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dali.cli import run
+
+    raise SystemExit(run("prepare", main))
