@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo demo-full lint clean
+.PHONY: setup test test-all demo demo-full demo-seeds lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,26 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# The fast tier: unit tests and one chained run. test-all adds the slow tier: kill-and-resume runs, several
+# processes, the README's flows.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check dali tests benchmarks
+	$(PY) -m ruff format --check dali tests benchmarks
 
 demo: $(STAMP)
 	$(PY) -m dali.synthetic.demo $(ARGS)
 
 demo-full: $(STAMP)
 	$(PY) -m dali.synthetic.demo --full $(ARGS)
+
+demo-seeds: $(STAMP)
+	$(PY) -m dali.synthetic.demo --seeds 3 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
