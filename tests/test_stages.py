@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pip
     assert manifest["inputs"]["pairs"]["sha256"] and manifest["versions"]["torch"]
     assert len(read_jsonl(folder / "metrics.jsonl")) == 4
     assert (folder / "config.yaml").exists() and not (folder / "checkpoint.pt").exists()
+    folder = shutil.copytree(folder, run.parent / "prefix_rerun")  # the pipeline's own prefix stays as it is
     argv = ["--llava", str(llava), "--pairs", str(world / "prefix_pairs.json"), "--epochs", "1", "--out", str(folder)]
     with pytest.raises(StageStateError, match="--overwrite"):
         prefix_tune.main(argv)
@@ -285,6 +287,7 @@ def test_distillation_keeps_the_step_with_the_lowest_held_out_loss(pipeline, tmp
         assert [r["best"] for r in logged[-5:]] == [False] * 5 and metrics["steps"] < metrics["planned_steps"]
 
 
+@pytest.mark.slow
 def test_distilled_student_is_closer_to_its_pseudo_captions_than_the_undistilled_model(pipeline, tmp_path):
     """Any correct distillation: on its own training clips, the student's greedy captions match the pseudo-captions
     it was trained on better than the undistilled model's (LLaVA's projector and the prefix) do."""
@@ -295,7 +298,8 @@ def test_distilled_student_is_closer_to_its_pseudo_captions_than_the_undistilled
     truth = {scene["id"]: _true_caption(scene) for scene in json.loads((world / "scenes.json").read_text())["pseudo"]}
     records = [r | {"caption": truth[r["id"]]} for r in read_jsonl(pseudo / "pseudo_captions.jsonl")]
     (pseudo / "pseudo_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert distill.main(_distill_flags(pipeline, pseudo, tmp_path / "distill") + ["--epochs", "60"]) == 0
+    flags = ["--epochs", "150", "--lr", "3e-3"]  # 600 steps: the paper's one epoch is about 500
+    assert distill.main(_distill_flags(pipeline, pseudo, tmp_path / "distill") + flags) == 0
     listing = tmp_path / "own_clips.csv"  # the training clips, their pseudo-captions as the references
     listing.write_text("youtube_id,caption\n" + "".join(f'{r["id"]},"{r["caption"]}"\n' for r in records))
     test = [
@@ -318,7 +322,7 @@ def test_distilled_student_is_closer_to_its_pseudo_captions_than_the_undistilled
         predictions = read_jsonl(folder / "predictions.jsonl")
         return sum(_token_f1(p["caption"], reference[p["id"]]) for p in predictions) / len(predictions)
 
-    assert closeness(tmp_path / "student") > closeness(tmp_path / "undistilled")  # 0.240 vs 0.202 when written
+    assert closeness(tmp_path / "student") > closeness(tmp_path / "undistilled")
     losses = [r["loss"] for r in read_jsonl(tmp_path / "distill" / "metrics.jsonl")]
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8  # and it learned: the loss fell
 
