@@ -5,7 +5,6 @@ and ``dali caption`` all caption through it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
 from dali.models.captioner import Captioner
-from dali.runs import MANIFEST
+from dali.runs import MANIFEST, read_manifest
 
 
 class CaptioningModels:
@@ -68,8 +67,7 @@ class CaptioningModels:
 
 
 def _manifests(folders) -> list[dict]:
-    paths = [Path(folder) / MANIFEST for folder in folders if folder is not None]
-    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+    return [read_manifest(folder) for folder in folders if folder is not None and (Path(folder) / MANIFEST).is_file()]
 
 
 def recorded_llava(*folders) -> str | None:

@@ -14,11 +14,10 @@ import torch
 
 from dali import distributed
 from dali.audio import SAMPLE_RATE, WINDOW_SHIFT, audio_to_features, samples_for_frames
-from dali.captioning import CaptioningModels
 from dali.config import ConfigError, field, parse_config
 from dali.media import MediaError, decode_audio, decode_frames
 from dali.runs import atomic_write_json, stage_main
-from dali.stages.common import DTYPES, DecodingFlags, log, progress, resolve_captioner, setup_logging
+from dali.stages.common import DTYPES, DecodingFlags, load_captioning, log, progress, setup_logging
 
 
 @dataclass(kw_only=True)
@@ -82,16 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(CaptionConfig, argv)
     run = Path(config.run)
     align, prefix, distill = run / "align", run / "prefix", run / "distill"
-    config = resolve_captioner(config, align, distill, prefix)
     device = distributed.setup(config.device).device
-    models = CaptioningModels.load(
-        config.llava,
-        dtype=DTYPES[config.dtype],
-        device=device,
-        conv_mode=config.conv_mode,
-        align_dir=align,
-        prefix_dir=prefix if config.use_prefix else None,
-        distill_dir=distill if config.projector == "distilled" else None,
+    config, models = load_captioning(
+        config,
+        device,
+        align,
+        prefix if config.use_prefix else None,
+        distill if config.projector == "distilled" else None,
         flags=("--run", "--run", "--run"),
     )
     options = config.decoding()

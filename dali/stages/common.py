@@ -10,7 +10,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from dali.config import ConfigError, config_to_dict, field
 from dali.models.captioner import CONV_MODES, DECODING_ENGINES, DecodingOptions
 from dali.models.cav_mae import CheckpointError
 from dali.runs import CHECKPOINT, atomic_write, check_run_name, progress  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from dali.captioning import CaptioningModels
 
 log = logging.getLogger("dali")
 
@@ -94,6 +97,32 @@ def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
     if hasattr(config, "conv_mode"):
         changes["conv_mode"] = config.conv_mode or recorded_conv_mode(*upstream)
     return dataclasses.replace(config, **changes)
+
+
+def load_captioning(
+    config: Any,
+    device: torch.device,
+    align_dir: Path | None = None,
+    prefix_dir: Path | None = None,
+    distill_dir: Path | None = None,
+    flags: tuple[str, str, str] = ("--align-dir", "--prefix-dir", "--distill-dir"),
+) -> tuple[Any, "CaptioningModels"]:
+    """The config with its LLaVA and conversation mode resolved from the folders it uses, and the models those
+    folders hold, loaded in ``--dtype`` (the captioning stages' shared start)."""
+    from dali.captioning import CaptioningModels
+
+    config = resolve_captioner(config, align_dir, distill_dir, prefix_dir)
+    models = CaptioningModels.load(
+        config.llava,
+        dtype=DTYPES[config.dtype],
+        device=device,
+        conv_mode=config.conv_mode,
+        align_dir=align_dir,
+        prefix_dir=prefix_dir,
+        distill_dir=distill_dir,
+        flags=flags,
+    )
+    return config, models
 
 
 def seed_everything(seed: int) -> None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE
-from dali.captioning import CaptioningModels
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
 from dali.models.captioner import MODALITIES
@@ -15,9 +14,9 @@ from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DTYPES,
     DecodingFlags,
+    load_captioning,
     log,
     print_config,
-    resolve_captioner,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -85,16 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     distill_dir = None
     if config.projector == "distilled":
         distill_dir = upstream_dir(config.distill_dir, config.expe_dir, config.run, "distill")
-    config = resolve_captioner(config, align_dir, distill_dir, prefix_dir)
-    models = CaptioningModels.load(
-        config.llava,
-        dtype=DTYPES[config.dtype],
-        device=context.device,
-        conv_mode=config.conv_mode,
-        align_dir=align_dir,
-        prefix_dir=prefix_dir,
-        distill_dir=distill_dir,
-    )
+    config, models = load_captioning(config, context.device, align_dir, prefix_dir, distill_dir)
     captioner, encoder = models.captioner, models.encoder
     if context.is_main:
         print_config("infer", config)

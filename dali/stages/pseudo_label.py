@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
-from dali.captioning import CaptioningModels
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
 from dali.runs import Stage, atomic_write_jsonl, stage_main
@@ -19,9 +18,9 @@ from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DTYPES,
     DecodingFlags,
+    load_captioning,
     log,
     print_config,
-    resolve_captioner,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -71,15 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = Stage(out, "pseudo_label", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
 
-    config = resolve_captioner(config, align_dir, prefix_dir)
-    models = CaptioningModels.load(
-        config.llava,
-        dtype=DTYPES[config.dtype],
-        device=context.device,
-        conv_mode=config.conv_mode,
-        align_dir=align_dir,
-        prefix_dir=prefix_dir if config.use_prefix else None,
-    )
+    config, models = load_captioning(config, context.device, align_dir, prefix_dir if config.use_prefix else None)
     captioner, encoder = models.captioner, models.encoder
     if context.is_main:
         print_config("pseudo_label", config)

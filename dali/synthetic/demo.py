@@ -131,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_demo(args, data: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
+def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
     """World, captioner and every stage of one seed; writes and returns ``<run>/results.json``."""
-    llava = str(build_world(data, args.reduced, args.captioner_epochs, seed))
-    world = data
+    llava = str(build_world(world, args.reduced, args.captioner_epochs, seed))
     common = ["--llava", llava, "--seed", str(seed)]
     stage = functools.partial(run_stage, overwrite=args.overwrite)
     short = ["--epochs", "20"] if args.reduced else []
