@@ -10,3 +10,7 @@ class DaliError(Exception):
 
 class ModelLoadError(DaliError, FileNotFoundError):
     """A model (LLaVA, its vision tower) cannot be loaded from the given id or folder."""
+
+
+class TrainingDiverged(DaliError, FloatingPointError):
+    """Too many training steps had a NaN or infinite loss (a learning rate too high, bad inputs)."""

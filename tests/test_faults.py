@@ -180,6 +180,26 @@ def test_non_finite_guard_counts_logs_and_stops(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("method", ["mmd", "ot", "ot_att"])
+def test_diverged_encoder_gives_a_skipped_step_not_a_crash(method):
+    """NaN audio tokens (seen at --lr 1e-3 on the synthetic world) used to reach OT-Att's weight check and raise
+    a ValueError; now they are a NaN loss, which the guard skips, and past its limit a clean DaliError."""
+    from dali.errors import DaliError
+    from dali.losses.attentive import AttentiveTokenWeights
+    from dali.stages.align import AlignConfig, alignment_loss
+
+    audio, image = torch.randn(2, 6, 8), torch.randn(2, 5, 8)
+    audio[1, 3] = float("nan")
+    config = AlignConfig(llava="unused", train_list="unused", method=method)
+    weights = AttentiveTokenWeights(dim=8, num_heads=2)(audio, image) if method == "ot_att" else None
+    loss = alignment_loss(config, audio, image, weights)
+    assert torch.isnan(loss)
+    assert torch.isfinite(alignment_loss(config, torch.randn(2, 6, 8), image))
+    guard = NonFiniteGuard(limit=0)
+    with pytest.raises(DaliError, match="diverged: try a lower --lr"):
+        guard.check(loss, 7)
+
+
 def test_alignment_skips_nan_steps_and_stops_past_the_limit(synthetic, tmp_path, monkeypatch):
     from dali.stages import align
 

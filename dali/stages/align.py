@@ -140,7 +140,12 @@ def build_encoder(config: AlignConfig, vision_dim: int) -> CAVMAEAudioEncoder:
 
 
 def alignment_loss(config: AlignConfig, audio: torch.Tensor, image: torch.Tensor, weights=None) -> torch.Tensor:
-    """The configured criterion between [B, N, D] audio and [B, M, D] image tokens (uniform weights if None)."""
+    """The configured criterion between [B, N, D] audio and [B, M, D] image tokens (uniform weights if None).
+
+    Non-finite audio tokens (a diverged encoder) give a NaN loss, which the non-finite guard skips and counts.
+    """
+    if not torch.isfinite(audio.detach()).all():
+        return audio.new_tensor(float("nan"))
     if config.method == "mmd":
         return mmd_loss(audio, image)
     kwargs = dict(

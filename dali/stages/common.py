@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dali.config import ConfigError, config_to_dict, field
+from dali.errors import TrainingDiverged
 from dali.models.captioner import CONV_MODES, DECODING_ENGINES, DecodingOptions
 from dali.models.cav_mae import CheckpointError
 from dali.runs import CHECKPOINT, atomic_write, check_run_name, progress  # noqa: F401  (re-exported)
@@ -187,8 +188,9 @@ class NonFiniteGuard:
         if self.metrics is not None:
             self.metrics.log(step=step, skipped_non_finite=value, skipped_total=self.count)
         if self.count > self.limit:
-            raise FloatingPointError(
-                f"{self.count} steps had a non-finite loss (limit --max-non-finite-steps {self.limit}); stopping"
+            raise TrainingDiverged(
+                f"{self.count} steps had a non-finite loss (limit --max-non-finite-steps {self.limit}); "
+                "the training diverged: try a lower --lr"
             )
         return False
 
