@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_tokenizer, device_name, llava_7b_config, measured_ceilings, random_llava, report, sync  # noqa: E402
 
 from dali.audio import kaldi_fbank, normalize_fbank, pad_or_crop  # noqa: E402
-from dali.models.captioner import Captioner, DecodingOptions  # noqa: E402
+from dali.models.captioner import Captioner
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig  # noqa: E402
+from dali.models.decoding import DecodingOptions
 from dali.models.prefix import Prefix  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dali.runs import read_jsonl  # noqa: E402
+from dali.jsonl import read_jsonl
 
 
 def step_times(records: list[dict]) -> list[float]:

@@ -6,9 +6,12 @@ from pathlib import Path
 
 from torch import nn
 
-from dali.models.cav_mae import CAVMAEAudioEncoder, CheckpointError, load_audio_encoder
-from dali.models.prefix import Prefix, load_prefix, load_projector
-from dali.runs import read_jsonl, require_finished
+from dali.jsonl import read_jsonl
+from dali.models.cav_mae import CAVMAEAudioEncoder, load_audio_encoder
+from dali.models.checkpoints import CheckpointError
+from dali.models.prefix import Prefix, load_prefix
+from dali.models.projector import load_projector
+from dali.runs import require_finished
 
 PREFIX_FILE = "prefix.safetensors"
 ENCODER_FILE = "audio_encoder.safetensors"

@@ -139,7 +139,7 @@ def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> list[C
 
 
 def write_cavmae_json(clips: Sequence[Clip], path: str | Path, root: str | Path | None = None) -> None:
-    from dali.runs import atomic_write_json
+    from dali.files import atomic_write_json
 
     root = Path(root) if root is not None else Path(path).parent
 
@@ -334,7 +334,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
         Loader workers started afterwards share the cache copy-on-write.
         """
-        from dali.runs import progress
+        from dali.progress import progress
 
         cache, bad = {}, []
         for index, clip in enumerate(progress(self.clips, desc="caching audio features", leave=False)):

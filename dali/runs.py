@@ -7,16 +7,13 @@ temporary name and ``os.replace``, so a killed process never leaves a half-writt
 
 from __future__ import annotations
 
-import errno
 import functools
-import hashlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from fnmatch import fnmatch
 from pathlib import Path
@@ -25,6 +22,8 @@ from typing import Any, Callable
 import yaml
 
 from dali.errors import DaliError
+from dali.files import atomic_write_json, atomic_write_text, file_sha256
+from dali.jsonl import MetricsLog
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -33,81 +32,6 @@ METRICS = "metrics.jsonl"
 
 class StageStateError(DaliError, RuntimeError):
     """A stage folder is in a state that forbids the requested action (finished, partial, missing upstream)."""
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    The temporary name is short and ASCII whatever ``path`` is called (a 250-byte or non-UTF-8 name still
-    fits and still opens); the file gets the mode the umask gives a new file; a full disk says so, naming the file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in path.name[:40])
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        write(tmp)
-        with open(tmp, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except Exception as error:  # torch.save and libsndfile report a full disk as RuntimeError / "System error"
-        if _disk_full(error, path.parent):
-            raise OSError(errno.ENOSPC, f"no space left on device while writing '{path}'") from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _disk_full(error: Exception, folder: Path) -> bool:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < (1 << 20)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def jsonl_line(record: dict[str, Any]) -> str:
-    """One JSON line, UTF-8 where it can be; a string that cannot be UTF-8 (a lone surrogate from a non-UTF-8
-    file name) is written as an ASCII escape instead."""
-    line = json.dumps(record, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(record)
-    return line + "\n"
-
-
-def atomic_write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    return atomic_write_text(path, "".join(jsonl_line(record) for record in records))
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_fingerprint(path: str | Path) -> dict[str, Any]:
@@ -395,95 +319,3 @@ def require_finished(path: str | Path, what: str, flag_name: str) -> Path:
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
-
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl``; each record is flushed as one line."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-
-    def log(self, **record: Any) -> None:
-        if not self.enabled:
-            return
-        record.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a") as stream:
-            stream.write(json.dumps(record) + "\n")
-            stream.flush()
-
-    def read(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path)
-
-    def rewind(self, keep: Callable[[dict[str, Any]], bool]) -> None:
-        """On resume: drop the records logged after the checkpoint, so no step appears twice."""
-        if self.enabled and self.path.exists():
-            atomic_write_jsonl(self.path, [record for record in read_jsonl(self.path) if keep(record)])
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a killed writer) is ignored, any other bad line is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # only the unterminated last line can be torn
-                break
-            raise ValueError(f"'{path}' line {number} is not valid JSON") from None
-    return records
-
-
-def repair_jsonl(path: str | Path) -> int:
-    """Cut a torn, unterminated last line left by a killed writer; returns the number of complete records."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as stream:
-            stream.truncate(end)
-    return sum(1 for line in data[:end].split(b"\n") if line.strip())
-
-
-class JsonlWriter:
-    """Appends records and makes each one durable before returning (flush + fsync)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        repair_jsonl(self.path)
-        self.stream = open(self.path, "a", encoding="utf-8")
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        self.stream.write("".join(jsonl_line(record) for record in records))
-        self.stream.flush()
-        os.fsync(self.stream.fileno())
-
-    def close(self) -> None:
-        self.stream.close()
-
-    def __enter__(self) -> "JsonlWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress(iterable=None, **kwargs):
-    """A tqdm bar; DALI_PROGRESS=0 turns bars off, and logs that are not a terminal get few updates."""
-    from tqdm.auto import tqdm
-
-    if os.environ.get("DALI_PROGRESS", "1") == "0":
-        kwargs["disable"] = True
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 20.0)
-    return tqdm(iterable, **kwargs)

@@ -2,9 +2,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dali.models.captioner import IGNORE_INDEX, Captioner, DecodingOptions, expand_to_square
-from dali.models.cav_mae import CheckpointError
-from dali.models.prefix import Prefix, load_prefix, load_projector, save_prefix, save_projector
+from dali.models.captioner import IGNORE_INDEX, Captioner
+from dali.models.checkpoints import CheckpointError
+from dali.models.decoding import DecodingOptions
+from dali.models.prefix import Prefix, load_prefix, save_prefix
+from dali.models.projector import load_projector, save_projector
+from dali.models.vision_tower import expand_to_square
 
 
 @pytest.fixture(scope="module")

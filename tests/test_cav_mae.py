@@ -7,11 +7,11 @@ from helpers import original_layout
 from dali.models.cav_mae import (
     CAVMAEAudioEncoder,
     CAVMAEConfig,
-    CheckpointError,
     load_audio_encoder,
     save_audio_encoder,
     sincos_pos_embed_2d,
 )
+from dali.models.checkpoints import CheckpointError
 
 TINY = CAVMAEConfig(embed_dim=32, depth_audio=2, num_heads=4, target_frames=256, proj_dim=48)
 

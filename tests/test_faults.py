@@ -20,9 +20,10 @@ from PIL import Image
 
 from dali.audio import AudioLoadError, audio_to_features, load_audio
 from dali.data import Clip, ClipDataset, ClipError, DataError, collate, load_frame, read_caption_csv, read_cavmae_json
-from dali.models.cav_mae import CheckpointError, load_audio_encoder
+from dali.jsonl import read_jsonl
+from dali.models.cav_mae import load_audio_encoder
+from dali.models.checkpoints import CheckpointError
 from dali.models.prefix import load_prefix
-from dali.runs import read_jsonl
 from dali.stages.common import NonFiniteGuard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +170,7 @@ def test_wrong_stage_files_are_refused(tmp_path):
 
 # -- non-finite losses --------------------------------------------------------------------------------------
 def test_non_finite_guard_counts_logs_and_stops(tmp_path):
-    from dali.runs import MetricsLog
+    from dali.jsonl import MetricsLog
 
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
     guard = NonFiniteGuard(limit=2, metrics=metrics)

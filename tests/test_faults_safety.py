@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from dali.models.cav_mae import CheckpointError
-from dali.runs import CONFIG, MANIFEST, Stage, StageStateError, check_run_name, read_jsonl, read_manifest, stage_main
+from dali.jsonl import read_jsonl
+from dali.models.checkpoints import CheckpointError
+from dali.runs import CONFIG, MANIFEST, Stage, StageStateError, check_run_name, read_manifest, stage_main
 from dali.stages.common import load_checkpoint, save_checkpoint, stage_dir
 
 
@@ -238,7 +239,7 @@ def test_prepare_reports_long_and_undecodable_names_per_file(tmp_path, write_wav
 
 
 def test_a_clip_id_that_is_not_utf8_is_written_and_read_back(tmp_path):
-    from dali.runs import JsonlWriter, atomic_write_jsonl
+    from dali.jsonl import JsonlWriter, atomic_write_jsonl
 
     records = [{"id": "caf\udce9", "caption": "un café"}]
     with JsonlWriter(tmp_path / "part.jsonl") as writer:
@@ -306,7 +307,7 @@ def test_evaluate_never_writes_into_a_finished_stage(tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from dali.runs import atomic_write_text
+    from dali.files import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -376,7 +377,7 @@ def test_prepare_decodes_only_the_first_seconds_of_a_long_file(tmp_path):
 def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
     import errno
 
-    from dali.runs import atomic_write
+    from dali.files import atomic_write
 
     def fail(tmp):
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos")

@@ -16,8 +16,9 @@ import soundfile
 import torch
 from helpers import original_layout, write_mp4
 
+from dali.jsonl import read_jsonl
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
-from dali.runs import read_jsonl, read_manifest
+from dali.runs import read_manifest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,10 @@ import soundfile
 import torch
 from helpers import original_layout, write_mp4
 
-from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, CheckpointError
-from dali.runs import StageStateError, read_jsonl, read_manifest
+from dali.jsonl import read_jsonl
+from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
+from dali.models.checkpoints import CheckpointError
+from dali.runs import StageStateError, read_manifest
 from dali.stages import caption, import_original, infer, prepare
 
 

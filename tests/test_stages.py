@@ -11,8 +11,9 @@ import pytest
 import torch
 from helpers import tiny_encoder_flags
 
-from dali.models.captioner import DecodingOptions
-from dali.runs import StageStateError, read_jsonl, read_manifest
+from dali.jsonl import read_jsonl
+from dali.models.decoding import DecodingOptions
+from dali.runs import StageStateError, read_manifest
 from dali.stages import align, distill, evaluate, infer, prefix_tune, pseudo_label
 
 ROOT = Path(__file__).resolve().parent.parent

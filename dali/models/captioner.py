@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,10 +22,10 @@ from PIL import Image
 from torch import nn
 
 from dali.errors import ModelLoadError
-from dali.models.decoding import StaticDecoder
+from dali.models.decoding import DecodingOptions, StaticDecoder
+from dali.models.vision_tower import clip_patch_tokens, preprocess_images
 
 MODALITIES = ("image", "audio", "audio_vis")
-DECODING_ENGINES = ("dali", "generate", "generate-static")
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -40,63 +39,6 @@ CONV_MODES = {
 QUESTION = "Describe the sound that can be heard in this scene."
 IGNORE_INDEX = -100
 MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption must not blow the context
-# LLaVA-1.5 'pad': frames are padded to a square with the CLIP mean colour before CLIP's resize and crop.
-CLIP_MEAN_RGB = (122, 116, 104)
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    """How captions are decoded; saved next to every set of predictions.
-
-    ``sample`` with temperature 0.2 is what the original ran (unseeded); here sampling is always seeded.
-    """
-
-    strategy: str = "greedy"  # greedy | beam | sample
-    max_new_tokens: int = 64
-    num_beams: int = 4  # beam only
-    temperature: float = 0.2  # sample only
-    top_p: float | None = None  # sample only
-    seed: int = 0
-    # "dali": our engine (dali.models.decoding: the shared prompt head prefilled once, static KV cache, prefill
-    # compiled and decode graph-captured on a GPU); "generate": transformers' generate with its growing cache;
-    # "generate-static": generate with a static cache. Beam search always runs through generate.
-    engine: str = "dali"
-    min_new_tokens: int = 0  # EOS is forbidden before this many tokens (benchmarks decode a fixed length)
-
-    def __post_init__(self) -> None:
-        if self.strategy not in ("greedy", "beam", "sample"):
-            raise ValueError(f"decoding strategy must be greedy, beam or sample, got '{self.strategy}'")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.strategy == "sample" and self.temperature <= 0:
-            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
-        if self.engine not in DECODING_ENGINES:
-            raise ValueError(f"decoding engine must be one of {DECODING_ENGINES}, got '{self.engine}'")
-
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments of transformers' ``generate`` for these options."""
-        kwargs = {"cache_implementation": "static"} if self.engine == "generate-static" else {}
-        kwargs["min_new_tokens"] = self.min_new_tokens
-        if self.strategy == "greedy":
-            return kwargs | {"do_sample": False, "num_beams": 1}
-        if self.strategy == "beam":
-            return kwargs | {"do_sample": False, "num_beams": self.num_beams}
-        kwargs |= {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_k": 0}
-        if self.top_p is not None:
-            kwargs["top_p"] = self.top_p
-        return kwargs
-
-
-def expand_to_square(image: Image.Image, fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
-    """Pad an image to a centred square (LLaVA-1.5's ``image_aspect_ratio='pad'``); converts to RGB first."""
-    image = image.convert("RGB")
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new("RGB", (side, side), fill)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
 
 
 class Captioner(nn.Module):
@@ -184,8 +126,7 @@ class Captioner(nn.Module):
     # -- images --------------------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel values [B, 3, S, S] (pad to square, CLIP resize + crop + normalise)."""
-        squares = [expand_to_square(image) for image in images]
-        return self.image_processor(images=squares, return_tensors="pt")["pixel_values"]
+        return preprocess_images(self.image_processor, images)
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP patch tokens as LLaVA-1.5 uses them: layer -2, CLS dropped. [B, 3, S, S] -> [B, P, vision_dim]."""
@@ -371,83 +312,6 @@ def _apply(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """A projector on tokens moved to its device and dtype (encoders and projector copies may differ)."""
     weight = next(projector.parameters())
     return projector(tokens.to(weight.device, weight.dtype))
-
-
-@torch.no_grad()
-def clip_patch_tokens(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
-    """Hidden states of ``feature_layer`` without the CLS token: [B, 3, S, S] -> [B, P, D]."""
-    parameter = next(tower.parameters())
-    hidden = tower(pixel_values.to(parameter.device, parameter.dtype), output_hidden_states=True).hidden_states
-    return hidden[feature_layer][:, 1:]
-
-
-class VisionTower(nn.Module):
-    """LLaVA's CLIP tower alone, for stages that never run the LLM (alignment): loads only its weights."""
-
-    def __init__(self, tower: nn.Module, image_processor, feature_layer: int, source: str = ""):
-        super().__init__()
-        self.tower = tower.eval().requires_grad_(False)
-        self.image_processor = image_processor
-        self.feature_layer = feature_layer
-        self.source = source
-
-    @property
-    def hidden_size(self) -> int:
-        return self.tower.config.hidden_size
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.tower.config.image_size // self.tower.config.patch_size) ** 2
-
-    preprocess_images = Captioner.preprocess_images
-
-    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return clip_patch_tokens(self.tower, pixel_values, self.feature_layer)
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> "VisionTower":
-        import json
-
-        from safetensors import safe_open
-        from transformers import CLIPVisionModel, LlavaConfig
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        folder = Path(name_or_path)
-        if not folder.is_dir():  # a hub id: fetch the config and weights (on a machine with internet)
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
-        try:
-            config = LlavaConfig.from_pretrained(folder)
-            image_processor = CLIPImageProcessorPil.from_pretrained(folder)
-        except OSError as error:
-            raise ModelLoadError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
-        tower = CLIPVisionModel(config.vision_config)
-        index = folder / "model.safetensors.index.json"
-        files = (
-            sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if index.exists()
-            else ["model.safetensors"]
-        )
-        state = {}
-        # Both key layouts: 'model.vision_tower.' (transformers >= 4.52) and 'vision_tower.' (older llava-hf).
-        prefixes = ("model.vision_tower.", "vision_tower.")
-        for name in files:
-            with safe_open(str(folder / name), framework="pt") as handle:
-                for key in handle.keys():
-                    prefix = next((p for p in prefixes if key.startswith(p)), None)
-                    if prefix is not None:
-                        state[key[len(prefix) :]] = handle.get_tensor(key)
-        expected = tower.state_dict()
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ModelLoadError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
-        tower.load_state_dict({key: state[key] for key in expected})
-        return cls(
-            tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path)
-        )
 
 
 def _left_pad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

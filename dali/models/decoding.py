@@ -282,3 +282,49 @@ class _Clock:
         now = self._now()
         elapsed, self.last = now - self.last, now
         return elapsed
+
+
+DECODING_ENGINES = ("dali", "generate", "generate-static")
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How captions are decoded; saved next to every set of predictions.
+
+    ``sample`` with temperature 0.2 is what the original ran (unseeded); here sampling is always seeded.
+    """
+
+    strategy: str = "greedy"  # greedy | beam | sample
+    max_new_tokens: int = 64
+    num_beams: int = 4  # beam only
+    temperature: float = 0.2  # sample only
+    top_p: float | None = None  # sample only
+    seed: int = 0
+    # "dali": our engine (dali.models.decoding: the shared prompt head prefilled once, static KV cache, prefill
+    # compiled and decode graph-captured on a GPU); "generate": transformers' generate with its growing cache;
+    # "generate-static": generate with a static cache. Beam search always runs through generate.
+    engine: str = "dali"
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens (benchmarks decode a fixed length)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError(f"decoding strategy must be greedy, beam or sample, got '{self.strategy}'")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.strategy == "sample" and self.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+        if self.engine not in DECODING_ENGINES:
+            raise ValueError(f"decoding engine must be one of {DECODING_ENGINES}, got '{self.engine}'")
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of transformers' ``generate`` for these options."""
+        kwargs = {"cache_implementation": "static"} if self.engine == "generate-static" else {}
+        kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.strategy == "greedy":
+            return kwargs | {"do_sample": False, "num_beams": 1}
+        if self.strategy == "beam":
+            return kwargs | {"do_sample": False, "num_beams": self.num_beams}
+        kwargs |= {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_k": 0}
+        if self.top_p is not None:
+            kwargs["top_p"] = self.top_p
+        return kwargs

@@ -1,24 +1,17 @@
-"""The learned prefix of stage 1a and the distilled projector of stage 2b: modules, save and load."""
+"""The learned prefix of stage 1a: the module, save and load (ours or the original's key)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dali.models.cav_mae import CheckpointError, read_state_dict
+from dali.models.checkpoints import CheckpointError, read_state_dict
 
 PREFIX_KEY = "prefix"
-# The original DALI's key for the prefix (stored on its audio tower) and its projector key layout.
+# The original DALI's key for the prefix (stored on its audio tower).
 ORIGINAL_PREFIX_KEY = "model.audio_tower.prefix"
-ORIGINAL_PROJECTOR_KEYS = {
-    "model.mm_projector.0.weight": "linear_1.weight",
-    "model.mm_projector.0.bias": "linear_1.bias",
-    "model.mm_projector.2.weight": "linear_2.weight",
-    "model.mm_projector.2.bias": "linear_2.bias",
-}
 
 
 class Prefix(nn.Module):
@@ -53,35 +46,3 @@ def load_prefix(path: str | Path, hidden_size: int | None = None) -> Prefix:
     prefix = Prefix(tensor.shape[0], tensor.shape[1])
     prefix.embeddings.data.copy_(tensor.float())
     return prefix.eval()
-
-
-def save_projector(projector: nn.Module, path: str | Path, source: str = "") -> None:
-    from safetensors.torch import save_file
-
-    state = {key: value.detach().float().cpu().contiguous() for key, value in projector.state_dict().items()}
-    save_file(state, str(path), metadata={"dali.projector_of": json.dumps(source)})
-
-
-def load_projector(path: str | Path, template: nn.Module) -> nn.Module:
-    """Load a distilled projector into a copy of ``template`` (LLaVA's projector), strictly.
-
-    Accepts our layout (``linear_1.*``, ``linear_2.*``) and the original's (``model.mm_projector.{0,2}.*``).
-    """
-    import copy
-
-    state, _ = read_state_dict(path)
-    if any(key in state for key in ORIGINAL_PROJECTOR_KEYS):
-        state = {ORIGINAL_PROJECTOR_KEYS[key]: value for key, value in state.items() if key in ORIGINAL_PROJECTOR_KEYS}
-    projector = copy.deepcopy(template).float()
-    expected = projector.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unknown = sorted(set(state) - set(expected))
-    if missing or unknown:
-        raise CheckpointError(f"'{path}' is not a projector: missing keys {missing}, unexpected keys {unknown}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise CheckpointError(
-                f"'{path}': key '{key}' has shape {list(state[key].shape)}, expected {list(tensor.shape)}"
-            )
-    projector.load_state_dict({key: value.float() for key, value in state.items()})
-    return projector.eval().requires_grad_(False)

@@ -15,19 +15,20 @@ from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
+from dali.files import atomic_write
+from dali.jsonl import atomic_write_jsonl
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
-from dali.models.captioner import VisionTower
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder, save_audio_encoder
-from dali.runs import Stage, atomic_write, atomic_write_jsonl, stage_main
+from dali.models.vision_tower import VisionTower
+from dali.progress import progress
+from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
-    CHECKPOINT,
     DTYPES,
     NonFiniteGuard,
     epoch_order,
     load_checkpoint,
     log,
     print_config,
-    progress,
     save_checkpoint,
     seed_everything,
     setup_logging,

@@ -15,9 +15,11 @@ import torch
 from dali import distributed
 from dali.audio import SAMPLE_RATE, WINDOW_SHIFT, audio_to_features, samples_for_frames
 from dali.config import ConfigError, field, parse_config
+from dali.files import atomic_write_json
 from dali.media import MediaError, decode_audio, decode_frames
-from dali.runs import atomic_write_json, stage_main
-from dali.stages.common import DTYPES, DecodingFlags, load_captioning, log, progress, setup_logging
+from dali.progress import progress
+from dali.runs import stage_main
+from dali.stages.common import DTYPES, DecodingFlags, load_captioning, log, setup_logging
 
 
 @dataclass(kw_only=True)

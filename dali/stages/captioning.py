@@ -10,9 +10,11 @@ import torch
 
 from dali import distributed
 from dali.data import Clip, ClipDataset, collate
-from dali.models.captioner import Captioner, DecodingOptions
-from dali.runs import JsonlWriter, atomic_write_jsonl, read_jsonl
-from dali.stages.common import log, progress
+from dali.jsonl import JsonlWriter, atomic_write_jsonl, read_jsonl
+from dali.models.captioner import Captioner
+from dali.models.decoding import DecodingOptions
+from dali.progress import progress
+from dali.stages.common import log
 
 
 def part_file(out: Path, rank: int) -> Path:

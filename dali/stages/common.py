@@ -17,9 +17,11 @@ import torch
 
 from dali.config import ConfigError, config_to_dict, field
 from dali.errors import TrainingDiverged
-from dali.models.captioner import CONV_MODES, DECODING_ENGINES, DecodingOptions
-from dali.models.cav_mae import CheckpointError
-from dali.runs import CHECKPOINT, atomic_write, check_run_name, progress  # noqa: F401  (re-exported)
+from dali.files import atomic_write
+from dali.models.captioner import CONV_MODES
+from dali.models.checkpoints import CheckpointError
+from dali.models.decoding import DECODING_ENGINES, DecodingOptions
+from dali.runs import check_run_name
 
 if TYPE_CHECKING:
     from dali.captioning import CaptioningModels

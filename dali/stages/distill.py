@@ -15,11 +15,13 @@ from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import ON_ERROR_CHOICES, Clip, ClipDataset, collate
+from dali.files import atomic_write
+from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import Captioner
-from dali.models.prefix import save_projector
-from dali.runs import Stage, atomic_write, atomic_write_jsonl, stage_main
+from dali.models.projector import save_projector
+from dali.progress import progress
+from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
-    CHECKPOINT,
     DTYPES,
     NonFiniteGuard,
     cosine_schedule,
@@ -27,7 +29,6 @@ from dali.stages.common import (
     load_checkpoint,
     log,
     print_config,
-    progress,
     resolve_captioner,
     save_checkpoint,
     seed_everything,

@@ -9,7 +9,9 @@ from pathlib import Path
 from dali.config import ConfigError, field, parse_config
 from dali.data import read_caption_csv
 from dali.evaluation import evaluate_captions, markdown_table
-from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, read_jsonl
+from dali.files import atomic_write_json, atomic_write_text
+from dali.jsonl import read_jsonl
+from dali.runs import MANIFEST
 from dali.stages.common import log, setup_logging
 
 SCORES_JSON = "scores.json"

@@ -18,9 +18,12 @@ from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
 from dali.config import ConfigError
-from dali.models.cav_mae import CheckpointError, load_audio_encoder, read_state_dict, save_audio_encoder, strip_prefix
-from dali.models.prefix import ORIGINAL_PREFIX_KEY, ORIGINAL_PROJECTOR_KEYS, load_prefix, save_prefix
-from dali.runs import Stage, atomic_write, stage_main
+from dali.files import atomic_write
+from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
+from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
+from dali.models.prefix import ORIGINAL_PREFIX_KEY, load_prefix, save_prefix
+from dali.models.projector import ORIGINAL_PROJECTOR_KEYS
+from dali.runs import Stage, stage_main
 from dali.stages.common import log, setup_logging
 
 # The original captioned with LLaVA's llava_v1 template (it trained with v1): imported runs caption the same way.

@@ -8,8 +8,9 @@ from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
+from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import MODALITIES
-from dali.runs import Stage, atomic_write_jsonl, stage_main
+from dali.runs import Stage, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DTYPES,

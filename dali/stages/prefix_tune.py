@@ -14,11 +14,12 @@ from dali import distributed
 from dali.artifacts import PREFIX_FILE
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import ClipError, load_frame, read_prefix_pairs
+from dali.files import atomic_write
 from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix
-from dali.runs import Stage, atomic_write, stage_main
+from dali.progress import progress
+from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
-    CHECKPOINT,
     DTYPES,
     NonFiniteGuard,
     cosine_schedule,
@@ -26,7 +27,6 @@ from dali.stages.common import (
     load_checkpoint,
     log,
     print_config,
-    progress,
     save_checkpoint,
     seed_everything,
     setup_logging,

@@ -16,9 +16,11 @@ import soundfile
 from dali.audio import SAMPLE_RATE, TARGET_FRAMES, samples_for_frames
 from dali.config import ConfigError
 from dali.data import Clip, write_cavmae_json
+from dali.files import atomic_write
+from dali.jsonl import atomic_write_jsonl
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
-from dali.runs import atomic_write, atomic_write_jsonl
-from dali.stages.common import log, progress, setup_logging
+from dali.progress import progress
+from dali.stages.common import log, setup_logging
 from dali.workers import worker_pool
 
 NUM_FRAMES = 10

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dali.files import atomic_write_json
 from dali.models.captioner import QUESTION, SYSTEM_PROMPT, Captioner
 from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
-from dali.runs import atomic_write_json
-from dali.stages.common import cosine_schedule, log, progress
+from dali.progress import progress
+from dali.stages.common import cosine_schedule, log
 
 IMAGE_QUESTIONS = ("Describe the image.", "What is in this picture?")
 SOUND_QUESTION = "What sounds might this scene make?"

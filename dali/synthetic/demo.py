@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from dali.evaluation import TABLE_METRICS, markdown_table
-from dali.runs import MANIFEST, atomic_write_json, atomic_write_text, check_run_name, read_jsonl, read_manifest
+from dali.files import atomic_write_json, atomic_write_text
+from dali.jsonl import read_jsonl
+from dali.runs import MANIFEST, check_run_name, read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.stages.common import log, setup_logging
 from dali.synthetic.build import build_world

@@ -346,7 +346,7 @@ def _write_clip(args: tuple[Scene, str]) -> None:
 
 def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), workers: int = 2) -> Path:
     """Write the world under ``root`` (idempotent: a finished world with the same config is kept)."""
-    from dali.runs import atomic_write_json, atomic_write_text
+    from dali.files import atomic_write_json, atomic_write_text
 
     root = Path(root)
     marker = root / "world.json"

@@ -1,0 +1,107 @@
+"""JSON-lines files: metrics logs, predictions, skipped-clip lists; durable appends, torn last lines survived."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dali.files import atomic_write_text
+
+
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One JSON line, UTF-8 where it can be; a string that cannot be UTF-8 (a lone surrogate from a non-UTF-8
+    file name) is written as an ASCII escape instead."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
+def atomic_write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    return atomic_write_text(path, "".join(jsonl_line(record) for record in records))
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; each record is flushed as one line."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def log(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        record.setdefault("time", round(time.time(), 3))
+        with open(self.path, "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+            stream.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path)
+
+    def rewind(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """On resume: drop the records logged after the checkpoint, so no step appears twice."""
+        if self.enabled and self.path.exists():
+            atomic_write_jsonl(self.path, [record for record in read_jsonl(self.path) if keep(record)])
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (a killed writer) is ignored, any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # only the unterminated last line can be torn
+                break
+            raise ValueError(f"'{path}' line {number} is not valid JSON") from None
+    return records
+
+
+def repair_jsonl(path: str | Path) -> int:
+    """Cut a torn, unterminated last line left by a killed writer; returns the number of complete records."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as stream:
+            stream.truncate(end)
+    return sum(1 for line in data[:end].split(b"\n") if line.strip())
+
+
+class JsonlWriter:
+    """Appends records and makes each one durable before returning (flush + fsync)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        repair_jsonl(self.path)
+        self.stream = open(self.path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        self.stream.write("".join(jsonl_line(record) for record in records))
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""LLaVA-1.5's image side: pad to square, CLIP preprocessing, the patch tokens it feeds the projector, and the
+CLIP tower loaded alone (alignment never runs the LLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from dali.errors import ModelLoadError
+
+# LLaVA-1.5 'pad': frames are padded to a square with the CLIP mean colour before CLIP's resize and crop.
+CLIP_MEAN_RGB = (122, 116, 104)
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
+    """Pad an image to a centred square (LLaVA-1.5's ``image_aspect_ratio='pad'``); converts to RGB first."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def preprocess_images(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images -> pixel values [B, 3, S, S] (pad to square, CLIP resize + crop + normalise)."""
+    squares = [expand_to_square(image) for image in images]
+    return image_processor(images=squares, return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def clip_patch_tokens(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
+    """Hidden states of ``feature_layer`` without the CLS token: [B, 3, S, S] -> [B, P, D]."""
+    parameter = next(tower.parameters())
+    hidden = tower(pixel_values.to(parameter.device, parameter.dtype), output_hidden_states=True).hidden_states
+    return hidden[feature_layer][:, 1:]
+
+
+class VisionTower(nn.Module):
+    """LLaVA's CLIP tower alone, for stages that never run the LLM (alignment): loads only its weights."""
+
+    def __init__(self, tower: nn.Module, image_processor, feature_layer: int, source: str = ""):
+        super().__init__()
+        self.tower = tower.eval().requires_grad_(False)
+        self.image_processor = image_processor
+        self.feature_layer = feature_layer
+        self.source = source
+
+    @property
+    def hidden_size(self) -> int:
+        return self.tower.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.tower.config.image_size // self.tower.config.patch_size) ** 2
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return preprocess_images(self.image_processor, images)
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return clip_patch_tokens(self.tower, pixel_values, self.feature_layer)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "VisionTower":
+        import json
+
+        from safetensors import safe_open
+        from transformers import CLIPVisionModel, LlavaConfig
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        folder = Path(name_or_path)
+        if not folder.is_dir():  # a hub id: fetch the config and weights (on a machine with internet)
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+        try:
+            config = LlavaConfig.from_pretrained(folder)
+            image_processor = CLIPImageProcessorPil.from_pretrained(folder)
+        except OSError as error:
+            raise ModelLoadError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
+        tower = CLIPVisionModel(config.vision_config)
+        index = folder / "model.safetensors.index.json"
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
+        state = {}
+        # Both key layouts: 'model.vision_tower.' (transformers >= 4.52) and 'vision_tower.' (older llava-hf).
+        prefixes = ("model.vision_tower.", "vision_tower.")
+        for name in files:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                for key in handle.keys():
+                    prefix = next((p for p in prefixes if key.startswith(p)), None)
+                    if prefix is not None:
+                        state[key[len(prefix) :]] = handle.get_tensor(key)
+        expected = tower.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ModelLoadError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
+        tower.load_state_dict({key: state[key] for key in expected})
+        return cls(
+            tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path)
+        )
