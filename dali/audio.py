@@ -7,7 +7,6 @@ on our CPU machines), batched and on any device so features can be computed on t
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -191,7 +190,3 @@ def num_frames(num_samples: int) -> int:
 def samples_for_frames(frames: int) -> int:
     """The fewest samples that give ``frames`` fbank frames (the inverse of :func:`num_frames`)."""
     return WINDOW_LENGTH + (frames - 1) * WINDOW_SHIFT
-
-
-def seconds_to_samples(seconds: float) -> int:
-    return int(math.floor(seconds * SAMPLE_RATE))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dali.audio import AudioLoadError, audio_to_features, load_audio
+from dali.audio import TARGET_FRAMES, AudioLoadError, audio_to_features, load_audio
 from dali.errors import DaliError
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class ClipDataset(torch.utils.data.Dataset):
         need_image: bool,
         image_transform=None,
         frame_index: int = DEFAULT_FRAME_INDEX,
-        target_frames: int = 1024,
+        target_frames: int = TARGET_FRAMES,
         augment: bool = False,
         on_error: str = "skip",
         seed: int = 0,

@@ -115,14 +115,6 @@ def global_token_mean(total: torch.Tensor, count: torch.Tensor, context: "Contex
     return total / sum_across_ranks(count).clamp_min(1) * context.world_size
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
-
-
 def shard(items: Sequence[T], context: Context) -> list[T]:
     """This rank's share, interleaved so that merged outputs can be put back in the input order."""
     return list(items[context.rank :: context.world_size])

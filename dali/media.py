@@ -81,11 +81,6 @@ def _to_float(samples: np.ndarray) -> np.ndarray:
     return (samples.astype(np.float32) - (0 if info.min < 0 else scale / 2)) / scale
 
 
-def has_video(path: str | Path) -> bool:
-    with _open(Path(path)) as container:
-        return bool(container.streams.video)
-
-
 def decode_frames(path: str | Path, times: list[float]) -> list[Image.Image]:
     """The frames nearest to each time (seconds), as RGB PIL images, decoding the stream once in order."""
     path = Path(path)
@@ -127,14 +122,3 @@ def resize_center_crop(image: Image.Image, size: int = FRAME_SIZE) -> Image.Imag
     width, height = image.size
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
-
-
-def media_duration(path: str | Path) -> float | None:
-    """Container duration in seconds when the file declares it."""
-    with _open(Path(path)) as container:
-        if container.duration:
-            return container.duration / 1_000_000
-        stream = (container.streams.video or container.streams.audio or [None])[0]
-        if stream is not None and stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-    return None

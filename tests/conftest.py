@@ -70,9 +70,10 @@ def tiny_llava_dir(tmp_path_factory):
 def synthetic(tmp_path_factory):
     """A reduced synthetic world and its tiny captioner, trained enough to write fluent captions (6 epochs; 1 gives
     "a a a ...", on which no stage can show anything): (world folder, captioner folder)."""
+    from dali.synthetic.build import CAPTIONER_FOLDER
     from dali.synthetic.captioner import CaptionerTraining, train_captioner
     from dali.synthetic.world import REDUCED, generate_world
 
     world = generate_world(tmp_path_factory.mktemp("world"), REDUCED, workers=1)
-    captioner = train_captioner(world, world / "captioner_model", CaptionerTraining(epochs=6))
+    captioner = train_captioner(world, world / CAPTIONER_FOLDER, CaptionerTraining(epochs=6))
     return world, captioner

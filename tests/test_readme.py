@@ -19,6 +19,7 @@ from helpers import original_layout, write_mp4
 from dali.jsonl import read_jsonl
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
 from dali.runs import read_manifest
+from dali.synthetic.build import CAPTIONER_FOLDER
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def test_demo_then_caption_your_own_file(sandbox):
 
 
 def test_the_five_scripts_on_the_synthetic_world(sandbox):
-    if not (sandbox / "data" / "synthetic" / "captioner_model").exists():
+    if not (sandbox / "data" / "synthetic" / CAPTIONER_FOLDER).exists():
         run(sandbox, "make demo ARGS=--reduced")  # the README's scripts run after `make demo` built the world
     for script, preset in zip(SCRIPTS, ("prefix_tuning", "alignment", "pseudo_labels", "distillation", "inference")):
         flags = " --modality audio" if script == "inference.sh" else ""

@@ -13,7 +13,6 @@ through LLaVA's projector or a distilled copy of it.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -322,7 +321,3 @@ def _left_pad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "inputs_embeds": torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds)),
         "attention_mask": torch.gather(mask, 1, order),
     }
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())

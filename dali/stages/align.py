@@ -13,6 +13,7 @@ import torch
 
 from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
+from dali.audio import TARGET_FRAMES
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
@@ -41,7 +42,8 @@ SOLVERS = ("emd", "sinkhorn")
 
 @dataclass
 class AlignConfig:
-    """Stage 1b (distribution alignment). Defaults are the paper's DALI-OT^Att recipe."""
+    """Stage 1b (distribution alignment). Defaults are the paper's DALI-OT^Att recipe (precision aside: float32,
+    where the paper preset runs the CLIP tower in bfloat16 on a GPU)."""
 
     llava: str = field(help="LLaVA-1.5 (its CLIP tower is the frozen target): hub id or local folder")
     train_list: str = field(help="CAV-MAE format JSON of (audio, frames) pairs")
@@ -59,7 +61,7 @@ class AlignConfig:
     encoder_depth: int = field(11)
     encoder_heads: int = field(12)
     encoder_patch_time: int | None = field(None, help="time extent of a patch (default 16, square as CAV-MAE)")
-    target_frames: int = field(1024, help="fbank frames per clip")
+    target_frames: int = field(TARGET_FRAMES, help="fbank frames per clip")
     method: str = field("ot_att", choices=METHODS)
     ot_solver: str = field("emd", choices=SOLVERS, help="emd: exact (the original); sinkhorn: batched, on device")
     emd_workers: int = field(0, help="CPU processes solving the batch's exact EMD problems (0: one by one)")

@@ -40,7 +40,8 @@ from dali.stages.common import (
 
 @dataclass
 class DistillConfig:
-    """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept."""
+    """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept
+    (precision aside: float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
     run: str = field("default")

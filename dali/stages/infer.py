@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE
+from dali.audio import TARGET_FRAMES
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
 from dali.jsonl import atomic_write_jsonl
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
     if config.limit is not None:
         clips = clips[: config.limit]
-    target_frames = encoder.config.target_frames if encoder is not None else 1024
+    target_frames = encoder.config.target_frames if encoder is not None else TARGET_FRAMES
 
     def dataset_for(mine):
         return ClipDataset(

@@ -36,7 +36,8 @@ from dali.stages.common import (
 
 @dataclass
 class PrefixTuneConfig:
-    """Stage 1a (prefix tuning). Defaults are the paper's (LLaVA-1.5-7B, 16 pairs, 500 epochs)."""
+    """Stage 1a (prefix tuning). Defaults are the paper's (LLaVA-1.5-7B, 16 pairs, 500 epochs; precision aside:
+    float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
 
     llava: str = field(help="LLaVA-1.5 in Hugging Face format: hub id or local folder")
     pairs: str = field(help="(frame, audio caption) pairs: the original prefixDS.json layout or a CSV")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-RATE = 16_000
+from dali.audio import SAMPLE_RATE
+
+RATE = SAMPLE_RATE
 
 
 def _time(duration: float) -> np.ndarray:
