@@ -29,6 +29,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def require_at_least(config: Any, minimum: float, *names: str) -> None:
+    """A ConfigError naming the first flag among ``names`` whose value is below ``minimum`` (for ``validate()``)."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(config, name)}")
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(inner type, optional?) of an annotation such as ``int | None``."""
     origin = typing.get_origin(annotation)

@@ -20,3 +20,21 @@ def test_user_mistakes_are_one_line_and_status_2(argv, message, tmp_path):
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("stage", ["prefix_tune", "align", "distill"])
+def test_checkpoint_every_zero_is_refused_by_every_training_stage(stage):
+    """It was a ZeroDivisionError in align and distill; one shared check now names the flag in all three."""
+    import importlib
+
+    from dali.config import ConfigError, parse_config
+
+    module = importlib.import_module(f"dali.stages.{stage}")
+    config_class = {"prefix_tune": "PrefixTuneConfig", "align": "AlignConfig", "distill": "DistillConfig"}[stage]
+    required = {
+        "prefix_tune": ["--llava", "x", "--pairs", "p.json"],
+        "align": ["--llava", "x", "--train-list", "t.json"],
+        "distill": ["--align-dir", "a", "--pseudo-dir", "p"],
+    }[stage]
+    with pytest.raises(ConfigError, match="--checkpoint-every must be >= 1, got 0"):
+        parse_config(getattr(module, config_class), [*required, "--checkpoint-every", "0"]).validate()

@@ -14,7 +14,7 @@ import torch
 from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
 from dali.audio import TARGET_FRAMES
-from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
@@ -106,8 +106,8 @@ class AlignConfig:
     def validate(self) -> None:
         if self.method == "mmd" and self.ot_solver != "emd":
             log.info("--ot-solver is ignored with --method mmd")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError("--epochs must be >= 0 (0 saves the initial encoder, unaligned) and --batch-size >= 1")
+        require_at_least(self, 0, "epochs")  # 0 saves the initial encoder: the unaligned baseline
+        require_at_least(self, 1, "batch_size", "checkpoint_every")
         if self.method == "ot_att" and not self.entropy_weights:
             raise ConfigError("--entropy-weights needs at least one value with --method ot_att")
         if self.target_frames % (self.encoder_patch_time or 16):

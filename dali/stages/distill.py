@@ -13,7 +13,7 @@ import torch
 
 from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
-from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import ON_ERROR_CHOICES, Clip, ClipDataset, collate
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
@@ -77,12 +77,10 @@ class DistillConfig:
     resume: bool = field(False)
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ConfigError("--epochs, --batch-size and --checkpoint-every must be >= 1")
+        require_at_least(self, 1, "epochs", "batch_size", "checkpoint_every")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.eval_every < 0 or self.patience < 0:
-            raise ConfigError("--eval-every and --patience must be >= 0")
+        require_at_least(self, 0, "eval_every", "patience")
 
 
 def held_out_split(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -12,7 +12,7 @@ import torch
 
 from dali import distributed
 from dali.artifacts import PREFIX_FILE
-from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.files import atomic_write
 from dali.models.captioner import Captioner
@@ -65,9 +65,7 @@ class PrefixTuneConfig:
     resume: bool = field(False, help="continue an interrupted run from its checkpoint")
 
     def validate(self) -> None:
-        for name in ("num_prefix_tokens", "epochs", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        require_at_least(self, 1, "num_prefix_tokens", "epochs", "batch_size", "checkpoint_every")
         if self.lr <= 0:
             raise ConfigError("--lr must be > 0")
 
