@@ -97,6 +97,22 @@ def test_alignment_methods(synthetic, tmp_path, method, solver):
         assert {r["entropy_weight"] for r in records if r.get("epoch") == 2 and "loss" in r} == {500.0}
 
 
+def test_alignment_loss_falls_on_the_synthetic_world(synthetic, tmp_path):
+    """Stage 1b learns: over six epochs its training and validation OT losses fall, and the encoder it keeps is
+    the one of the best validation epoch."""
+    world, llava = synthetic
+    out = tmp_path / "align"
+    flags = _align_flags(world, llava, "ot") + ["--epochs", "6", "--lr", "0.001", "--lr-decay-start", "100"]
+    flags[flags.index("--max-steps-per-epoch") + 1] = "100"
+    assert align.main(flags + ["--out", str(out)]) == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    train = {e: [r["loss"] for r in records if r.get("epoch") == e and "loss" in r] for e in range(1, 7)}
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 6 and val[-1] < 0.95 * val[0]
+    assert sum(train[6]) / len(train[6]) < 0.95 * sum(train[1]) / len(train[1])
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["best_val_loss"] == min(val)
+
+
 def test_validation_scores_only_clips_whose_frame_was_cached(synthetic, tmp_path):
     world, llava = synthetic
     listing = json.loads((world / "val.json").read_text())

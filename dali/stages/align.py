@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,7 +20,7 @@ from dali.audio import TARGET_FRAMES
 from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
-from dali.jsonl import atomic_write_jsonl
+from dali.jsonl import MetricsLog, atomic_write_jsonl
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder, save_audio_encoder
 from dali.models.vision_tower import VisionTower
@@ -235,249 +238,320 @@ def validation_loss(
     return total, count
 
 
+@dataclass
+class Alignment:
+    """One alignment run: its settings, models, optimisers, data and position. The phases below update it."""
+
+    config: AlignConfig
+    context: distributed.Context
+    out: Path
+    tower: VisionTower
+    encoder: CAVMAEAudioEncoder
+    scorers: AttentiveTokenWeights | None
+    bad: list[dict] = dc_field(default_factory=list)  # unusable clips, listed in skipped.jsonl
+    epoch: int = 1
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_val: float = math.inf
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(AlignConfig, argv)
     context = distributed.setup(config.device)
     seed_everything(config.seed)
-    device = context.device
     out = stage_dir(config.expe_dir, config.run, "align", config.out)
     stage = Stage(out, "align", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
-
-    # -- setup
-    tower = VisionTower.from_pretrained(config.llava, dtype=DTYPES[config.vision_dtype], device=device)
-    encoder = build_encoder(config, tower.hidden_size).to(device)
+    run = Alignment(config, context, out, *load_models(config, context.device))
     train_clips = read_cavmae_json(config.train_list, config.data_root)
     val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
     if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
-        print_config("align", config)
-        stage.save_config(config_to_dict(config))
-        stage.add_input("llava", config.llava)
-        for name in ("train_list", "val_list", "init_encoder"):
-            if getattr(config, name):
-                stage.add_input(name, getattr(config, name))
+        record_inputs(stage, config)
+    distributed.broadcast_parameters(run.encoder, *([run.scorers] if run.scorers is not None else []))
+    data = prepare_data(run, train_clips, distributed.shard(val_clips, context))  # each rank validates its share
+    optimisers = build_optimisers(run)
+    if config.resume:
+        resume(run, optimisers)
+    metrics = stage.metrics()
+    metrics.rewind(lambda r: r["step"] <= run.global_step if "step" in r else r["epoch"] < run.epoch)
+    loop = TrainingLoop(metrics, NonFiniteGuard(config.max_non_finite_steps, metrics), _autocast(config, run.device))
+    # Batches have one shape (full batches only), so the compiled forward is built once; the weights stay
+    # the encoder's own, so checkpoints and saved files do not change.
+    loop.project = run.encoder.project
+    if config.compile and run.device.type == "cuda":
+        loop.project = torch.compile(run.encoder.project, dynamic=False)
+    while run.epoch <= config.epochs:
+        train_epoch(run, data, optimisers, loop)
+        val_loss = validate(run, data, loop)
+        if context.is_main and (val_loss is None or val_loss < run.best_val):  # keep the best epoch's encoder
+            run.best_val = val_loss if val_loss is not None else run.best_val
+            atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(run.encoder, tmp))
+        optimisers.scheduler.step()
+        run.epoch, run.step_in_epoch = run.epoch + 1, 0
+        checkpoint(run, optimisers)
+        distributed.barrier()
+    if context.is_main:
+        save_outputs(run, stage, loop.guard.count)
+    distributed.teardown()
+    return 0
+
+
+def load_models(config: AlignConfig, device: torch.device):
+    """The frozen CLIP tower, the encoder to train and, for OT-Att, the token scorers (created in this order)."""
+    tower = VisionTower.from_pretrained(config.llava, dtype=DTYPES[config.vision_dtype], device=device)
+    encoder = build_encoder(config, tower.hidden_size).to(device)
     scorers = None
     if config.method == "ot_att":
         scorers = AttentiveTokenWeights(tower.hidden_size, config.scorer_heads, config.scorer_temperature).to(device)
-    distributed.broadcast_parameters(encoder, *([scorers] if scorers is not None else []))
-    bad: list[dict] = []
-    val_clips = distributed.shard(val_clips, context)  # every rank validates its share
-    train_vision = VisionTokenSource(tower, train_clips, config, device, bad)
-    val_vision = VisionTokenSource(tower, val_clips, config, device, bad) if val_clips else None
-    need_pixels = not config.cache_vision_tokens
+    return tower, encoder, scorers
 
-    def dataset(clips, augment, vision: VisionTokenSource):
-        clip_set = ClipDataset(
-            clips,
-            need_audio=True,
-            need_image=need_pixels,
-            image_transform=tower.preprocess_images,
-            frame_index=config.frame_index,
-            target_frames=config.target_frames,
-            augment=augment,
-            on_error=config.on_error,
-            seed=config.seed,
-        )
-        clip_set.image_tokens = vision.cache  # None without --cache-vision-tokens: pixels go to the tower
-        return clip_set
 
-    train_set = dataset(train_clips, config.noise, train_vision)
-    if config.cache_audio_features:
-        bad.extend(train_set.preload_audio())
-    usable = [i for i in range(len(train_clips)) if train_vision.usable(i) and train_set.usable(i)]
-    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
-    betas = (config.beta1, config.beta2)
-    fused = device.type == "cuda"  # one kernel for all parameters instead of several per tensor
-    optimizer = torch.optim.Adam(
-        encoder_params, lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
+def record_inputs(stage: Stage, config: AlignConfig) -> None:
+    print_config("align", config)
+    stage.save_config(config_to_dict(config))
+    stage.add_input("llava", config.llava)
+    for name in ("train_list", "val_list", "init_encoder"):
+        if getattr(config, name):
+            stage.add_input(name, getattr(config, name))
+
+
+@dataclass
+class AlignmentData:
+    train_set: ClipDataset
+    usable: list[int]  # training clips with audio and a frame
+    train_vision: VisionTokenSource
+    val_clips: list[Clip]
+    val_vision: VisionTokenSource | None
+    steps_per_epoch: int
+
+
+def clip_dataset(run: Alignment, clips: list[Clip], augment: bool, vision: VisionTokenSource) -> ClipDataset:
+    config = run.config
+    clip_set = ClipDataset(
+        clips,
+        need_audio=True,
+        need_image=not config.cache_vision_tokens,
+        image_transform=run.tower.preprocess_images,
+        frame_index=config.frame_index,
+        target_frames=config.target_frames,
+        augment=augment,
+        on_error=config.on_error,
+        seed=config.seed,
     )
-    milestones = list(range(config.lr_decay_start, 10_000, config.lr_decay_every))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_decay)
-    scorer_optimizer = None
-    if scorers is not None:  # the scorers have their own optimiser and no lr decay, as in the original
-        scorer_optimizer = torch.optim.Adam(
-            scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
-        )
-    my_count = len(distributed.shard(usable, context))
+    clip_set.image_tokens = vision.cache  # None without --cache-vision-tokens: pixels go to the tower
+    return clip_set
+
+
+def prepare_data(run: Alignment, train_clips: list[Clip], val_clips: list[Clip]) -> AlignmentData:
+    """CLIP tokens (cached) and fbanks (preloaded) of the clips; unusable ones go to ``run.bad``."""
+    config = run.config
+    train_vision = VisionTokenSource(run.tower, train_clips, config, run.device, run.bad)
+    val_vision = VisionTokenSource(run.tower, val_clips, config, run.device, run.bad) if val_clips else None
+    train_set = clip_dataset(run, train_clips, config.noise, train_vision)
+    if config.cache_audio_features:
+        run.bad.extend(train_set.preload_audio())
+    usable = [i for i in range(len(train_clips)) if train_vision.usable(i) and train_set.usable(i)]
+    my_count = len(distributed.shard(usable, run.context))
     steps_per_epoch = my_count // config.batch_size if my_count >= config.batch_size else 1
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    return AlignmentData(train_set, usable, train_vision, val_clips, val_vision, steps_per_epoch)
 
-    epoch, step_in_epoch, best_val, global_step = 1, 0, math.inf, 0
-    state = load_checkpoint(out / CHECKPOINT) if config.resume else None
-    if state is not None:
-        encoder.load_state_dict(state["encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scorers is not None:
-            scorers.load_state_dict(state["scorers"])
-            scorer_optimizer.load_state_dict(state["scorer_optimizer"])
-        epoch, step_in_epoch, best_val, global_step = (
-            state["epoch"],
-            state["step_in_epoch"],
-            state["best_val"],
-            state["global_step"],
+
+@dataclass
+class Optimisers:
+    encoder: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scorers: torch.optim.Optimizer | None
+    encoder_params: list[torch.nn.Parameter]
+
+
+def build_optimisers(run: Alignment) -> Optimisers:
+    """Adam with step decay for the encoder; the scorers have their own Adam and no decay, as in the original."""
+    config = run.config
+    params = [p for p in run.encoder.parameters() if p.requires_grad]
+    betas = (config.beta1, config.beta2)
+    fused = run.device.type == "cuda"  # one kernel for all parameters instead of several per tensor
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused)
+    milestones = list(range(config.lr_decay_start, 10_000, config.lr_decay_every))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_decay)
+    scorer_optimizer = None
+    if run.scorers is not None:
+        scorer_optimizer = torch.optim.Adam(
+            run.scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
         )
-        bad = state["bad"]
-        log.info("resuming alignment at epoch %d step %d", epoch, step_in_epoch)
-    metrics = stage.metrics()
-    metrics.rewind(lambda record: record["step"] <= global_step if "step" in record else record["epoch"] < epoch)
-    guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
-    autocast = _autocast(config, device)
-    # Batches have one shape (full batches only), so the compiled forward is built once; the weights stay
-    # the encoder's own, so checkpoints and saved files do not change.
-    project = encoder.project
-    if config.compile and device.type == "cuda":
-        project = torch.compile(encoder.project, dynamic=False)
+    return Optimisers(optimizer, scheduler, scorer_optimizer, params)
 
-    def checkpoint() -> None:
-        if context.is_main:
-            save_checkpoint(
-                out / CHECKPOINT,
-                {
-                    "encoder": encoder.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "best_val": best_val,
-                    "global_step": global_step,
-                    "bad": bad,
-                    "scorers": scorers.state_dict() if scorers is not None else None,
-                    "scorer_optimizer": scorer_optimizer.state_dict() if scorer_optimizer is not None else None,
-                },
-            )
 
-    # -- train
-    while epoch <= config.epochs:
-        train_set.epoch = epoch
-        order = [usable[i] for i in epoch_order(len(usable), config.seed, epoch)]
-        mine = distributed.shard(order, context)[: steps_per_epoch * config.batch_size]
-        loader = torch.utils.data.DataLoader(
-            train_set,
-            batch_size=config.batch_size,
-            sampler=OrderedSampler(mine[step_in_epoch * config.batch_size :]),
-            num_workers=config.num_workers,
-            collate_fn=collate,
-            persistent_workers=False,
-            pin_memory=device.type == "cuda",
-        )
-        entropy_weight = config.entropy_weight(epoch)
-        scorers_train = scorers is not None and epoch > config.scorer_freeze_epochs
-        bar = progress(
-            total=steps_per_epoch,
-            initial=step_in_epoch,
-            desc=f"align epoch {epoch}/{config.epochs}",
-            disable=not context.is_main,
-        )
-        for batch in loader:
-            bad.extend(item.as_record() for item in batch["bad"])
-            if len(batch["index"]) == 0:
-                continue
-            image = train_vision.tokens(batch)  # [B, M, D]
-            with autocast():
-                audio = project(batch["fbank"].to(device, non_blocking=True)).float()  # [B, N, D]
-                weights = scorers(audio, image) if scorers is not None else None
-            loss = alignment_loss(config, audio, image, weights)
-            optimizer.zero_grad(set_to_none=True)
-            if scorer_optimizer is not None:
-                scorer_optimizer.zero_grad(set_to_none=True)
-            if guard.check(loss, global_step):
-                # The encoder follows the criterion alone; the scorers follow criterion - lambda * entropy.
-                # (The original let both backward passes add up in the encoder's gradients.)
-                # Both backward passes run before any weight changes. The scorers' pass goes first and
-                # keeps the graph: it never reaches the encoder, whose compiled backward may run only once
-                # (without retain_graph).
-                if scorers_train:
-                    scorer_objective = loss - entropy_weight * weights.entropy.mean()
-                    scorer_objective.backward(inputs=list(scorers.parameters()), retain_graph=True)
-                loss.backward(inputs=encoder_params)
-                distributed.average_gradients(encoder_params)
-                optimizer.step()
-                if scorers_train:
-                    distributed.average_gradients(scorers.parameters())
-                    scorer_optimizer.step()
-            record = {
-                "step": global_step + 1,
-                "epoch": epoch,
-                "loss": distributed.mean_across_ranks(float(loss.detach()), device),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            if weights is not None:
-                record["entropy"] = float(weights.entropy.mean().detach())
-                record["entropy_weight"] = entropy_weight
-            metrics.log(**record)
-            step_in_epoch += 1
-            global_step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            if global_step % config.checkpoint_every == 0:
-                checkpoint()
-        bar.close()
+POSITION = ("epoch", "step_in_epoch", "best_val", "global_step", "bad")
 
-        val_loss = None
-        if val_vision is not None:
-            val_loader = torch.utils.data.DataLoader(
-                dataset(val_clips, augment=False, vision=val_vision),
-                # a clip whose frame could not be cached has no tokens to compare with: it is listed, not scored
-                sampler=OrderedSampler([i for i in range(len(val_clips)) if val_vision.usable(i)]),
-                batch_size=config.batch_size,
-                num_workers=config.num_workers,
-                collate_fn=collate,
-            )
-            total, count = validation_loss(config, encoder, val_vision, val_loader, device, autocast)
-            total, count = distributed.sum_across_ranks(
-                torch.tensor([total, count], dtype=torch.float64, device=device)
-            )
-            if count > 0:
-                val_loss = float(total / count)
-                metrics.log(epoch=epoch, val_loss=val_loss)
-                log.info("epoch %d: validation %s %.4f", epoch, config.method, val_loss)
-            else:  # no score to pick an epoch by: keep the latest encoder, as without --val-list
-                log.warning("epoch %d: no validation clip could be scored (listed in %s)", epoch, SKIPPED_FILE)
-        if context.is_main and (val_loss is None or val_loss < best_val):
-            best_val = val_loss if val_loss is not None else best_val
-            atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
-        scheduler.step()
-        epoch += 1
-        step_in_epoch = 0
-        checkpoint()
-        distributed.barrier()
 
-    # -- save
-    if context.is_main:
-        if not (out / ENCODER_FILE).exists():  # --epochs 0: the initial (unaligned) encoder
-            atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
-        outputs = [ENCODER_FILE, SKIPPED_FILE]
-        skipped = _unique(bad)
-        atomic_write_jsonl(out / SKIPPED_FILE, skipped)
-        if scorers is not None:
-            from safetensors.torch import save_file
+def checkpoint(run: Alignment, optimisers: Optimisers) -> None:
+    if not run.context.is_main:
+        return
+    state = {
+        "encoder": run.encoder.state_dict(),
+        "optimizer": optimisers.encoder.state_dict(),
+        "scheduler": optimisers.scheduler.state_dict(),
+        "scorers": run.scorers.state_dict() if run.scorers is not None else None,
+        "scorer_optimizer": optimisers.scorers.state_dict() if optimisers.scorers is not None else None,
+    }
+    save_checkpoint(run.out / CHECKPOINT, state | {name: getattr(run, name) for name in POSITION})
 
-            atomic_write(
-                out / TOKEN_WEIGHTS_FILE,
-                lambda tmp: save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in scorers.state_dict().items()}, str(tmp)
-                ),
-            )
-            outputs.append(TOKEN_WEIGHTS_FILE)
-        stage.finish(
-            {
-                "best_val_loss": None if math.isinf(best_val) else best_val,
-                "epochs": config.epochs,
-                "method": config.method,
-                "ot_solver": config.ot_solver,
-                "skipped_clips": len(skipped),
-                "non_finite_steps": guard.count,
-                "llava": config.llava,
-            },
-            outputs=outputs,
-        )
-        log.info("aligned encoder written to %s", out / ENCODER_FILE)
-    distributed.teardown()
-    return 0
+
+def resume(run: Alignment, optimisers: Optimisers) -> None:
+    state = load_checkpoint(run.out / CHECKPOINT)
+    if state is None:
+        return
+    run.encoder.load_state_dict(state["encoder"])
+    optimisers.encoder.load_state_dict(state["optimizer"])
+    optimisers.scheduler.load_state_dict(state["scheduler"])
+    if run.scorers is not None:
+        run.scorers.load_state_dict(state["scorers"])
+        optimisers.scorers.load_state_dict(state["scorer_optimizer"])
+    for name in POSITION:
+        setattr(run, name, state[name])
+    log.info("resuming alignment at epoch %d step %d", run.epoch, run.step_in_epoch)
+
+
+@dataclass
+class TrainingLoop:
+    metrics: MetricsLog
+    guard: NonFiniteGuard
+    autocast: Callable
+    project: Callable | None = None  # the encoder's forward, compiled on a GPU
+
+
+def train_epoch(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop) -> None:
+    config = run.config
+    data.train_set.epoch = run.epoch
+    order = [data.usable[i] for i in epoch_order(len(data.usable), config.seed, run.epoch)]
+    mine = distributed.shard(order, run.context)[: data.steps_per_epoch * config.batch_size]
+    loader = torch.utils.data.DataLoader(
+        data.train_set,
+        batch_size=config.batch_size,
+        sampler=OrderedSampler(mine[run.step_in_epoch * config.batch_size :]),
+        num_workers=config.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        pin_memory=run.device.type == "cuda",
+    )
+    bar = progress(
+        total=data.steps_per_epoch,
+        initial=run.step_in_epoch,
+        desc=f"align epoch {run.epoch}/{config.epochs}",
+        disable=not run.context.is_main,
+    )
+    for batch in loader:
+        run.bad.extend(item.as_record() for item in batch["bad"])
+        if len(batch["index"]) == 0:
+            continue
+        record = train_step(run, data, optimisers, loop, batch)
+        loop.metrics.log(**record)
+        run.step_in_epoch += 1
+        run.global_step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if run.global_step % config.checkpoint_every == 0:
+            checkpoint(run, optimisers)
+    bar.close()
+
+
+def train_step(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop, batch) -> dict:
+    """One guarded step of the encoder (and of the scorers after their frozen epochs); returns its record."""
+    config, scorers = run.config, run.scorers
+    entropy_weight = config.entropy_weight(run.epoch)
+    scorers_train = scorers is not None and run.epoch > config.scorer_freeze_epochs
+    image = data.train_vision.tokens(batch)  # [B, M, D]
+    with loop.autocast():
+        audio = loop.project(batch["fbank"].to(run.device, non_blocking=True)).float()  # [B, N, D]
+        weights = scorers(audio, image) if scorers is not None else None
+    loss = alignment_loss(config, audio, image, weights)
+    optimisers.encoder.zero_grad(set_to_none=True)
+    if optimisers.scorers is not None:
+        optimisers.scorers.zero_grad(set_to_none=True)
+    if loop.guard.check(loss, run.global_step):
+        # The encoder follows the criterion alone; the scorers follow criterion - lambda * entropy.
+        # (The original let both backward passes add up in the encoder's gradients.)
+        # Both backward passes run before any weight changes. The scorers' pass goes first and
+        # keeps the graph: it never reaches the encoder, whose compiled backward may run only once
+        # (without retain_graph).
+        if scorers_train:
+            scorer_objective = loss - entropy_weight * weights.entropy.mean()
+            scorer_objective.backward(inputs=list(scorers.parameters()), retain_graph=True)
+        loss.backward(inputs=optimisers.encoder_params)
+        distributed.average_gradients(optimisers.encoder_params)
+        optimisers.encoder.step()
+        if scorers_train:
+            distributed.average_gradients(scorers.parameters())
+            optimisers.scorers.step()
+    record = {
+        "step": run.global_step + 1,
+        "epoch": run.epoch,
+        "loss": distributed.mean_across_ranks(float(loss.detach()), run.device),
+        "lr": optimisers.encoder.param_groups[0]["lr"],
+    }
+    if weights is not None:
+        record["entropy"] = float(weights.entropy.mean().detach())
+        record["entropy_weight"] = entropy_weight
+    return record
+
+
+def validate(run: Alignment, data: AlignmentData, loop: TrainingLoop) -> float | None:
+    """The epoch's validation loss over every rank's share (None without a validation list or a scored clip)."""
+    if data.val_vision is None:
+        return None
+    config = run.config
+    val_loader = torch.utils.data.DataLoader(
+        clip_dataset(run, data.val_clips, augment=False, vision=data.val_vision),
+        # a clip whose frame could not be cached has no tokens to compare with: it is listed, not scored
+        sampler=OrderedSampler([i for i in range(len(data.val_clips)) if data.val_vision.usable(i)]),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        collate_fn=collate,
+    )
+    total, count = validation_loss(config, run.encoder, data.val_vision, val_loader, run.device, loop.autocast)
+    total, count = distributed.sum_across_ranks(torch.tensor([total, count], dtype=torch.float64, device=run.device))
+    if count == 0:  # no score to pick an epoch by: keep the latest encoder, as without --val-list
+        log.warning("epoch %d: no validation clip could be scored (listed in %s)", run.epoch, SKIPPED_FILE)
+        return None
+    val_loss = float(total / count)
+    loop.metrics.log(epoch=run.epoch, val_loss=val_loss)
+    log.info("epoch %d: validation %s %.4f", run.epoch, config.method, val_loss)
+    return val_loss
+
+
+def save_outputs(run: Alignment, stage: Stage, non_finite_steps: int) -> None:
+    """The encoder (the initial one with --epochs 0), the scorers, the skipped list, then the manifest."""
+    config, out = run.config, run.out
+    if not (out / ENCODER_FILE).exists():  # --epochs 0: the initial (unaligned) encoder
+        atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(run.encoder, tmp))
+    outputs = [ENCODER_FILE, SKIPPED_FILE]
+    skipped = _unique(run.bad)
+    atomic_write_jsonl(out / SKIPPED_FILE, skipped)
+    if run.scorers is not None:
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in run.scorers.state_dict().items()}
+        atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
+        outputs.append(TOKEN_WEIGHTS_FILE)
+    metrics = {
+        "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
+        "epochs": config.epochs,
+        "method": config.method,
+        "ot_solver": config.ot_solver,
+        "skipped_clips": len(skipped),
+        "non_finite_steps": non_finite_steps,
+        "llava": config.llava,
+    }
+    stage.finish(metrics, outputs=outputs)
+    log.info("aligned encoder written to %s", out / ENCODER_FILE)
 
 
 def _unique(records: list[dict]) -> list[dict]:
