@@ -115,6 +115,15 @@ def global_token_mean(total: torch.Tensor, count: torch.Tensor, context: "Contex
     return total / sum_across_ranks(count).clamp_min(1) * context.world_size
 
 
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every process's records, in rank order, on every process (the records of this one alone without torchrun)."""
+    if not dist.is_initialized():
+        return list(records)
+    gathered: list[list[dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(records))
+    return [record for part in gathered for record in part]
+
+
 def shard(items: Sequence[T], context: Context) -> list[T]:
     """This rank's share, interleaved so that merged outputs can be put back in the input order."""
     return list(items[context.rank :: context.world_size])

@@ -476,3 +476,40 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
     for record in captions:
         index = int(record["id"][1:])
         assert record["caption"] == f"{expected[index]['fbank'].sum().item():.3f}"
+
+
+def test_every_process_takes_its_share_of_one_shuffle():
+    """Shuffle, then shard (prefix tuning used to shard, then shuffle: its processes drew from different orders)."""
+    from dali.distributed import Context
+    from dali.stages.common import epoch_order, epoch_share
+
+    items = [f"clip{i}" for i in range(11)]
+    shuffled = [items[i] for i in epoch_order(len(items), 3, 2)]
+    assert epoch_share(items, 3, 2, Context()) == shuffled
+    shares = [epoch_share(items, 3, 2, Context(rank=r, world_size=2)) for r in (0, 1)]
+    assert shares == [shuffled[0::2], shuffled[1::2]]
+    assert epoch_share(items, 3, 3, Context()) != shuffled  # a new order each epoch
+
+
+def _gather_in_process(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from dali.distributed import gather_records
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    gathered = gather_records([{"id": f"bad{rank}", "rank": rank}])
+    Path(out, f"rank{rank}.json").write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_bad_clips_of_every_process_reach_the_skipped_list(tmp_path):
+    """Under torchrun, align and distill listed only rank 0's unreadable clips; gather_records brings them all."""
+    import torch.multiprocessing as mp
+
+    from dali.distributed import gather_records
+
+    assert gather_records([{"id": "a"}]) == [{"id": "a"}]  # one process: its own records
+    mp.spawn(_gather_in_process, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        gathered = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [record["id"] for record in gathered] == ["bad0", "bad1"]

@@ -29,7 +29,7 @@ from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
     DTYPES,
     NonFiniteGuard,
-    epoch_order,
+    epoch_share,
     load_checkpoint,
     log,
     print_config,
@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
         checkpoint(run, optimisers)
         distributed.barrier()
+    run.bad = distributed.gather_records(run.bad)  # every process's unusable clips, in skipped.jsonl
     if context.is_main:
         save_outputs(run, stage, loop.guard.count)
     distributed.teardown()
@@ -431,8 +432,7 @@ class TrainingLoop:
 def train_epoch(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop) -> None:
     config = run.config
     data.train_set.epoch = run.epoch
-    order = [data.usable[i] for i in epoch_order(len(data.usable), config.seed, run.epoch)]
-    mine = distributed.shard(order, run.context)[: data.steps_per_epoch * config.batch_size]
+    mine = epoch_share(data.usable, config.seed, run.epoch, run.context)[: data.steps_per_epoch * config.batch_size]
     loader = torch.utils.data.DataLoader(
         data.train_set,
         batch_size=config.batch_size,

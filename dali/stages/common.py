@@ -10,11 +10,12 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from dali import distributed
 from dali.config import ConfigError, config_to_dict, field
 from dali.errors import TrainingDiverged
 from dali.files import atomic_write
@@ -22,6 +23,8 @@ from dali.models.captioner import CONV_MODES
 from dali.models.checkpoints import CheckpointError
 from dali.models.decoding import DECODING_ENGINES, DecodingOptions
 from dali.runs import check_run_name
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from dali.captioning import CaptioningModels
@@ -208,3 +211,9 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """A seeded shuffle per epoch, reproducible after a resume."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_items, generator=generator).tolist()
+
+
+def epoch_share(items: Sequence[T], seed: int, epoch: int, context: distributed.Context) -> list[T]:
+    """This process's share of the epoch's seeded shuffle of ``items``: every process shuffles the same way, then
+    takes its interleaved share, so that together they cover each item once (and one process takes them all)."""
+    return distributed.shard([items[i] for i in epoch_order(len(items), seed, epoch)], context)

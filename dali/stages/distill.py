@@ -25,7 +25,7 @@ from dali.stages.common import (
     DTYPES,
     NonFiniteGuard,
     cosine_schedule,
-    epoch_order,
+    epoch_share,
     load_checkpoint,
     log,
     print_config,
@@ -262,7 +262,7 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
     last_loss, stopped_early = float("nan"), False
     while step < total_steps and not stopped_early:
         epoch, batch_index = divmod(step, steps_per_epoch)
-        order = distributed.shard([train[i] for i in epoch_order(len(train), config.seed, epoch)], context)
+        order = epoch_share(train, config.seed, epoch, context)
         remaining = order[batch_index * config.batch_size : steps_per_epoch * config.batch_size]
         batches = [remaining[i : i + config.batch_size] for i in range(0, len(remaining), config.batch_size)]
         for indices, audio, new_bad in tokens.batches(batches):
@@ -304,7 +304,8 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
         projector.load_state_dict(selection.state)
         result |= {"best_step": selection.step, "best_val_loss": selection.loss, "stopped_early": stopped_early}
         log.info("kept the projector of step %d (held-out loss %.4f)", selection.step, selection.loss)
-    return result | {"bad": list(bad.values())}
+    gathered = {record["id"]: record for record in distributed.gather_records(list(bad.values()))}
+    return result | {"bad": list(gathered.values())}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dali.stages.common import (
     DTYPES,
     NonFiniteGuard,
     cosine_schedule,
-    epoch_order,
+    epoch_share,
     load_checkpoint,
     log,
     print_config,
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = progress(total=total_steps, initial=step, desc="prefix tuning", disable=not context.is_main)
     while step < total_steps:
         epoch, batch_index = divmod(step, steps_per_epoch)
-        order = [my_items[i] for i in epoch_order(len(my_items), config.seed, epoch)]
+        order = epoch_share(range(len(pairs)), config.seed, epoch, context)
         batch = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
         block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
         total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
