@@ -20,6 +20,8 @@ PSEUDO_CAPTIONS_FILE = "pseudo_captions.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 PROJECTOR_FILE = "projector.safetensors"
 PREDICTIONS_FILE = "predictions.jsonl"
+SCORES_JSON = "scores.json"
+SCORES_MD = "scores.md"
 
 
 def load_prefix_stage(folder: str | Path, hidden_size: int, flag_name: str = "--prefix-dir") -> Prefix:

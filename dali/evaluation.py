@@ -11,6 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dali.artifacts import SCORES_JSON, SCORES_MD
+from dali.files import atomic_write_json, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider", "sbert_sim")
@@ -124,3 +127,25 @@ def markdown_table(
         cells = [("n/a" if scores.get(m) is None else f"{scores[m]:.3f}") for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def score_predictions(
+    records: list[dict], references: dict[str, list[str]], out: Path, name: str, sbert: bool = True, spice: bool = True
+) -> dict:
+    """Evaluate, then write scores.json and scores.md into ``out``; returns the result dict."""
+    predictions = {record["id"]: record["caption"] for record in records}
+    evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
+    missing = sorted(set(references) - set(predictions))
+    if missing:
+        log.warning(
+            "%d clips of the test list have no prediction (skipped clips) and are left out: %s",
+            len(missing),
+            missing[:10],
+        )
+    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice)
+    result["missing_predictions"] = missing
+    atomic_write_json(out / SCORES_JSON, result)
+    table = markdown_table([(name, result["scores"])])
+    notes = "".join(f"\n- {metric}: unavailable ({reason})" for metric, reason in result["unavailable"].items())
+    atomic_write_text(out / SCORES_MD, table + (f"\nNot computed:{notes}\n" if notes else ""))
+    return result

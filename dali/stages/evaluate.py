@@ -8,14 +8,10 @@ from pathlib import Path
 
 from dali.config import ConfigError, field, parse_config
 from dali.data import read_caption_csv
-from dali.evaluation import evaluate_captions, markdown_table
-from dali.files import atomic_write_json, atomic_write_text
+from dali.evaluation import markdown_table, score_predictions
 from dali.jsonl import read_jsonl
 from dali.runs import MANIFEST
-from dali.stages.common import log, setup_logging
-
-SCORES_JSON = "scores.json"
-SCORES_MD = "scores.md"
+from dali.stages.common import setup_logging
 
 
 @dataclass
@@ -32,28 +28,6 @@ class EvaluateConfig:
     sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
     spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
     name: str = field("predictions", help="row name in the markdown table")
-
-
-def score_predictions(
-    records: list[dict], references: dict[str, list[str]], out: Path, name: str, sbert: bool = True, spice: bool = True
-) -> dict:
-    """Evaluate, then write scores.json and scores.md into ``out``; returns the result dict."""
-    predictions = {record["id"]: record["caption"] for record in records}
-    evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
-    missing = sorted(set(references) - set(predictions))
-    if missing:
-        log.warning(
-            "%d clips of the test list have no prediction (skipped clips) and are left out: %s",
-            len(missing),
-            missing[:10],
-        )
-    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice)
-    result["missing_predictions"] = missing
-    atomic_write_json(out / SCORES_JSON, result)
-    table = markdown_table([(name, result["scores"])])
-    notes = "".join(f"\n- {metric}: unavailable ({reason})" for metric, reason in result["unavailable"].items())
-    atomic_write_text(out / SCORES_MD, table + (f"\nNot computed:{notes}\n" if notes else ""))
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dali import distributed
-from dali.artifacts import PREDICTIONS_FILE, SKIPPED_FILE
+from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
 from dali.audio import TARGET_FRAMES
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
+from dali.evaluation import score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import MODALITIES
 from dali.runs import Stage, stage_main
@@ -24,7 +25,6 @@ from dali.stages.common import (
     stage_dir,
     upstream_dir,
 )
-from dali.stages.evaluate import SCORES_JSON, SCORES_MD, score_predictions
 
 
 @dataclass(kw_only=True)
