@@ -1,0 +1,32 @@
+"""The layering rule of docs/architecture.md: the library never imports the stages, the world or the CLI."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dali"
+ABOVE = ("dali.stages", "dali.synthetic", "dali.cli")
+LIBRARY = sorted(
+    path for path in PACKAGE.rglob("*.py") if path.parent.name not in ("stages", "synthetic") and path.name != "cli.py"
+)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_library_modules_do_not_import_the_layers_above(path):
+    wrong = sorted(name for name in _imports(path) if name.startswith(ABOVE))
+    assert not wrong, f"{path.relative_to(PACKAGE.parent)} imports {wrong}"
+
+
+def test_the_check_sees_the_library():
+    assert len(LIBRARY) > 20 and PACKAGE / "captioning.py" in LIBRARY
