@@ -7,3 +7,12 @@ Submodules are imported on use, so ``import dali`` stays cheap.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``from dali import AudioCaptioner`` without importing torch on ``import dali``
+    if name == "AudioCaptioner":
+        from dali.audio_captioner import AudioCaptioner
+
+        return AudioCaptioner
+    raise AttributeError(f"module 'dali' has no attribute '{name}'")

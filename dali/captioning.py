@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
+from dali.errors import ModelLoadError
 from dali.models.captioner import Captioner
 from dali.runs import MANIFEST, read_manifest
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CaptioningModels:
@@ -77,6 +80,14 @@ def recorded_llava(*folders) -> str | None:
         if llava:
             return llava
     return None
+
+
+def resolve_llava(given: str | None, *folders) -> str:
+    """``given``, else the LLaVA the folders' manifests record; a clear error when none does."""
+    llava = given or recorded_llava(*folders)
+    if not llava:
+        raise ModelLoadError("--llava is needed: no finished upstream stage of this run names the LLaVA it used")
+    return llava
 
 
 def recorded_conv_mode(*folders) -> str:

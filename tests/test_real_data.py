@@ -275,14 +275,39 @@ def test_imported_run_captions_as_the_original_with_no_llava_flag(tiny_llava_dir
     assert read_manifest(run / "infer_audio")["inputs"]["llava"]["path"] == str(tiny_llava_dir)
 
 
+def test_the_python_api_captions_files_and_waveforms_as_dali_caption(tiny_llava_dir, original_weights, media, tmp_path):
+    """``AudioCaptioner.from_run`` (by folder or by name) loads once and gives `dali caption`'s captions, for a file
+    and for the same audio as an array; a missing run is a clear error."""
+    from dali import AudioCaptioner
+    from dali.audio_captioner import RunNotFound
+    from dali.models.decoding import DecodingOptions
+
+    source, _ = original_weights
+    run = tmp_path / "expe" / "DALI_OT_ATT"
+    assert import_original.main([str(source), str(run), "--llava", str(tiny_llava_dir)]) == 0
+    clip, out = media / "video_clip.mp4", tmp_path / "captions.json"
+    assert caption.main(["--run", str(run), str(clip), "--max-new-tokens", "8", "--json", str(out)]) == 0
+    expected = [(c["start"], c["end"], c["caption"]) for c in json.loads(out.read_text())["captions"]]
+
+    options = DecodingOptions(max_new_tokens=8)
+    captioner = AudioCaptioner.from_run("DALI_OT_ATT", expe_dir=tmp_path / "expe", decoding=options, device="cpu")
+    assert captioner.models.projector is not None and captioner.models.prefix is None  # distilled, as inference.sh
+    assert captioner.caption(clip) == expected and len(expected) == 2
+    wave = (0.2 * np.sin(2 * np.pi * 300 * np.arange(16_000 * 3) / 16_000)).astype(np.float32)  # 16 kHz mono
+    soundfile.write(tmp_path / "same.wav", wave, 16_000, subtype="FLOAT")
+    assert captioner.caption(wave) == captioner.caption(tmp_path / "same.wav")
+    with pytest.raises(RunNotFound, match="no_such_run"):
+        AudioCaptioner.from_run("no_such_run", expe_dir=tmp_path / "expe")
+
+
 def test_a_caption_window_has_the_features_dali_infer_computes_for_that_audio(tmp_path):
     from dali.audio import audio_to_features, samples_for_frames
-    from dali.stages.caption import cut_windows
+    from dali.audio_captioner import file_windows
 
     wave = (0.2 * np.random.default_rng(3).standard_normal(16_000 * 12)).astype(np.float32)
     soundfile.write(tmp_path / "long.wav", wave, 16_000, subtype="FLOAT")
     soundfile.write(tmp_path / "first.wav", wave[: samples_for_frames(1024)], 16_000, subtype="FLOAT")
-    windows = cut_windows(tmp_path / "long.wav", 1024, first_only=False, min_window=1.0, need_frame=False)
+    windows = file_windows(tmp_path / "long.wav", 1024, first_only=False, min_window=1.0, need_frame=False)
     assert [(w.start, w.end) for w in windows] == [(0.0, 10.24), (10.24, 12.0)]
     first = windows[0].features
     assert torch.allclose(first, audio_to_features(tmp_path / "first.wav"), atol=1e-5)  # the same audio as a clip

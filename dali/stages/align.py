@@ -17,6 +17,7 @@ import torch
 from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
 from dali.audio import TARGET_FRAMES
+from dali.captioning import DTYPES
 from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
@@ -27,7 +28,6 @@ from dali.models.vision_tower import VisionTower
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
-    DTYPES,
     NonFiniteGuard,
     epoch_share,
     load_checkpoint,

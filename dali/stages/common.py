@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dali import distributed
-from dali.config import ConfigError, config_to_dict, field
+from dali.config import config_to_dict, field
 from dali.errors import TrainingDiverged
 from dali.files import atomic_write
 from dali.models.captioner import CONV_MODES
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from dali.captioning import CaptioningModels
 
 log = logging.getLogger("dali")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def setup_logging() -> None:
@@ -95,11 +93,9 @@ class DecodingFlags:
 def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
     """The config with ``llava`` (and ``conv_mode``, where it has one) taken from the upstream stages' manifests
     when no flag gave them; a clear error when none names a LLaVA."""
-    from dali.captioning import recorded_conv_mode, recorded_llava
+    from dali.captioning import recorded_conv_mode, resolve_llava
 
-    changes = {"llava": config.llava or recorded_llava(*upstream)}
-    if not changes["llava"]:
-        raise ConfigError("--llava is needed: no finished upstream stage of this run names the LLaVA it used")
+    changes = {"llava": resolve_llava(config.llava, *upstream)}
     if hasattr(config, "conv_mode"):
         changes["conv_mode"] = config.conv_mode or recorded_conv_mode(*upstream)
     return dataclasses.replace(config, **changes)
@@ -115,7 +111,7 @@ def load_captioning(
 ) -> tuple[Any, "CaptioningModels"]:
     """The config with its LLaVA and conversation mode resolved from the folders it uses, and the models those
     folders hold, loaded in ``--dtype`` (the captioning stages' shared start)."""
-    from dali.captioning import CaptioningModels
+    from dali.captioning import DTYPES, CaptioningModels
 
     config = resolve_captioner(config, align_dir, distill_dir, prefix_dir)
     models = CaptioningModels.load(

@@ -13,6 +13,7 @@ import torch
 
 from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
+from dali.captioning import DTYPES
 from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import ON_ERROR_CHOICES, Clip, ClipDataset, collate
 from dali.files import atomic_write
@@ -22,7 +23,6 @@ from dali.models.projector import save_projector
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
-    DTYPES,
     NonFiniteGuard,
     cosine_schedule,
     epoch_share,

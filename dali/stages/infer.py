@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
 from dali.audio import TARGET_FRAMES
+from dali.captioning import DTYPES
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
 from dali.evaluation import score_predictions
@@ -15,7 +16,6 @@ from dali.models.captioner import MODALITIES
 from dali.runs import Stage, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
-    DTYPES,
     DecodingFlags,
     load_captioning,
     log,

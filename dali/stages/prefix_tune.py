@@ -12,6 +12,7 @@ import torch
 
 from dali import distributed
 from dali.artifacts import PREFIX_FILE
+from dali.captioning import DTYPES
 from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.files import atomic_write
@@ -20,7 +21,6 @@ from dali.models.prefix import Prefix, save_prefix
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
-    DTYPES,
     NonFiniteGuard,
     cosine_schedule,
     epoch_share,

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
+from dali.captioning import DTYPES
 from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import Stage, stage_main
 from dali.stages.captioning import caption_clips, remove_parts
 from dali.stages.common import (
-    DTYPES,
     DecodingFlags,
     load_captioning,
     log,

@@ -1,0 +1,156 @@
+"""Captioning from Python: a finished run loaded once, then any number of files or waveforms.
+
+    from dali import AudioCaptioner
+    captioner = AudioCaptioner.from_run("expe/demo/ot_att")   # a run folder, or a run's name under expe/
+    captioner.caption("clip.wav")    # [(start_s, end_s, caption), ...], one per 10.24 s window
+
+Files of any length (any format PyAV reads, video included) are cut into 10.24 s windows (CAV-MAE's 1024 frames);
+a trailing window shorter than ``min_window`` seconds is dropped. ``dali caption`` is this object behind a command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dali.audio import SAMPLE_RATE, WINDOW_SHIFT, audio_to_features, samples_for_frames
+from dali.captioning import DTYPES, CaptioningModels, recorded_conv_mode, resolve_llava
+from dali.errors import DaliError
+from dali.media import decode_audio, decode_frames
+from dali.models.decoding import DecodingOptions
+from dali.runs import MANIFEST
+
+Source = str | Path | np.ndarray | torch.Tensor
+
+
+class RunNotFound(DaliError, FileNotFoundError):
+    """No run folder under the given path or name."""
+
+
+@dataclass
+class Window:
+    """One 10.24 s window of a file or waveform: its place in it, its fbank and (audio + image) its middle frame."""
+
+    file: str
+    start: float
+    end: float
+    features: torch.Tensor
+    frame: object = None
+
+
+def find_run(run: str | Path, expe_dir: str | Path = "expe") -> Path:
+    """A run folder given as a path, or as a run's name under ``expe_dir``."""
+    for folder in (Path(run), Path(expe_dir) / str(run)):
+        if (folder / "align" / MANIFEST).is_file():
+            return folder
+    raise RunNotFound(
+        f"--run '{run}': neither '{run}' nor '{Path(expe_dir) / str(run)}' is a run folder with a finished align/"
+    )
+
+
+def wave_windows(wave: torch.Tensor, name: str, target_frames: int, first_only: bool, min_window: float) -> list:
+    """Windows of a 16 kHz mono waveform, each with exactly the ``target_frames`` fbank frames that ``dali infer``
+    computes for a clip of that audio (a window reads the 240 samples past its end that its last frame needs)."""
+    step = target_frames * WINDOW_SHIFT  # 10.24 s
+    span = samples_for_frames(target_frames)
+    starts = [0] if first_only else list(range(0, max(len(wave), 1), step))
+    windows = []
+    for start in starts:
+        piece = wave[start : start + span]
+        end = min(start + step, len(wave))
+        if start > 0 and end - start < min_window * SAMPLE_RATE:
+            break
+        features = audio_to_features(piece - piece.mean())
+        windows.append(Window(name, start / SAMPLE_RATE, end / SAMPLE_RATE, features))
+    return windows
+
+
+def file_windows(path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool) -> list:
+    """Windows of a media file; with ``need_frame`` each gets the video frame at its middle."""
+    windows = wave_windows(torch.from_numpy(decode_audio(path)), str(path), target_frames, first_only, min_window)
+    if need_frame:
+        for window, frame in zip(windows, decode_frames(path, [(w.start + w.end) / 2 for w in windows])):
+            window.frame = frame
+    return windows
+
+
+class AudioCaptioner:
+    """A run's captioning models, loaded once; :meth:`caption` takes files or waveforms, in batches."""
+
+    def __init__(self, models: CaptioningModels, decoding: DecodingOptions | None = None, modality: str = "audio"):
+        if modality not in ("audio", "audio_vis"):
+            raise DaliError(f"modality must be 'audio' or 'audio_vis', got '{modality}'")
+        self.models, self.modality = models, modality
+        self.decoding = decoding or DecodingOptions()
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path,
+        *,
+        llava: str | None = None,
+        projector: str | None = None,
+        use_prefix: bool | None = None,
+        modality: str = "audio",
+        decoding: DecodingOptions | None = None,
+        dtype: str = "float32",
+        device: str = "auto",
+        conv_mode: str | None = None,
+        expe_dir: str | Path = "expe",
+    ) -> "AudioCaptioner":
+        """Load a run: its aligned encoder, and its distilled projector when it has one (``projector="distilled"``,
+        no prefix, as the original's inference); otherwise LLaVA's projector with the run's prefix. ``llava`` and
+        ``conv_mode`` default to what the run recorded."""
+        folder = find_run(run, expe_dir)
+        align, prefix, distill = folder / "align", folder / "prefix", folder / "distill"
+        projector = projector or ("distilled" if (distill / MANIFEST).is_file() else "original")
+        use_prefix = projector == "original" if use_prefix is None else use_prefix
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = CaptioningModels.load(
+            resolve_llava(llava, align, distill, prefix),
+            dtype=DTYPES[dtype],
+            device=device,
+            conv_mode=conv_mode or recorded_conv_mode(align, distill, prefix),
+            align_dir=align,
+            prefix_dir=prefix if use_prefix else None,
+            distill_dir=distill if projector == "distilled" else None,
+            flags=("--run", "--run", "--run"),
+        )
+        return cls(models, decoding, modality)
+
+    def windows(self, source: Source, first_window_only: bool = False, min_window: float = 1.0) -> list[Window]:
+        """A file (path) or a 16 kHz mono waveform (array or tensor) cut into windows."""
+        target = self.models.encoder.config.target_frames
+        if isinstance(source, (str, Path)):
+            need_frame = self.modality == "audio_vis"
+            return file_windows(Path(source), target, first_window_only, min_window, need_frame)
+        if self.modality == "audio_vis":
+            raise DaliError("audio + image captions need a video file, not a waveform")
+        wave = torch.as_tensor(np.asarray(source, dtype=np.float32)).flatten()
+        return wave_windows(wave, "<waveform>", target, first_window_only, min_window)
+
+    @torch.no_grad()
+    def caption_windows(self, windows: Sequence[Window], batch_size: int = 16) -> list[str]:
+        """One caption per window, ``batch_size`` windows at a time."""
+        captions = []
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            pixels = None
+            if self.modality == "audio_vis":
+                pixels = self.models.captioner.preprocess_images([w.frame for w in batch])
+            block = self.models.block(torch.stack([w.features for w in batch]), pixels)
+            captions += self.models.captioner.generate(block, self.decoding)
+        return captions
+
+    def caption(
+        self, source: Source, first_window_only: bool = False, min_window: float = 1.0, batch_size: int = 16
+    ) -> list[tuple[float, float, str]]:
+        """``[(start_s, end_s, caption), ...]`` for one file or waveform, one entry per 10.24 s window."""
+        windows = self.windows(source, first_window_only, min_window)
+        captions = self.caption_windows(windows, batch_size)
+        return [(round(w.start, 2), round(w.end, 2), caption) for w, caption in zip(windows, captions)]
