@@ -19,6 +19,10 @@ import yaml
 from dali.errors import DaliError
 
 T = TypeVar("T")
+PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and errors
+# Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
+# --no-... form, since a preset may set it.
+SWITCHES = frozenset({"overwrite", "resume", "first_window_only"})
 
 
 class ConfigError(DaliError, ValueError):
@@ -108,7 +112,9 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
 
 
 def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
+    """Flags from a config's fields: help with defaults, required where neither a default nor the preset gives one,
+    plain switches for :data:`SWITCHES`."""
+    parser = argparse.ArgumentParser(prog=PROG, description=description or cls.__doc__, allow_abbrev=False)
     parser.add_argument("--config", help="YAML preset whose keys are this stage's field names; flags win")
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
@@ -117,41 +123,31 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
         default = defaults.get(field.name, field.default if field.default is not dataclasses.MISSING else None)
         if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:  # type: ignore
             default = defaults.get(field.name, field.default_factory())  # type: ignore
-        help_text = field.metadata.get("help", "")
+        required = field.default is dataclasses.MISSING and field.name not in defaults and not optional
+        kwargs: dict[str, Any] = {"default": default, "help": _help(field, default, required)}
         if typing.get_origin(base) in (tuple, list):
             (item_type, *_) = typing.get_args(base) or (str,)
+            kwargs |= {"nargs": "*", "type": _converter(item_type, False)}
             if field.metadata.get("positional"):
-                parser.add_argument(
-                    field.name, nargs="*", type=_converter(item_type, False), default=default, help=help_text
-                )
-            else:
-                parser.add_argument(
-                    flag(field.name),
-                    dest=field.name,
-                    nargs="*",
-                    type=_converter(item_type, False),
-                    default=default,
-                    help=help_text,
-                )
+                parser.add_argument(field.name, **kwargs)
+                continue
         elif base is bool:
-            parser.add_argument(
-                flag(field.name),
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
+            switch = field.name in SWITCHES and default is False
+            kwargs["action"] = "store_true" if switch else argparse.BooleanOptionalAction
         else:
-            choices = field.metadata.get("choices")
-            parser.add_argument(
-                flag(field.name),
-                dest=field.name,
-                type=_converter(base, optional),
-                default=default,
-                choices=choices,
-                help=help_text,
-            )
+            kwargs |= {"type": _converter(base, optional), "choices": field.metadata.get("choices")}
+        parser.add_argument(flag(field.name), dest=field.name, required=required, **kwargs)
     return parser
+
+
+def _help(field: dataclasses.Field, default: Any, required: bool) -> str:
+    text = field.metadata.get("help", "")
+    if required:
+        return (text + " " if text else "") + "(required)"
+    if default is None or default is False or default == ():
+        return text
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return (text + " " if text else "") + f"(default: {shown})".replace("%", "%%")
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:

@@ -9,7 +9,10 @@ import pytest
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["-m", "dali.cli", "prefix-tune"], "dali prefix-tune: error: --llava is required"),
+        (
+            ["-m", "dali.cli", "prefix-tune"],
+            "dali prefix-tune: error: the following arguments are required: --llava, --pairs",
+        ),
         (["-m", "dali.cli", "infer", "--llava", "x", "--test-list", "t.csv", "--modality", "image"], "--frames-dir"),
         (["-m", "dali.cli", "align", "--config", "no_such.yaml"], "no_such.yaml"),
         (["-m", "dali.cli", "prepare", "no_such_folder", "out"], "dali prepare: error: INPUT"),
@@ -38,3 +41,15 @@ def test_checkpoint_every_zero_is_refused_by_every_training_stage(stage):
     }[stage]
     with pytest.raises(ConfigError, match="--checkpoint-every must be >= 1, got 0"):
         parse_config(getattr(module, config_class), [*required, "--checkpoint-every", "0"]).validate()
+
+
+def test_help_groups_the_commands_and_each_command_shows_its_name_defaults_and_required_flags():
+    done = subprocess.run([sys.executable, "-m", "dali.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "the method's stages, in order:" in done.stdout and "tools:" in done.stdout
+    assert "  align             1b: align" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "dali.cli", "align", "--help"], capture_output=True, text=True)
+    assert done.stdout.startswith("usage: dali align ") and "--llava LLAVA" in done.stdout.split("\n")[0] + done.stdout
+    text = " ".join(done.stdout.split())
+    assert "(required)" in text and "(default: ot_att)" in text and "(default: 20)" in text
+    assert "--overwrite" in text and "--no-overwrite" not in text  # a switch that is off by default has no negative
+    assert "--compile | --no-compile" in text  # one that is on by default keeps its negative
