@@ -141,7 +141,7 @@ class Stage:
         self.main = main
         self.overwrite, self.resume = overwrite, resume
         self.inputs: dict[str, dict[str, Any]] = {}
-        self.command: list[str] = list(sys.argv)
+        self.command: list[str] = _COMMANDS[-1] if _COMMANDS else list(sys.argv)
         self._lock = None
         self._opened = self._finished = self._replaced = False
         self._created = not self.path.exists()
@@ -293,15 +293,24 @@ def _remove_entries(folder: Path, keep: tuple[str, ...]) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+_COMMANDS: list[list[str]] = []  # the command line of each stage main running, innermost last
+
+
 def stage_main(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a stage's ``main``: every stage it opened is closed on return or error (lock, restore)."""
+    """Wrap a stage's ``main``: every stage it opened is closed on return or error (lock, restore), and its manifest
+    records the command that reruns it: the process's own, or, called in-process with ``argv`` (the demo does),
+    ``python -m <its module> <argv>``."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         opened = len(_OPEN_STAGES)
+        # the process's own command line when ``argv`` is its tail (``dali align ...``, ``python -m ...``)
+        in_process = argv is not None and list(argv) != sys.argv[len(sys.argv) - len(argv) :]
+        _COMMANDS.append([sys.executable, "-m", main.__module__, *argv] if in_process else list(sys.argv))
         try:
             return main(argv)
         finally:
+            _COMMANDS.pop()
             for stage in reversed(_OPEN_STAGES[opened:]):
                 stage.close()
 

@@ -80,6 +80,9 @@ def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pip
         prefix_tune.main(argv)
     assert prefix_tune.main(argv + ["--overwrite", "--num-prefix-tokens", "4"]) == 0
     assert len(read_jsonl(folder / "metrics.jsonl")) == 1
+    # run in-process (as the demo runs every stage), the manifest still holds the command that reruns the stage
+    rerun = [sys.executable, "-m", "dali.stages.prefix_tune", *argv, "--overwrite", "--num-prefix-tokens", "4"]
+    assert read_manifest(folder)["command"] == rerun
 
 
 @pytest.mark.parametrize("method,solver", [("mmd", "emd"), ("ot", "emd"), ("ot", "sinkhorn"), ("ot_att", "sinkhorn")])
