@@ -53,3 +53,11 @@ def test_help_groups_the_commands_and_each_command_shows_its_name_defaults_and_r
     assert "(required)" in text and "(default: ot_att)" in text and "(default: 20)" in text
     assert "--overwrite" in text and "--no-overwrite" not in text  # a switch that is off by default has no negative
     assert "--compile | --no-compile" in text  # one that is on by default keeps its negative
+
+
+def test_the_readme_shows_the_command_list_that_dali_prints():
+    from pathlib import Path
+
+    from dali.cli import usage
+
+    assert usage() in (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -63,6 +63,16 @@ def test_demo_then_caption_your_own_file(sandbox):
     soundfile.write(sandbox / "my_clip.wav", wave, 16_000)
     printed = run(sandbox, ".venv/bin/dali caption --run expe/demo/ot_att my_clip.wav")
     assert printed.count("my_clip.wav [") == 2  # two windows of 10.24 s
+    api = (
+        "from dali import AudioCaptioner"
+        + README.split("```python\nfrom dali import AudioCaptioner")[1].split("```")[0]
+    )
+    last = 'captioner.caption("my_clip.wav")'
+    assert last in api  # the README's example, run as written, its last value printed
+    done = subprocess.run([sys.executable, "-c", api.replace(last, f"print({last})")], cwd=sandbox, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    windows = eval(done.stdout.decode().strip().splitlines()[-1])
+    assert [(start, end) for start, end, _ in windows] == [(0.0, 10.24), (10.24, 12.0)]
 
 
 def test_the_five_scripts_on_the_synthetic_world(sandbox):
