@@ -30,10 +30,10 @@ from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
     epoch_share,
-    load_checkpoint,
     log,
     print_config,
-    save_checkpoint,
+    resume_training,
+    save_training,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -393,29 +393,27 @@ def build_optimisers(run: Alignment) -> Optimisers:
 POSITION = ("epoch", "step_in_epoch", "best_val", "global_step", "bad")
 
 
-def checkpoint(run: Alignment, optimisers: Optimisers) -> None:
-    if not run.context.is_main:
-        return
-    state = {
-        "encoder": run.encoder.state_dict(),
-        "optimizer": optimisers.encoder.state_dict(),
-        "scheduler": optimisers.scheduler.state_dict(),
-        "scorers": run.scorers.state_dict() if run.scorers is not None else None,
-        "scorer_optimizer": optimisers.scorers.state_dict() if optimisers.scorers is not None else None,
+def _trained(run: Alignment, optimisers: Optimisers) -> dict:
+    return {
+        "encoder": run.encoder,
+        "optimizer": optimisers.encoder,
+        "scheduler": optimisers.scheduler,
+        "scorers": run.scorers,
+        "scorer_optimizer": optimisers.scorers,
     }
-    save_checkpoint(run.out / CHECKPOINT, state | {name: getattr(run, name) for name in POSITION})
+
+
+def checkpoint(run: Alignment, optimisers: Optimisers) -> None:
+    if run.context.is_main:
+        save_training(
+            run.out / CHECKPOINT, _trained(run, optimisers), **{name: getattr(run, name) for name in POSITION}
+        )
 
 
 def resume(run: Alignment, optimisers: Optimisers) -> None:
-    state = load_checkpoint(run.out / CHECKPOINT)
+    state = resume_training(run.out / CHECKPOINT, _trained(run, optimisers))
     if state is None:
         return
-    run.encoder.load_state_dict(state["encoder"])
-    optimisers.encoder.load_state_dict(state["optimizer"])
-    optimisers.scheduler.load_state_dict(state["scheduler"])
-    if run.scorers is not None:
-        run.scorers.load_state_dict(state["scorers"])
-        optimisers.scorers.load_state_dict(state["scorer_optimizer"])
     for name in POSITION:
         setattr(run, name, state[name])
     log.info("resuming alignment at epoch %d step %d", run.epoch, run.step_in_epoch)

@@ -173,6 +173,36 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return state
 
 
+def save_training(path: Path, objects: dict[str, Any], **position: Any) -> None:
+    """A resumable checkpoint: each object's ``state_dict`` (None stays None) and the run's position."""
+    save_checkpoint(path, {name: None if obj is None else obj.state_dict() for name, obj in objects.items()} | position)
+
+
+def resume_training(path: Path, objects: dict[str, Any]) -> dict[str, Any] | None:
+    """Load a :func:`save_training` checkpoint into ``objects``; returns the saved position (None without one)."""
+    state = load_checkpoint(path)
+    if state is None:
+        return None
+    for name, obj in objects.items():
+        saved = state.pop(name, None)
+        if obj is not None:
+            obj.load_state_dict(saved)
+    return state
+
+
+def guarded_step(loss, optimizer, params: list, guard: NonFiniteGuard, step: int, max_grad_norm: float, device):
+    """One optimiser step, unless the loss is NaN/inf (skipped and counted by ``guard``): backward, gradients
+    averaged across processes, clipped to ``max_grad_norm``. Returns the loss averaged across processes, or None."""
+    optimizer.zero_grad(set_to_none=True)
+    if not guard.check(loss, step):
+        return None
+    loss.backward()
+    distributed.average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return distributed.mean_across_ranks(float(loss.detach()), device)
+
+
 class NonFiniteGuard:
     """Counts steps whose loss is NaN/inf; they are skipped, and the run stops after ``limit`` of them."""
 

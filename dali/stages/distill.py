@@ -26,11 +26,12 @@ from dali.stages.common import (
     NonFiniteGuard,
     cosine_schedule,
     epoch_share,
-    load_checkpoint,
+    guarded_step,
     log,
     print_config,
     resolve_captioner,
-    save_checkpoint,
+    resume_training,
+    save_training,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -233,11 +234,9 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
     eval_every = config.eval_every or steps_per_epoch
     scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
     step, bad, selection = 0, {record["id"]: record for record in tokens.bad}, Selection()
-    state = load_checkpoint(stage.path / CHECKPOINT) if config.resume else None
+    trained = {"projector": projector, "optimizer": optimizer, "scheduler": scheduler}
+    state = resume_training(stage.path / CHECKPOINT, trained) if config.resume else None
     if state is not None:
-        projector.load_state_dict(state["projector"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         step, bad, selection = state["step"], state["bad"], Selection(**state["selection"])
         log.info("resuming distillation at step %d of %d", step, total_steps)
     metrics = stage.metrics()
@@ -246,17 +245,7 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
 
     def checkpoint() -> None:
         if context.is_main:
-            save_checkpoint(
-                stage.path / CHECKPOINT,
-                {
-                    "projector": projector.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "bad": bad,
-                    "selection": vars(selection),
-                },
-            )
+            save_training(stage.path / CHECKPOINT, trained, step=step, bad=bad, selection=vars(selection))
 
     bar = progress(total=total_steps, initial=step, desc="distillation", disable=not context.is_main)
     last_loss, stopped_early = float("nan"), False
@@ -272,13 +261,8 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
                 loss = distributed.global_token_mean(
                     *captioner.caption_loss(block, [clips[i].captions[0] for i in indices], reduction="sum"), context
                 )
-                optimizer.zero_grad(set_to_none=True)
-                if guard.check(loss, step):
-                    loss.backward()
-                    distributed.average_gradients(params)
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    last_loss = distributed.mean_across_ranks(float(loss.detach()), device)
+                stepped = guarded_step(loss, optimizer, params, guard, step, config.max_grad_norm, device)
+                last_loss = last_loss if stepped is None else stepped
             scheduler.step()
             step += 1
             record = {"step": step, "epoch": epoch + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}

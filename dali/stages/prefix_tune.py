@@ -24,10 +24,11 @@ from dali.stages.common import (
     NonFiniteGuard,
     cosine_schedule,
     epoch_share,
-    load_checkpoint,
+    guarded_step,
     log,
     print_config,
-    save_checkpoint,
+    resume_training,
+    save_training,
     seed_everything,
     setup_logging,
     stage_dir,
@@ -79,8 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     out = stage_dir(config.expe_dir, config.run, "prefix", config.out)
     stage = Stage(out, "prefix_tune", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
+    captioner, image_tokens, captions = load_inputs(config, context, stage)
+    prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)
+    distributed.broadcast_parameters(prefix)
+    result = train_prefix(config, context, stage, captioner, prefix, image_tokens, captions)
+    if context.is_main:
+        atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
+        stage.finish(result | {"llava": config.llava}, outputs=[PREFIX_FILE])
+        log.info("prefix written to %s", out / PREFIX_FILE)
+    distributed.teardown()
+    return 0
 
-    # -- setup: frozen captioner; the frames' CLIP tokens are computed once (the tower is frozen)
+
+def load_inputs(config: PrefixTuneConfig, context, stage: Stage) -> tuple[Captioner, torch.Tensor, list[str]]:
+    """The frozen captioner, the pairs' CLIP tokens (computed once: the tower is frozen) and their captions."""
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=context.device)
     if config.gradient_checkpointing:
         captioner.enable_gradient_checkpointing()
@@ -98,70 +111,44 @@ def main(argv: list[str] | None = None) -> int:
         image_tokens = torch.cat(
             [captioner.image_tokens(captioner.preprocess_images(images[i : i + 32])) for i in range(0, len(images), 32)]
         )
-    captions = [clip.captions[0] for clip in pairs]
-    prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)
-    distributed.broadcast_parameters(prefix)
+    return captioner, image_tokens, [clip.captions[0] for clip in pairs]
+
+
+def train_prefix(config, context, stage: Stage, captioner, prefix: Prefix, image_tokens, captions) -> dict:
+    """AdamW with a cosine schedule on the prefix alone; resumable; returns the run's final metrics."""
     optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    my_items = distributed.shard(list(range(len(pairs))), context)
-    steps_per_epoch = math.ceil(len(my_items) / config.batch_size)
+    steps_per_epoch = math.ceil(len(distributed.shard(captions, context)) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
-    step = 0
-    state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    trained = {"prefix": prefix, "optimizer": optimizer, "scheduler": scheduler}
+    state = resume_training(stage.path / CHECKPOINT, trained) if config.resume else None
+    step = state["step"] if state is not None else 0
     if state is not None:
-        prefix.load_state_dict(state["prefix"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
         log.info("resuming prefix tuning at step %d of %d", step, total_steps)
     metrics = stage.metrics()
     metrics.rewind(lambda record: record.get("step", 0) <= step)
     guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
-
-    # -- train
     last_loss = float("nan")
     bar = progress(total=total_steps, initial=step, desc="prefix tuning", disable=not context.is_main)
     while step < total_steps:
         epoch, batch_index = divmod(step, steps_per_epoch)
-        order = epoch_share(range(len(pairs)), config.seed, epoch, context)
+        order = epoch_share(range(len(captions)), config.seed, epoch, context)
         batch = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
         block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
         total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
         loss = distributed.global_token_mean(total, count, context)
-        optimizer.zero_grad(set_to_none=True)
-        if guard.check(loss, step):
-            loss.backward()
-            distributed.average_gradients(prefix.parameters())
-            torch.nn.utils.clip_grad_norm_(prefix.parameters(), config.max_grad_norm)
-            optimizer.step()
-            last_loss = distributed.mean_across_ranks(float(loss.detach()), context.device)
+        params = list(prefix.parameters())
+        stepped = guarded_step(loss, optimizer, params, guard, step, config.max_grad_norm, context.device)
+        last_loss = last_loss if stepped is None else stepped
         scheduler.step()
         step += 1
         metrics.log(step=step, epoch=epoch + 1, loss=last_loss, lr=scheduler.get_last_lr()[0])
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
         if context.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
-            save_checkpoint(
-                out / CHECKPOINT,
-                {
-                    "prefix": prefix.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                },
-            )
+            save_training(stage.path / CHECKPOINT, trained, step=step)
     bar.close()
-
-    # -- save
-    if context.is_main:
-        atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
-        stage.finish(
-            {"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count, "llava": config.llava},
-            outputs=[PREFIX_FILE],
-        )
-        log.info("prefix written to %s", out / PREFIX_FILE)
-    distributed.teardown()
-    return 0
+    return {"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count}
 
 
 if __name__ == "__main__":
