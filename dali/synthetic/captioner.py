@@ -56,8 +56,7 @@ def _batches(items: list, size: int, rng: random.Random) -> list[list]:
 def train_captioner(world: str | Path, out: str | Path, training: CaptionerTraining = CaptionerTraining()) -> Path:
     """Train (or reuse, when ``out`` holds one trained on the same world with the same settings) the captioner."""
     world, out = Path(world), Path(out)
-    world_digest = json.loads((world / "world.json").read_text())["digest"]
-    key = training.digest(world_digest)
+    key = training.digest(json.loads((world / "world.json").read_text())["digest"])
     if (out / MARKER).exists() and json.loads((out / MARKER).read_text()).get("key") == key:
         log.info("reusing the synthetic image captioner in %s", out)
         return out
@@ -66,58 +65,66 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
     started = time.time()
     records = json.loads((world / "captioner" / "captions.json").read_text())
     sentences = [line for line in (world / "captioner" / "text.txt").read_text().splitlines() if line.strip()]
-    prompts = [SYSTEM_PROMPT + " USER: ", QUESTION, SOUND_QUESTION, TEXT_QUESTION, *IMAGE_QUESTIONS, " ASSISTANT:"]
-    corpus = [r["caption"] for r in records] + [r["sounds"] for r in records] + sentences + prompts * 50
-    tokenizer = train_tokenizer(corpus, training.model.vocab_size)
-    llava = build_tiny_llava(tokenizer, training.model, seed=training.seed)
-    # a folder first, so the captioner's own loader (and image processor) is what the stages will use
-    save_tiny_llava(llava, tokenizer, out)
-    captioner = Captioner.from_pretrained(out)
-    captioner.llava.requires_grad_(True).train()
+    captioner, tokenizer = _untrained_captioner(records, sentences, training, out)
     torch.manual_seed(training.seed)
     images = [Image.open(world / "captioner" / r["image"]).convert("RGB") for r in records]
     pixels = torch.cat([captioner.preprocess_images(images[i : i + 256]) for i in range(0, len(images), 256)])
+    word_targets = _caption_words(records)
+    words_head = torch.nn.Linear(captioner.vision_dim, word_targets.shape[1])
+    rng = random.Random(training.seed)
+    epochs = [_epoch_batches(len(records), len(sentences), training.batch_size, rng) for _ in range(training.epochs)]
+    data = (records, sentences, pixels, word_targets)
+    losses = _train(captioner, words_head, data, epochs, training, rng)
+    captioner.llava.eval().requires_grad_(False)
+    save_tiny_llava(captioner.llava, tokenizer, out)
+    summary = {"key": key, "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1), "steps": len(losses)}
+    summary |= {"wall_time_s": round(time.time() - started, 1), "training": json.loads(key)}
+    atomic_write_json(out / MARKER, summary)
+    return out
 
+
+def _untrained_captioner(records: list[dict], sentences: list[str], training: CaptionerTraining, out: Path):
+    """A tokenizer trained on the world's text and a random tiny LLaVA, saved and loaded back through the
+    captioner's own loader (and image processor), as the stages will load it."""
+    prompts = [SYSTEM_PROMPT + " USER: ", QUESTION, SOUND_QUESTION, TEXT_QUESTION, *IMAGE_QUESTIONS, " ASSISTANT:"]
+    corpus = [r["caption"] for r in records] + [r["sounds"] for r in records] + sentences + prompts * 50
+    tokenizer = train_tokenizer(corpus, training.model.vocab_size)
+    save_tiny_llava(build_tiny_llava(tokenizer, training.model, seed=training.seed), tokenizer, out)
+    captioner = Captioner.from_pretrained(out)
+    captioner.llava.requires_grad_(True).train()
+    return captioner, tokenizer
+
+
+def _caption_words(records: list[dict]) -> torch.Tensor:
+    """[images, vocabulary] bag-of-words targets of the visual captions."""
     vocabulary = sorted({word for r in records for word in r["caption"].split()})
     word_index = {word: i for i, word in enumerate(vocabulary)}
-    word_targets = torch.zeros(len(records), len(vocabulary))
+    targets = torch.zeros(len(records), len(vocabulary))
     for row, record in enumerate(records):
-        word_targets[row, [word_index[word] for word in record["caption"].split()]] = 1.0
-    words_head = torch.nn.Linear(captioner.vision_dim, len(vocabulary))
+        targets[row, [word_index[word] for word in record["caption"].split()]] = 1.0
+    return targets
 
-    rng = random.Random(training.seed)
-    tasks_per_epoch = []
-    for _ in range(training.epochs):
-        batches = [("caption", b) for b in _batches(range(len(records)), training.batch_size, rng)]
-        batches += [("sounds", b) for b in _batches(range(len(records)), training.batch_size, rng)]
-        batches += [("text", b) for b in _batches(range(len(sentences)), training.batch_size, rng)]
-        rng.shuffle(batches)
-        tasks_per_epoch.append(batches)
-    total = sum(len(batches) for batches in tasks_per_epoch)
+
+def _epoch_batches(images: int, sentences: int, size: int, rng: random.Random) -> list[tuple[str, list[int]]]:
+    """One epoch's batches of the three tasks, interleaved at random."""
+    batches = [("caption", b) for b in _batches(range(images), size, rng)]
+    batches += [("sounds", b) for b in _batches(range(images), size, rng)]
+    batches += [("text", b) for b in _batches(range(sentences), size, rng)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _train(captioner, words_head, data, epochs, training: CaptionerTraining, rng: random.Random) -> list[float]:
+    """AdamW with a cosine schedule over every batch of every epoch; returns the loss of each step."""
+    total = sum(len(batches) for batches in epochs)
     parameters = list(captioner.llava.parameters()) + list(words_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=training.lr, weight_decay=training.weight_decay)
     scheduler = cosine_schedule(optimizer, total, training.warmup_ratio)
-    width = captioner.hidden_size
     bar = progress(total=total, desc="training the synthetic image captioner")
     losses: list[float] = []
-    for epoch, batches in enumerate(tasks_per_epoch):
+    for epoch, batches in enumerate(epochs):
         for task, batch in batches:
-            if task == "text":
-                block = torch.zeros(len(batch), 0, width)
-                loss = captioner.caption_loss(block, [sentences[i] for i in batch], question=TEXT_QUESTION)
-            else:
-                image_tokens = _tokens_with_grad(captioner, pixels[batch])
-                block = captioner.modality_block(image_tokens=image_tokens)
-                if task == "caption":
-                    question = rng.choice(IMAGE_QUESTIONS)
-                    loss = captioner.caption_loss(block, [records[i]["caption"] for i in batch], question=question)
-                else:
-                    loss = captioner.caption_loss(block, [records[i]["sounds"] for i in batch], question=SOUND_QUESTION)
-                if training.words_loss_weight:
-                    logits = words_head(image_tokens.mean(dim=1))
-                    loss = loss + training.words_loss_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                        logits, word_targets[batch]
-                    )
+            loss = _task_loss(captioner, words_head, data, task, batch, training, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -127,19 +134,26 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     bar.close()
-    captioner.llava.eval().requires_grad_(False)
-    save_tiny_llava(captioner.llava, tokenizer, out)
-    atomic_write_json(
-        out / MARKER,
-        {
-            "key": key,
-            "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
-            "steps": total,
-            "wall_time_s": round(time.time() - started, 1),
-            "training": json.loads(key),
-        },
-    )
-    return out
+    return losses
+
+
+def _task_loss(captioner, words_head, data, task: str, batch: list[int], training, rng) -> torch.Tensor:
+    records, sentences, pixels, word_targets = data
+    if task == "text":
+        block = torch.zeros(len(batch), 0, captioner.hidden_size)
+        return captioner.caption_loss(block, [sentences[i] for i in batch], question=TEXT_QUESTION)
+    image_tokens = _tokens_with_grad(captioner, pixels[batch])
+    block = captioner.modality_block(image_tokens=image_tokens)
+    if task == "caption":
+        question = rng.choice(IMAGE_QUESTIONS)
+        loss = captioner.caption_loss(block, [records[i]["caption"] for i in batch], question=question)
+    else:
+        loss = captioner.caption_loss(block, [records[i]["sounds"] for i in batch], question=SOUND_QUESTION)
+    if training.words_loss_weight:
+        logits = words_head(image_tokens.mean(dim=1))
+        bag_of_words = torch.nn.functional.binary_cross_entropy_with_logits(logits, word_targets[batch])
+        loss = loss + training.words_loss_weight * bag_of_words
+    return loss
 
 
 def _tokens_with_grad(captioner: Captioner, pixels: torch.Tensor) -> torch.Tensor:
