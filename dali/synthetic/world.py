@@ -20,6 +20,7 @@ import numpy as np
 import soundfile
 from PIL import Image, ImageDraw
 
+from dali.files import atomic_write, atomic_write_json, atomic_write_text
 from dali.synthetic import sounds
 from dali.workers import worker_pool
 
@@ -346,34 +347,15 @@ def _write_clip(args: tuple[Scene, str]) -> None:
 
 def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), workers: int = 2) -> Path:
     """Write the world under ``root`` (idempotent: a finished world with the same config is kept)."""
-    from dali.files import atomic_write_json, atomic_write_text
-
     root = Path(root)
     marker = root / "world.json"
     if marker.exists() and json.loads(marker.read_text()).get("digest") == config.digest():
         return root
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed)  # one stream, drawn in this order: the same world for the same seed
     (root / "audio").mkdir(parents=True, exist_ok=True)
     for frame in range(NUM_FRAMES):
         (root / "frames" / f"frame_{frame}").mkdir(parents=True, exist_ok=True)
-    (root / "captioner" / "images").mkdir(parents=True, exist_ok=True)
-
-    # the image captioner's data: images with visual captions and imagined sounds, plus generic sound text
-    records = []
-    for i in range(config.captioner_scenes):
-        scene = sample_scene(rng, f"img{i:05d}")
-        render_frame(scene, 5).save(root / "captioner" / "images" / f"{scene.id}.jpg", quality=92)
-        records.append(
-            {
-                "id": scene.id,
-                "image": f"images/{scene.id}.jpg",
-                "caption": visual_caption(scene, rng),
-                "sounds": imagined_sounds(scene, rng),
-            }
-        )
-    atomic_write_json(root / "captioner" / "captions.json", records)
-    atomic_write_text(root / "captioner" / "text.txt", "\n".join(sound_sentences(rng, config.text_sentences)) + "\n")
-
+    _write_captioner_data(root, config, rng)
     counts = {
         "prefix": config.prefix_pairs,
         "align": config.align_clips,
@@ -389,44 +371,51 @@ def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), worker
     else:
         for job in jobs:
             _write_clip(job)
-
-    question = "<image>\nDescribe the sound that can be heard in this scene."
-    atomic_write_json(
-        root / "prefix_pairs.json",
-        [
-            {
-                "id": s.id,
-                "image": f"frames/frame_5/{s.id}.jpg",
-                "audio": f"audio/{s.id}.wav",
-                "conversations": [
-                    {"from": "human", "value": question},
-                    {"from": "gpt", "value": audio_caption(s, rng)},
-                ],
-            }
-            for s in scenes["prefix"]
-        ],
-    )
-    for split in ("align", "val", "pseudo"):
-        atomic_write_json(
-            root / f"{split}.json",
-            {
-                "data": [
-                    {"video_id": s.id, "wav": f"audio/{s.id}.wav", "video_path": "frames", "labels": ""}
-                    for s in scenes[split]
-                ]
-            },
-        )
-    with open(root / "test.csv", "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["youtube_id", "caption"])
-        for scene in scenes["test"]:
-            captions = set()
-            for _ in range(50):
-                captions.add(audio_caption(scene, rng))
-                if len(captions) == config.references:
-                    break
-            for caption in sorted(captions):
-                writer.writerow([scene.id, caption])
+    _write_lists(root, scenes, config, rng)
     atomic_write_json(root / "scenes.json", {split: [dataclasses.asdict(s) for s in scenes[split]] for split in SPLITS})
     atomic_write_json(marker, {"digest": config.digest(), "config": dataclasses.asdict(config)})
     return root
+
+
+def _write_captioner_data(root: Path, config: WorldConfig, rng: np.random.Generator) -> None:
+    """The image captioner's data: images with visual captions and imagined sounds, plus generic sound text."""
+    (root / "captioner" / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(config.captioner_scenes):
+        scene = sample_scene(rng, f"img{i:05d}")
+        render_frame(scene, 5).save(root / "captioner" / "images" / f"{scene.id}.jpg", quality=92)
+        caption, sounds = visual_caption(scene, rng), imagined_sounds(scene, rng)
+        records.append({"id": scene.id, "image": f"images/{scene.id}.jpg", "caption": caption, "sounds": sounds})
+    atomic_write_json(root / "captioner" / "captions.json", records)
+    atomic_write_text(root / "captioner" / "text.txt", "\n".join(sound_sentences(rng, config.text_sentences)) + "\n")
+
+
+def _write_lists(root: Path, scenes: dict, config: WorldConfig, rng: np.random.Generator) -> None:
+    """The prefix pairs (the original's prefixDS.json layout), the CAV-MAE lists and the AudioCaps-style test CSV
+    with ``config.references`` distinct captions per clip."""
+    question = "<image>\nDescribe the sound that can be heard in this scene."
+    pairs = []
+    for s in scenes["prefix"]:
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": audio_caption(s, rng)}]
+        files = {"image": f"frames/frame_5/{s.id}.jpg", "audio": f"audio/{s.id}.wav"}
+        pairs.append({"id": s.id, **files, "conversations": turns})
+    atomic_write_json(root / "prefix_pairs.json", pairs)
+    for split in ("align", "val", "pseudo"):
+        rows = [
+            {"video_id": s.id, "wav": f"audio/{s.id}.wav", "video_path": "frames", "labels": ""} for s in scenes[split]
+        ]
+        atomic_write_json(root / f"{split}.json", {"data": rows})
+    lines = [["youtube_id", "caption"]]
+    for scene in scenes["test"]:
+        captions = set()
+        for _ in range(50):
+            captions.add(audio_caption(scene, rng))
+            if len(captions) == config.references:
+                break
+        lines += [[scene.id, caption] for caption in sorted(captions)]
+    atomic_write(root / "test.csv", lambda tmp: _write_csv(tmp, lines))
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
