@@ -111,10 +111,17 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     return values
 
 
+def command_parser(description: str | None, raw: bool = False) -> argparse.ArgumentParser:
+    """The parser of a ``dali`` command: named as the command, its description without reStructuredText marks."""
+    formatter = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
+    text = (description or "").replace("``", "").replace(":class:", "").replace(":func:", "")
+    return argparse.ArgumentParser(prog=PROG, description=text, formatter_class=formatter, allow_abbrev=False)
+
+
 def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """Flags from a config's fields: help with defaults, required where neither a default nor the preset gives one,
     plain switches for :data:`SWITCHES`."""
-    parser = argparse.ArgumentParser(prog=PROG, description=description or cls.__doc__, allow_abbrev=False)
+    parser = command_parser(description or cls.__doc__)
     parser.add_argument("--config", help="YAML preset whose keys are this stage's field names; flags win")
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}

@@ -61,3 +61,9 @@ def test_the_readme_shows_the_command_list_that_dali_prints():
     from dali.cli import usage
 
     assert usage() in (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["world", "prepare", "import-original", "demo"])
+def test_the_tools_help_is_named_and_plain_text(command):
+    done = subprocess.run([sys.executable, "-m", "dali.cli", command, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: dali {command} ") and "``" not in done.stdout

@@ -141,7 +141,7 @@ def test_the_demo_refuses_a_path_as_run_name(tmp_path):
     victim.mkdir()
     (victim / "keep.txt").write_text("x")
     with pytest.raises(StageStateError, match="plain name"):
-        demo.main(["--run", str(victim), "--overwrite", "--data", str(tmp_path / "world")])
+        demo.main(["--run", str(victim), "--overwrite", "--world", str(tmp_path / "world")])
     assert (victim / "keep.txt").exists()
 
 

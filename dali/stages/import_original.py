@@ -10,14 +10,13 @@ stages accept it as if they had produced it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
-from dali.config import ConfigError
+from dali.config import ConfigError, command_parser
 from dali.files import atomic_write
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
@@ -103,7 +102,7 @@ def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, raw=True)
     parser.add_argument("source", help="folder with audio_backbone.pth [prefixMLP.bin] [prefix.bin]")
     parser.add_argument("run", help="run folder to create (e.g. expe/DALI_OT_ATT)")
     parser.add_argument("--llava", help="LLaVA-1.5 config to check the shapes against (hub id or folder)")

@@ -7,14 +7,13 @@ processes, skips clips already done (resumable), writes every file atomically, a
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
 import soundfile
 
 from dali.audio import SAMPLE_RATE, TARGET_FRAMES, samples_for_frames
-from dali.config import ConfigError
+from dali.config import ConfigError, command_parser
 from dali.data import Clip, write_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
@@ -87,7 +86,7 @@ def _job(args: tuple[str, str, float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, raw=True)
     parser.add_argument("input", help="folder of media files, or a .txt list of paths")
     parser.add_argument("output", help="output folder (audio/, frames/, clips.json, prepare_report.jsonl)")
     parser.add_argument("--workers", type=int, default=4, help="processes")

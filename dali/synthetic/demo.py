@@ -7,7 +7,6 @@ Every stage runs through its own ``main(argv)`` with the ``configs/synthetic`` p
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dali.config import command_parser
 from dali.evaluation import TABLE_METRICS, markdown_table
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import read_jsonl
@@ -94,8 +94,8 @@ def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default="data/synthetic", help="where the world is generated")
+    parser = command_parser(__doc__, raw=True)
+    parser.add_argument("--world", default="data/synthetic", help="the world's folder (generated there if missing)")
     parser.add_argument("--expe-dir", default="expe")
     parser.add_argument("--run", default="demo")
     parser.add_argument("--full", action="store_true", help="every row of the table (MMD, OT, distilled baselines)")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         suffix = f"_seed{seed}" if seed else ""
         run = Path(args.expe_dir) / (args.run + suffix)
-        results = run_demo(args, Path(args.data + suffix), run, rows, seed)
+        results = run_demo(args, Path(args.world + suffix), run, rows, seed)
         runs.append(results)
         print(f"\n{run}: seed {seed}\n" + results_table(results["rows"]) + "\n" + claims_text(results["claims"]))
     if args.seeds > 1:
