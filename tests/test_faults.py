@@ -91,19 +91,35 @@ def test_fuzzed_lists_raise_only_our_error(tmp_path, text):
 
 
 # -- frames -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_processor(tiny_llava_dir):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(tiny_llava_dir)
+
+
 @pytest.mark.parametrize("mode,size", [("L", (40, 30)), ("RGBA", (30, 40)), ("RGB", (1, 1)), ("P", (17, 5))])
-def test_odd_frames_are_accepted(tmp_path, tiny_llava_dir, mode, size):
-    from dali.models.captioner import Captioner
+def test_odd_frames_are_accepted(tmp_path, image_processor, mode, size):
+    """Grey, transparent, one-pixel and palette frames load as RGB, are padded to a square with CLIP's mean colour
+    (which normalises to about 0), and become finite pixel values of the tower's size."""
+    from dali.models.vision_tower import CLIP_MEAN_RGB, expand_to_square, preprocess_images
 
     folder = tmp_path / "frames" / "frame_5"
     folder.mkdir(parents=True)
-    Image.new(mode, size).save(
-        folder / "x.png" if mode == "P" else folder / "x.jpg" if mode != "RGBA" else folder / "x.png"
+    Image.new(mode, size, color=200 if mode in ("L", "P") else (200, 10, 10, 255)[: len(mode)]).save(
+        folder / ("x.png" if mode in ("P", "RGBA") else "x.jpg")
     )
-    image_file = next(folder.iterdir())
-    image = load_frame(Clip(id="x", image=image_file))
-    pixels = Captioner.from_pretrained(tiny_llava_dir).preprocess_images([image])
-    assert pixels.shape == (1, 3, 32, 32)
+    image = load_frame(Clip(id="x", image=next(folder.iterdir())))
+    assert image.mode == "RGB" and image.size == size
+    square = expand_to_square(image)
+    side = max(size)
+    assert square.size == (side, side)
+    if size[0] != size[1]:  # a corner is padding, the centre is the frame
+        assert square.getpixel((0, 0)) == CLIP_MEAN_RGB and square.getpixel((side // 2, side // 2)) != CLIP_MEAN_RGB
+    pixels = preprocess_images(image_processor, [image])
+    assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all()
+    if size[0] != size[1]:
+        assert pixels[0, :, 0, 0].abs().max() < 0.05  # the mean colour, normalised
 
 
 def test_missing_and_corrupt_frames_are_reported_or_stop(tmp_path, write_wav):

@@ -446,7 +446,7 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
     """Two ranks (run one after the other here) caption their strided shares; rank 0 merges in input order."""
     from dali.data import Clip, ClipDataset
     from dali.distributed import Context
-    from dali.stages.captioning import caption_clips
+    from dali.stages.clip_captioning import caption_clips
 
     clips = [Clip(f"c{i}", write_wav(f"c{i}.wav", seconds=0.5)) for i in range(7)]
     clips[3] = Clip("c3", tmp_path / "missing.wav")  # a corrupt clip is reported, not captioned

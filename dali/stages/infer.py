@@ -14,7 +14,7 @@ from dali.evaluation import score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import MODALITIES
 from dali.runs import Stage, stage_main
-from dali.stages.captioning import caption_clips, remove_parts
+from dali.stages.clip_captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DecodingFlags,
     load_captioning,

@@ -16,7 +16,7 @@ from dali.config import ConfigError, config_to_dict, field, parse_config
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import Stage, stage_main
-from dali.stages.captioning import caption_clips, remove_parts
+from dali.stages.clip_captioning import caption_clips, remove_parts
 from dali.stages.common import (
     DecodingFlags,
     load_captioning,
