@@ -23,6 +23,35 @@ PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
 SWITCHES = frozenset({"overwrite", "resume", "first_window_only"})
+# The help of the flags that many commands share, written once; a field's own help wins.
+COMMON_HELP = {
+    "run": "the run's name: its stages write under <expe-dir>/<run>/",
+    "expe_dir": "the folder of all runs",
+    "data_root": "folder the list's relative paths start from (default: the list's own folder)",
+    "out": "write the stage here instead of <expe-dir>/<run>/<stage>",
+    "overwrite": "replace a finished stage folder (only one a stage made; restored if the new run fails)",
+    "resume": "continue an interrupted run from its checkpoint, with the same settings",
+    "device": "auto (this process's GPU, else the CPU), cpu, cuda or cuda:N",
+    "dtype": "precision of LLaVA and of every captioning part",
+    "seed": "seed of every random choice (shuffles, initialisation, sampling)",
+    "num_workers": "data-loading processes (0: in the main process)",
+    "on_error": "a clip that cannot be read: skip it (listed in skipped.jsonl) or stop the run",
+    "frame_index": "which of the 10 frames per clip (frame_<k>) is the clip's image",
+    "batch_size": "clips per step (per process under torchrun)",
+    "epochs": "passes over the training data",
+    "lr": "learning rate",
+    "weight_decay": "weight decay of the optimiser",
+    "warmup_ratio": "share of the steps spent warming the learning rate up",
+    "max_grad_norm": "gradients are clipped to this norm",
+    "checkpoint_every": "steps between resumable checkpoints",
+    "max_non_finite_steps": "NaN/inf steps skipped before the run stops",
+    "strategy": "greedy, beam search or seeded sampling",
+    "temperature": "sampling temperature (sample only)",
+    "num_beams": "beams (beam only)",
+    "max_new_tokens": "longest caption, in tokens",
+    "modality": "what the captioner sees: the audio tokens, audio and the frame's image tokens, or the frame only",
+    "sbert": "compute SBERT-sim (all-MiniLM-L6-v2)",
+}
 
 
 class ConfigError(DaliError, ValueError):
@@ -148,7 +177,7 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
 
 
 def _help(field: dataclasses.Field, default: Any, required: bool) -> str:
-    text = field.metadata.get("help", "")
+    text = field.metadata.get("help") or COMMON_HELP.get(field.name, "")
     if required:
         return (text + " " if text else "") + "(required)"
     if default is None or default is False or default == ():

@@ -67,3 +67,26 @@ def test_the_readme_shows_the_command_list_that_dali_prints():
 def test_the_tools_help_is_named_and_plain_text(command):
     done = subprocess.run([sys.executable, "-m", "dali.cli", command, "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith(f"usage: dali {command} ") and "``" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "stage, config",
+    [
+        ("prefix_tune", "PrefixTuneConfig"),
+        ("align", "AlignConfig"),
+        ("pseudo_label", "PseudoLabelConfig"),
+        ("distill", "DistillConfig"),
+        ("infer", "InferConfig"),
+        ("evaluate", "EvaluateConfig"),
+        ("caption", "CaptionConfig"),
+    ],
+)
+def test_every_flag_has_help(stage, config):
+    import argparse
+    import importlib
+
+    from dali.config import build_parser
+
+    parser = build_parser(getattr(importlib.import_module(f"dali.stages.{stage}"), config))
+    bare = [action.dest for action in parser._actions if not (action.help or "").strip()]
+    assert not bare and isinstance(parser, argparse.ArgumentParser)

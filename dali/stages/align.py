@@ -60,18 +60,22 @@ class AlignConfig:
         help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
         "none = random init with the --encoder-* shape",
     )
-    encoder_dim: int = field(768)
-    encoder_depth: int = field(11)
-    encoder_heads: int = field(12)
+    encoder_dim: int = field(768, help="width of a new encoder (768: CAV-MAE's; ignored with --init-encoder)")
+    encoder_depth: int = field(11, help="audio-specific blocks of a new encoder (11: CAV-MAE's), plus one shared block")
+    encoder_heads: int = field(12, help="attention heads of a new encoder")
     encoder_patch_time: int | None = field(None, help="time extent of a patch (default 16, square as CAV-MAE)")
     target_frames: int = field(TARGET_FRAMES, help="fbank frames per clip")
-    method: str = field("ot_att", choices=METHODS)
+    method: str = field(
+        "ot_att",
+        choices=METHODS,
+        help="the alignment criterion: MMD, exact or entropic OT, or OT with attentive token weights",
+    )
     ot_solver: str = field("emd", choices=SOLVERS, help="emd: exact (the original); sinkhorn: batched, on device")
     emd_workers: int = field(0, help="CPU processes solving the batch's exact EMD problems (0: one by one)")
     sinkhorn_reg: float = field(0.05, help="entropic reg relative to the mean cost")
-    sinkhorn_iters: int = field(200)
-    scorer_heads: int = field(8)
-    scorer_temperature: float = field(20.0)
+    sinkhorn_iters: int = field(200, help="iterations of the entropic solver")
+    scorer_heads: int = field(8, help="attention heads of OT-Att's token scorers")
+    scorer_temperature: float = field(20.0, help="softmax temperature of the token scorers")
     scorer_freeze_epochs: int = field(1, help="epochs during which the scorers do not step")
     entropy_weights: tuple[float, ...] = field(
         (500.0, 400.0, 300.0, 200.0, 100.0), help="lambda per epoch after the frozen ones; the last repeats"
@@ -80,11 +84,11 @@ class AlignConfig:
     batch_size: int = field(256, help="per-process batch")
     lr: float = field(1e-4)
     weight_decay: float = field(5e-7)
-    beta1: float = field(0.95)
-    beta2: float = field(0.999)
+    beta1: float = field(0.95, help="Adam's beta1")
+    beta2: float = field(0.999, help="Adam's beta2")
     lr_decay_start: int = field(10, help="halve the encoder lr after this epoch ...")
     lr_decay_every: int = field(5, help="... and every this many epochs after it")
-    lr_decay: float = field(0.5)
+    lr_decay: float = field(0.5, help="factor of each learning-rate decay step")
     noise: bool = field(True, help="the original's fbank noise + time-roll augmentation")
     frame_index: int = field(DEFAULT_FRAME_INDEX, help="frame used for every clip (the original forced 0 here)")
     cache_vision_tokens: bool = field(False, help="run the vision tower once per clip and keep its tokens in memory")
@@ -97,7 +101,7 @@ class AlignConfig:
         help="mixed precision on GPU (bf16 needs no loss scaling, unlike the original's fp16)",
     )
     compile: bool = field(True, help="torch.compile the encoder's training forward (GPU only)")
-    vision_dtype: str = field("float32", choices=tuple(DTYPES))
+    vision_dtype: str = field("float32", choices=tuple(DTYPES), help="precision of the frozen CLIP tower")
     device: str = field("auto")
     seed: int = field(0)
     checkpoint_every: int = field(200, help="steps between resumable checkpoints (and each epoch end)")
