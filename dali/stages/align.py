@@ -18,7 +18,7 @@ from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
 from dali.audio import TARGET_FRAMES
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
+from dali.config import ConfigError, config_to_dict, field, require_at_least
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import MetricsLog, atomic_write_jsonl
@@ -31,12 +31,11 @@ from dali.stages.common import (
     NonFiniteGuard,
     epoch_share,
     log,
+    open_stage,
     print_config,
     resume_training,
     save_training,
-    seed_everything,
-    setup_logging,
-    stage_dir,
+    start_stage,
 )
 
 METHODS = ("mmd", "ot", "ot_att")
@@ -265,13 +264,9 @@ class Alignment:
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    config = parse_config(AlignConfig, argv)
-    context = distributed.setup(config.device)
-    seed_everything(config.seed)
-    out = stage_dir(config.expe_dir, config.run, "align", config.out)
-    stage = Stage(out, "align", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
-    distributed.barrier()
+    config, context = start_stage(AlignConfig, argv)
+    stage = open_stage(config, context, "align", "align")
+    out = stage.path
     run = Alignment(config, context, out, *load_models(config, context.device))
     train_clips = read_cavmae_json(config.train_list, config.data_root)
     val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []

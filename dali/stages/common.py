@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from dali import distributed
-from dali.config import config_to_dict, field
+from dali.config import config_to_dict, field, parse_config
 from dali.errors import TrainingDiverged
 from dali.files import atomic_write
 from dali.models.captioner import CONV_MODES
 from dali.models.checkpoints import CheckpointError
 from dali.models.decoding import DECODING_ENGINES, DecodingOptions
-from dali.runs import check_run_name
+from dali.runs import Stage, check_run_name
 
 T = TypeVar("T")
 
@@ -125,6 +125,23 @@ def load_captioning(
         flags=flags,
     )
     return config, models
+
+
+def start_stage(config_class: type[T], argv: list[str] | None) -> tuple[T, distributed.Context]:
+    """A stage's first steps: logging, its config (preset, then flags), the process group and device, the seeds."""
+    setup_logging()
+    config = parse_config(config_class, argv)
+    context = distributed.setup(config.device)
+    seed_everything(config.seed)
+    return config, context
+
+
+def open_stage(config: Any, context: distributed.Context, folder: str, stage_name: str) -> Stage:
+    """The stage's folder (``--out``, or ``<expe-dir>/<run>/<folder>``), opened for this run on every process."""
+    out = stage_dir(config.expe_dir, config.run, folder, config.out)
+    stage = Stage(out, stage_name, overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+    distributed.barrier()
+    return stage
 
 
 def seed_everything(seed: int) -> None:

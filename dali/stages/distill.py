@@ -14,27 +14,26 @@ import torch
 from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
+from dali.config import ConfigError, config_to_dict, field, require_at_least
 from dali.data import ON_ERROR_CHOICES, Clip, ClipDataset, collate
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import Captioner
 from dali.models.projector import save_projector
 from dali.progress import progress
-from dali.runs import CHECKPOINT, Stage, stage_main
+from dali.runs import CHECKPOINT, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
     cosine_schedule,
     epoch_share,
     guarded_step,
     log,
+    open_stage,
     print_config,
     resolve_captioner,
     resume_training,
     save_training,
-    seed_everything,
-    setup_logging,
-    stage_dir,
+    start_stage,
     upstream_dir,
 )
 
@@ -172,16 +171,12 @@ class Selection:
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    config = parse_config(DistillConfig, argv)
-    context = distributed.setup(config.device)
-    seed_everything(config.seed)
+    config, context = start_stage(DistillConfig, argv)
     device = context.device
-    out = stage_dir(config.expe_dir, config.run, "distill", config.out)
     align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
     pseudo_dir = upstream_dir(config.pseudo_dir, config.expe_dir, config.run, "pseudo_label")
-    stage = Stage(out, "distill", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
-    distributed.barrier()
+    stage = open_stage(config, context, "distill", "distill")
+    out = stage.path
     config = resolve_captioner(config, align_dir, pseudo_dir)
 
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=device)

@@ -8,23 +8,14 @@ from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
 from dali.audio import TARGET_FRAMES
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.config import ConfigError, config_to_dict, field
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
 from dali.evaluation import score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import MODALITIES
-from dali.runs import Stage, stage_main
+from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import (
-    DecodingFlags,
-    load_captioning,
-    log,
-    print_config,
-    seed_everything,
-    setup_logging,
-    stage_dir,
-    upstream_dir,
-)
+from dali.stages.common import DecodingFlags, load_captioning, log, open_stage, print_config, start_stage, upstream_dir
 
 
 @dataclass(kw_only=True)
@@ -70,14 +61,10 @@ class InferConfig(DecodingFlags):
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    config = parse_config(InferConfig, argv)
-    context = distributed.setup(config.device)
-    seed_everything(config.seed)
+    config, context = start_stage(InferConfig, argv)
     name = f"infer_{config.modality}" + (f"_{config.tag}" if config.tag else "")
-    out = stage_dir(config.expe_dir, config.run, name, config.out)
-    stage = Stage(out, "infer", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
-    distributed.barrier()
+    stage = open_stage(config, context, name, "infer")
+    out = stage.path
     uses_audio = config.modality in ("audio", "audio_vis")
     uses_image = config.modality in ("image", "audio_vis")
 

@@ -13,7 +13,7 @@ import torch
 from dali import distributed
 from dali.artifacts import PREFIX_FILE
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, parse_config, require_at_least
+from dali.config import ConfigError, config_to_dict, field, require_at_least
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.files import atomic_write
 from dali.models.captioner import Captioner
@@ -26,12 +26,11 @@ from dali.stages.common import (
     epoch_share,
     guarded_step,
     log,
+    open_stage,
     print_config,
     resume_training,
     save_training,
-    seed_everything,
-    setup_logging,
-    stage_dir,
+    start_stage,
 )
 
 
@@ -73,13 +72,9 @@ class PrefixTuneConfig:
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    config = parse_config(PrefixTuneConfig, argv)
-    context = distributed.setup(config.device)
-    seed_everything(config.seed)
-    out = stage_dir(config.expe_dir, config.run, "prefix", config.out)
-    stage = Stage(out, "prefix_tune", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
-    distributed.barrier()
+    config, context = start_stage(PrefixTuneConfig, argv)
+    stage = open_stage(config, context, "prefix", "prefix_tune")
+    out = stage.path
     captioner, image_tokens, captions = load_inputs(config, context, stage)
     prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)
     distributed.broadcast_parameters(prefix)

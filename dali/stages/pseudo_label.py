@@ -12,21 +12,12 @@ from dataclasses import dataclass
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, parse_config
+from dali.config import ConfigError, config_to_dict, field
 from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
-from dali.runs import Stage, stage_main
+from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import (
-    DecodingFlags,
-    load_captioning,
-    log,
-    print_config,
-    seed_everything,
-    setup_logging,
-    stage_dir,
-    upstream_dir,
-)
+from dali.stages.common import DecodingFlags, load_captioning, log, open_stage, print_config, start_stage, upstream_dir
 
 
 @dataclass(kw_only=True)
@@ -61,15 +52,11 @@ class PseudoLabelConfig(DecodingFlags):
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    config = parse_config(PseudoLabelConfig, argv)
-    context = distributed.setup(config.device)
-    seed_everything(config.seed)
-    out = stage_dir(config.expe_dir, config.run, "pseudo_label", config.out)
+    config, context = start_stage(PseudoLabelConfig, argv)
     align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
     prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix")
-    stage = Stage(out, "pseudo_label", overwrite=config.overwrite, resume=config.resume, main=context.is_main)
-    distributed.barrier()
+    stage = open_stage(config, context, "pseudo_label", "pseudo_label")
+    out = stage.path
 
     config, models = load_captioning(config, context.device, align_dir, prefix_dir if config.use_prefix else None)
     captioner, encoder = models.captioner, models.encoder
