@@ -23,6 +23,12 @@ PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
 SWITCHES = frozenset({"overwrite", "resume", "first_window_only"})
+# Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.
+SYSTEM_FLAGS = frozenset(
+    {"run", "expe_dir", "out", "overwrite", "resume", "device", "dtype", "vision_dtype", "autocast", "compile"}
+    | {"seed", "num_workers", "on_error", "checkpoint_every", "max_non_finite_steps", "emd_workers"}
+    | {"gradient_checkpointing", "cache_vision_tokens", "cache_audio_features", "cache_audio_tokens"}
+)
 # The help of the flags that many commands share, written once; a field's own help wins.
 COMMON_HELP = {
     "run": "the run's name: its stages write under <expe-dir>/<run>/",
@@ -152,6 +158,11 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
     plain switches for :data:`SWITCHES`."""
     parser = command_parser(description or cls.__doc__)
     parser.add_argument("--config", help="YAML preset whose keys are this stage's field names; flags win")
+    groups = {
+        "settings": parser.add_argument_group("inputs and settings"),
+        "decoding": parser.add_argument_group("decoding"),
+        "system": parser.add_argument_group("run folder and system"),
+    }
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
     for field in dataclasses.fields(cls):
@@ -165,14 +176,15 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
             (item_type, *_) = typing.get_args(base) or (str,)
             kwargs |= {"nargs": "*", "type": _converter(item_type, False)}
             if field.metadata.get("positional"):
-                parser.add_argument(field.name, **kwargs)
+                groups["settings"].add_argument(field.name, **kwargs)
                 continue
         elif base is bool:
             switch = field.name in SWITCHES and default is False
             kwargs["action"] = "store_true" if switch else argparse.BooleanOptionalAction
         else:
             kwargs |= {"type": _converter(base, optional), "choices": field.metadata.get("choices")}
-        parser.add_argument(flag(field.name), dest=field.name, required=required, **kwargs)
+        group = "system" if field.name in SYSTEM_FLAGS else field.metadata.get("group", "settings")
+        groups[group].add_argument(flag(field.name), dest=field.name, required=required, **kwargs)
     return parser
 
 
@@ -223,10 +235,15 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def field(
-    default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, positional: bool = False
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    choices: tuple | None = None,
+    positional: bool = False,
+    group: str = "settings",
 ) -> Any:
-    """A dataclass field with CLI help (and choices); ``positional`` for a sequence given without a flag."""
-    metadata = {"help": help, "positional": positional}
+    """A dataclass field with CLI help (and choices); ``positional`` for a sequence given without a flag;
+    ``group="decoding"`` lists it under decoding in --help."""
+    metadata = {"help": help, "positional": positional, "group": group}
     if choices:
         metadata["choices"] = choices
     if isinstance(default, (list, dict, set)):

@@ -90,3 +90,11 @@ def test_every_flag_has_help(stage, config):
     parser = build_parser(getattr(importlib.import_module(f"dali.stages.{stage}"), config))
     bare = [action.dest for action in parser._actions if not (action.help or "").strip()]
     assert not bare and isinstance(parser, argparse.ArgumentParser)
+
+
+def test_help_lists_inputs_first_then_decoding_then_the_run_folder_and_system():
+    done = subprocess.run([sys.executable, "-m", "dali.cli", "infer", "--help"], capture_output=True, text=True)
+    text = done.stdout[done.stdout.index("\noptions:") :]  # past the usage line
+    order = [text.index(mark) for mark in ("inputs and settings:", "--test-list", "decoding:", "--strategy")]
+    order += [text.index(mark) for mark in ("run folder and system:", "--overwrite")]
+    assert order == sorted(order)

@@ -59,16 +59,17 @@ def upstream_dir(explicit: str | None, expe_dir: str, run: str, stage: str) -> P
 class DecodingFlags:
     """The decoding flags shared by the stages that caption (a stage may redeclare a field's default)."""
 
-    strategy: str = field("sample", choices=("greedy", "beam", "sample"))
-    temperature: float = field(0.2)
-    num_beams: int = field(4)
-    max_new_tokens: int = field(64)
-    seed: int = field(0)
+    strategy: str = field("sample", choices=("greedy", "beam", "sample"), group="decoding")
+    temperature: float = field(0.2, group="decoding")
+    num_beams: int = field(4, group="decoding")
+    max_new_tokens: int = field(64, group="decoding")
+    seed: int = field(0, group="decoding")
     engine: str = field(
         "dali",
         choices=DECODING_ENGINES,
         help="dali: our engine (shared prompt prefilled once, static KV cache, compiled on GPU); "
         "generate: transformers' generate (beam search always uses it)",
+        group="decoding",
     )
 
     conv_mode: str | None = field(
@@ -77,6 +78,7 @@ class DecodingFlags:
         help="LLaVA's conversation template: v1 ('...a curious user...', the original's training prompt) or "
         "llava_v1 ('...a curious human...', its inference prompt); default: the run's (llava_v1 for weights made "
         "by import-original, v1 for runs trained here)",
+        group="decoding",
     )
 
     def decoding(self) -> DecodingOptions:
