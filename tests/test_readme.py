@@ -24,7 +24,7 @@ from dali.synthetic.build import CAPTIONER_FOLDER
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-LINKED = ("Makefile", "requirements.txt", "pyproject.toml", "configs", "scripts", "dali")
+LINKED = ("Makefile", "requirements.txt", "requirements-gpu.txt", "pyproject.toml", "configs", "scripts", "dali")
 SCRIPTS = ("prefix_tuning.sh", "alignment.sh", "infere_pseudo_labels.sh", "audio_vis_distil.sh", "inference.sh")
 
 
