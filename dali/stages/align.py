@@ -29,6 +29,7 @@ from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
+    RunFolder,
     epoch_share,
     log,
     open_stage,
@@ -43,7 +44,7 @@ SOLVERS = ("emd", "sinkhorn")
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(RunFolder):
     """Stage 1b (distribution alignment). Defaults are the paper's DALI-OT^Att recipe (precision aside: float32,
     where the paper preset runs the CLIP tower in bfloat16 on a GPU)."""
 
@@ -51,9 +52,6 @@ class AlignConfig:
     train_list: str = field(help="CAV-MAE format JSON of (audio, frames) pairs")
     val_list: str | None = field(None, help="CAV-MAE JSON for validation (uniform weights); picks the best epoch")
     data_root: str | None = field(None, help="folder relative paths start from (default: each list's folder)")
-    run: str = field("default")
-    expe_dir: str = field("expe")
-    out: str | None = field(None, help="explicit output folder (default <expe-dir>/<run>/align)")
     init_encoder: str | None = field(
         None,
         help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
@@ -101,13 +99,10 @@ class AlignConfig:
     )
     compile: bool = field(True, help="torch.compile the encoder's training forward (GPU only)")
     vision_dtype: str = field("float32", choices=tuple(DTYPES), help="precision of the frozen CLIP tower")
-    device: str = field("auto")
     seed: int = field(0)
     checkpoint_every: int = field(200, help="steps between resumable checkpoints (and each epoch end)")
     max_non_finite_steps: int = field(20)
     max_steps_per_epoch: int | None = field(None, help="cut epochs short (smoke tests)")
-    overwrite: bool = field(False)
-    resume: bool = field(False)
 
     def validate(self) -> None:
         if self.method == "mmd" and self.ot_solver != "emd":

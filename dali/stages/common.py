@@ -56,6 +56,18 @@ def upstream_dir(explicit: str | None, expe_dir: str, run: str, stage: str) -> P
 
 
 @dataclass(kw_only=True)
+class RunFolder:
+    """The flags of every stage that writes a run folder, declared once (their help: ``config.COMMON_HELP``)."""
+
+    run: str = field("default")
+    expe_dir: str = field("expe")
+    out: str | None = field(None)
+    overwrite: bool = field(False)
+    resume: bool = field(False)
+    device: str = field("auto")
+
+
+@dataclass(kw_only=True)
 class DecodingFlags:
     """The decoding flags shared by the stages that caption (a stage may redeclare a field's default)."""
 

@@ -24,6 +24,7 @@ from dali.progress import progress
 from dali.runs import CHECKPOINT, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
+    RunFolder,
     cosine_schedule,
     epoch_share,
     guarded_step,
@@ -39,14 +40,11 @@ from dali.stages.common import (
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(RunFolder):
     """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept
     (precision aside: float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
-    run: str = field("default")
-    expe_dir: str = field("expe")
-    out: str | None = field(None, help="default <expe-dir>/<run>/distill")
     align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
     pseudo_dir: str | None = field(None, help="stage 2a folder (default <expe-dir>/<run>/pseudo_label)")
     epochs: int = field(1)
@@ -66,15 +64,12 @@ class DistillConfig:
     num_workers: int = field(4)
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
     dtype: str = field("float32", choices=tuple(DTYPES))
-    device: str = field("auto")
     seed: int = field(0)
     gradient_checkpointing: bool = field(
         False, help="recompute the frozen LLM's activations in backward (saves memory)"
     )
     checkpoint_every: int = field(200)
     max_non_finite_steps: int = field(10)
-    overwrite: bool = field(False)
-    resume: bool = field(False)
 
     def validate(self) -> None:
         require_at_least(self, 1, "epochs", "batch_size", "checkpoint_every")

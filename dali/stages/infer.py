@@ -15,11 +15,20 @@ from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import MODALITIES
 from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import DecodingFlags, load_captioning, log, open_stage, print_config, start_stage, upstream_dir
+from dali.stages.common import (
+    DecodingFlags,
+    RunFolder,
+    load_captioning,
+    log,
+    open_stage,
+    print_config,
+    start_stage,
+    upstream_dir,
+)
 
 
 @dataclass(kw_only=True)
-class InferConfig(DecodingFlags):
+class InferConfig(RunFolder, DecodingFlags):
     """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
@@ -27,9 +36,6 @@ class InferConfig(DecodingFlags):
     audio_dir: str | None = field(None, help="folder of <id>.wav (default: the list's folder)")
     frames_dir: str | None = field(None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis)")
     modality: str = field("audio", choices=MODALITIES)
-    run: str = field("default")
-    expe_dir: str = field("expe")
-    out: str | None = field(None, help="default <expe-dir>/<run>/infer_<modality>[_<tag>]")
     tag: str | None = field(None, help="suffix of the output folder, to keep several settings apart")
     align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
     prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
@@ -48,9 +54,6 @@ class InferConfig(DecodingFlags):
     sbert: bool = field(True)
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
     dtype: str = field("float32", choices=tuple(DTYPES))
-    device: str = field("auto")
-    overwrite: bool = field(False)
-    resume: bool = field(False)
 
     def validate(self) -> None:
         if self.modality != "audio" and not self.frames_dir:

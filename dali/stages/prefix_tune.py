@@ -22,6 +22,7 @@ from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
+    RunFolder,
     cosine_schedule,
     epoch_share,
     guarded_step,
@@ -35,16 +36,13 @@ from dali.stages.common import (
 
 
 @dataclass
-class PrefixTuneConfig:
+class PrefixTuneConfig(RunFolder):
     """Stage 1a (prefix tuning). Defaults are the paper's (LLaVA-1.5-7B, 16 pairs, 500 epochs; precision aside:
     float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
 
     llava: str = field(help="LLaVA-1.5 in Hugging Face format: hub id or local folder")
     pairs: str = field(help="(frame, audio caption) pairs: the original prefixDS.json layout or a CSV")
     data_root: str | None = field(None, help="folder the pairs' relative paths start from (default: the file's)")
-    run: str = field("default", help="run name: outputs go to <expe-dir>/<run>/prefix")
-    expe_dir: str = field("expe", help="experiments folder")
-    out: str | None = field(None, help="explicit output folder (overrides --expe-dir/--run)")
     num_prefix_tokens: int = field(16, help="prefix length")
     init_std: float = field(1e-4, help="prefix init N(0, std^2)")
     epochs: int = field(500, help="passes over the pairs")
@@ -54,15 +52,12 @@ class PrefixTuneConfig:
     warmup_ratio: float = field(0.03, help="linear warm-up share of the steps, then cosine to 0")
     max_grad_norm: float = field(1.0, help="gradient clipping (HF Trainer's default, as LLaVA trained)")
     dtype: str = field("float32", help="LLaVA weights dtype", choices=tuple(DTYPES))
-    device: str = field("auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda:0', ...")
     seed: int = field(0)
     gradient_checkpointing: bool = field(
         False, help="recompute the frozen LLM's activations in backward (saves memory)"
     )
     checkpoint_every: int = field(50, help="steps between resumable checkpoints")
     max_non_finite_steps: int = field(10, help="skipped non-finite steps before the run stops")
-    overwrite: bool = field(False, help="replace a finished stage folder")
-    resume: bool = field(False, help="continue an interrupted run from its checkpoint")
 
     def validate(self) -> None:
         require_at_least(self, 1, "num_prefix_tokens", "epochs", "batch_size", "checkpoint_every")

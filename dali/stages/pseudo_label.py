@@ -17,19 +17,25 @@ from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_c
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import DecodingFlags, load_captioning, log, open_stage, print_config, start_stage, upstream_dir
+from dali.stages.common import (
+    DecodingFlags,
+    RunFolder,
+    load_captioning,
+    log,
+    open_stage,
+    print_config,
+    start_stage,
+    upstream_dir,
+)
 
 
 @dataclass(kw_only=True)
-class PseudoLabelConfig(DecodingFlags):
+class PseudoLabelConfig(RunFolder, DecodingFlags):
     """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
     clips: str = field(help="CAV-MAE format JSON of the clips to caption (AudioSet balanced-train in the paper)")
     data_root: str | None = field(None)
-    run: str = field("default")
-    expe_dir: str = field("expe")
-    out: str | None = field(None, help="default <expe-dir>/<run>/pseudo_label")
     align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
     prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
     use_prefix: bool = field(True, help="append the stage-1a prefix (the original does)")
@@ -41,9 +47,6 @@ class PseudoLabelConfig(DecodingFlags):
     limit: int | None = field(None, help="caption only the first N clips of the list")
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
     dtype: str = field("float32", choices=tuple(DTYPES))
-    device: str = field("auto")
-    overwrite: bool = field(False)
-    resume: bool = field(False)
 
     def validate(self) -> None:
         if self.batch_size < 1:
