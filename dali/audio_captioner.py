@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from dali.audio import SAMPLE_RATE, WINDOW_SHIFT, audio_to_features, samples_for_frames
 from dali.captioning import DTYPES, CaptioningModels, recorded_conv_mode, resolve_llava
+from dali.distributed import pick_device
 from dali.errors import DaliError
 from dali.media import decode_audio, decode_frames
 from dali.models.decoding import DecodingOptions
@@ -40,6 +41,11 @@ class Window:
     end: float
     features: torch.Tensor
     frame: object = None
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """(start, end) in seconds, to the hundredth."""
+        return round(self.start, 2), round(self.end, 2)
 
 
 def find_run(run: str | Path, expe_dir: str | Path = "expe") -> Path:
@@ -98,7 +104,7 @@ class AudioCaptioner:
         modality: str = "audio",
         decoding: DecodingOptions | None = None,
         dtype: str = "float32",
-        device: str = "auto",
+        device: str | torch.device = "auto",
         conv_mode: str | None = None,
         expe_dir: str | Path = "expe",
     ) -> "AudioCaptioner":
@@ -109,12 +115,10 @@ class AudioCaptioner:
         align, prefix, distill = folder / "align", folder / "prefix", folder / "distill"
         projector = projector or ("distilled" if (distill / MANIFEST).is_file() else "original")
         use_prefix = projector == "original" if use_prefix is None else use_prefix
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         models = CaptioningModels.load(
             resolve_llava(llava, align, distill, prefix),
             dtype=DTYPES[dtype],
-            device=device,
+            device=pick_device(device),
             conv_mode=conv_mode or recorded_conv_mode(align, distill, prefix),
             align_dir=align,
             prefix_dir=prefix if use_prefix else None,
@@ -134,23 +138,21 @@ class AudioCaptioner:
         wave = torch.as_tensor(np.asarray(source, dtype=np.float32)).flatten()
         return wave_windows(wave, "<waveform>", target, first_window_only, min_window)
 
-    @torch.no_grad()
-    def caption_windows(self, windows: Sequence[Window], batch_size: int = 16) -> list[str]:
-        """One caption per window, ``batch_size`` windows at a time."""
-        captions = []
+    def iter_captions(self, windows: Sequence[Window], batch_size: int = 16) -> Iterator[tuple[Window, str]]:
+        """(window, caption) for each window, captioned ``batch_size`` windows at a time."""
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            pixels = None
-            if self.modality == "audio_vis":
-                pixels = self.models.captioner.preprocess_images([w.frame for w in batch])
-            block = self.models.block(torch.stack([w.features for w in batch]), pixels)
-            captions += self.models.captioner.generate(block, self.decoding)
-        return captions
+            with torch.no_grad():
+                pixels = None
+                if self.modality == "audio_vis":
+                    pixels = self.models.captioner.preprocess_images([w.frame for w in batch])
+                block = self.models.block(torch.stack([w.features for w in batch]), pixels)
+                captions = self.models.captioner.generate(block, self.decoding)
+            yield from zip(batch, captions)
 
     def caption(
         self, source: Source, first_window_only: bool = False, min_window: float = 1.0, batch_size: int = 16
     ) -> list[tuple[float, float, str]]:
         """``[(start_s, end_s, caption), ...]`` for one file or waveform, one entry per 10.24 s window."""
         windows = self.windows(source, first_window_only, min_window)
-        captions = self.caption_windows(windows, batch_size)
-        return [(round(w.start, 2), round(w.end, 2), caption) for w, caption in zip(windows, captions)]
+        return [(*w.span, caption) for w, caption in self.iter_captions(windows, batch_size)]

@@ -33,16 +33,22 @@ class Context:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> Context:
-    """Join the process group when launched by torchrun; pick the device ('auto' = this rank's GPU or CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def pick_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """'auto': this rank's GPU, else the CPU; 'cuda' without an index: this rank's GPU; anything else as given."""
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(device)
-    if chosen.type == "cuda" and chosen.index is None:  # '--device cuda': this rank's GPU
+    if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", local_rank)
+    return chosen
+
+
+def setup(device: str = "auto") -> Context:
+    """Join the process group when launched by torchrun; pick the device (:func:`pick_device`)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device, local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():

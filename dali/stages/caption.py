@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali import distributed
 from dali.audio_captioner import AudioCaptioner
 from dali.captioning import DTYPES
 from dali.config import ConfigError, field, parse_config
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         modality=config.modality,
         decoding=config.decoding(),
         dtype=config.dtype,
-        device=distributed.setup(config.device).device,
+        device=config.device,
         conv_mode=config.conv_mode,
         expe_dir=config.expe_dir,
     )
@@ -73,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             failures.append({"file": name, "error": error.reason})
             log.error("%s", error)
     results = []
-    for start in progress(range(0, len(windows), config.batch_size), desc="captioning", unit="batch"):
-        batch = windows[start : start + config.batch_size]
-        for window, caption in zip(batch, captioner.caption_windows(batch, config.batch_size)):
-            results.append(
-                {"file": window.file, "start": round(window.start, 2), "end": round(window.end, 2), "caption": caption}
-            )
-            print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
+    bar = progress(total=len(windows), desc="captioning", unit="window")
+    for window, caption in captioner.iter_captions(windows, config.batch_size):
+        start, end = window.span
+        results.append({"file": window.file, "start": start, "end": end, "caption": caption})
+        print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
+        bar.update(1)
+    bar.close()
     if config.json:
         atomic_write_json(config.json, _report(config, captioner, results, failures))
     return 1 if failures and not results else 0

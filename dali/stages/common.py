@@ -75,7 +75,7 @@ class DecodingFlags:
     temperature: float = field(0.2, group="decoding")
     num_beams: int = field(4, group="decoding")
     max_new_tokens: int = field(64, group="decoding")
-    seed: int = field(0, group="decoding")
+    seed: int = field(0)  # listed with the run folder and system flags (config.SYSTEM_FLAGS)
     engine: str = field(
         "dali",
         choices=DECODING_ENGINES,

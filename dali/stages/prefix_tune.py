@@ -118,7 +118,7 @@ def train_prefix(config, context, stage: Stage, captioner, prefix: Prefix, image
     metrics = stage.metrics()
     metrics.rewind(lambda record: record.get("step", 0) <= step)
     guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
-    last_loss = float("nan")
+    last_loss, params = float("nan"), list(prefix.parameters())
     bar = progress(total=total_steps, initial=step, desc="prefix tuning", disable=not context.is_main)
     while step < total_steps:
         epoch, batch_index = divmod(step, steps_per_epoch)
@@ -127,7 +127,6 @@ def train_prefix(config, context, stage: Stage, captioner, prefix: Prefix, image
         block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
         total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
         loss = distributed.global_token_mean(total, count, context)
-        params = list(prefix.parameters())
         stepped = guarded_step(loss, optimizer, params, guard, step, config.max_grad_norm, context.device)
         last_loss = last_loss if stepped is None else stepped
         scheduler.step()
