@@ -1,11 +1,13 @@
 """The fault suite, safety: no command deletes what it did not make, runs code from a file, or loses work to a
 bad name."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +204,7 @@ def test_killed_overwrite_says_where_the_old_run_is(tmp_path):
     path = tmp_path / "stage"
     _finished_stage(path)
     script = f"""
+import json
 import os
 from dali.runs import Stage
 stage = Stage({str(path)!r}, "test", overwrite=True)
@@ -386,3 +389,37 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="no space left on device while writing '.*checkpoint.pt'") as error:
         atomic_write(tmp_path / "checkpoint.pt", fail)
     assert error.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+
+
+class _RecordingStage:
+    """A stand-in stage module: records each argv it is run with and finishes its folder."""
+
+    def __init__(self):
+        self.calls = []
+
+    def main(self, argv):
+        self.calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).write_text("{}")
+        return 0
+
+
+def test_the_demo_redoes_stages_made_with_another_captioner(tmp_path):
+    from dali.synthetic import demo
+    from dali.synthetic.captioner import MARKER
+
+    run, llava, stage = tmp_path / "run", tmp_path / "captioner", _RecordingStage()
+    llava.mkdir()
+    (llava / MARKER).write_text(json.dumps({"key": "first"}))
+    since = demo._made_since(run, llava)
+    demo.run_stage(stage, run / "prefix", [], since=since)
+    assert demo._made_since(run, llava) == since  # same captioner: the finished stage is reused
+    demo.run_stage(stage, run / "prefix", [], since=since)
+    assert len(stage.calls) == 1 and "--overwrite" not in stage.calls[0]
+    time.sleep(0.01)
+    (llava / MARKER).write_text(json.dumps({"key": "retrained"}))
+    since = demo._made_since(run, llava)  # another captioner: the old stage is redone, a new one is kept
+    demo.run_stage(stage, run / "prefix", [], since=since)
+    demo.run_stage(stage, run / "prefix", [], since=since)
+    assert len(stage.calls) == 2 and "--overwrite" in stage.calls[1]

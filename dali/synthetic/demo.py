@@ -24,6 +24,7 @@ from dali.runs import MANIFEST, check_run_name, read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.stages.common import log, setup_logging
 from dali.synthetic.build import build_world
+from dali.synthetic.captioner import MARKER as CAPTIONER_MARKER
 from dali.synthetic.world import source_scores
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "synthetic"
@@ -55,6 +56,7 @@ class Row:
 
 
 DEMO_THREADS = 2
+MADE_BY = "made_by.json"  # the captioner the run's stages are made with, and since when
 DEFAULT_ROWS = (
     Row("image_captioner", False, "image"),
     Row("unaligned", False, "audio"),
@@ -77,13 +79,16 @@ FULL_ROWS = (
 )
 
 
-def _done(folder: Path) -> bool:
-    return (folder / MANIFEST).exists()
+def _older_than(folder: Path, since: float) -> bool:
+    """Whether nothing in ``folder`` was written at or after ``since`` (a time from ``time.time()``)."""
+    return all(path.stat().st_mtime < since for path in folder.rglob("*") if path.is_file())
 
 
-def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False) -> Path:
-    """Run a stage unless its folder is finished (or redo it with ``overwrite``); an interrupted one resumes."""
-    if _done(folder) and not overwrite:
+def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False, since: float = 0.0) -> Path:
+    """Run a stage unless its folder is finished; an interrupted one resumes. With ``overwrite``, or when the
+    folder holds only files written before ``since`` (made with another captioner), it is redone."""
+    overwrite = overwrite or (folder.exists() and _older_than(folder, since))
+    if (folder / MANIFEST).exists() and not overwrite:
         log.info("reusing finished stage %s", folder)
         return folder
     flags = ["--out", str(folder)] + (["--overwrite"] if overwrite else ["--resume"] if folder.exists() else [])
@@ -135,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
     """World, captioner and every stage of one seed; writes and returns ``<run>/results.json``."""
-    llava = str(build_world(world, args.reduced, args.captioner_epochs, seed))
-    common = ["--llava", llava, "--seed", str(seed)]
-    stage = functools.partial(run_stage, overwrite=args.overwrite)
+    llava = build_world(world, args.reduced, args.captioner_epochs, seed)
+    common = ["--llava", str(llava), "--seed", str(seed)]
+    stage = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava))
     short = ["--epochs", "20"] if args.reduced else []
     pairs = ["--pairs", str(world / "prefix_pairs.json")]
     prefix_dir = stage(prefix_tune, run / "prefix", [*preset("prefix_tuning"), *common, *pairs, *short])
@@ -163,6 +168,23 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
     )
     plot_results(results, run / "results.png")
     return report
+
+
+def _made_since(run: Path, llava: Path) -> float:
+    """Since when the run's stages have been made with this captioner (whose key names its world and training).
+
+    A run made with another captioner, or of unknown making, starts now: its older stages are redone, one by one,
+    so an interrupted redo resumes where it stopped and never reuses a stage of the old captioner.
+    """
+    key = json.loads((llava / CAPTIONER_MARKER).read_text())["key"]
+    if (run / MADE_BY).exists():
+        made_by = json.loads((run / MADE_BY).read_text())
+        if made_by["captioner"] == key:
+            return made_by["since"]
+        log.warning("%s was made with another world or image captioner: its stages are redone", run)
+    since = time.time()
+    atomic_write_json(run / MADE_BY, {"captioner": key, "since": since})
+    return since
 
 
 def preset(name: str) -> list[str]:
