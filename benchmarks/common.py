@@ -113,7 +113,8 @@ def random_llava(config, dtype=torch.bfloat16, device="cuda"):
 
 def benchmark_tokenizer():
     """A small tokenizer for the prompt text (ids stay below any vocabulary size used here)."""
-    from dali.models.captioner import QUESTION, SYSTEM_PROMPT
+    from dali.constants import SYSTEM_PROMPT
+    from dali.models.captioner import QUESTION
     from dali.models.tiny_llava import train_tokenizer
 
     return train_tokenizer([SYSTEM_PROMPT, QUESTION, "USER: ASSISTANT:"] * 20, vocab_size=300)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.errors import DaliError
 
-SAMPLE_RATE = 16_000
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 WINDOW_LENGTH = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)  # 400 samples
@@ -29,7 +29,6 @@ PREEMPHASIS = 0.97
 # column is the constant log(eps), exactly as torchaudio emits it.
 LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 
-TARGET_FRAMES = 1024  # CAV-MAE pads or crops every clip to 1024 frames (10.24 s)
 # AudioSet statistics CAV-MAE normalises with (x - mean) / std (not the AST extractor's 2*std).
 FBANK_MEAN = -5.081
 FBANK_STD = 4.4849

@@ -17,8 +17,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dali.audio import SAMPLE_RATE, WINDOW_SHIFT, audio_to_features, samples_for_frames
+from dali.audio import WINDOW_SHIFT, audio_to_features, samples_for_frames
 from dali.captioning import DTYPES, CaptioningModels, recorded_conv_mode, resolve_llava
+from dali.constants import SAMPLE_RATE
 from dali.distributed import pick_device
 from dali.errors import DaliError
 from dali.media import decode_audio, decode_frames

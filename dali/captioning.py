@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
+from dali.constants import DTYPE_NAMES
 from dali.errors import ModelLoadError
 from dali.models.captioner import Captioner
 from dali.runs import MANIFEST, read_manifest
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class CaptioningModels:

@@ -2,40 +2,63 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from typing import Callable
 
 from dali import config
+from dali.config import parse_config
 from dali.errors import DaliError
 
-# command -> (module, one line for `dali --help`), by group; the modules are imported only for the command run
+# command -> (module, its config in dali.command_configs, one line for `dali --help`), by group; the module is
+# imported only to run the command: its help comes from the config alone, before torch loads
 GROUPS = {
     "the method's stages, in order": {
-        "prefix-tune": ("dali.stages.prefix_tune", "1a: learn the prefix that makes LLaVA describe a frame's sounds"),
-        "align": ("dali.stages.align", "1b: align an audio encoder's tokens with CLIP's (MMD, OT, OT-Att)"),
-        "pseudo-label": ("dali.stages.pseudo_label", "2a: caption clips from image + audio tokens + prefix"),
-        "distill": ("dali.stages.distill", "2b: train a projector copy on those captions, audio only"),
-        "infer": ("dali.stages.infer", "caption a test list (audio, audio + image, image) and score it"),
+        "prefix-tune": (
+            "dali.stages.prefix_tune",
+            "PrefixTuneConfig",
+            "1a: learn the prefix that makes LLaVA describe a frame's sounds",
+        ),
+        "align": (
+            "dali.stages.align",
+            "AlignConfig",
+            "1b: align an audio encoder's tokens with CLIP's (MMD, OT, OT-Att)",
+        ),
+        "pseudo-label": (
+            "dali.stages.pseudo_label",
+            "PseudoLabelConfig",
+            "2a: caption clips from image + audio tokens + prefix",
+        ),
+        "distill": ("dali.stages.distill", "DistillConfig", "2b: train a projector copy on those captions, audio only"),
+        "infer": ("dali.stages.infer", "InferConfig", "caption a test list (audio, audio + image, image) and score it"),
     },
     "tools": {
-        "caption": ("dali.stages.caption", "caption any audio or video file with a finished run"),
-        "evaluate": ("dali.stages.evaluate", "score a predictions file against a test list"),
-        "prepare": ("dali.stages.prepare", "media files -> 16 kHz wavs, frames and a CAV-MAE list"),
-        "import-original": ("dali.stages.import_original", "the released DALI weights -> a run folder"),
+        "caption": ("dali.stages.caption", "CaptionConfig", "caption any audio or video file with a finished run"),
+        "evaluate": ("dali.stages.evaluate", "EvaluateConfig", "score a predictions file against a test list"),
+        "prepare": ("dali.stages.prepare", "PrepareConfig", "media files -> 16 kHz wavs, frames and a CAV-MAE list"),
+        "import-original": (
+            "dali.stages.import_original",
+            "ImportOriginalConfig",
+            "the released DALI weights -> a run folder",
+        ),
     },
     "the built-in synthetic world": {
-        "world": ("dali.synthetic.build", "generate the world and train its tiny image captioner"),
-        "demo": ("dali.synthetic.demo", "the whole method on the world, and its results table"),
+        "world": (
+            "dali.synthetic.build",
+            "WorldCommandConfig",
+            "generate the world and train its tiny image captioner",
+        ),
+        "demo": ("dali.synthetic.demo", "DemoConfig", "the whole method on the world, and its results table"),
     },
 }
-COMMANDS = {name: module for group in GROUPS.values() for name, (module, _) in group.items()}
+COMMANDS = {name: (module, config) for group in GROUPS.values() for name, (module, config, _) in group.items()}
 
 
 def usage() -> str:
     lines = ["usage: dali <command> [--help | flags]", "", "Zero-shot audio captioning from an image captioner."]
     for title, commands in GROUPS.items():
-        lines += ["", f"{title}:"] + [f"  {name:<18}{text}" for name, (_, text) in commands.items()]
+        lines += ["", f"{title}:"] + [f"  {name:<18}{text}" for name, (*_, text) in commands.items()]
     return "\n".join(lines + ["", "`dali <command> --help` lists a command's flags."])
 
 
@@ -58,7 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"dali: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return run(command, importlib.import_module(COMMANDS[command]).main, rest)
+    module, config_class = COMMANDS[command]
+    if "-h" in rest or "--help" in rest:
+        return run(command, functools.partial(_help, config_class), rest)
+    return run(command, importlib.import_module(module).main, rest)
+
+
+def _help(config_class: str, argv: list[str]) -> int:
+    """A command's help, from its config's flags (argparse prints it and exits), with no model library loaded."""
+    from dali import command_configs
+
+    parse_config(getattr(command_configs, config_class), argv)
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -22,7 +23,7 @@ T = TypeVar("T")
 PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and errors
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
-SWITCHES = frozenset({"overwrite", "resume", "first_window_only"})
+SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full"})
 # Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.
 SYSTEM_FLAGS = frozenset(
     {"run", "expe_dir", "out", "overwrite", "resume", "device", "dtype", "vision_dtype", "autocast", "compile"}
@@ -146,10 +147,11 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     return values
 
 
-def command_parser(description: str | None, raw: bool = False) -> argparse.ArgumentParser:
-    """The parser of a ``dali`` command: named as the command, its description without reStructuredText marks."""
-    formatter = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
-    text = (description or "").replace("``", "").replace(":class:", "").replace(":func:", "")
+def command_parser(description: str | None) -> argparse.ArgumentParser:
+    """The parser of a ``dali`` command: named as the command, its description (a docstring, laid out as written)
+    without reStructuredText marks."""
+    text = inspect.cleandoc(description or "").replace("``", "").replace(":class:", "").replace(":func:", "")
+    formatter = argparse.RawDescriptionHelpFormatter
     return argparse.ArgumentParser(prog=PROG, description=text, formatter_class=formatter, allow_abbrev=False)
 
 
@@ -171,18 +173,19 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
         if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:  # type: ignore
             default = defaults.get(field.name, field.default_factory())  # type: ignore
         required = field.default is dataclasses.MISSING and field.name not in defaults and not optional
-        kwargs: dict[str, Any] = {"default": default, "help": _help(field, default, required)}
+        positional = field.metadata.get("positional")
+        kwargs: dict[str, Any] = {"default": default, "help": _help(field, default, required and not positional)}
         if typing.get_origin(base) in (tuple, list):
             (item_type, *_) = typing.get_args(base) or (str,)
             kwargs |= {"nargs": "*", "type": _converter(item_type, False)}
-            if field.metadata.get("positional"):
-                groups["settings"].add_argument(field.name, **kwargs)
-                continue
         elif base is bool:
             switch = field.name in SWITCHES and default is False
             kwargs["action"] = "store_true" if switch else argparse.BooleanOptionalAction
         else:
             kwargs |= {"type": _converter(base, optional), "choices": field.metadata.get("choices")}
+        if positional:
+            groups["settings"].add_argument(field.name, **kwargs)
+            continue
         group = "system" if field.name in SYSTEM_FLAGS else field.metadata.get("group", "settings")
         groups[group].add_argument(flag(field.name), dest=field.name, required=required, **kwargs)
     return parser
@@ -241,7 +244,7 @@ def field(
     positional: bool = False,
     group: str = "settings",
 ) -> Any:
-    """A dataclass field with CLI help (and choices); ``positional`` for a sequence given without a flag;
+    """A dataclass field with CLI help (and choices); ``positional`` for a value (or a sequence) given without a flag;
     ``group="decoding"`` lists it under decoding in --help."""
     metadata = {"help": help, "positional": positional, "group": group}
     if choices:

@@ -24,13 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dali.audio import TARGET_FRAMES, AudioLoadError, audio_to_features, load_audio
+from dali.audio import AudioLoadError, audio_to_features, load_audio
+from dali.constants import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, TARGET_FRAMES
 from dali.errors import DaliError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FRAME_INDEX = 5  # the middle of CAV-MAE's 10 frames; one index for every stage
-ON_ERROR_CHOICES = ("skip", "stop")
 
 
 class DataError(DaliError, ValueError):

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dali.audio import SAMPLE_RATE, resample
+from dali.audio import resample
+from dali.constants import SAMPLE_RATE
 from dali.errors import DaliError
 
 MEDIA_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4a")

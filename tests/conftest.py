@@ -48,7 +48,8 @@ CAPTIONS = [
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     """A tiny LLaVA-1.5-shaped captioner saved in Hugging Face format (built offline, random weights)."""
-    from dali.models.captioner import QUESTION, SYSTEM_PROMPT
+    from dali.constants import SYSTEM_PROMPT
+    from dali.models.captioner import QUESTION
     from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
 
     tokenizer = train_tokenizer(CAPTIONS * 4 + [SYSTEM_PROMPT, QUESTION, "USER: ASSISTANT:"], vocab_size=160)

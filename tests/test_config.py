@@ -61,7 +61,7 @@ def test_paper_presets_and_the_config_defaults_agree():
 
     import yaml
 
-    from dali.stages import align, distill, infer, prefix_tune, pseudo_label
+    from dali import command_configs as c
 
     local = {
         "llava",
@@ -76,11 +76,11 @@ def test_paper_presets_and_the_config_defaults_agree():
     }
     precision = {"dtype": "bfloat16", "vision_dtype": "bfloat16", "autocast": "bfloat16"}
     configs = {
-        "prefix_tuning": prefix_tune.PrefixTuneConfig,
-        "alignment": align.AlignConfig,
-        "pseudo_labels": pseudo_label.PseudoLabelConfig,
-        "distillation": distill.DistillConfig,
-        "inference": infer.InferConfig,
+        "prefix_tuning": c.PrefixTuneConfig,
+        "alignment": c.AlignConfig,
+        "pseudo_labels": c.PseudoLabelConfig,
+        "distillation": c.DistillConfig,
+        "inference": c.InferConfig,
     }
     for name, cls in configs.items():
         preset = yaml.safe_load((Path(__file__).parent.parent / "configs" / "paper" / f"{name}.yaml").read_text())

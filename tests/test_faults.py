@@ -201,9 +201,10 @@ def test_non_finite_guard_counts_logs_and_stops(tmp_path):
 def test_diverged_encoder_gives_a_skipped_step_not_a_crash(method):
     """NaN audio tokens (seen at --lr 1e-3 on the synthetic world) used to reach OT-Att's weight check and raise
     a ValueError; now they are a NaN loss, which the guard skips, and past its limit a clean DaliError."""
+    from dali.command_configs import AlignConfig
     from dali.errors import DaliError
     from dali.losses.attentive import AttentiveTokenWeights
-    from dali.stages.align import AlignConfig, alignment_loss
+    from dali.stages.align import alignment_loss
 
     audio, image = torch.randn(2, 6, 8), torch.randn(2, 5, 8)
     audio[1, 3] = float("nan")

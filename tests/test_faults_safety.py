@@ -252,8 +252,8 @@ def test_a_clip_id_that_is_not_utf8_is_written_and_read_back(tmp_path):
 
 
 def test_presets_are_checked_like_flags(tmp_path):
+    from dali.command_configs import InferConfig
     from dali.config import ConfigError, parse_config
-    from dali.stages.infer import InferConfig
 
     for text, match in (("projector: distiled\n", "projector"), ("dtype: float64\n", "dtype")):
         (tmp_path / "p.yaml").write_text("llava: x\ntest_list: t.csv\n" + text)
@@ -262,8 +262,8 @@ def test_presets_are_checked_like_flags(tmp_path):
 
 
 def test_a_stages_own_config_is_a_valid_preset(tmp_path):
+    from dali.command_configs import InferConfig
     from dali.config import config_to_dict, parse_config
-    from dali.stages.infer import InferConfig
 
     config = parse_config(InferConfig, ["--llava", "x", "--test-list", "t.csv", "--temperature", "0.5"])
     (tmp_path / CONFIG).write_text(yaml.safe_dump(config_to_dict(config)))

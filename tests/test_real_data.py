@@ -233,7 +233,8 @@ def test_imported_run_captions_as_the_original_with_no_llava_flag(tiny_llava_dir
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from dali.audio import audio_to_features
-    from dali.models.captioner import CONV_MODES, QUESTION
+    from dali.constants import CONV_MODES
+    from dali.models.captioner import QUESTION
 
     source, encoder = original_weights
     run = tmp_path / "expe" / "DALI_OT_ATT"

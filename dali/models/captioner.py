@@ -20,21 +20,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dali.constants import CONV_MODES
 from dali.errors import ModelLoadError
 from dali.models.decoding import DecodingOptions, StaticDecoder
 from dali.models.vision_tower import clip_patch_tokens, preprocess_images
 
-MODALITIES = ("image", "audio", "audio_vis")
-SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-# LLaVA's conversation templates: the original trained with v1 (conv_vicuna_v1) and captioned with llava_v1.
-CONV_MODES = {
-    "v1": SYSTEM_PROMPT,
-    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-}
 QUESTION = "Describe the sound that can be heard in this scene."
 IGNORE_INDEX = -100
 MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption must not blow the context

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dali.audio import NUM_MEL_BINS, TARGET_FRAMES
+from dali.audio import NUM_MEL_BINS
+from dali.constants import TARGET_FRAMES
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dali.constants import DECODING_ENGINES
+
 SHARED_HEAD_ATTENTION = "dali_sdpa"  # our name in transformers' attention registry: sdpa + the prefill below
 
 
@@ -282,9 +284,6 @@ class _Clock:
         now = self._now()
         elapsed, self.last = now - self.last, now
         return elapsed
-
-
-DECODING_ENGINES = ("dali", "generate", "generate-static")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import torch
 
 from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
-from dali.audio import TARGET_FRAMES
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, require_at_least
-from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, Clip, ClipDataset, collate, read_cavmae_json
+from dali.command_configs import AlignConfig
+from dali.config import ConfigError, config_to_dict
+from dali.data import Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import MetricsLog, atomic_write_jsonl
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
@@ -29,7 +29,6 @@ from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
-    RunFolder,
     epoch_share,
     log,
     open_stage,
@@ -38,86 +37,6 @@ from dali.stages.common import (
     save_training,
     start_stage,
 )
-
-METHODS = ("mmd", "ot", "ot_att")
-SOLVERS = ("emd", "sinkhorn")
-
-
-@dataclass
-class AlignConfig(RunFolder):
-    """Stage 1b (distribution alignment). Defaults are the paper's DALI-OT^Att recipe (precision aside: float32,
-    where the paper preset runs the CLIP tower in bfloat16 on a GPU)."""
-
-    llava: str = field(help="LLaVA-1.5 (its CLIP tower is the frozen target): hub id or local folder")
-    train_list: str = field(help="CAV-MAE format JSON of (audio, frames) pairs")
-    val_list: str | None = field(None, help="CAV-MAE JSON for validation (uniform weights); picks the best epoch")
-    data_root: str | None = field(None, help="folder relative paths start from (default: each list's folder)")
-    init_encoder: str | None = field(
-        None,
-        help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
-        "none = random init with the --encoder-* shape",
-    )
-    encoder_dim: int = field(768, help="width of a new encoder (768: CAV-MAE's; ignored with --init-encoder)")
-    encoder_depth: int = field(11, help="audio-specific blocks of a new encoder (11: CAV-MAE's), plus one shared block")
-    encoder_heads: int = field(12, help="attention heads of a new encoder")
-    encoder_patch_time: int | None = field(None, help="time extent of a patch (default 16, square as CAV-MAE)")
-    target_frames: int = field(TARGET_FRAMES, help="fbank frames per clip")
-    method: str = field(
-        "ot_att",
-        choices=METHODS,
-        help="the alignment criterion: MMD, exact or entropic OT, or OT with attentive token weights",
-    )
-    ot_solver: str = field("emd", choices=SOLVERS, help="emd: exact (the original); sinkhorn: batched, on device")
-    emd_workers: int = field(0, help="CPU processes solving the batch's exact EMD problems (0: one by one)")
-    sinkhorn_reg: float = field(0.05, help="entropic reg relative to the mean cost")
-    sinkhorn_iters: int = field(200, help="iterations of the entropic solver")
-    scorer_heads: int = field(8, help="attention heads of OT-Att's token scorers")
-    scorer_temperature: float = field(20.0, help="softmax temperature of the token scorers")
-    scorer_freeze_epochs: int = field(1, help="epochs during which the scorers do not step")
-    entropy_weights: tuple[float, ...] = field(
-        (500.0, 400.0, 300.0, 200.0, 100.0), help="lambda per epoch after the frozen ones; the last repeats"
-    )
-    epochs: int = field(20)
-    batch_size: int = field(256, help="per-process batch")
-    lr: float = field(1e-4)
-    weight_decay: float = field(5e-7)
-    beta1: float = field(0.95, help="Adam's beta1")
-    beta2: float = field(0.999, help="Adam's beta2")
-    lr_decay_start: int = field(10, help="halve the encoder lr after this epoch ...")
-    lr_decay_every: int = field(5, help="... and every this many epochs after it")
-    lr_decay: float = field(0.5, help="factor of each learning-rate decay step")
-    noise: bool = field(True, help="the original's fbank noise + time-roll augmentation")
-    frame_index: int = field(DEFAULT_FRAME_INDEX, help="frame used for every clip (the original forced 0 here)")
-    cache_vision_tokens: bool = field(False, help="run the vision tower once per clip and keep its tokens in memory")
-    cache_audio_features: bool = field(False, help="keep every clip's fbank in memory (augmented per step)")
-    num_workers: int = field(4)
-    on_error: str = field("skip", choices=ON_ERROR_CHOICES, help="bad clip: skip and list it, or stop")
-    autocast: str = field(
-        "bfloat16",
-        choices=("none", "bfloat16"),
-        help="mixed precision on GPU (bf16 needs no loss scaling, unlike the original's fp16)",
-    )
-    compile: bool = field(True, help="torch.compile the encoder's training forward (GPU only)")
-    vision_dtype: str = field("float32", choices=tuple(DTYPES), help="precision of the frozen CLIP tower")
-    seed: int = field(0)
-    checkpoint_every: int = field(200, help="steps between resumable checkpoints (and each epoch end)")
-    max_non_finite_steps: int = field(20)
-    max_steps_per_epoch: int | None = field(None, help="cut epochs short (smoke tests)")
-
-    def validate(self) -> None:
-        if self.method == "mmd" and self.ot_solver != "emd":
-            log.info("--ot-solver is ignored with --method mmd")
-        require_at_least(self, 0, "epochs")  # 0 saves the initial encoder: the unaligned baseline
-        require_at_least(self, 1, "batch_size", "checkpoint_every")
-        if self.method == "ot_att" and not self.entropy_weights:
-            raise ConfigError("--entropy-weights needs at least one value with --method ot_att")
-        if self.target_frames % (self.encoder_patch_time or 16):
-            raise ConfigError("--target-frames must be a multiple of the patch's time extent")
-
-    def entropy_weight(self, epoch: int) -> float:
-        """lambda for a 1-based epoch (0 while the scorers are frozen)."""
-        index = epoch - self.scorer_freeze_epochs - 1
-        return 0.0 if index < 0 else self.entropy_weights[min(index, len(self.entropy_weights) - 1)]
 
 
 def build_encoder(config: AlignConfig, vision_dim: int) -> CAVMAEAudioEncoder:

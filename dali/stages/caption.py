@@ -7,45 +7,16 @@ with the video frame at its middle. A command over :class:`dali.audio_captioner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from dali.audio_captioner import AudioCaptioner
-from dali.captioning import DTYPES
-from dali.config import ConfigError, field, parse_config
+from dali.command_configs import CaptionConfig
+from dali.config import parse_config
 from dali.files import atomic_write_json
 from dali.media import MediaError
 from dali.progress import progress
 from dali.runs import stage_main
-from dali.stages.common import DecodingFlags, log, setup_logging
-
-
-@dataclass(kw_only=True)
-class CaptionConfig(DecodingFlags):
-    """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
-
-    run: str = field(
-        help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
-    )
-    expe_dir: str = field("expe", help="where run names are looked up")
-    files: tuple[str, ...] = field((), help="audio or video files", positional=True)
-    llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
-    modality: str = field("audio", choices=("audio", "audio_vis"))
-    projector: str | None = field(
-        None, choices=("distilled", "original"), help="default: distilled when the run has one, else LLaVA's own"
-    )
-    use_prefix: bool | None = field(None, help="default: with LLaVA's own projector only")
-    first_window_only: bool = field(False, help="caption only the first 10 s of each file")
-    min_window: float = field(1.0, help="shortest trailing window to caption, in seconds")
-    batch_size: int = field(16)
-    strategy: str = field("greedy", choices=("greedy", "beam", "sample"))
-    json: str | None = field(None, help="also write the captions to this JSON file")
-    dtype: str = field("float32", choices=tuple(DTYPES))
-    device: str = field("auto")
-
-    def validate(self) -> None:
-        if not self.files:
-            raise ConfigError("FILE: give at least one audio or video file")
+from dali.stages.common import log, setup_logging
 
 
 @stage_main

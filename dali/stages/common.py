@@ -8,7 +8,6 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
@@ -16,12 +15,10 @@ import numpy as np
 import torch
 
 from dali import distributed
-from dali.config import config_to_dict, field, parse_config
+from dali.config import config_to_dict, parse_config
 from dali.errors import TrainingDiverged
 from dali.files import atomic_write
-from dali.models.captioner import CONV_MODES
 from dali.models.checkpoints import CheckpointError
-from dali.models.decoding import DECODING_ENGINES, DecodingOptions
 from dali.runs import Stage, check_run_name
 
 T = TypeVar("T")
@@ -53,55 +50,6 @@ def stage_dir(expe_dir: str, run: str, stage: str, out: str | None) -> Path:
 def upstream_dir(explicit: str | None, expe_dir: str, run: str, stage: str) -> Path:
     """An upstream stage folder: the flag's value, else ``<expe_dir>/<run>/<stage>``."""
     return Path(explicit) if explicit else Path(expe_dir) / check_run_name(run) / stage
-
-
-@dataclass(kw_only=True)
-class RunFolder:
-    """The flags of every stage that writes a run folder, declared once (their help: ``config.COMMON_HELP``)."""
-
-    run: str = field("default")
-    expe_dir: str = field("expe")
-    out: str | None = field(None)
-    overwrite: bool = field(False)
-    resume: bool = field(False)
-    device: str = field("auto")
-
-
-@dataclass(kw_only=True)
-class DecodingFlags:
-    """The decoding flags shared by the stages that caption (a stage may redeclare a field's default)."""
-
-    strategy: str = field("sample", choices=("greedy", "beam", "sample"), group="decoding")
-    temperature: float = field(0.2, group="decoding")
-    num_beams: int = field(4, group="decoding")
-    max_new_tokens: int = field(64, group="decoding")
-    seed: int = field(0)  # listed with the run folder and system flags (config.SYSTEM_FLAGS)
-    engine: str = field(
-        "dali",
-        choices=DECODING_ENGINES,
-        help="dali: our engine (shared prompt prefilled once, static KV cache, compiled on GPU); "
-        "generate: transformers' generate (beam search always uses it)",
-        group="decoding",
-    )
-
-    conv_mode: str | None = field(
-        None,
-        choices=tuple(CONV_MODES),
-        help="LLaVA's conversation template: v1 ('...a curious user...', the original's training prompt) or "
-        "llava_v1 ('...a curious human...', its inference prompt); default: the run's (llava_v1 for weights made "
-        "by import-original, v1 for runs trained here)",
-        group="decoding",
-    )
-
-    def decoding(self) -> DecodingOptions:
-        return DecodingOptions(
-            strategy=self.strategy,
-            max_new_tokens=self.max_new_tokens,
-            num_beams=self.num_beams,
-            temperature=self.temperature,
-            seed=self.seed,
-            engine=self.engine,
-        )
 
 
 def resolve_captioner(config: Any, *upstream: Path | None) -> Any:

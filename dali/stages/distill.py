@@ -14,8 +14,9 @@ import torch
 from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, require_at_least
-from dali.data import ON_ERROR_CHOICES, Clip, ClipDataset, collate
+from dali.command_configs import DistillConfig
+from dali.config import ConfigError, config_to_dict
+from dali.data import Clip, ClipDataset, collate
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import Captioner
@@ -24,7 +25,6 @@ from dali.progress import progress
 from dali.runs import CHECKPOINT, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
-    RunFolder,
     cosine_schedule,
     epoch_share,
     guarded_step,
@@ -37,45 +37,6 @@ from dali.stages.common import (
     start_stage,
     upstream_dir,
 )
-
-
-@dataclass
-class DistillConfig(RunFolder):
-    """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept
-    (precision aside: float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
-
-    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
-    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
-    pseudo_dir: str | None = field(None, help="stage 2a folder (default <expe-dir>/<run>/pseudo_label)")
-    epochs: int = field(1)
-    batch_size: int = field(40)
-    lr: float = field(2e-4)
-    weight_decay: float = field(0.0)
-    warmup_ratio: float = field(0.03)
-    max_grad_norm: float = field(1.0)
-    val_fraction: float = field(
-        0.0,
-        help="share of the pseudo-captions held out (seeded) to keep the step with the lowest held-out loss; "
-        "0 trains on all of them and keeps the last step, as the original",
-    )
-    eval_every: int = field(0, help="steps between held-out evaluations (0: at the end of every epoch)")
-    patience: int = field(0, help="stop after this many held-out evaluations without a lower loss (0: never)")
-    cache_audio_tokens: bool = field(False, help="encode each clip once and keep its tokens in memory")
-    num_workers: int = field(4)
-    on_error: str = field("skip", choices=ON_ERROR_CHOICES)
-    dtype: str = field("float32", choices=tuple(DTYPES))
-    seed: int = field(0)
-    gradient_checkpointing: bool = field(
-        False, help="recompute the frozen LLM's activations in backward (saves memory)"
-    )
-    checkpoint_every: int = field(200)
-    max_non_finite_steps: int = field(10)
-
-    def validate(self) -> None:
-        require_at_least(self, 1, "epochs", "batch_size", "checkpoint_every")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        require_at_least(self, 0, "eval_every", "patience")
 
 
 def held_out_split(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

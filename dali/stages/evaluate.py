@@ -3,31 +3,15 @@ SBERT-sim. Writes ``scores.json`` and ``scores.md`` next to the predictions (or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from dali.config import ConfigError, field, parse_config
+from dali.command_configs import EvaluateConfig
+from dali.config import ConfigError, parse_config
 from dali.data import read_caption_csv
 from dali.evaluation import markdown_table, score_predictions
 from dali.jsonl import read_jsonl
 from dali.runs import MANIFEST
 from dali.stages.common import setup_logging
-
-
-@dataclass
-class EvaluateConfig:
-    """Score a predictions.jsonl against the references of a caption CSV."""
-
-    predictions: str = field(help="predictions.jsonl written by `dali infer` (id, caption, ...)")
-    test_list: str = field(help="AudioCaps- or Clotho-style CSV with the references")
-    out: str | None = field(
-        None,
-        help="folder for scores.json / scores.md (default: the predictions' folder, or '<it>_rescored' beside it "
-        "when it is a finished stage, whose manifest hashes its own scores)",
-    )
-    sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
-    spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
-    name: str = field("predictions", help="row name in the markdown table")
 
 
 def main(argv: list[str] | None = None) -> int:

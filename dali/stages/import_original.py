@@ -1,12 +1,5 @@
-"""``dali import-original SOURCE_DIR RUN_DIR``: the released DALI files -> a run folder `inference.sh` uses.
-
-SOURCE_DIR holds the original's files (any subset, at least the backbone):
-  audio_backbone.pth  -> RUN_DIR/align   (CAV-MAE audio branch + proj; attentive scorers kept apart)
-  prefixMLP.bin       -> RUN_DIR/distill (model.mm_projector.{0,2}.*; a stage-1a file carries the prefix too)
-  prefix.bin          -> RUN_DIR/prefix  (model.audio_tower.prefix)
-Every mapping is strict: a missing or mis-shaped key stops with its name. Each folder gets a manifest, so the
-stages accept it as if they had produced it.
-"""
+"""``dali import-original SOURCE_DIR RUN_DIR``: the released DALI files -> a run folder that ``inference.sh`` uses
+(the mapping and the flags: ``command_configs.ImportOriginalConfig``)."""
 
 from __future__ import annotations
 
@@ -16,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
-from dali.config import ConfigError, command_parser
+from dali.command_configs import ImportOriginalConfig
+from dali.config import ConfigError, parse_config
 from dali.files import atomic_write
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
@@ -102,12 +96,7 @@ def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(__doc__, raw=True)
-    parser.add_argument("source", help="folder with audio_backbone.pth [prefixMLP.bin] [prefix.bin]")
-    parser.add_argument("run", help="run folder to create (e.g. expe/DALI_OT_ATT)")
-    parser.add_argument("--llava", help="LLaVA-1.5 config to check the shapes against (hub id or folder)")
-    parser.add_argument("--overwrite", action="store_true", help="replace stage folders the run already has")
-    args = parser.parse_args(argv)
+    args = parse_config(ImportOriginalConfig, argv)
     setup_logging()
     source, run = Path(args.source), Path(args.run)
     backbone = source / "audio_backbone.pth"

@@ -2,64 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
-from dali.audio import TARGET_FRAMES
-from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field
-from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_caption_csv
+from dali.command_configs import InferConfig
+from dali.config import config_to_dict
+from dali.constants import TARGET_FRAMES
+from dali.data import ClipDataset, read_caption_csv
 from dali.evaluation import score_predictions
 from dali.jsonl import atomic_write_jsonl
-from dali.models.captioner import MODALITIES
 from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import (
-    DecodingFlags,
-    RunFolder,
-    load_captioning,
-    log,
-    open_stage,
-    print_config,
-    start_stage,
-    upstream_dir,
-)
-
-
-@dataclass(kw_only=True)
-class InferConfig(RunFolder, DecodingFlags):
-    """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
-
-    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
-    test_list: str = field(help="AudioCaps- or Clotho-style CSV (ids and reference captions)")
-    audio_dir: str | None = field(None, help="folder of <id>.wav (default: the list's folder)")
-    frames_dir: str | None = field(None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis)")
-    modality: str = field("audio", choices=MODALITIES)
-    tag: str | None = field(None, help="suffix of the output folder, to keep several settings apart")
-    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
-    prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
-    distill_dir: str | None = field(None, help="stage 2b folder (default <expe-dir>/<run>/distill)")
-    use_prefix: bool = field(False, help="append the stage-1a prefix")
-    projector: str = field(
-        "distilled",
-        choices=("distilled", "original"),
-        help="projector for every modality: the distilled copy (the original's --use_mlp true) or LLaVA's own",
-    )
-    frame_index: int = field(DEFAULT_FRAME_INDEX)
-    batch_size: int = field(32)
-    num_workers: int = field(4)
-    limit: int | None = field(None, help="caption only the first N clips")
-    evaluate: bool = field(True, help="score the predictions against the list's references")
-    sbert: bool = field(True)
-    on_error: str = field("skip", choices=ON_ERROR_CHOICES)
-    dtype: str = field("float32", choices=tuple(DTYPES))
-
-    def validate(self) -> None:
-        if self.modality != "audio" and not self.frames_dir:
-            raise ConfigError(f"--modality {self.modality} needs --frames-dir")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
+from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage, upstream_dir
 
 
 @stage_main

@@ -6,14 +6,14 @@ Only the [L, hidden] prefix is trained, on (frame, audio caption) pairs; its blo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from dali import distributed
 from dali.artifacts import PREFIX_FILE
 from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field, require_at_least
+from dali.command_configs import PrefixTuneConfig
+from dali.config import ConfigError, config_to_dict
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.files import atomic_write
 from dali.models.captioner import Captioner
@@ -22,7 +22,6 @@ from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stages.common import (
     NonFiniteGuard,
-    RunFolder,
     cosine_schedule,
     epoch_share,
     guarded_step,
@@ -33,36 +32,6 @@ from dali.stages.common import (
     save_training,
     start_stage,
 )
-
-
-@dataclass
-class PrefixTuneConfig(RunFolder):
-    """Stage 1a (prefix tuning). Defaults are the paper's (LLaVA-1.5-7B, 16 pairs, 500 epochs; precision aside:
-    float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
-
-    llava: str = field(help="LLaVA-1.5 in Hugging Face format: hub id or local folder")
-    pairs: str = field(help="(frame, audio caption) pairs: the original prefixDS.json layout or a CSV")
-    data_root: str | None = field(None, help="folder the pairs' relative paths start from (default: the file's)")
-    num_prefix_tokens: int = field(16, help="prefix length")
-    init_std: float = field(1e-4, help="prefix init N(0, std^2)")
-    epochs: int = field(500, help="passes over the pairs")
-    batch_size: int = field(16, help="per-process batch")
-    lr: float = field(1e-3, help="AdamW learning rate")
-    weight_decay: float = field(0.0)
-    warmup_ratio: float = field(0.03, help="linear warm-up share of the steps, then cosine to 0")
-    max_grad_norm: float = field(1.0, help="gradient clipping (HF Trainer's default, as LLaVA trained)")
-    dtype: str = field("float32", help="LLaVA weights dtype", choices=tuple(DTYPES))
-    seed: int = field(0)
-    gradient_checkpointing: bool = field(
-        False, help="recompute the frozen LLM's activations in backward (saves memory)"
-    )
-    checkpoint_every: int = field(50, help="steps between resumable checkpoints")
-    max_non_finite_steps: int = field(10, help="skipped non-finite steps before the run stops")
-
-    def validate(self) -> None:
-        require_at_least(self, 1, "num_prefix_tokens", "epochs", "batch_size", "checkpoint_every")
-        if self.lr <= 0:
-            raise ConfigError("--lr must be > 0")
 
 
 @stage_main

@@ -1,9 +1,5 @@
-"""``dali prepare INPUT OUTPUT_DIR``: media files -> 16 kHz mono wav + 10 frames per clip + a CAV-MAE JSON.
-
-Like CAV-MAE's preprocessing: channel 0 of the audio at 16 kHz; 10 frames evenly spaced over the first 10 s,
-short side resized to 224 and centre-cropped, saved as ``frames/frame_<k>/<id>.jpg``. Runs on several
-processes, skips clips already done (resumable), writes every file atomically, and reports failures.
-"""
+"""``dali prepare INPUT OUTPUT_DIR``: media files -> 16 kHz mono wav + 10 frames per clip + a CAV-MAE JSON
+(what it does and its flags: ``command_configs.PrepareConfig``)."""
 
 from __future__ import annotations
 
@@ -12,8 +8,10 @@ from pathlib import Path
 
 import soundfile
 
-from dali.audio import SAMPLE_RATE, TARGET_FRAMES, samples_for_frames
-from dali.config import ConfigError, command_parser
+from dali.audio import samples_for_frames
+from dali.command_configs import PrepareConfig
+from dali.config import ConfigError, parse_config
+from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
@@ -86,17 +84,7 @@ def _job(args: tuple[str, str, float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(__doc__, raw=True)
-    parser.add_argument("input", help="folder of media files, or a .txt list of paths")
-    parser.add_argument("output", help="output folder (audio/, frames/, clips.json, prepare_report.jsonl)")
-    parser.add_argument("--workers", type=int, default=4, help="processes")
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE,
-        help="decode and keep only this much of each file (default: the 10.255 s that give CAV-MAE's 1024 frames)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_config(PrepareConfig, argv)
     setup_logging()
     out = Path(args.output)
     inputs = list_inputs(Path(args.input))
@@ -108,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(NUM_FRAMES):
         (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(p), str(out), args.max_seconds) for p in inputs]
+    seconds = args.max_seconds or samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE  # what gives 1024 frames
+    jobs = [(str(p), str(out), seconds) for p in inputs]
     if args.workers > 1 and len(jobs) > 1:
         with worker_pool(args.workers) as pool:
             records = list(progress(pool.map(_job, jobs, chunksize=4), total=len(jobs), desc="preparing"))

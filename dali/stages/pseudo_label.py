@@ -7,50 +7,16 @@ stopped; under torchrun each rank writes its own part and rank 0 merges them in 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
-from dali.captioning import DTYPES
-from dali.config import ConfigError, config_to_dict, field
-from dali.data import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, ClipDataset, read_cavmae_json
+from dali.command_configs import PseudoLabelConfig
+from dali.config import config_to_dict
+from dali.data import ClipDataset, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import (
-    DecodingFlags,
-    RunFolder,
-    load_captioning,
-    log,
-    open_stage,
-    print_config,
-    start_stage,
-    upstream_dir,
-)
-
-
-@dataclass(kw_only=True)
-class PseudoLabelConfig(RunFolder, DecodingFlags):
-    """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
-
-    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
-    clips: str = field(help="CAV-MAE format JSON of the clips to caption (AudioSet balanced-train in the paper)")
-    data_root: str | None = field(None)
-    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
-    prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
-    use_prefix: bool = field(True, help="append the stage-1a prefix (the original does)")
-    frame_index: int = field(DEFAULT_FRAME_INDEX)
-    batch_size: int = field(32)
-    num_workers: int = field(4)
-    max_new_tokens: int = field(128)
-    shuffle: bool = field(False, help="caption in a seeded random order (the original shuffled, unseeded)")
-    limit: int | None = field(None, help="caption only the first N clips of the list")
-    on_error: str = field("skip", choices=ON_ERROR_CHOICES)
-    dtype: str = field("float32", choices=tuple(DTYPES))
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
+from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage, upstream_dir
 
 
 @stage_main

@@ -1,15 +1,13 @@
-"""``dali world``: generate the synthetic world and train (or reuse) its image captioner.
-
-After it, the stage scripts run on the world with the ``configs/synthetic`` presets, e.g.
-``./prefix_tuning.sh --config configs/synthetic/prefix_tuning.yaml --run mine``.
-"""
+"""``dali world``: generate the synthetic world and train (or reuse) its image captioner (flags:
+``command_configs.WorldCommandConfig``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from dali.config import command_parser
+from dali.command_configs import WorldCommandConfig
+from dali.config import parse_config
 from dali.stages.common import log, setup_logging
 from dali.synthetic.captioner import CaptionerTraining, train_captioner
 from dali.synthetic.world import REDUCED, WorldConfig, generate_world
@@ -25,12 +23,7 @@ def build_world(data: Path, reduced: bool = False, captioner_epochs: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(__doc__, raw=True)
-    parser.add_argument("--out", default="data/synthetic", help="the world's folder")
-    parser.add_argument("--reduced", action="store_true", help="a small world and a briefly trained captioner")
-    parser.add_argument("--captioner-epochs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of its captioner's training")
-    args = parser.parse_args(argv)
+    args = parse_config(WorldCommandConfig, argv)
     setup_logging()
     folder = build_world(Path(args.out), args.reduced, args.captioner_epochs, args.seed)
     log.info("synthetic world in %s, its image captioner in %s", args.out, folder)

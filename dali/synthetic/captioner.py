@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dali.constants import SYSTEM_PROMPT
 from dali.files import atomic_write_json
-from dali.models.captioner import QUESTION, SYSTEM_PROMPT, Captioner
+from dali.models.captioner import QUESTION, Captioner
 from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
 from dali.progress import progress
 from dali.stages.common import cosine_schedule, log

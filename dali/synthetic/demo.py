@@ -1,9 +1,4 @@
-"""``make demo``: the whole method on the built-in synthetic world, and a results table shaped like Table 1.
-
-World -> image captioner (cached) -> prefix tuning -> alignment per variant -> pseudo-captions ->
-distillation -> audio-only captions of the test clips -> ``expe/<run>/results.{json,md,png}``.
-Every stage runs through its own ``main(argv)`` with the ``configs/synthetic`` presets.
-"""
+"""``make demo``: the whole method on the built-in synthetic world (its flags: ``command_configs.DemoConfig``)."""
 
 from __future__ import annotations
 
@@ -16,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dali.config import command_parser
+from dali.command_configs import DemoConfig
+from dali.config import parse_config
 from dali.evaluation import TABLE_METRICS, markdown_table
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import read_jsonl
@@ -99,22 +95,7 @@ def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False, si
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(__doc__, raw=True)
-    parser.add_argument("--world", default="data/synthetic", help="the world's folder (generated there if missing)")
-    parser.add_argument("--expe-dir", default="expe")
-    parser.add_argument("--run", default="demo")
-    parser.add_argument("--full", action="store_true", help="every row of the table (MMD, OT, distilled baselines)")
-    parser.add_argument("--reduced", action="store_true", help="a small world and short stages (tests, CI)")
-    parser.add_argument("--overwrite", action="store_true", help="redo every stage of the run")
-    parser.add_argument("--captioner-epochs", type=int, default=None)
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="N > 1: world, captioner and stages under seeds 0..N-1 (seed 0 is the plain demo), MMD and OT "
-        "rows added; writes <run>/seeds.{json,md} with each metric's mean and standard deviation",
-    )
-    args = parser.parse_args(argv)
+    args = parse_config(DemoConfig, argv)
     setup_logging()
     torch.set_num_threads(DEMO_THREADS)  # the same reductions on every run of a host: the same table
     started = time.time()

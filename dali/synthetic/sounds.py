@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dali.audio import SAMPLE_RATE
+from dali.constants import SAMPLE_RATE
 
 RATE = SAMPLE_RATE
 

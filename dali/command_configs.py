@@ -1,0 +1,404 @@
+"""Every command's flags: small config dataclasses that double as the command-line schema (``dali.config``).
+
+They live apart from the stages, with nothing heavier than ``dali.constants`` imported, so that ``dali <command>
+--help`` parses and answers before torch or transformers load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dali.config import ConfigError, field, require_at_least
+from dali.constants import (
+    CONV_MODES,
+    DECODING_ENGINES,
+    DEFAULT_FRAME_INDEX,
+    DTYPE_NAMES,
+    MODALITIES,
+    ON_ERROR_CHOICES,
+    TARGET_FRAMES,
+)
+
+log = logging.getLogger("dali")
+
+
+@dataclass(kw_only=True)
+class RunFolder:
+    """The flags of every stage that writes a run folder, declared once (their help: ``config.COMMON_HELP``)."""
+
+    run: str = field("default")
+    expe_dir: str = field("expe")
+    out: str | None = field(None)
+    overwrite: bool = field(False)
+    resume: bool = field(False)
+    device: str = field("auto")
+
+
+@dataclass(kw_only=True)
+class ClipLoading:
+    """The flags of every stage that reads clips from a list, declared once."""
+
+    num_workers: int = field(4)
+    on_error: str = field("skip", choices=ON_ERROR_CHOICES)
+
+
+@dataclass(kw_only=True)
+class Precision:
+    """The precision of LLaVA and of every captioning part, for every command that loads LLaVA, declared once."""
+
+    dtype: str = field("float32", choices=DTYPE_NAMES)
+
+
+@dataclass(kw_only=True)
+class DecodingFlags:
+    """The decoding flags shared by the stages that caption (a stage may redeclare a field's default)."""
+
+    strategy: str = field("sample", choices=("greedy", "beam", "sample"), group="decoding")
+    temperature: float = field(0.2, group="decoding")
+    num_beams: int = field(4, group="decoding")
+    max_new_tokens: int = field(64, group="decoding")
+    seed: int = field(0)  # listed with the run folder and system flags (config.SYSTEM_FLAGS)
+    engine: str = field(
+        "dali",
+        choices=DECODING_ENGINES,
+        help="dali: our engine (shared prompt prefilled once, static KV cache, compiled on GPU); "
+        "generate: transformers' generate (beam search always uses it)",
+        group="decoding",
+    )
+
+    conv_mode: str | None = field(
+        None,
+        choices=tuple(CONV_MODES),
+        help="LLaVA's conversation template: v1 ('...a curious user...', the original's training prompt) or "
+        "llava_v1 ('...a curious human...', its inference prompt); default: the run's (llava_v1 for weights made "
+        "by import-original, v1 for runs trained here)",
+        group="decoding",
+    )
+
+    def decoding(self):
+        from dali.models.decoding import DecodingOptions  # torch: loaded once the flags are parsed
+
+        return DecodingOptions(
+            strategy=self.strategy,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            temperature=self.temperature,
+            seed=self.seed,
+            engine=self.engine,
+        )
+
+
+@dataclass
+class PrefixTuneConfig(RunFolder, Precision):
+    """Stage 1a (prefix tuning). Defaults are the paper's (LLaVA-1.5-7B, 16 pairs, 500 epochs; precision aside:
+    float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
+
+    llava: str = field(help="LLaVA-1.5 in Hugging Face format: hub id or local folder")
+    pairs: str = field(help="(frame, audio caption) pairs: the original prefixDS.json layout or a CSV")
+    data_root: str | None = field(None, help="folder the pairs' relative paths start from (default: the file's)")
+    num_prefix_tokens: int = field(16, help="prefix length")
+    init_std: float = field(1e-4, help="prefix init N(0, std^2)")
+    epochs: int = field(500, help="passes over the pairs")
+    batch_size: int = field(16, help="per-process batch")
+    lr: float = field(1e-3, help="AdamW learning rate")
+    weight_decay: float = field(0.0)
+    warmup_ratio: float = field(0.03, help="linear warm-up share of the steps, then cosine to 0")
+    max_grad_norm: float = field(1.0, help="gradient clipping (HF Trainer's default, as LLaVA trained)")
+    seed: int = field(0)
+    gradient_checkpointing: bool = field(
+        False, help="recompute the frozen LLM's activations in backward (saves memory)"
+    )
+    checkpoint_every: int = field(50, help="steps between resumable checkpoints")
+    max_non_finite_steps: int = field(10, help="skipped non-finite steps before the run stops")
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "num_prefix_tokens", "epochs", "batch_size", "checkpoint_every")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be > 0")
+
+
+METHODS = ("mmd", "ot", "ot_att")
+SOLVERS = ("emd", "sinkhorn")
+
+
+@dataclass
+class AlignConfig(RunFolder, ClipLoading):
+    """Stage 1b (distribution alignment). Defaults are the paper's DALI-OT^Att recipe (precision aside: float32,
+    where the paper preset runs the CLIP tower in bfloat16 on a GPU)."""
+
+    llava: str = field(help="LLaVA-1.5 (its CLIP tower is the frozen target): hub id or local folder")
+    train_list: str = field(help="CAV-MAE format JSON of (audio, frames) pairs")
+    val_list: str | None = field(None, help="CAV-MAE JSON for validation (uniform weights); picks the best epoch")
+    data_root: str | None = field(None, help="folder relative paths start from (default: each list's folder)")
+    init_encoder: str | None = field(
+        None,
+        help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
+        "none = random init with the --encoder-* shape",
+    )
+    encoder_dim: int = field(768, help="width of a new encoder (768: CAV-MAE's; ignored with --init-encoder)")
+    encoder_depth: int = field(11, help="audio-specific blocks of a new encoder (11: CAV-MAE's), plus one shared block")
+    encoder_heads: int = field(12, help="attention heads of a new encoder")
+    encoder_patch_time: int | None = field(None, help="time extent of a patch (default 16, square as CAV-MAE)")
+    target_frames: int = field(TARGET_FRAMES, help="fbank frames per clip")
+    method: str = field(
+        "ot_att",
+        choices=METHODS,
+        help="the alignment criterion: MMD, exact or entropic OT, or OT with attentive token weights",
+    )
+    ot_solver: str = field("emd", choices=SOLVERS, help="emd: exact (the original); sinkhorn: batched, on device")
+    emd_workers: int = field(0, help="CPU processes solving the batch's exact EMD problems (0: one by one)")
+    sinkhorn_reg: float = field(0.05, help="entropic reg relative to the mean cost")
+    sinkhorn_iters: int = field(200, help="iterations of the entropic solver")
+    scorer_heads: int = field(8, help="attention heads of OT-Att's token scorers")
+    scorer_temperature: float = field(20.0, help="softmax temperature of the token scorers")
+    scorer_freeze_epochs: int = field(1, help="epochs during which the scorers do not step")
+    entropy_weights: tuple[float, ...] = field(
+        (500.0, 400.0, 300.0, 200.0, 100.0), help="lambda per epoch after the frozen ones; the last repeats"
+    )
+    epochs: int = field(20)
+    batch_size: int = field(256, help="per-process batch")
+    lr: float = field(1e-4)
+    weight_decay: float = field(5e-7)
+    beta1: float = field(0.95, help="Adam's beta1")
+    beta2: float = field(0.999, help="Adam's beta2")
+    lr_decay_start: int = field(10, help="halve the encoder lr after this epoch ...")
+    lr_decay_every: int = field(5, help="... and every this many epochs after it")
+    lr_decay: float = field(0.5, help="factor of each learning-rate decay step")
+    noise: bool = field(True, help="the original's fbank noise + time-roll augmentation")
+    frame_index: int = field(DEFAULT_FRAME_INDEX, help="frame used for every clip (the original forced 0 here)")
+    cache_vision_tokens: bool = field(False, help="run the vision tower once per clip and keep its tokens in memory")
+    cache_audio_features: bool = field(False, help="keep every clip's fbank in memory (augmented per step)")
+    autocast: str = field(
+        "bfloat16",
+        choices=("none", "bfloat16"),
+        help="mixed precision on GPU (bf16 needs no loss scaling, unlike the original's fp16)",
+    )
+    compile: bool = field(True, help="torch.compile the encoder's training forward (GPU only)")
+    vision_dtype: str = field("float32", choices=DTYPE_NAMES, help="precision of the frozen CLIP tower")
+    seed: int = field(0)
+    checkpoint_every: int = field(200, help="steps between resumable checkpoints (and each epoch end)")
+    max_non_finite_steps: int = field(20)
+    max_steps_per_epoch: int | None = field(None, help="cut epochs short (smoke tests)")
+
+    def validate(self) -> None:
+        if self.method == "mmd" and self.ot_solver != "emd":
+            log.info("--ot-solver is ignored with --method mmd")
+        require_at_least(self, 0, "epochs")  # 0 saves the initial encoder: the unaligned baseline
+        require_at_least(self, 1, "batch_size", "checkpoint_every")
+        if self.method == "ot_att" and not self.entropy_weights:
+            raise ConfigError("--entropy-weights needs at least one value with --method ot_att")
+        if self.target_frames % (self.encoder_patch_time or 16):
+            raise ConfigError("--target-frames must be a multiple of the patch's time extent")
+
+    def entropy_weight(self, epoch: int) -> float:
+        """lambda for a 1-based epoch (0 while the scorers are frozen)."""
+        index = epoch - self.scorer_freeze_epochs - 1
+        return 0.0 if index < 0 else self.entropy_weights[min(index, len(self.entropy_weights) - 1)]
+
+
+@dataclass(kw_only=True)
+class PseudoLabelConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
+    """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
+
+    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
+    clips: str = field(help="CAV-MAE format JSON of the clips to caption (AudioSet balanced-train in the paper)")
+    data_root: str | None = field(None)
+    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
+    prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
+    use_prefix: bool = field(True, help="append the stage-1a prefix (the original does)")
+    frame_index: int = field(DEFAULT_FRAME_INDEX)
+    batch_size: int = field(32)
+    max_new_tokens: int = field(128)
+    shuffle: bool = field(False, help="caption in a seeded random order (the original shuffled, unseeded)")
+    limit: int | None = field(None, help="caption only the first N clips of the list")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+
+
+@dataclass
+class DistillConfig(RunFolder, ClipLoading, Precision):
+    """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept
+    (precision aside: float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
+
+    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
+    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
+    pseudo_dir: str | None = field(None, help="stage 2a folder (default <expe-dir>/<run>/pseudo_label)")
+    epochs: int = field(1)
+    batch_size: int = field(40)
+    lr: float = field(2e-4)
+    weight_decay: float = field(0.0)
+    warmup_ratio: float = field(0.03)
+    max_grad_norm: float = field(1.0)
+    val_fraction: float = field(
+        0.0,
+        help="share of the pseudo-captions held out (seeded) to keep the step with the lowest held-out loss; "
+        "0 trains on all of them and keeps the last step, as the original",
+    )
+    eval_every: int = field(0, help="steps between held-out evaluations (0: at the end of every epoch)")
+    patience: int = field(0, help="stop after this many held-out evaluations without a lower loss (0: never)")
+    cache_audio_tokens: bool = field(False, help="encode each clip once and keep its tokens in memory")
+    seed: int = field(0)
+    gradient_checkpointing: bool = field(
+        False, help="recompute the frozen LLM's activations in backward (saves memory)"
+    )
+    checkpoint_every: int = field(200)
+    max_non_finite_steps: int = field(10)
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "epochs", "batch_size", "checkpoint_every")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        require_at_least(self, 0, "eval_every", "patience")
+
+
+@dataclass(kw_only=True)
+class InferConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
+    """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
+
+    llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
+    test_list: str = field(help="AudioCaps- or Clotho-style CSV (ids and reference captions)")
+    audio_dir: str | None = field(None, help="folder of <id>.wav (default: the list's folder)")
+    frames_dir: str | None = field(None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis)")
+    modality: str = field("audio", choices=MODALITIES)
+    tag: str | None = field(None, help="suffix of the output folder, to keep several settings apart")
+    align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
+    prefix_dir: str | None = field(None, help="stage 1a folder (default <expe-dir>/<run>/prefix)")
+    distill_dir: str | None = field(None, help="stage 2b folder (default <expe-dir>/<run>/distill)")
+    use_prefix: bool = field(False, help="append the stage-1a prefix")
+    projector: str = field(
+        "distilled",
+        choices=("distilled", "original"),
+        help="projector for every modality: the distilled copy (the original's --use_mlp true) or LLaVA's own",
+    )
+    frame_index: int = field(DEFAULT_FRAME_INDEX)
+    batch_size: int = field(32)
+    limit: int | None = field(None, help="caption only the first N clips")
+    evaluate: bool = field(True, help="score the predictions against the list's references")
+    sbert: bool = field(True)
+
+    def validate(self) -> None:
+        if self.modality != "audio" and not self.frames_dir:
+            raise ConfigError(f"--modality {self.modality} needs --frames-dir")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CaptionConfig(Precision, DecodingFlags):
+    """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
+
+    run: str = field(
+        help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
+    )
+    expe_dir: str = field("expe", help="where run names are looked up")
+    files: tuple[str, ...] = field((), help="audio or video files", positional=True)
+    llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
+    modality: str = field("audio", choices=("audio", "audio_vis"))
+    projector: str | None = field(
+        None, choices=("distilled", "original"), help="default: distilled when the run has one, else LLaVA's own"
+    )
+    use_prefix: bool | None = field(None, help="default: with LLaVA's own projector only")
+    first_window_only: bool = field(False, help="caption only the first 10 s of each file")
+    min_window: float = field(1.0, help="shortest trailing window to caption, in seconds")
+    batch_size: int = field(16)
+    strategy: str = field("greedy", choices=("greedy", "beam", "sample"))
+    json: str | None = field(None, help="also write the captions to this JSON file")
+    device: str = field("auto")
+
+    def validate(self) -> None:
+        if not self.files:
+            raise ConfigError("FILE: give at least one audio or video file")
+
+
+@dataclass
+class EvaluateConfig:
+    """Score a predictions.jsonl against the references of a caption CSV."""
+
+    predictions: str = field(help="predictions.jsonl written by `dali infer` (id, caption, ...)")
+    test_list: str = field(help="AudioCaps- or Clotho-style CSV with the references")
+    out: str | None = field(
+        None,
+        help="folder for scores.json / scores.md (default: the predictions' folder, or '<it>_rescored' beside it "
+        "when it is a finished stage, whose manifest hashes its own scores)",
+    )
+    sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
+    spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
+    name: str = field("predictions", help="row name in the markdown table")
+
+
+@dataclass
+class PrepareConfig:
+    """dali prepare INPUT OUTPUT: media files -> 16 kHz mono wav + 10 frames per clip + a CAV-MAE JSON.
+
+    Like CAV-MAE's preprocessing: channel 0 of the audio at 16 kHz; 10 frames evenly spaced over the first 10 s,
+    short side resized to 224 and centre-cropped, saved as frames/frame_<k>/<id>.jpg. Runs on several
+    processes, skips clips already done (resumable), writes every file atomically, and reports failures.
+    """
+
+    input: str = field(help="folder of media files, or a .txt list of paths", positional=True)
+    output: str = field(help="output folder (audio/, frames/, clips.json, prepare_report.jsonl)", positional=True)
+    workers: int = field(4, help="processes")
+    max_seconds: float | None = field(
+        None, help="decode and keep only this much of each file (default: the 10.255 s that give CAV-MAE's 1024 frames)"
+    )
+
+
+@dataclass
+class ImportOriginalConfig:
+    """dali import-original SOURCE_DIR RUN_DIR: the released DALI files -> a run folder inference.sh uses.
+
+    SOURCE_DIR holds the original's files (any subset, at least the backbone):
+      audio_backbone.pth  -> RUN_DIR/align   (CAV-MAE audio branch + proj; attentive scorers kept apart)
+      prefixMLP.bin       -> RUN_DIR/distill (model.mm_projector.{0,2}.*; a stage-1a file carries the prefix too)
+      prefix.bin          -> RUN_DIR/prefix  (model.audio_tower.prefix)
+    Every mapping is strict: a missing or mis-shaped key stops with its name. Each folder gets a manifest, so the
+    stages accept it as if they had produced it.
+    """
+
+    source: str = field(help="folder with audio_backbone.pth [prefixMLP.bin] [prefix.bin]", positional=True)
+    run: str = field(help="run folder to create (e.g. expe/DALI_OT_ATT)", positional=True)
+    llava: str | None = field(None, help="LLaVA-1.5 config to check the shapes against (hub id or folder)")
+    overwrite: bool = field(False, help="replace stage folders the run already has")
+
+
+@dataclass
+class WorldCommandConfig:
+    """dali world: generate the synthetic world and train (or reuse) its image captioner.
+
+    After it, the stage scripts run on the world with the configs/synthetic presets, e.g.
+    ./prefix_tuning.sh --config configs/synthetic/prefix_tuning.yaml --run mine
+    """
+
+    out: str = field("data/synthetic", help="the world's folder")
+    reduced: bool = field(False, help="a small world and a briefly trained captioner")
+    captioner_epochs: int | None = field(None, help="epochs of the captioner's training (default: the preset's)")
+    seed: int = field(0, help="seed of the world and of its captioner's training")
+
+
+@dataclass
+class DemoConfig:
+    """make demo: the whole method on the built-in synthetic world, and a results table shaped like Table 1.
+
+    World -> image captioner (cached) -> prefix tuning -> alignment per variant -> pseudo-captions ->
+    distillation -> audio-only captions of the test clips -> expe/<run>/results.{json,md,png}.
+    Every stage runs through its own main(argv) with the configs/synthetic presets.
+    """
+
+    world: str = field("data/synthetic", help="the world's folder (generated there if missing)")
+    expe_dir: str = field("expe")
+    run: str = field("demo")
+    full: bool = field(False, help="every row of the table (MMD, OT, distilled baselines)")
+    reduced: bool = field(False, help="a small world and short stages (tests, CI)")
+    overwrite: bool = field(False, help="redo every stage of the run")
+    captioner_epochs: int | None = field(None, help="epochs of the captioner's training (default: the preset's)")
+    seeds: int = field(
+        1,
+        help="N > 1: world, captioner and stages under seeds 0..N-1 (seed 0 is the plain demo), MMD and OT "
+        "rows added; writes <run>/seeds.{json,md} with each metric's mean and standard deviation",
+    )
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "seeds")

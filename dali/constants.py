@@ -1,0 +1,20 @@
+"""The facts that commands and the library share, in a module that imports nothing: the commands' flags read
+them before any model library loads (``dali <command> --help`` stays fast)."""
+
+SAMPLE_RATE = 16_000
+TARGET_FRAMES = 1024  # CAV-MAE pads or crops every clip to 1024 frames (10.24 s)
+DEFAULT_FRAME_INDEX = 5  # the middle of CAV-MAE's 10 frames; one index for every stage
+ON_ERROR_CHOICES = ("skip", "stop")
+MODALITIES = ("image", "audio", "audio_vis")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DECODING_ENGINES = ("dali", "generate", "generate-static")
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# LLaVA's conversation templates: the original trained with v1 (conv_vicuna_v1) and captioned with llava_v1.
+CONV_MODES = {
+    "v1": SYSTEM_PROMPT,
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+}
