@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo demo-full demo-seeds lint clean
+.PHONY: setup test test-all demo demo-full demo-seeds app lint clean
 
 $(STAMP): requirements.txt requirements-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-full: $(STAMP)
 
 demo-seeds: $(STAMP)
 	$(PY) -m dali.synthetic.demo --seeds 3 $(ARGS)
+
+# The web page, serving the demo's model (make demo first); ARGS adds flags, e.g. ARGS="--port 8080".
+app: $(STAMP)
+	$(VENV)/bin/dali app --run expe/demo/ot_att $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

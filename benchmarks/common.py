@@ -14,7 +14,8 @@ def device_name() -> str:
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         return f"{torch.cuda.get_device_name(0)} x{count}" if count > 1 else torch.cuda.get_device_name(0)
-    return "cpu"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "cpu")
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def sync() -> None:

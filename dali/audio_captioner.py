@@ -76,9 +76,13 @@ def wave_windows(wave: torch.Tensor, name: str, target_frames: int, first_only: 
     return windows
 
 
-def file_windows(path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool) -> list:
-    """Windows of a media file; with ``need_frame`` each gets the video frame at its middle."""
-    windows = wave_windows(torch.from_numpy(decode_audio(path)), str(path), target_frames, first_only, min_window)
+def file_windows(
+    path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool, max_seconds=None
+) -> list:
+    """Windows of a media file (of its first ``max_seconds`` when given); with ``need_frame`` each gets the video
+    frame at its middle."""
+    wave = torch.from_numpy(decode_audio(path, max_seconds=max_seconds))
+    windows = wave_windows(wave, str(path), target_frames, first_only, min_window)
     if need_frame:
         for window, frame in zip(windows, decode_frames(path, [(w.start + w.end) / 2 for w in windows])):
             window.frame = frame
@@ -128,27 +132,39 @@ class AudioCaptioner:
         )
         return cls(models, decoding, modality)
 
-    def windows(self, source: Source, first_window_only: bool = False, min_window: float = 1.0) -> list[Window]:
-        """A file (path) or a 16 kHz mono waveform (array or tensor) cut into windows."""
+    def windows(
+        self,
+        source: Source,
+        first_window_only: bool = False,
+        min_window: float = 1.0,
+        max_seconds: float | None = None,
+        modality: str | None = None,
+    ) -> list[Window]:
+        """A file (path, its first ``max_seconds`` when given) or a 16 kHz mono waveform (array or tensor) cut into
+        windows; for ``audio_vis`` (by default the captioner's modality) each carries its video frame."""
         target = self.models.encoder.config.target_frames
+        modality = modality or self.modality
         if isinstance(source, (str, Path)):
-            need_frame = self.modality == "audio_vis"
-            return file_windows(Path(source), target, first_window_only, min_window, need_frame)
-        if self.modality == "audio_vis":
+            need_frame = modality == "audio_vis"
+            return file_windows(Path(source), target, first_window_only, min_window, need_frame, max_seconds)
+        if modality == "audio_vis":
             raise DaliError("audio + image captions need a video file, not a waveform")
         wave = torch.as_tensor(np.asarray(source, dtype=np.float32)).flatten()
         return wave_windows(wave, "<waveform>", target, first_window_only, min_window)
 
-    def iter_captions(self, windows: Sequence[Window], batch_size: int = 16) -> Iterator[tuple[Window, str]]:
-        """(window, caption) for each window, captioned ``batch_size`` windows at a time."""
+    def iter_captions(
+        self, windows: Sequence[Window], batch_size: int = 16, decoding: DecodingOptions | None = None
+    ) -> Iterator[tuple[Window, str]]:
+        """(window, caption) for each window, ``batch_size`` windows at a time: from audio and image where the
+        windows carry frames, else from audio; decoded as ``decoding`` says (by default the captioner's)."""
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
             with torch.no_grad():
                 pixels = None
-                if self.modality == "audio_vis":
+                if batch[0].frame is not None:
                     pixels = self.models.captioner.preprocess_images([w.frame for w in batch])
                 block = self.models.block(torch.stack([w.features for w in batch]), pixels)
-                captions = self.models.captioner.generate(block, self.decoding)
+                captions = self.models.captioner.generate(block, decoding or self.decoding)
             yield from zip(batch, captions)
 
     def caption(

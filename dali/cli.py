@@ -35,6 +35,7 @@ GROUPS = {
     },
     "tools": {
         "caption": ("dali.stages.caption", "CaptionConfig", "caption any audio or video file with a finished run"),
+        "app": ("dali.stages.app", "AppConfig", "a web page to caption a clip (upload or record) with a run"),
         "evaluate": ("dali.stages.evaluate", "EvaluateConfig", "score a predictions file against a test list"),
         "prepare": ("dali.stages.prepare", "PrepareConfig", "media files -> 16 kHz wavs, frames and a CAV-MAE list"),
         "import-original": (

@@ -402,3 +402,29 @@ class DemoConfig:
 
     def validate(self) -> None:
         require_at_least(self, 1, "seeds")
+
+
+@dataclass(kw_only=True)
+class AppConfig(Precision):
+    """dali app --run RUN: a web page to caption a clip (upload a file or record one) with a finished run.
+
+    The model loads once; requests wait in a queue. The page is served on 127.0.0.1 unless --host says otherwise,
+    never shared publicly, with Gradio's analytics off and nothing fetched from outside. Uploads go to a private
+    temporary folder, each removed once captioned, the folder at exit.
+    """
+
+    run: str = field(help="a finished run: its folder (e.g. expe/demo/ot_att) or its name under --expe-dir")
+    expe_dir: str = field("expe", help="where run names are looked up")
+    llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
+    host: str = field("127.0.0.1", help="address to serve on (0.0.0.0 opens the page to the network)")
+    port: int = field(7860, help="port to serve on")
+    max_seconds: float = field(600.0, help="longer files are cut to their first this many seconds (the page says so)")
+    min_seconds: float = field(1.0, help="shortest clip (and trailing window) to caption, in seconds")
+    max_upload_mb: int = field(200, help="largest upload accepted, in MB")
+    batch_size: int = field(16, help="windows captioned at once")
+    device: str = field("auto")
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "port", "max_upload_mb", "batch_size")
+        if self.max_seconds < self.min_seconds:
+            raise ConfigError(f"--max-seconds must be >= --min-seconds ({self.min_seconds}), got {self.max_seconds}")

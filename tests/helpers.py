@@ -38,15 +38,19 @@ def original_layout(encoder, with_extras: bool) -> dict:
     return state
 
 
-def write_mp4(path: Path, seconds: float = 3.0, fps: int = 10, rate: int = 44_100, size=(96, 64)) -> Path:
+def write_mp4(
+    path: Path, seconds: float = 3.0, fps: int = 10, rate: int = 44_100, size=(96, 64), sound: bool = True
+) -> Path:
+    """A small mp4: a red square moving over black, and (``sound``) a 440 Hz tone in AAC stereo."""
     import av
 
     with av.open(str(path), "w") as container:
         video = container.add_stream("mpeg4", rate=fps)
         video.width, video.height = size
         video.pix_fmt = "yuv420p"
-        audio = container.add_stream("aac", rate=rate)
-        audio.layout = "stereo"
+        if sound:
+            audio = container.add_stream("aac", rate=rate)
+            audio.layout = "stereo"
         for index in range(int(seconds * fps)):
             image = np.zeros((size[1], size[0], 3), dtype=np.uint8)
             x = 20 + int(index / (seconds * fps) * (size[0] - 56))  # stays inside the centre crop
@@ -55,17 +59,45 @@ def write_mp4(path: Path, seconds: float = 3.0, fps: int = 10, rate: int = 44_10
                 container.mux(packet)
         for packet in video.encode():
             container.mux(packet)
-        t = np.arange(int(seconds * rate)) / rate
-        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        samples = np.stack([tone, tone * 0.5])  # planar stereo
-        step = 1024
-        for start in range(0, samples.shape[1], step):
-            frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(samples[:, start : start + step]), format="fltp", layout="stereo"
-            )
-            frame.sample_rate = rate
-            for packet in audio.encode(frame):
-                container.mux(packet)
-        for packet in audio.encode():
-            container.mux(packet)
+        if sound:
+            _write_tone(container, audio, seconds, rate)
     return path
+
+
+def _write_tone(container, audio, seconds: float, rate: int) -> None:
+    import av
+
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    samples = np.stack([tone, tone * 0.5])  # planar stereo
+    step = 1024
+    for start in range(0, samples.shape[1], step):
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples[:, start : start + step]), format="fltp", layout="stereo"
+        )
+        frame.sample_rate = rate
+        for packet in audio.encode(frame):
+            container.mux(packet)
+    for packet in audio.encode():
+        container.mux(packet)
+
+
+def align_flags(world, llava, method="ot_att"):
+    return [
+        *tiny_encoder_flags(world, llava),
+        "--val-list",
+        str(world / "val.json"),
+        "--method",
+        method,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-steps-per-epoch",
+        "2",
+        "--num-workers",
+        "0",
+        "--cache-vision-tokens",
+        "--scorer-heads",
+        "2",
+    ]

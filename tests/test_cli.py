@@ -19,6 +19,8 @@ from dali.cli import COMMANDS
         (["-m", "dali.cli", "align", "--config", "no_such.yaml"], "no_such.yaml"),
         (["-m", "dali.cli", "prepare", "no_such_folder", "out"], "dali prepare: error: INPUT"),
         (["-m", "dali.stages.distill", "--run", "../x"], "dali distill: error: --run '../x' must be a plain name"),
+        (["-m", "dali.cli", "app", "--run", "nowhere"], "dali app: error: --run 'nowhere': neither"),
+        (["-m", "dali.cli", "app", "--run", "x", "--max-seconds", "0.5"], "--max-seconds must be >= --min-seconds"),
     ],
 )
 def test_user_mistakes_are_one_line_and_status_2(argv, message, tmp_path):

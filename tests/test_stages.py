@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_encoder_flags
+from helpers import align_flags
 
 from dali.jsonl import read_jsonl
 from dali.models.decoding import DecodingOptions
@@ -17,53 +17,6 @@ from dali.runs import StageStateError, read_manifest
 from dali.stages import align, distill, evaluate, infer, prefix_tune, pseudo_label
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def pipeline(synthetic, tmp_path_factory):
-    """Prefix and aligned encoder shared by the later stages' tests."""
-    world, llava = synthetic
-    run = tmp_path_factory.mktemp("expe") / "run"
-    assert (
-        prefix_tune.main(
-            [
-                "--llava",
-                str(llava),
-                "--pairs",
-                str(world / "prefix_pairs.json"),
-                "--epochs",
-                "4",
-                "--num-prefix-tokens",
-                "4",
-                "--out",
-                str(run / "prefix"),
-            ]
-        )
-        == 0
-    )
-    assert align.main(_align_flags(world, llava) + ["--out", str(run / "align")]) == 0
-    return world, llava, run
-
-
-def _align_flags(world, llava, method="ot_att"):
-    return [
-        *tiny_encoder_flags(world, llava),
-        "--val-list",
-        str(world / "val.json"),
-        "--method",
-        method,
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--max-steps-per-epoch",
-        "2",
-        "--num-workers",
-        "0",
-        "--cache-vision-tokens",
-        "--scorer-heads",
-        "2",
-    ]
 
 
 def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pipeline):
@@ -89,7 +42,7 @@ def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pip
 def test_alignment_methods(synthetic, tmp_path, method, solver):
     world, llava = synthetic
     out = tmp_path / "align"
-    assert align.main(_align_flags(world, llava, method) + ["--ot-solver", solver, "--out", str(out)]) == 0
+    assert align.main(align_flags(world, llava, method) + ["--ot-solver", solver, "--out", str(out)]) == 0
     records = read_jsonl(out / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
@@ -105,7 +58,7 @@ def test_alignment_loss_falls_on_the_synthetic_world(synthetic, tmp_path):
     the one of the best validation epoch."""
     world, llava = synthetic
     out = tmp_path / "align"
-    flags = _align_flags(world, llava, "ot") + ["--epochs", "6", "--lr", "0.001", "--lr-decay-start", "100"]
+    flags = align_flags(world, llava, "ot") + ["--epochs", "6", "--lr", "0.001", "--lr-decay-start", "100"]
     flags[flags.index("--max-steps-per-epoch") + 1] = "100"
     assert align.main(flags + ["--out", str(out)]) == 0
     records = read_jsonl(out / "metrics.jsonl")
@@ -126,7 +79,7 @@ def test_validation_scores_only_clips_whose_frame_was_cached(synthetic, tmp_path
     runs = {"clean": [world / "val.json"], "broken": [tmp_path / "val_broken.json", "--data-root", str(world)]}
     runs["no_frames"] = [tmp_path / "val_broken.json"]
     for name, (val_list, *extra) in runs.items():
-        flags = _align_flags(world, llava, "mmd") + ["--epochs", "1", "--out", str(tmp_path / name), *extra]
+        flags = align_flags(world, llava, "mmd") + ["--epochs", "1", "--out", str(tmp_path / name), *extra]
         flags[flags.index("--val-list") + 1] = str(val_list)
         assert align.main(flags) == 0
         losses[name] = [r["val_loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "val_loss" in r]
@@ -140,7 +93,7 @@ def test_attentive_alignment_trains_compiled_on_gpu(synthetic, tmp_path):
     """On a GPU the encoder's forward is compiled; its backward may run once, so the scorers' pass comes first."""
     world, llava = synthetic
     out = tmp_path / "align"
-    flags = _align_flags(world, llava, "ot_att") + ["--ot-solver", "sinkhorn", "--device", "cuda", "--out", str(out)]
+    flags = align_flags(world, llava, "ot_att") + ["--ot-solver", "sinkhorn", "--device", "cuda", "--out", str(out)]
     assert align.main(flags) == 0
     records = read_jsonl(out / "metrics.jsonl")
     assert {r["entropy_weight"] for r in records if r.get("epoch") == 2 and "loss" in r} == {500.0}
@@ -516,3 +469,31 @@ def test_bad_clips_of_every_process_reach_the_skipped_list(tmp_path):
     for rank in (0, 1):
         gathered = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert [record["id"] for record in gathered] == ["bad0", "bad1"]
+
+
+def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploads(pipeline, tmp_path, write_wav):
+    from helpers import write_mp4
+
+    from dali.audio_captioner import AudioCaptioner
+    from dali.command_configs import AppConfig
+    from dali.stages.app import ClipCaptioner
+
+    run = pipeline[2]
+    scratch = tmp_path / "uploads"
+    scratch.mkdir()
+    config = AppConfig(run=str(run), max_seconds=15.0)
+    page = ClipCaptioner(AudioCaptioner.from_run(run), config, scratch)
+    long_clip = write_wav("long.wav", seconds=30.0)
+    result = page(str(long_clip), "audio", "greedy", 0)
+    assert [row[:2] for row in result.rows] == [[0.0, 10.24], [10.24, 15.0]]
+    assert "only its first 15 s" in result.message and result.spectrogram.size[0] > 0 and not result.frames
+    assert "0.20 s long" in page(str(write_wav("short.wav", seconds=0.2)), "audio", "greedy", 0).message
+    silent = write_mp4(tmp_path / "silent.mp4", seconds=2.0, sound=False)
+    assert "no audio stream" in page(str(silent), "audio", "greedy", 0).message
+    assert "no video stream" in page(str(long_clip), "audio + image (videos)", "greedy", 0).message
+    assert "Upload" in page(None, "audio", "greedy", 0).message
+    upload = scratch / "upload.wav"
+    shutil.copy(long_clip, upload)
+    sampled = page(str(upload), "audio", "seeded sampling", 3)
+    assert len(sampled.rows) == 2 and not upload.exists() and long_clip.exists()  # only uploads are removed
+    assert json.loads(Path(sampled.json_path).read_text())["decoding"]["strategy"] == "sample"

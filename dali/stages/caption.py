@@ -51,20 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
     bar.close()
     if config.json:
-        atomic_write_json(config.json, _report(config, captioner, results, failures))
+        atomic_write_json(config.json, caption_report(results, failures, captioner, config.run))
     return 1 if failures and not results else 0
 
 
-def _report(config: CaptionConfig, captioner: AudioCaptioner, results: list[dict], failures: list[dict]) -> dict:
+def caption_report(
+    results: list[dict],
+    failures: list[dict],
+    captioner: AudioCaptioner,
+    run: str,
+    modality: str | None = None,
+    decoding=None,
+) -> dict:
+    """The captions of ``dali caption --json`` (and the web page's download), with what made them."""
+    model = captioner.models.captioner
     return {
         "captions": results,
         "failed": failures,
-        "modality": config.modality,
-        "decoding": captioner.decoding.__dict__,
-        "conv_mode": captioner.models.captioner.conv_mode,
-        "dtype": config.dtype,
-        "run": str(config.run),
-        "llava": captioner.models.captioner.source,
+        "modality": modality or captioner.modality,
+        "decoding": (decoding or captioner.decoding).__dict__,
+        "conv_mode": model.conv_mode,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "run": str(run),
+        "llava": model.source,
     }
 
 
