@@ -73,6 +73,41 @@ def test_demo_then_caption_your_own_file(sandbox):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     windows = eval(done.stdout.decode().strip().splitlines()[-1])
     assert [(start, end) for start, end, _ in windows] == [(0.0, 10.24), (10.24, 12.0)]
+    _make_app_serves_the_demo_and_captions_as_the_api_does(sandbox, windows)
+
+
+def _make_app_serves_the_demo_and_captions_as_the_api_does(sandbox: Path, windows: list) -> None:
+    """`make app`, as the README says (on its port, 7860), then one request through the page's own HTTP API (what
+    the browser sends: tests/test_app.py drives the page itself)."""
+    import signal
+    import time
+
+    from gradio_client import Client, handle_file
+
+    assert "make app    # serves expe/demo/ot_att on http://127.0.0.1:7860" in README
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    server = subprocess.Popen(
+        ["make", "app"],
+        cwd=sandbox,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(240):
+            try:
+                client = Client("http://127.0.0.1:7860/", verbose=False)
+                break
+            except Exception:  # not serving yet
+                assert server.poll() is None, "make app stopped"
+                time.sleep(0.5)
+        clip = handle_file(str(sandbox / "my_clip.wav"))
+        table = client.predict(clip, None, "audio", "greedy", 0, api_name="/caption")
+        assert [tuple(row) for row in table[0]["data"]] == [tuple(window) for window in windows]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=60)
 
 
 def test_the_five_scripts_on_the_synthetic_world(sandbox):
