@@ -499,3 +499,56 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploa
     sampled = page(str(upload), "audio", "seeded sampling", 3)
     assert len(sampled.rows) == 2 and not upload.exists() and long_clip.exists()  # only uploads are removed
     assert json.loads(Path(sampled.json_path).read_text())["decoding"]["strategy"] == "sample"
+
+
+def _launch(flags: list[str], module: str, preset: str, nodes: int = 1) -> list[subprocess.Popen]:
+    """The stage through scripts/run_stage.sh: one process, or ``nodes`` "machines" meeting at a localhost
+    rendezvous (torchrun's c10d, gloo), each started as docs/cluster.md says."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = dict(os.environ, DALI_PROGRESS="0", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    script = [str(ROOT / "scripts" / "run_stage.sh"), module, preset, *flags]
+    if nodes == 1:
+        return [subprocess.Popen(script, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    cluster = {"NNODES": str(nodes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NPROC": "1"}
+    return [
+        subprocess.Popen(
+            script,
+            env=base | cluster | {"NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(nodes)
+    ]
+
+
+def _finish(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_at_a_rendezvous_train_and_caption_as_one_process(pipeline, tmp_path):
+    """Two "nodes" (torchrun --nnodes 2 at a c10d rendezvous on localhost, gloo) give the loss curve of one process
+    (half the batch each) and, pseudo-labelling, the same captions merged in input order."""
+    world, llava, run = pipeline
+    common = ["--llava", str(llava), "--device", "cpu", "--dtype", "float32"]
+    prefix = [*common, "--pairs", str(world / "prefix_pairs.json"), "--epochs", "3", "--num-prefix-tokens", "4"]
+    captions = [*common, "--clips", str(world / "pseudo.json"), "--align-dir", str(run / "align"), "--limit", "6"]
+    captions += ["--prefix-dir", str(run / "prefix"), "--batch-size", "2", "--num-workers", "0", "--strategy", "greedy"]
+    losses, merged = {}, {}
+    for nodes in (1, 2):
+        out = tmp_path / f"nodes{nodes}"
+        batch = ["--batch-size", str(16 // nodes)]
+        _finish(_launch([*prefix, *batch, "--out", str(out / "prefix")], "prefix_tune", "prefix_tuning", nodes))
+        losses[nodes] = [record["loss"] for record in read_jsonl(out / "prefix" / "metrics.jsonl")]
+        _finish(_launch([*captions, "--out", str(out / "pseudo")], "pseudo_label", "pseudo_labels", nodes))
+        merged[nodes] = [(r["id"], r["caption"]) for r in read_jsonl(out / "pseudo" / "pseudo_captions.jsonl")]
+    assert len(losses[1]) == len(losses[2]) == 3
+    assert max(abs(a - b) for a, b in zip(losses[1], losses[2])) < 1e-4
+    assert len(merged[1]) == 6 and merged[1] == merged[2]
