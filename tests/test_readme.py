@@ -106,8 +106,12 @@ def _make_app_serves_the_demo_and_captions_as_the_api_does(sandbox: Path, window
         table = client.predict(clip, None, "audio", "greedy", 0, api_name="/caption")
         assert [tuple(row) for row in table[0]["data"]] == [tuple(window) for window in windows]
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(timeout=60)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C, as the README says, stops it
+        try:
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_the_five_scripts_on_the_synthetic_world(sandbox):

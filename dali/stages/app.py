@@ -8,7 +8,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,8 +194,23 @@ def main(argv: list[str] | None = None) -> int:
             ssr_mode=False,
             footer_links=[],
             allowed_paths=[str(scratch)],
+            prevent_thread_lock=True,
         )
+        serve_until_stopped(page)
     return 0
+
+
+def serve_until_stopped(page) -> None:
+    """Block until Ctrl-C or SIGTERM, then close the server; a close that hangs on an open connection is given
+    10 s (its threads are daemons: the process ends with this function's caller)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping the web page")
+    closer = threading.Thread(target=page.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
 
 
 if __name__ == "__main__":
