@@ -168,7 +168,8 @@ def test_bad_input_and_an_oversized_upload_get_a_message_and_the_server_keeps_se
     url, _, _ = server
     page = _open(browser, url)
     _submit(page, clips / "corrupt.wav")
-    assert "cannot decode" in _status(page, "Could not caption")
+    message = _status(page, "Could not caption corrupt.wav")
+    assert "cannot decode 'corrupt.wav'" in message and "dali-app-" not in message  # the user's name, not the copy's
     page.reload()  # a fresh page, as a user starting over: the server behind it is the same process
     page.wait_for_selector("#caption")
     page.set_input_files("#upload input[type=file]", str(clips / "big.wav"))

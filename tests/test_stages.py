@@ -491,7 +491,7 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploa
     silent = write_mp4(tmp_path / "silent.mp4", seconds=2.0, sound=False)
     assert "no audio stream" in page(str(silent), "audio", "greedy", 0).message
     (tmp_path / "empty.wav").write_bytes(b"")
-    assert "Could not caption this file" in page(str(tmp_path / "empty.wav"), "audio", "greedy", 0).message
+    assert "Could not caption empty.wav" in page(str(tmp_path / "empty.wav"), "audio", "greedy", 0).message
     assert "no video stream" in page(str(long_clip), "audio + image (videos)", "greedy", 0).message
     assert "Upload" in page(None, "audio", "greedy", 0).message
     upload = scratch / "upload.wav"

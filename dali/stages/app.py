@@ -50,8 +50,10 @@ class ClipCaptioner:
             return PageResult(message="Upload an audio or video file, or record one, first.")
         try:
             return self._caption(Path(path), MODALITIES[modality], decoding, int(seed))
-        except DaliError as error:
-            return PageResult(message=f"**Could not caption this file:** {error}")
+        except DaliError as error:  # named by the user's file name, not the server's copy of it
+            return PageResult(
+                message=f"**Could not caption {Path(path).name}:** {str(error).replace(path, Path(path).name)}"
+            )
         finally:
             if Path(path).is_relative_to(self.scratch):
                 Path(path).unlink(missing_ok=True)  # an upload is kept no longer than its captions take
