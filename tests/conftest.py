@@ -83,28 +83,12 @@ def synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(synthetic, tmp_path_factory):
     """Prefix and aligned encoder shared by the later stages' tests (and the web page's): (world, llava, run)."""
-    from helpers import align_flags
+    from helpers import align_flags, prefix_flags
 
     from dali.stages import align, prefix_tune
 
     world, llava = synthetic
     run = tmp_path_factory.mktemp("expe") / "run"
-    assert (
-        prefix_tune.main(
-            [
-                "--llava",
-                str(llava),
-                "--pairs",
-                str(world / "prefix_pairs.json"),
-                "--epochs",
-                "4",
-                "--num-prefix-tokens",
-                "4",
-                "--out",
-                str(run / "prefix"),
-            ]
-        )
-        == 0
-    )
+    assert prefix_tune.main([*prefix_flags(world, llava, 4), "--out", str(run / "prefix")]) == 0
     assert align.main(align_flags(world, llava) + ["--out", str(run / "align")]) == 0
     return world, llava, run

@@ -82,6 +82,21 @@ def _write_tone(container, audio, seconds: float, rate: int) -> None:
         container.mux(packet)
 
 
+def prefix_flags(world: Path, llava: Path, epochs: int) -> list[str]:
+    """Stage 1a on the reduced world with a 4-token prefix (add --out)."""
+    pairs = str(world / "prefix_pairs.json")
+    return ["--llava", str(llava), "--pairs", pairs, "--epochs", str(epochs), "--num-prefix-tokens", "4"]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def align_flags(world, llava, method="ot_att"):
     return [
         *tiny_encoder_flags(world, llava),

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from helpers import write_mp4
+from helpers import free_port, write_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = os.environ.get("DALI_APP_SCREENSHOT")  # where to keep the page's picture (docs/app.png is one)
@@ -30,17 +29,11 @@ def _browser() -> str:
     pytest.skip("no chromium on PATH (apt-get install chromium); CI installs it")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(pipeline, tmp_path_factory):
     """`dali app` on a free port of 127.0.0.1, serving the tests' run: (url, run, llava)."""
     world, llava, run = pipeline
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("app") / "app.log", "w")
     command = [sys.executable, "-m", "dali.cli", "app", "--run", str(run), "--port", str(port), "--max-upload-mb", "1"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -132,6 +125,11 @@ def _cli_captions(run: Path, path: Path, *flags: str) -> list[list[str]]:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     captions = json.loads(Path(str(path) + ".json").read_text())["captions"]
+    return _rows(captions)
+
+
+def _rows(captions: list[dict]) -> list[list[str]]:
+    """Captions of a JSON report as the page's table shows them."""
     return [[f"{c['start']:g}", f"{c['end']:g}", c["caption"]] for c in captions]
 
 
@@ -145,7 +143,7 @@ def test_a_wav_gets_the_captions_dali_caption_gives_and_nothing_comes_from_outsi
     assert page.locator("#spectrogram img").count() == 1
     link = page.locator("#json a").first.get_attribute("href")
     report = json.loads(urllib.request.urlopen(urllib.parse.urljoin(url, link)).read())
-    assert [[f"{c['start']:g}", f"{c['end']:g}", c["caption"]] for c in report["captions"]] == rows
+    assert _rows(report["captions"]) == rows
     outside = {request for request in page.requests if not request.startswith((url, "data:", "blob:"))}
     assert not outside
     if SCREENSHOT:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import tiny_encoder_flags
+from helpers import prefix_flags, tiny_encoder_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -285,23 +285,7 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
     aligned = tmp_path / "align"
     from dali.stages import align, prefix_tune
 
-    assert (
-        prefix_tune.main(
-            [
-                "--llava",
-                str(llava),
-                "--pairs",
-                str(world / "prefix_pairs.json"),
-                "--epochs",
-                "2",
-                "--num-prefix-tokens",
-                "4",
-                "--out",
-                str(tmp_path / "prefix"),
-            ]
-        )
-        == 0
-    )
+    assert prefix_tune.main([*prefix_flags(world, llava, 2), "--out", str(tmp_path / "prefix")]) == 0
     assert (
         align.main([*tiny_encoder_flags(world, llava), "--epochs", "0", "--num-workers", "0", "--out", str(aligned)])
         == 0
@@ -345,23 +329,7 @@ def _distill_inputs(world, llava, folder: Path) -> tuple[Path, Path]:
         align.main([*tiny_encoder_flags(world, llava), "--epochs", "0", "--num-workers", "0", "--out", str(aligned)])
         == 0
     )
-    assert (
-        prefix_tune.main(
-            [
-                "--llava",
-                str(llava),
-                "--pairs",
-                str(world / "prefix_pairs.json"),
-                "--epochs",
-                "1",
-                "--num-prefix-tokens",
-                "4",
-                "--out",
-                str(prefix),
-            ]
-        )
-        == 0
-    )
+    assert prefix_tune.main([*prefix_flags(world, llava, 1), "--out", str(prefix)]) == 0
     assert (
         pseudo_label.main(
             [
@@ -411,19 +379,7 @@ def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_pat
         ]
         output = "projector.safetensors"
     elif stage == "prefix_tune":
-        base = [
-            "dali.stages.prefix_tune",
-            "--llava",
-            str(llava),
-            "--pairs",
-            str(world / "prefix_pairs.json"),
-            "--epochs",
-            "30",
-            "--num-prefix-tokens",
-            "4",
-            "--checkpoint-every",
-            "3",
-        ]
+        base = ["dali.stages.prefix_tune", *prefix_flags(world, llava, 30), "--checkpoint-every", "3"]
         output = "prefix.safetensors"
     else:
         base = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import align_flags
+from helpers import align_flags, free_port, prefix_flags
 
 from dali.jsonl import read_jsonl
 from dali.models.decoding import DecodingOptions
@@ -361,16 +361,9 @@ def test_two_processes_follow_the_single_process_loss_curve(synthetic, tmp_path)
             str(processes),
             "-m",
             "dali.stages.prefix_tune",
-            "--llava",
-            str(llava),
-            "--pairs",
-            str(world / "prefix_pairs.json"),
-            "--epochs",
-            "4",
+            *prefix_flags(world, llava, 4),
             "--batch-size",
             str(16 // processes),
-            "--num-prefix-tokens",
-            "4",
             "--device",
             "cpu",
             "--out",
@@ -504,11 +497,7 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploa
 def _launch(flags: list[str], module: str, preset: str, nodes: int = 1) -> list[subprocess.Popen]:
     """The stage through scripts/run_stage.sh: one process, or ``nodes`` "machines" meeting at a localhost
     rendezvous (torchrun's c10d, gloo), each started as docs/cluster.md says."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     base = dict(os.environ, DALI_PROGRESS="0", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     script = [str(ROOT / "scripts" / "run_stage.sh"), module, preset, *flags]
     if nodes == 1:
@@ -537,9 +526,10 @@ def test_two_nodes_at_a_rendezvous_train_and_caption_as_one_process(pipeline, tm
     """Two "nodes" (torchrun --nnodes 2 at a c10d rendezvous on localhost, gloo) give the loss curve of one process
     (half the batch each) and, pseudo-labelling, the same captions merged in input order."""
     world, llava, run = pipeline
-    common = ["--llava", str(llava), "--device", "cpu", "--dtype", "float32"]
-    prefix = [*common, "--pairs", str(world / "prefix_pairs.json"), "--epochs", "3", "--num-prefix-tokens", "4"]
-    captions = [*common, "--clips", str(world / "pseudo.json"), "--align-dir", str(run / "align"), "--limit", "6"]
+    on_cpu = ["--device", "cpu", "--dtype", "float32"]
+    prefix = [*prefix_flags(world, llava, 3), *on_cpu]
+    captions = ["--llava", str(llava), *on_cpu, "--clips", str(world / "pseudo.json"), "--limit", "6"]
+    captions += ["--align-dir", str(run / "align")]
     captions += ["--prefix-dir", str(run / "prefix"), "--batch-size", "2", "--num-workers", "0", "--strategy", "greedy"]
     losses, merged = {}, {}
     for nodes in (1, 2):
