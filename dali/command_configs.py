@@ -287,15 +287,22 @@ class InferConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
 
 
 @dataclass(kw_only=True)
-class CaptionConfig(Precision, DecodingFlags):
-    """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
+class FinishedRun(Precision):
+    """The flags of the commands that caption with a finished run (caption, app), declared once."""
 
     run: str = field(
         help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
     )
     expe_dir: str = field("expe", help="where run names are looked up")
-    files: tuple[str, ...] = field((), help="audio or video files", positional=True)
     llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
+    device: str = field("auto")
+
+
+@dataclass(kw_only=True)
+class CaptionConfig(FinishedRun, DecodingFlags):
+    """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
+
+    files: tuple[str, ...] = field((), help="audio or video files", positional=True)
     modality: str = field("audio", choices=("audio", "audio_vis"))
     projector: str | None = field(
         None, choices=("distilled", "original"), help="default: distilled when the run has one, else LLaVA's own"
@@ -306,7 +313,6 @@ class CaptionConfig(Precision, DecodingFlags):
     batch_size: int = field(16)
     strategy: str = field("greedy", choices=("greedy", "beam", "sample"))
     json: str | None = field(None, help="also write the captions to this JSON file")
-    device: str = field("auto")
 
     def validate(self) -> None:
         if not self.files:
@@ -405,7 +411,7 @@ class DemoConfig:
 
 
 @dataclass(kw_only=True)
-class AppConfig(Precision):
+class AppConfig(FinishedRun):
     """dali app --run RUN: a web page to caption a clip (upload a file or record one) with a finished run.
 
     The model loads once; requests wait in a queue. The page is served on 127.0.0.1 unless --host says otherwise,
@@ -413,16 +419,12 @@ class AppConfig(Precision):
     temporary folder, each removed once captioned, the folder at exit.
     """
 
-    run: str = field(help="a finished run: its folder (e.g. expe/demo/ot_att) or its name under --expe-dir")
-    expe_dir: str = field("expe", help="where run names are looked up")
-    llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
     host: str = field("127.0.0.1", help="address to serve on (0.0.0.0 opens the page to the network)")
     port: int = field(7860, help="port to serve on")
     max_seconds: float = field(600.0, help="longer files are cut to their first this many seconds (the page says so)")
     min_seconds: float = field(1.0, help="shortest clip (and trailing window) to caption, in seconds")
     max_upload_mb: int = field(200, help="largest upload accepted, in MB")
     batch_size: int = field(16, help="windows captioned at once")
-    device: str = field("auto")
 
     def validate(self) -> None:
         require_at_least(self, 1, "port", "max_upload_mb", "batch_size")

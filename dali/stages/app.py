@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -159,25 +158,14 @@ def build_page(gr, service: ClipCaptioner, identity: str):
     return page, theme
 
 
-@dataclass
-class Scratch:
-    """A private temporary folder for uploads and JSON files, removed at exit."""
-
-    path: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dali-app-")))
-
-    def __enter__(self) -> Path:
-        os.environ["GRADIO_TEMP_DIR"] = str(self.path)  # Gradio keeps uploads here
-        return self.path
-
-    def __exit__(self, *_) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(AppConfig, argv)
     setup_logging()
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    with Scratch() as scratch:
+    # a private folder for uploads (Gradio keeps them in GRADIO_TEMP_DIR) and JSON files, removed at exit
+    with tempfile.TemporaryDirectory(prefix="dali-app-", ignore_cleanup_errors=True) as folder:
+        scratch = Path(folder)
+        os.environ["GRADIO_TEMP_DIR"] = folder
         import gradio as gr  # after the environment above: analytics off, uploads in the scratch folder
 
         captioner = AudioCaptioner.from_run(
