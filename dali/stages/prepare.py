@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(NUM_FRAMES):
         (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    seconds = args.max_seconds or samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE  # what gives 1024 frames
+    seconds = samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE if args.max_seconds is None else args.max_seconds
     jobs = [(str(p), str(out), seconds) for p in inputs]
     if args.workers > 1 and len(jobs) > 1:
         with worker_pool(args.workers) as pool:
