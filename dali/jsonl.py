@@ -6,9 +6,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
-from dali.files import atomic_write_text
+from dali.files import atomic_write
 
 
 def jsonl_line(record: dict[str, Any]) -> str:
@@ -22,8 +22,15 @@ def jsonl_line(record: dict[str, Any]) -> str:
     return line + "\n"
 
 
-def atomic_write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    return atomic_write_text(path, "".join(jsonl_line(record) for record in records))
+def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write ``records`` as they come to a temporary file, renamed over ``path`` once complete."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as stream:
+            for record in records:
+                stream.write(jsonl_line(record))
+
+    return atomic_write(path, write)
 
 
 class MetricsLog:
@@ -52,21 +59,24 @@ class MetricsLog:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a killed writer) is ignored, any other bad line is an error."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """:func:`read_jsonl`, one record at a time (the file is never held whole)."""
     path = Path(path)
     if not path.exists():
-        return []
-    lines = path.read_text().split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # only the unterminated last line can be torn
-                break
-            raise ValueError(f"'{path}' line {number} is not valid JSON") from None
-    return records
+        return
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                if not line.endswith("\n"):  # only the unterminated last line can be torn
+                    return
+                raise ValueError(f"'{path}' line {number} is not valid JSON") from None
 
 
 def repair_jsonl(path: str | Path) -> int:
