@@ -39,7 +39,7 @@ class RunFolder:
 class ClipLoading:
     """The flags of every stage that reads clips from a list, declared once."""
 
-    num_workers: int = field(4)
+    num_workers: int | None = field(None)
     on_error: str = field("skip", choices=ON_ERROR_CHOICES)
 
 

@@ -41,7 +41,8 @@ COMMON_HELP = {
     "device": "auto (this process's GPU, else the CPU), cpu, cuda or cuda:N",
     "dtype": "precision of LLaVA and of every captioning part",
     "seed": "seed of every random choice (shuffles, initialisation, sampling)",
-    "num_workers": "data-loading processes (0: in the main process)",
+    "num_workers": "data-loading processes per process of the stage (0: in the main process; default: this "
+    "node's cores shared among the stage's processes, at most 16)",
     "on_error": "a clip that cannot be read: skip it (listed in skipped.jsonl) or stop the run",
     "frame_index": "which of the 10 frames per clip (frame_<k>) is the clip's image",
     "batch_size": "clips per step (per process under torchrun)",

@@ -18,13 +18,22 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dali.audio import AudioLoadError, audio_to_features, load_audio
+from dali.audio import (
+    AudioLoadError,
+    audio_to_features,
+    kaldi_fbank,
+    load_audio,
+    normalize_fbank,
+    num_frames,
+    samples_for_frames,
+)
+from dali.clip_list import ClipList, resolve_path
 from dali.constants import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, TARGET_FRAMES
 from dali.errors import DaliError
 
@@ -61,11 +70,6 @@ class Clip:
         return self.frames_root / f"frame_{frame_index}" / f"{self.id}.jpg"
 
 
-def _resolve(root: Path, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else root / path
-
-
 def _check_caption(caption: Any, where: str) -> str:
     if not isinstance(caption, str) or not caption.strip():
         raise DataError(f"{where}: empty or missing caption")
@@ -85,8 +89,8 @@ def read_prefix_pairs(path: str | Path, root: str | Path | None = None) -> list[
             clips.append(
                 Clip(
                     id=row.get("id") or Path(row["image"]).stem,
-                    image=_resolve(root, row["image"]),
-                    audio=_resolve(root, row["audio"]) if row.get("audio") else None,
+                    image=resolve_path(root, row["image"]),
+                    audio=resolve_path(root, row["audio"]) if row.get("audio") else None,
                     captions=[_check_caption(row["caption"], where)],
                 )
             )
@@ -101,8 +105,8 @@ def read_prefix_pairs(path: str | Path, root: str | Path | None = None) -> list[
             clips.append(
                 Clip(
                     id=str(record.get("id", number)),
-                    image=_resolve(root, record["image"]),
-                    audio=_resolve(root, record["audio"]) if record.get("audio") else None,
+                    image=resolve_path(root, record["image"]),
+                    audio=resolve_path(root, record["audio"]) if record.get("audio") else None,
                     captions=[_check_caption(answer, where)],
                 )
             )
@@ -111,29 +115,94 @@ def read_prefix_pairs(path: str | Path, root: str | Path | None = None) -> list[
     return clips
 
 
-def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> list[Clip]:
-    """Alignment / pseudo-captioning clips from CAV-MAE's JSON format."""
+def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> ClipList:
+    """Alignment / pseudo-captioning clips from CAV-MAE's JSON format, streamed into a compact :class:`ClipList`
+    (a 2M-clip AudioSet list is never held as JSON objects; see ``benchmarks/clip_lists.py``)."""
     path = Path(path)
-    root = Path(root) if root is not None else path.parent
-    data = _load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise DataError(f'\'{path}\' must be a CAV-MAE list: {{"data": [{{"video_id", "wav", "video_path"}}]}}')
-    clips, seen = [], set()
-    for number, record in enumerate(data["data"]):
+    clips, seen = ClipList(Path(root) if root is not None else path.parent), set()
+    for number, record in enumerate(_cavmae_records(path)):
         try:
-            clip = Clip(
-                id=str(record["video_id"]),
-                audio=_resolve(root, record["wav"]),
-                frames_root=_resolve(root, record["video_path"]) if record.get("video_path") else None,
-            )
-        except (KeyError, TypeError):
+            clip_id, wav, frames = str(record["video_id"]), record["wav"], record.get("video_path")
+            if not isinstance(wav, str) or not isinstance(frames, (str, type(None))):
+                raise TypeError
+        except (KeyError, TypeError, AttributeError):
             raise DataError(f"'{path}' record {number}: needs 'video_id' and 'wav'") from None
-        if clip.id in seen:
-            log.warning("'%s' record %d: duplicate video_id '%s' ignored", path, number, clip.id)
+        if clip_id in seen:
+            log.warning("'%s' record %d: duplicate video_id '%s' ignored", path, number, clip_id)
             continue
-        seen.add(clip.id)
-        clips.append(clip)
+        seen.add(clip_id)
+        clips.append(clip_id, wav, frames)
     return clips
+
+
+MAX_JSON_DEPTH = 64  # deeper than any list file; a deeper one is refused before the parser's memory grows with it
+
+
+def _cavmae_records(path: Path) -> Iterator[Any]:
+    """Each element of a CAV-MAE list's ``data`` array, parsed one at a time from the file (ijson, C backend)."""
+    import ijson
+
+    if not path.is_file():
+        raise DataError(f"list file '{path}' does not exist")
+    shape_error = DataError(f'\'{path}\' must be a CAV-MAE list: {{"data": [{{"video_id", "wav", "video_path"}}]}}')
+    with open(path, "rb") as stream:
+        if stream.read(3) != b"\xef\xbb\xbf":  # a byte-order mark is fine
+            stream.seek(0)
+        events = _depth_checked(ijson.basic_parse(stream), path)
+        try:
+            if next(events, None) != ("start_map", None):
+                raise shape_error
+            found = False
+            for event, value in events:
+                if event == "end_map":
+                    break
+                if value == "data" and not found:
+                    found = True
+                    if next(events) != ("start_array", None):
+                        raise shape_error
+                    yield from _array_values(events)
+                else:
+                    _value(events)
+            if not found:
+                raise shape_error
+            if next(events, None) is not None:
+                raise DataError(f"'{path}' is not valid JSON: extra data after the list")
+        except ijson.JSONError as error:
+            raise DataError(f"'{path}' is not valid JSON: {str(error).splitlines()[0]}") from None
+
+
+def _depth_checked(events: Iterator[tuple[str, Any]], path: Path) -> Iterator[tuple[str, Any]]:
+    depth = 0
+    for event, value in events:
+        depth += event in ("start_map", "start_array")
+        depth -= event in ("end_map", "end_array")
+        if depth > MAX_JSON_DEPTH:
+            raise DataError(f"'{path}' is not a list file: its JSON nests too deeply")
+        yield event, value
+
+
+def _array_values(events: Iterator[tuple[str, Any]]) -> Iterator[Any]:
+    """The values of an array whose ``start_array`` was just read, up to its ``end_array``."""
+    while (item := _value(events, end="end_array")) is not _END:
+        yield item
+
+
+_END = object()
+
+
+def _value(events: Iterator[tuple[str, Any]], end: str | None = None) -> Any:
+    """The next whole JSON value from the events (``_END`` where the ``end`` event comes instead)."""
+    event, value = next(events)
+    if event == end:
+        return _END
+    if event == "start_map":
+        record = {}
+        while (key := next(events))[0] != "end_map":
+            record[key[1]] = _value(events)
+        return record
+    if event == "start_array":
+        return list(_array_values(events))
+    return value
 
 
 def write_cavmae_json(clips: Sequence[Clip], path: str | Path, root: str | Path | None = None) -> None:
@@ -199,7 +268,7 @@ def read_caption_csv(
         )
         if clip_id not in clips:
             if row.get("file_path"):
-                audio = _resolve(audio_dir, row["file_path"])
+                audio = resolve_path(audio_dir, row["file_path"])
             elif id_column == "file_name":
                 audio = audio_dir / raw_id
             else:
@@ -269,6 +338,33 @@ def clip_features(clip: Clip, target_frames: int) -> torch.Tensor:
     return audio_to_features(load_clip_audio(clip), target_frames)
 
 
+def clip_wave(clip: Clip, target_frames: int) -> tuple[torch.Tensor, int]:
+    """The clip's waveform cut or zero-padded to the samples of ``target_frames`` fbank frames, and how many of
+    those frames its own samples give: what :func:`batch_features` needs to compute the fbank on the GPU."""
+    wave = load_clip_audio(clip)
+    samples = samples_for_frames(target_frames)
+    frames = min(num_frames(wave.shape[-1]), target_frames)
+    return torch.nn.functional.pad(wave[:samples], (0, max(samples - wave.shape[-1], 0))), frames
+
+
+def loader_audio(device: torch.device) -> str:
+    """What a captioning loader yields for audio: waves for a GPU to turn into fbanks (the workers then only decode
+    files), fbanks on a CPU (computed in the workers, in parallel, as always)."""
+    return "wave" if device.type == "cuda" else "fbank"
+
+
+def batch_features(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """The batch's encoder input [B, frames, 128] on ``device``: the loader's fbank, or the fbank of its waves
+    computed there (frames past a short clip's end zeroed before normalising, as :func:`pad_or_crop` pads)."""
+    if "fbank" in batch:
+        return batch["fbank"].to(device, non_blocking=True)
+    if "wave" not in batch:
+        return None
+    fbank = kaldi_fbank(batch["wave"].to(device, non_blocking=True))  # [B, frames, 128]
+    real = torch.arange(fbank.shape[-2], device=device) < batch["frames"].to(device)[:, None]
+    return normalize_fbank(fbank * real[..., None])
+
+
 def augment_fbank(fbank: torch.Tensor, generator: random.Random) -> torch.Tensor:
     """The original's training noise: + U[0,1) * r / 10 per bin (r ~ U[0,1) per clip), then a circular time roll."""
     scale = generator.random() / 10
@@ -285,6 +381,7 @@ class BadClip:
     id: str
     path: str
     reason: str
+    index: int = -1  # its index in the dataset
 
     def as_record(self) -> dict[str, str]:
         return {"id": self.id, "path": self.path, "reason": self.reason}
@@ -299,6 +396,8 @@ class ClipDataset(torch.utils.data.Dataset):
         image_transform: PIL image -> tensor (the captioner's preprocessing).
         frame_index: which of the 10 frames.
         augment: the original's noise + time roll (alignment training only).
+        audio_as: 'fbank' (computed in the loader) or 'wave' (the waveform, for :func:`batch_features` to turn
+            into the fbank on the GPU: loader workers then only decode files).
         on_error: 'skip' yields a BadClip for the collate to drop and the stage to list; 'stop' raises.
     """
 
@@ -313,14 +412,16 @@ class ClipDataset(torch.utils.data.Dataset):
         augment: bool = False,
         on_error: str = "skip",
         seed: int = 0,
+        audio_as: str = "fbank",
     ):
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got '{on_error}'")
-        self.clips = list(clips)
+        self.clips = clips  # not copied: a ClipList stays packed
         self.need_audio, self.need_image = need_audio, need_image
         self.image_transform = image_transform
         self.frame_index, self.target_frames = frame_index, target_frames
         self.augment, self.on_error, self.seed = augment, on_error, seed
+        self.audio_as = audio_as
         self.epoch = 0
         self.fbank_cache: dict[int, torch.Tensor] | None = None
         # Precomputed image tokens [len(clips), M, D] (alignment's vision-token cache): items carry their row,
@@ -341,7 +442,7 @@ class ClipDataset(torch.utils.data.Dataset):
             except ClipError as error:
                 if self.on_error == "stop":
                     raise
-                bad.append(BadClip(error.clip_id, error.path, error.reason).as_record())
+                bad.append(BadClip(error.clip_id, error.path, error.reason, index).as_record())
         self.fbank_cache = cache
         return bad
 
@@ -356,7 +457,9 @@ class ClipDataset(torch.utils.data.Dataset):
         clip = self.clips[index]
         try:
             item: dict[str, Any] = {"index": index, "id": clip.id}
-            if self.need_audio:
+            if self.need_audio and self.audio_as == "wave":
+                item["wave"], item["frames"] = clip_wave(clip, self.target_frames)
+            elif self.need_audio:
                 cached = self.fbank_cache.get(index) if self.fbank_cache is not None else None
                 fbank = cached.float() if cached is not None else clip_features(clip, self.target_frames)
                 if self.augment:
@@ -371,7 +474,7 @@ class ClipDataset(torch.utils.data.Dataset):
         except ClipError as error:
             if self.on_error == "stop":
                 raise
-            return BadClip(error.clip_id, error.path, error.reason)
+            return BadClip(error.clip_id, error.path, error.reason, index)
 
 
 def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
@@ -380,7 +483,9 @@ def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     batch: dict[str, Any] = {"bad": [item for item in items if isinstance(item, BadClip)]}
     batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["id"] = [item["id"] for item in good]
-    for key in ("fbank", "pixels", "image_tokens"):
+    for key in ("fbank", "wave", "pixels", "image_tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])
+    if good and "frames" in good[0]:
+        batch["frames"] = torch.tensor([item["frames"] for item in good], dtype=torch.long)
     return batch

@@ -130,6 +130,15 @@ def gather_records(records: list[dict]) -> list[dict]:
     return [record for part in gathered for record in part]
 
 
-def shard(items: Sequence[T], context: Context) -> list[T]:
-    """This rank's share, interleaved so that merged outputs can be put back in the input order."""
-    return list(items[context.rank :: context.world_size])
+def loader_workers(limit: int = 16) -> int:
+    """Loader processes for each process of a stage: the cores this process may use, shared among the stage's
+    processes on this node, less one for the process itself (at most ``limit``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(min(per_process - 1, limit), 0)
+
+
+def shard(items: Sequence[T], context: Context) -> Sequence[T]:
+    """This rank's share, interleaved so that merged outputs can be put back in the input order (a slice: a
+    list's share is a list, a ClipList's a view of it)."""
+    return items[context.rank :: context.world_size]

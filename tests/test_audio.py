@@ -121,3 +121,17 @@ def test_audio_to_features_pads_crops_and_normalises():
     assert torch.allclose(short[-1], torch.full((128,), (0 - audio.FBANK_MEAN) / audio.FBANK_STD))
     long = audio_to_features(torch.randn(16000 * 12))
     assert long.shape == (1024, 128)
+
+
+@pytest.mark.parametrize("seconds", [0.005, 0.5, 10.24, 12.0])
+def test_fbank_from_loader_waves_equals_the_loaders_fbank(write_wav, seconds):
+    """The GPU path (the loader yields waves, the stage computes the fbank of the batch) gives the features the CPU
+    path computes per clip: shorter clips' missing frames zero before normalising, longer clips cut."""
+    from dali.data import Clip, ClipDataset, batch_features, collate
+
+    clips = [Clip("a", write_wav("a.wav", seconds=seconds)), Clip("b", write_wav("b.wav", seconds=3.0))]
+    fbanks, waves = (ClipDataset(clips, need_audio=True, need_image=False, audio_as=kind) for kind in ("fbank", "wave"))
+    from_fbanks = batch_features(collate([fbanks[0], fbanks[1]]), torch.device("cpu"))
+    from_waves = batch_features(collate([waves[0], waves[1]]), torch.device("cpu"))
+    assert from_waves.shape == from_fbanks.shape == (2, 1024, 128)
+    torch.testing.assert_close(from_waves, from_fbanks, atol=1e-4, rtol=1e-5)

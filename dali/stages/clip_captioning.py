@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from dali import distributed
+from dali.clip_list import clip_ids
 from dali.data import Clip, ClipDataset, collate
-from dali.jsonl import JsonlWriter, atomic_write_jsonl, read_jsonl
+from dali.jsonl import JsonlWriter, MetricsLog, atomic_write_jsonl, iter_jsonl
 from dali.models.captioner import Captioner
 from dali.models.decoding import DecodingOptions
 from dali.progress import progress
@@ -23,8 +26,8 @@ def part_file(out: Path, rank: int) -> Path:
 
 def caption_clips(
     captioner: Captioner,
-    clips: list[Clip],
-    dataset_for: Callable[[list[Clip]], ClipDataset],
+    clips: Sequence[Clip],
+    dataset_for: Callable[[Sequence[Clip]], ClipDataset],
     make_block: Callable[[dict], torch.Tensor],
     options: DecodingOptions,
     out: Path,
@@ -32,54 +35,107 @@ def caption_clips(
     batch_size: int,
     num_workers: int,
     extra: Callable[[Clip], dict] = lambda clip: {},
-) -> tuple[list[dict], list[dict]]:
-    """Caption ``clips`` (this rank's share), append to this rank's part file, and merge on rank 0.
+) -> Iterator[dict]:
+    """Caption this rank's share of ``clips``, appending to its part file; on rank 0, then merge every rank's part.
 
     Work goes in fixed chunks of ``batch_size`` clips of the rank's share; a chunk's captions and skips are
     written in one durable append. After a kill, only complete chunks are kept and the rest is redone in the
     same chunks with the same per-chunk seed, so even sampled captions equal an uninterrupted run's.
 
     Returns:
-        (captions, skipped) on rank 0, in the order of ``clips``; empty lists on other ranks.
+        on rank 0, the records of every clip in the order of ``clips``, read from the parts as they are
+        consumed: captions, and the clips that could not be used (``"skipped": True``); nothing on other ranks.
     """
-    positions = {clip.id: position for position, clip in enumerate(clips)}
-    mine = distributed.shard(clips, context)
-    chunks = [list(range(start, min(start + batch_size, len(mine)))) for start in range(0, len(mine), batch_size)]
+    # Rank 0 has opened the stage folder (an --overwrite moves the old run aside on its first write): no rank
+    # may read or write a part before that, or its part would be moved aside with the old run.
+    distributed.barrier()
+    mine = distributed.shard(clips, context)  # interleaved: mine[i] is clips[rank + i * world_size]
+    chunks = [range(start, min(start + batch_size, len(mine))) for start in range(0, len(mine), batch_size)]
     part = part_file(out, context.rank)
-    kept = _complete_chunk_records(part, mine, chunks)
-    done_ids = {record["id"] for record in kept}
-    todo = [chunk for chunk in chunks if mine[chunk[0]].id not in done_ids]
-    if kept:
-        log.info("rank %d: resuming, %d of %d batches already done", context.rank, len(chunks) - len(todo), len(chunks))
-    loader = torch.utils.data.DataLoader(
-        dataset_for(mine), batch_sampler=todo, num_workers=num_workers, collate_fn=collate
-    )
+    done = _complete_chunks(part, clip_ids(mine), chunks)
+    todo = [chunk for chunk in chunks if chunk.start not in done]
+    if done:
+        log.info("rank %d: resuming, %d of %d batches already done", context.rank, len(done), len(chunks))
+    loader = _loader(dataset_for(mine), todo, num_workers, context.device)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=context.is_main)
     with JsonlWriter(part) as writer:
-        bar = progress(
-            total=len(chunks), initial=len(chunks) - len(todo), unit="batch", desc=f"captioning (rank {context.rank})"
-        )
-        for chunk, batch in zip(todo, loader):
-            records = [item.as_record() | {"skipped": True} for item in batch["bad"]]
-            for item in batch["bad"]:
-                log.warning("skipped clip %s: %s (%s)", item.id, item.reason, item.path)
-            if len(batch["index"]):
-                with torch.no_grad():
-                    block = make_block(batch)
-                seeded = dataclasses.replace(options, seed=options.seed + positions[mine[chunk[0]].id])
-                captions = captioner.generate(block, seeded)
-                records += [
-                    {"id": mine[index].id, "caption": caption, **extra(mine[index])}
-                    for index, caption in zip(batch["index"].tolist(), captions)
-                ]
+        bar = progress(total=len(chunks), initial=len(done), unit="batch", desc=f"captioning (rank {context.rank})")
+        batches, waited = iter(loader), time.perf_counter()
+        for number, chunk in enumerate(todo, start=len(done) + 1):
+            batch = next(batches)  # the time waited here is the loader's share
+            started = time.perf_counter()
+            records = _chunk_records(captioner, mine, chunk, batch, make_block, options, context, extra)
+            captioned = time.perf_counter()
             writer.write(records)
+            metrics.log(
+                batch=number,
+                clips=len(chunk),
+                loader_wait_s=round(started - waited, 4),
+                caption_s=round(captioned - started, 4),
+                write_s=round(time.perf_counter() - captioned, 4),
+            )
+            waited = time.perf_counter()
             bar.update(1)
         bar.close()
     distributed.barrier()
-    if not context.is_main:
-        return [], []
-    records = [record for rank in range(context.world_size) for record in read_jsonl(part_file(out, rank))]
-    skipped = [{k: v for k, v in record.items() if k != "skipped"} for record in records if record.get("skipped")]
-    captions = sorted((record for record in records if not record.get("skipped")), key=lambda r: positions[r["id"]])
+    return merged_records(out, context.world_size) if context.is_main else iter(())
+
+
+def _loader(dataset: ClipDataset, chunks: list[range], workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=chunks,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",  # batches copied to the GPU without blocking the stage
+        prefetch_factor=4 if workers else None,  # batches decoded ahead of the captioner
+    )
+
+
+def _chunk_records(captioner, mine, chunk: range, batch: dict, make_block, options, context, extra) -> list[dict]:
+    """One chunk's records, in input order, each with its position in the whole list (for the merge)."""
+
+    def position(index: int) -> int:
+        return context.rank + index * context.world_size
+
+    records = [item.as_record() | {"skipped": True, "position": position(item.index)} for item in batch["bad"]]
+    for item in batch["bad"]:
+        log.warning("skipped clip %s: %s (%s)", item.id, item.reason, item.path)
+    if len(batch["index"]):
+        with torch.no_grad():
+            block = make_block(batch)
+        captions = captioner.generate(block, dataclasses.replace(options, seed=options.seed + position(chunk.start)))
+        for index, caption in zip(batch["index"].tolist(), captions):
+            clip = mine[index]
+            records.append({"id": clip.id, "caption": caption, **extra(clip), "position": position(index)})
+    return sorted(records, key=lambda record: record["position"])
+
+
+def merged_records(out: Path, world_size: int) -> Iterator[dict]:
+    """Every rank's part merged in input order, streamed (each part is in input order already)."""
+    parts = [_positions_checked(part_file(out, rank)) for rank in range(world_size)]
+    for record in heapq.merge(*parts, key=lambda record: record["position"]):
+        del record["position"]
+        yield record
+
+
+def _positions_checked(part: Path) -> Iterator[dict]:
+    last = -1
+    for record in iter_jsonl(part):
+        if record["position"] <= last:
+            raise RuntimeError(f"'{part}' is out of input order at position {record['position']}; remove it to redo")
+        last = record["position"]
+        yield record
+
+
+def split_skipped(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
+    """(captions, skipped clips without their marker), for a list small enough to hold."""
+    captions, skipped = [], []
+    for record in records:
+        if record.pop("skipped", False):
+            skipped.append(record)
+        else:
+            captions.append(record)
     return captions, skipped
 
 
@@ -88,14 +144,16 @@ def remove_parts(out: Path, world_size: int) -> None:
         part_file(out, rank).unlink(missing_ok=True)
 
 
-def _complete_chunk_records(part: Path, mine: list[Clip], chunks: list[list[int]]) -> list[dict]:
-    """Records of the chunks whose every clip is in ``part``; the file is rewritten without the others."""
-    records = read_jsonl(part)
-    if not records:
-        return []
-    present = {record["id"] for record in records}
-    complete = {mine[i].id for chunk in chunks if all(mine[i].id in present for i in chunk) for i in chunk}
-    kept = [record for record in records if record["id"] in complete]
-    if len(kept) != len(records) or part.read_bytes()[-1:] != b"\n":
-        atomic_write_jsonl(part, kept)
-    return kept
+def _complete_chunks(part: Path, ids: Sequence[str], chunks: list[range]) -> set[int]:
+    """Starts of the chunks whose every clip is in ``part``; the file is rewritten without the other records.
+
+    One pass over the file and one over the share: linear in both, holding only the ids present.
+    """
+    present = {record["id"] for record in iter_jsonl(part)}
+    if not present:
+        return set()
+    complete = {chunk.start for chunk in chunks if all(ids[i] in present for i in chunk)}
+    kept_ids = {ids[i] for chunk in chunks if chunk.start in complete for i in chunk}
+    if len(kept_ids) != len(present) or part.read_bytes()[-1:] != b"\n":
+        atomic_write_jsonl(part, (record for record in iter_jsonl(part) if record["id"] in kept_ids))
+    return complete

@@ -94,6 +94,8 @@ def start_stage(config_class: type[T], argv: list[str] | None) -> tuple[T, distr
     setup_logging()
     config = parse_config(config_class, argv)
     context = distributed.setup(config.device)
+    if getattr(config, "num_workers", 0) is None:
+        config = dataclasses.replace(config, num_workers=distributed.loader_workers())
     seed_everything(config.seed)
     return config, context
 

@@ -7,11 +7,11 @@ from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FIL
 from dali.command_configs import InferConfig
 from dali.config import config_to_dict
 from dali.constants import TARGET_FRAMES
-from dali.data import ClipDataset, read_caption_csv
+from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
 from dali.evaluation import score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import stage_main
-from dali.stages.clip_captioning import caption_clips, remove_parts
+from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
 from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage, upstream_dir
 
 
@@ -54,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             frame_index=config.frame_index,
             target_frames=target_frames,
             on_error=config.on_error,
+            audio_as=loader_audio(context.device),
         )
 
     options = config.decoding()
     decoding = config_to_dict(options)
-    captions, skipped = caption_clips(
+    records = caption_clips(
         captioner,
         clips,
         dataset_for,
-        lambda batch: models.block(batch.get("fbank"), batch.get("pixels")),
+        lambda batch: models.block(batch_features(batch, context.device), batch.get("pixels")),
         options,
         out,
         context,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         extra=lambda clip: {"modality": config.modality, "decoding": decoding},
     )
     if context.is_main:
+        captions, skipped = split_skipped(records)  # a test list: small enough to hold for scoring
         atomic_write_jsonl(out / PREDICTIONS_FILE, captions)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
         outputs, final = [PREDICTIONS_FILE, SKIPPED_FILE], {"captions": len(captions), "skipped": len(skipped)}

@@ -6,13 +6,14 @@ stopped; under torchrun each rank writes its own part and rank 0 merges them in 
 
 from __future__ import annotations
 
-import random
+from pathlib import Path
+from typing import Iterator
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
 from dali.command_configs import PseudoLabelConfig
 from dali.config import config_to_dict
-from dali.data import ClipDataset, read_cavmae_json
+from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clips = read_cavmae_json(config.clips, config.data_root)
     if config.shuffle:
-        random.Random(config.seed).shuffle(clips)
+        clips = clips.shuffled(config.seed)
     if config.limit is not None:
         clips = clips[: config.limit]
 
@@ -53,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             frame_index=config.frame_index,
             target_frames=encoder.config.target_frames,
             on_error=config.on_error,
+            audio_as=loader_audio(context.device),
         )
 
-    merged, skipped = caption_clips(
+    records = caption_clips(
         captioner,
         clips,
         dataset_for,
-        lambda batch: models.block(batch["fbank"], batch["pixels"]),
+        lambda batch: models.block(batch_features(batch, context.device), batch["pixels"]),
         config.decoding(),
         out,
         context,
@@ -69,21 +71,36 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if context.is_main:
-        empty = [record["id"] for record in merged if not record["caption"].strip()]
-        merged = [record for record in merged if record["caption"].strip()]
-        skipped.extend({"id": clip_id, "path": "", "reason": "empty caption generated"} for clip_id in empty)
-        atomic_write_jsonl(out / PSEUDO_CAPTIONS_FILE, merged)
+        skipped: list[dict] = []  # unusable clips and empty captions, beside the captions streamed to disk
+        counts = write_captions(records, out / PSEUDO_CAPTIONS_FILE, skipped)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
         stage.finish(
-            {"captions": len(merged), "skipped": len(skipped), "llava": config.llava, "conv_mode": config.conv_mode},
+            {"captions": counts, "skipped": len(skipped), "llava": config.llava, "conv_mode": config.conv_mode},
             outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE],
         )
         remove_parts(out, context.world_size)
-        log.info(
-            "%d pseudo-captions written to %s (%d clips skipped)", len(merged), out / PSEUDO_CAPTIONS_FILE, len(skipped)
-        )
+        log.info("%d pseudo-captions in %s (%d clips skipped)", counts, out / PSEUDO_CAPTIONS_FILE, len(skipped))
     distributed.teardown()
     return 0
+
+
+def write_captions(records: Iterator[dict], path: Path, skipped: list[dict]) -> int:
+    """Stream the merged records' non-empty captions to ``path``; the rest go to ``skipped``. Returns the count."""
+    count = 0
+
+    def captions() -> Iterator[dict]:
+        nonlocal count
+        for record in records:
+            if record.pop("skipped", False):
+                skipped.append(record)
+            elif not record["caption"].strip():
+                skipped.append({"id": record["id"], "path": "", "reason": "empty caption generated"})
+            else:
+                count += 1
+                yield record
+
+    atomic_write_jsonl(path, captions())
+    return count
 
 
 if __name__ == "__main__":
