@@ -17,6 +17,7 @@ from dali.jsonl import JsonlWriter, MetricsLog, atomic_write_jsonl, iter_jsonl
 from dali.models.captioner import Captioner
 from dali.models.decoding import DecodingOptions
 from dali.progress import progress
+from dali.runs import StageStateError
 from dali.stages.common import log
 
 
@@ -122,8 +123,10 @@ def merged_records(out: Path, world_size: int) -> Iterator[dict]:
 def _positions_checked(part: Path) -> Iterator[dict]:
     last = -1
     for record in iter_jsonl(part):
-        if record["position"] <= last:
-            raise RuntimeError(f"'{part}' is out of input order at position {record['position']}; remove it to redo")
+        if not isinstance(record.get("position"), int) or record["position"] <= last:
+            raise StageStateError(
+                f"'{part}' is not in input order (or was written by an older dali): pass --overwrite to redo the stage"
+            )
         last = record["position"]
         yield record
 
