@@ -227,6 +227,13 @@ CLAIMS = (
     ("aligned >> unaligned (CIDEr-D at least 2x)", Row("ot_att", False, "audio").name, ["Unaligned encoder"], 2.0),
     ("OT-Att >= MMD and >= OT", Row("ot_att", False, "audio").name, ["DALI-MMD", "DALI-OT"], 1.0),
     ("distillation helps OT-Att", Row("ot_att", True, "audio").name, [Row("ot_att", False, "audio").name], 1.0),
+    # stage 2's premise: the pseudo-captioning teacher is better than the same model on audio alone
+    (
+        "audio + image beats audio alone",
+        Row("ot_att", False, "audio_vis").name,
+        [Row("ot_att", False, "audio").name],
+        1.0,
+    ),
     ("audio + image is the best audio row", Row("ot_att", False, "audio_vis").name, _audio_rows, 1.0),
 )
 
