@@ -39,6 +39,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import benchmark_tokenizer, device_name, llava_7b_config, random_llava, report, sync  # noqa: E402
 
+from dali.jsonl import read_jsonl  # noqa: E402
+from dali.runs import METRICS  # noqa: E402
+
 NEW_TOKENS = 20
 DECODING = ["--strategy", "greedy", "--max-new-tokens", str(NEW_TOKENS), "--dtype", "bfloat16"]
 
@@ -116,7 +119,7 @@ class Watch(threading.Thread):
         if self.process.returncode or self.first_all is None or self.last == self.first_all:
             raise SystemExit(f"{self.out.name}: the stage failed ({self.process.returncode}) or ran too few batches")
         measured = self.lines - self.lines_at_first
-        records = [json.loads(line) for line in open(self.out / "metrics.jsonl")]
+        records = read_jsonl(self.out / METRICS)
         batches = [r for r in records if "loader_wait_s" in r][1:]  # past the first (compiling) batch
         keys = ("loader_wait_s", "caption_s", "write_s")
         where = {k: round(statistics.fmean(r[k] for r in batches), 3) for k in keys}

@@ -44,9 +44,6 @@ class PackedStrings(Sequence[str]):
         start = self._ends[index - 1] if index > 0 else 0
         return self._data[start : self._ends[index]].decode("utf-8", "surrogatepass")
 
-    def nbytes(self) -> int:
-        return len(self._data) + self._ends.itemsize * len(self._ends)
-
 
 class ClipList(Sequence["Clip"]):
     """A read-only sequence of clips (id, audio file, frame-folder root), stored packed.
@@ -110,11 +107,6 @@ class ClipList(Sequence["Clip"]):
         order = array("q", self._order)
         random.Random(seed).shuffle(order)
         return self._view(order)
-
-    def nbytes(self) -> int:
-        """Bytes held by the packed columns (the memory the list costs, less a few small objects)."""
-        order = self._order.itemsize * len(self._order) if isinstance(self._order, array) else 0
-        return self._ids.nbytes() + self._audio.nbytes() + self._frame_of.itemsize * len(self._frame_of) + order
 
 
 class _Ids(Sequence[str]):

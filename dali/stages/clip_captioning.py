@@ -17,7 +17,7 @@ from dali.jsonl import JsonlWriter, MetricsLog, atomic_write_jsonl, iter_jsonl
 from dali.models.captioner import Captioner
 from dali.models.decoding import DecodingOptions
 from dali.progress import progress
-from dali.runs import StageStateError
+from dali.runs import METRICS, StageStateError
 from dali.stages.common import log
 
 
@@ -58,7 +58,7 @@ def caption_clips(
     if done:
         log.info("rank %d: resuming, %d of %d batches already done", context.rank, len(done), len(chunks))
     loader = _loader(dataset_for(mine), todo, num_workers, context.device)
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=context.is_main)
+    metrics = MetricsLog(out / METRICS, enabled=context.is_main)
     with JsonlWriter(part) as writer:
         bar = progress(total=len(chunks), initial=len(done), unit="batch", desc=f"captioning (rank {context.rank})")
         batches, waited = iter(loader), time.perf_counter()
@@ -156,7 +156,13 @@ def _complete_chunks(part: Path, ids: Sequence[str], chunks: list[range]) -> set
     if not present:
         return set()
     complete = {chunk.start for chunk in chunks if all(ids[i] in present for i in chunk)}
-    kept_ids = {ids[i] for chunk in chunks if chunk.start in complete for i in chunk}
-    if len(kept_ids) != len(present) or part.read_bytes()[-1:] != b"\n":
-        atomic_write_jsonl(part, (record for record in iter_jsonl(part) if record["id"] in kept_ids))
+    dropped = {ids[i] for chunk in chunks if chunk.start not in complete for i in chunk} & present
+    if dropped or not _ends_with_newline(part):
+        atomic_write_jsonl(part, (record for record in iter_jsonl(part) if record["id"] not in dropped))
     return complete
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        stream.seek(-1, 2)
+        return stream.read(1) == b"\n"
