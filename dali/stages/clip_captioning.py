@@ -68,6 +68,11 @@ def caption_clips(
             records = _chunk_records(captioner, mine, chunk, batch, make_block, options, context, extra)
             captioned = time.perf_counter()
             writer.write(records)
+            if number == len(done) + 1:  # every rank's start, to see a straggler
+                log.info(
+                    "rank %d: first batch written: %.1f s waiting for the loader, %.1f s captioning (compiling)",
+                    *(context.rank, started - waited, captioned - started),
+                )
             metrics.log(
                 batch=number,
                 clips=len(chunk),
