@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from dali.jsonl import read_jsonl
-from dali.models.cav_mae import CAVMAEAudioEncoder, load_audio_encoder
+from dali.models.audio_encoders import load_encoder
 from dali.models.checkpoints import CheckpointError
 from dali.models.prefix import Prefix, load_prefix
 from dali.models.projector import load_projector
@@ -29,10 +29,11 @@ def load_prefix_stage(folder: str | Path, hidden_size: int, flag_name: str = "--
     return load_prefix(folder / PREFIX_FILE, hidden_size=hidden_size)
 
 
-def load_align_stage(folder: str | Path, vision_dim: int, flag_name: str = "--align-dir") -> CAVMAEAudioEncoder:
-    """The aligned encoder of stage 1b (or an imported one); its tokens must have CLIP's width."""
+def load_align_stage(folder: str | Path, vision_dim: int, flag_name: str = "--align-dir") -> nn.Module:
+    """The aligned encoder of stage 1b (or an imported one), of whichever family it was made with; its tokens must
+    have the vision tower's width."""
     folder = require_finished(folder, "alignment (1b)", flag_name)
-    encoder = load_audio_encoder(folder / ENCODER_FILE)
+    encoder = load_encoder(folder / ENCODER_FILE)
     if encoder.output_dim != vision_dim:
         raise CheckpointError(
             f"{flag_name}: the encoder in '{folder}' makes {encoder.output_dim}-d tokens but the captioner's "

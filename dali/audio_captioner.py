@@ -59,9 +59,12 @@ def find_run(run: str | Path, expe_dir: str | Path = "expe") -> Path:
     )
 
 
-def wave_windows(wave: torch.Tensor, name: str, target_frames: int, first_only: bool, min_window: float) -> list:
+def wave_windows(
+    wave: torch.Tensor, name: str, target_frames: int, first_only: bool, min_window: float, front_end=None
+) -> list:
     """Windows of a 16 kHz mono waveform, each with exactly the ``target_frames`` fbank frames that ``dali infer``
-    computes for a clip of that audio (a window reads the 240 samples past its end that its last frame needs)."""
+    computes for a clip of that audio (a window reads the 240 samples past its end that its last frame needs), or
+    what another encoder's ``front_end`` makes of the same samples."""
     step = target_frames * WINDOW_SHIFT  # 10.24 s
     span = samples_for_frames(target_frames)
     starts = [0] if first_only else list(range(0, max(len(wave), 1), step))
@@ -71,18 +74,20 @@ def wave_windows(wave: torch.Tensor, name: str, target_frames: int, first_only: 
         end = min(start + step, len(wave))
         if start > 0 and end - start < min_window * SAMPLE_RATE:
             break
-        features = audio_to_features(piece - piece.mean())
+        piece = piece - piece.mean()
+        features = front_end(piece) if front_end is not None else audio_to_features(piece)
         windows.append(Window(name, start / SAMPLE_RATE, end / SAMPLE_RATE, features))
     return windows
 
 
 def file_windows(
-    path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool, max_seconds=None
-) -> list:
+    path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool, max_seconds=None,
+    front_end=None,
+) -> list:  # fmt: skip
     """Windows of a media file (of its first ``max_seconds`` when given); with ``need_frame`` each gets the video
     frame at its middle."""
     wave = torch.from_numpy(decode_audio(path, max_seconds=max_seconds))
-    windows = wave_windows(wave, str(path), target_frames, first_only, min_window)
+    windows = wave_windows(wave, str(path), target_frames, first_only, min_window, front_end)
     if need_frame:
         for window, frame in zip(windows, decode_frames(path, [(w.start + w.end) / 2 for w in windows])):
             window.frame = frame
@@ -142,15 +147,15 @@ class AudioCaptioner:
     ) -> list[Window]:
         """A file (path, its first ``max_seconds`` when given) or a 16 kHz mono waveform (array or tensor) cut into
         windows; for ``audio_vis`` (by default the captioner's modality) each carries its video frame."""
-        target = self.models.encoder.config.target_frames
+        target, front_end = self.models.encoder.target_frames, self.models.encoder.front_end
         modality = modality or self.modality
         if isinstance(source, (str, Path)):
             need_frame = modality == "audio_vis"
-            return file_windows(Path(source), target, first_window_only, min_window, need_frame, max_seconds)
+            return file_windows(Path(source), target, first_window_only, min_window, need_frame, max_seconds, front_end)
         if modality == "audio_vis":
             raise DaliError("audio + image captions need a video file, not a waveform")
         wave = torch.as_tensor(np.asarray(source, dtype=np.float32)).flatten()
-        return wave_windows(wave, "<waveform>", target, first_window_only, min_window)
+        return wave_windows(wave, "<waveform>", target, first_window_only, min_window, front_end)
 
     def iter_captions(
         self, windows: Sequence[Window], batch_size: int = 16, decoding: DecodingOptions | None = None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dali.config import ConfigError, field, require_at_least
 from dali.constants import (
+    AUDIO_ENCODERS,
     CONV_MODES,
     DECODING_ENGINES,
     DEFAULT_FRAME_INDEX,
@@ -131,10 +132,18 @@ class AlignConfig(RunFolder, ClipLoading):
     train_list: str = field(help="CAV-MAE format JSON of (audio, frames) pairs")
     val_list: str | None = field(None, help="CAV-MAE JSON for validation (uniform weights); picks the best epoch")
     data_root: str | None = field(None, help="folder relative paths start from (default: each list's folder)")
+    audio_encoder: str = field(
+        "cav-mae",
+        choices=AUDIO_ENCODERS,
+        help="the encoder's family: CAV-MAE (the paper's) or a transformers audio model (docs/extending.md)",
+    )
     init_encoder: str | None = field(
         None,
-        help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; "
-        "none = random init with the --encoder-* shape",
+        help="CAV-MAE checkpoint (e.g. CAV-MAE-Scale++) or an encoder file; for another --audio-encoder, its "
+        "checkpoint folder in Hugging Face format; none = random init with the --encoder-* shape",
+    )
+    audio_tokens: int | None = field(
+        None, help="average-pool another family's tokens to this many (default: all; CAV-MAE is never pooled)"
     )
     encoder_dim: int = field(768, help="width of a new encoder (768: CAV-MAE's; ignored with --init-encoder)")
     encoder_depth: int = field(11, help="audio-specific blocks of a new encoder (11: CAV-MAE's), plus one shared block")
@@ -188,7 +197,11 @@ class AlignConfig(RunFolder, ClipLoading):
         require_at_least(self, 1, "batch_size", "checkpoint_every")
         if self.method == "ot_att" and not self.entropy_weights:
             raise ConfigError("--entropy-weights needs at least one value with --method ot_att")
-        if self.target_frames % (self.encoder_patch_time or 16):
+        if self.audio_tokens is not None:
+            require_at_least(self, 1, "audio_tokens")
+        if self.audio_encoder != "cav-mae" and self.encoder_patch_time:
+            log.info("--encoder-patch-time is CAV-MAE's: ignored with --audio-encoder %s", self.audio_encoder)
+        elif self.target_frames % (self.encoder_patch_time or 16):
             raise ConfigError("--target-frames must be a multiple of the patch's time extent")
 
     def entropy_weight(self, epoch: int) -> float:

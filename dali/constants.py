@@ -6,6 +6,7 @@ TARGET_FRAMES = 1024  # CAV-MAE pads or crops every clip to 1024 frames (10.24 s
 DEFAULT_FRAME_INDEX = 5  # the middle of CAV-MAE's 10 frames; one index for every stage
 ON_ERROR_CHOICES = ("skip", "stop")
 MODALITIES = ("image", "audio", "audio_vis")
+AUDIO_ENCODERS = ("cav-mae", "ast", "whisper", "clap", "hubert", "wav2vec2")  # dali.models.audio_encoders
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DECODING_ENGINES = ("dali", "generate", "generate-static")
 SYSTEM_PROMPT = (

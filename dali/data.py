@@ -334,7 +334,10 @@ def load_clip_audio(clip: Clip) -> torch.Tensor:
         raise ClipError(clip.id, clip.audio, error.reason) from None
 
 
-def clip_features(clip: Clip, target_frames: int) -> torch.Tensor:
+def clip_features(clip: Clip, target_frames: int, front_end=None) -> torch.Tensor:
+    """The encoder's input for one clip: CAV-MAE's fbank, or what another encoder's front end makes of its wave."""
+    if front_end is not None:
+        return front_end(load_clip_audio(clip))
     return audio_to_features(load_clip_audio(clip), target_frames)
 
 
@@ -347,10 +350,10 @@ def clip_wave(clip: Clip, target_frames: int) -> tuple[torch.Tensor, int]:
     return torch.nn.functional.pad(wave[:samples], (0, max(samples - wave.shape[-1], 0))), frames
 
 
-def loader_audio(device: torch.device) -> str:
-    """What a captioning loader yields for audio: waves for a GPU to turn into fbanks (the workers then only decode
-    files), fbanks on a CPU (computed in the workers, in parallel, as always)."""
-    return "wave" if device.type == "cuda" else "fbank"
+def loader_audio(device: torch.device, encoder=None) -> str:
+    """What a captioning loader yields for audio: waves for a GPU to turn into CAV-MAE's fbanks (the workers then
+    only decode files), fbanks on a CPU or for another encoder's front end (computed in the workers, in parallel)."""
+    return "wave" if device.type == "cuda" and getattr(encoder, "front_end", None) is None else "fbank"
 
 
 def batch_features(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
@@ -398,6 +401,8 @@ class ClipDataset(torch.utils.data.Dataset):
         augment: the original's noise + time roll (alignment training only).
         audio_as: 'fbank' (computed in the loader) or 'wave' (the waveform, for :func:`batch_features` to turn
             into the fbank on the GPU: loader workers then only decode files).
+        front_end: another encoder's feature extractor (``audio_encoders.FrontEnd``), in place of CAV-MAE's fbank
+            (the item's ``fbank`` is then its output); the augmentation applies only to [frames, bins] features.
         on_error: 'skip' yields a BadClip for the collate to drop and the stage to list; 'stop' raises.
     """
 
@@ -413,6 +418,7 @@ class ClipDataset(torch.utils.data.Dataset):
         on_error: str = "skip",
         seed: int = 0,
         audio_as: str = "fbank",
+        front_end=None,
     ):
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got '{on_error}'")
@@ -420,8 +426,9 @@ class ClipDataset(torch.utils.data.Dataset):
         self.need_audio, self.need_image = need_audio, need_image
         self.image_transform = image_transform
         self.frame_index, self.target_frames = frame_index, target_frames
-        self.augment, self.on_error, self.seed = augment, on_error, seed
-        self.audio_as = audio_as
+        self.on_error, self.seed = on_error, seed
+        self.audio_as, self.front_end = audio_as, front_end
+        self.augment = augment and getattr(front_end, "time_major", True)
         self.epoch = 0
         self.fbank_cache: dict[int, torch.Tensor] | None = None
         # Precomputed image tokens [len(clips), M, D] (alignment's vision-token cache): items carry their row,
@@ -438,7 +445,7 @@ class ClipDataset(torch.utils.data.Dataset):
         cache, bad = {}, []
         for index, clip in enumerate(progress(self.clips, desc="caching audio features", leave=False)):
             try:
-                cache[index] = clip_features(clip, self.target_frames).half()
+                cache[index] = clip_features(clip, self.target_frames, self.front_end).half()
             except ClipError as error:
                 if self.on_error == "stop":
                     raise
@@ -461,7 +468,10 @@ class ClipDataset(torch.utils.data.Dataset):
                 item["wave"], item["frames"] = clip_wave(clip, self.target_frames)
             elif self.need_audio:
                 cached = self.fbank_cache.get(index) if self.fbank_cache is not None else None
-                fbank = cached.float() if cached is not None else clip_features(clip, self.target_frames)
+                if cached is not None:
+                    fbank = cached.float()
+                else:
+                    fbank = clip_features(clip, self.target_frames, self.front_end)
                 if self.augment:
                     fbank = augment_fbank(fbank, random.Random(hash((self.seed, self.epoch, index))))
                 item["fbank"] = fbank

@@ -143,6 +143,8 @@ class CAVMAEAudioEncoder(nn.Module):
     ``project(fbank) -> [B, N, proj_dim]`` gives the tokens that stand in for CLIP patch tokens.
     """
 
+    front_end = None  # the fbank of dali.audio (computed by the loader, or on the GPU from its waves)
+
     def __init__(self, config: CAVMAEConfig = CAVMAEConfig()):
         super().__init__()
         self.config = config
@@ -164,6 +166,13 @@ class CAVMAEAudioEncoder(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.config.proj_dim or self.config.embed_dim
+
+    @property
+    def target_frames(self) -> int:
+        return self.config.target_frames
+
+    def describe(self) -> dict:
+        return {"family": "cav-mae", "config": dataclasses.asdict(self.config)}
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         expected = (self.config.target_frames, self.config.num_mel_bins)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
@@ -23,7 +24,8 @@ from dali.data import Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import MetricsLog, atomic_write_jsonl
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
-from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder, save_audio_encoder
+from dali.models.audio_encoders import new_encoder, pretrained_encoder, save_encoder
+from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder
 from dali.models.vision_tower import VisionTower
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
@@ -39,7 +41,17 @@ from dali.stages.common import (
 )
 
 
-def build_encoder(config: AlignConfig, vision_dim: int) -> CAVMAEAudioEncoder:
+def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
+    """The encoder to align: ``--audio-encoder``'s family, from ``--init-encoder`` or new at the --encoder-* shape."""
+    if config.audio_encoder != "cav-mae":
+        if config.init_encoder:
+            encoder = pretrained_encoder(
+                config.audio_encoder, config.init_encoder, vision_dim, config.target_frames, config.audio_tokens
+            )
+        else:
+            shape = (config.encoder_dim, config.encoder_depth, config.encoder_heads)
+            encoder = new_encoder(config.audio_encoder, vision_dim, *shape, config.target_frames, config.audio_tokens)
+        return encoder.train()
     if config.init_encoder:
         encoder = load_audio_encoder(config.init_encoder, new_proj_dim=vision_dim)
         if encoder.output_dim != vision_dim:
@@ -163,7 +175,7 @@ class Alignment:
     context: distributed.Context
     out: Path
     tower: VisionTower
-    encoder: CAVMAEAudioEncoder
+    encoder: nn.Module  # CAV-MAE's or another family's (models.audio_encoders)
     scorers: AttentiveTokenWeights | None
     bad: list[dict] = dc_field(default_factory=list)  # unusable clips, listed in skipped.jsonl
     epoch: int = 1
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         val_loss = validate(run, data, loop)
         if context.is_main and (val_loss is None or val_loss < run.best_val):  # keep the best epoch's encoder
             run.best_val = val_loss if val_loss is not None else run.best_val
-            atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(run.encoder, tmp))
+            atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(run.encoder, tmp))
         optimisers.scheduler.step()
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
         checkpoint(run, optimisers)
@@ -257,6 +269,7 @@ def clip_dataset(run: Alignment, clips: list[Clip], augment: bool, vision: Visio
         augment=augment,
         on_error=config.on_error,
         seed=config.seed,
+        front_end=run.encoder.front_end,
     )
     clip_set.image_tokens = vision.cache  # None without --cache-vision-tokens: pixels go to the tower
     return clip_set
@@ -442,7 +455,7 @@ def save_outputs(run: Alignment, stage: Stage, non_finite_steps: int) -> None:
     """The encoder (the initial one with --epochs 0), the scorers, the skipped list, then the manifest."""
     config, out = run.config, run.out
     if not (out / ENCODER_FILE).exists():  # --epochs 0: the initial (unaligned) encoder
-        atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(run.encoder, tmp))
+        atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(run.encoder, tmp))
     outputs = [ENCODER_FILE, SKIPPED_FILE]
     skipped = _unique(run.bad)
     atomic_write_jsonl(out / SKIPPED_FILE, skipped)
@@ -460,6 +473,7 @@ def save_outputs(run: Alignment, stage: Stage, non_finite_steps: int) -> None:
         "skipped_clips": len(skipped),
         "non_finite_steps": non_finite_steps,
         "llava": config.llava,
+        "audio_encoder": run.encoder.describe(),  # its family and config: what the later stages rebuild
     }
     stage.finish(metrics, outputs=outputs)
     log.info("aligned encoder written to %s", out / ENCODER_FILE)

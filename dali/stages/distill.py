@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_input("pseudo_dir", pseudo_dir)
     clips = [Clip(id=record["id"], audio=Path(record["audio"]), captions=[record["caption"]]) for record in records]
     dataset = ClipDataset(
-        clips, need_audio=True, need_image=False, target_frames=encoder.config.target_frames, on_error=config.on_error
+        clips,
+        need_audio=True,
+        need_image=False,
+        target_frames=encoder.target_frames,
+        on_error=config.on_error,
+        front_end=encoder.front_end,
     )
     tokens = AudioTokens(encoder, dataset, config, device)
     train, held_out = held_out_split(len(clips), config.val_fraction, config.seed)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
     if config.limit is not None:
         clips = clips[: config.limit]
-    target_frames = encoder.config.target_frames if encoder is not None else TARGET_FRAMES
+    target_frames = encoder.target_frames if encoder is not None else TARGET_FRAMES
 
     def dataset_for(mine):
         return ClipDataset(
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             frame_index=config.frame_index,
             target_frames=target_frames,
             on_error=config.on_error,
-            audio_as=loader_audio(context.device),
+            audio_as=loader_audio(context.device, encoder),
+            front_end=getattr(encoder, "front_end", None),
         )
 
     options = config.decoding()

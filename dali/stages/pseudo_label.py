@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             need_image=True,
             image_transform=captioner.preprocess_images,
             frame_index=config.frame_index,
-            target_frames=encoder.config.target_frames,
+            target_frames=encoder.target_frames,
             on_error=config.on_error,
-            audio_as=loader_audio(context.device),
+            audio_as=loader_audio(context.device, encoder),
+            front_end=encoder.front_end,
         )
 
     records = caption_clips(

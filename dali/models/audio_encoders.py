@@ -1,0 +1,264 @@
+"""Audio encoders beyond CAV-MAE: pretrained audio transformers of transformers, each behind its own front end
+(its feature extractor) and a trained linear ``proj`` into the vision tower's width, as CAV-MAE's.
+
+Every family maps a clip (16 kHz, cut or padded to the samples of ``target_frames`` CAV-MAE frames: 10.24 s by
+default) to N tokens of width D:
+
+=========  ==========================  ================================================  =======================
+family     model                       front end -> input                                tokens (10.24 s clip)
+=========  ==========================  ================================================  =======================
+ast        ``ASTModel``                ``ASTFeatureExtractor``: fbank [1024, 128]        patch tokens (CLS and
+                                                                                          distillation dropped)
+whisper    Whisper's encoder            ``WhisperFeatureExtractor``: log-mel [80, 3000]   the first 513 (the clip's
+                                        (30 s, zero-padded)                               own 20 ms steps)
+clap       ``ClapAudioModel`` (HTS-AT)  ``ClapFeatureExtractor`` at 48 kHz                the last stage's grid
+hubert     ``HubertModel``              ``Wav2Vec2FeatureExtractor``: the normalised wave 512 (20 ms steps)
+wav2vec2   ``Wav2Vec2Model``            ``Wav2Vec2FeatureExtractor``                      512
+=========  ==========================  ================================================  =======================
+
+``--audio-tokens K`` average-pools the token sequence to K tokens (neighbours in the family's token order). The
+saved file carries the family, the model's config, the feature extractor's and the pooling in its metadata, so the
+stages after alignment rebuild it without flags or downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dali.audio import SAMPLE_RATE, resample, samples_for_frames
+from dali.constants import AUDIO_ENCODERS, TARGET_FRAMES
+from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
+from dali.models.checkpoints import CheckpointError, read_state_dict
+
+ENCODER_METADATA_KEY = "dali.audio_encoder"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers audio model becomes a DALI audio encoder."""
+
+    config: str  # transformers config class of the audio model
+    model: str  # transformers model class of the audio model
+    feature_extractor: str
+    input_name: str  # the model's keyword for the front end's output
+    output_key: str  # the feature extractor's key of that output
+    sample_rate: int = SAMPLE_RATE
+    whole: str | None = None  # the class of a released checkpoint holding more than the audio model ...
+    audio_part: str | None = None  # ... and the attribute that holds it
+
+
+FAMILIES = {
+    "ast": Family("ASTConfig", "ASTModel", "ASTFeatureExtractor", "input_values", "input_values"),
+    "whisper": Family(
+        "WhisperConfig",
+        "WhisperEncoder",
+        "WhisperFeatureExtractor",
+        "input_features",
+        "input_features",
+        whole="WhisperModel",
+        audio_part="encoder",
+    ),  # fmt: skip
+    "clap": Family(
+        "ClapAudioConfig",
+        "ClapAudioModel",
+        "ClapFeatureExtractor",
+        "input_features",
+        "input_features",
+        48_000,
+        whole="ClapModel",
+        audio_part="audio_model",
+    ),  # fmt: skip
+    "hubert": Family("HubertConfig", "HubertModel", "Wav2Vec2FeatureExtractor", "input_values", "input_values"),
+    "wav2vec2": Family("Wav2Vec2Config", "Wav2Vec2Model", "Wav2Vec2FeatureExtractor", "input_values", "input_values"),
+}
+assert AUDIO_ENCODERS == ("cav-mae", *FAMILIES)
+
+
+def _class(name: str):
+    import transformers
+
+    if name == "WhisperEncoder":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder
+    return getattr(transformers, name)
+
+
+class FrontEnd:
+    """A family's feature extractor on one clip (picklable: it runs in the loader workers).
+
+    ``__call__(wave [samples] at 16 kHz) -> features`` (the model's input for one clip, without batch axis).
+    ``time_major``: the features are [frames, bins] as CAV-MAE's fbank, so the original's noise and time roll
+    apply to them (AST); the other families are trained without that augmentation.
+    """
+
+    def __init__(self, family: str, extractor, target_frames: int):
+        self.family, self.extractor, self.target_frames = family, extractor, target_frames
+        self.time_major = family == "ast"
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        samples = samples_for_frames(self.target_frames)
+        wave = F.pad(wave[:samples], (0, max(samples - wave.shape[-1], 0))).numpy().astype(np.float32)
+        spec = FAMILIES[self.family]
+        if spec.sample_rate != SAMPLE_RATE:
+            wave = resample(wave, SAMPLE_RATE, spec.sample_rate)
+        if self.family == "clap":  # exactly its window: longer clips would be cut at a random place
+            wave = wave[: self.extractor.nb_max_samples]
+        out = self.extractor(wave, sampling_rate=spec.sample_rate, return_tensors="pt")
+        return out[spec.output_key][0].float()
+
+
+class TransformersAudioEncoder(nn.Module):
+    """A transformers audio model + DALI's ``proj``.
+
+    ``forward(features [B, ...]) -> [B, N, D]``; ``project(features) -> [B, N, proj_dim]`` (the tokens that stand
+    in for the vision tower's patch tokens).
+    """
+
+    def __init__(self, family: str, model: nn.Module, extractor, proj_dim: int, target_frames: int, tokens=None):
+        super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"unknown audio encoder family '{family}' (one of {sorted(FAMILIES)})")
+        self.family, self.model, self.audio_tokens = family, model, tokens
+        self.front_end = FrontEnd(family, extractor, target_frames)
+        self.proj = nn.Linear(self.width, proj_dim)
+
+    @property
+    def width(self) -> int:
+        config = self.model.config
+        if self.family == "clap":  # HTS-AT doubles its channels at each stage after the first
+            return config.patch_embeds_hidden_size * 2 ** (len(config.depths) - 1)
+        return config.d_model if self.family == "whisper" else config.hidden_size
+
+    @property
+    def output_dim(self) -> int:
+        return self.proj.out_features
+
+    @property
+    def target_frames(self) -> int:
+        return self.front_end.target_frames
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        spec = FAMILIES[self.family]
+        features = features.to(self.proj.weight.dtype)
+        hidden = self.model(**{spec.input_name: features}).last_hidden_state
+        if self.family == "ast":
+            hidden = hidden[:, 2:]  # CLS and distillation tokens
+        elif self.family == "whisper":  # the steps of the clip itself, not of the padding to 30 s
+            hop = self.front_end.extractor.hop_length * 2  # the encoder's second convolution has stride 2
+            hidden = hidden[:, : math.ceil(samples_for_frames(self.target_frames) / hop)]
+        elif self.family == "clap":
+            hidden = hidden.flatten(2).transpose(1, 2)  # [B, C, F, T] -> [B, F * T, C]
+        if self.audio_tokens:
+            hidden = F.adaptive_avg_pool1d(hidden.transpose(1, 2), self.audio_tokens).transpose(1, 2)
+        return hidden
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Audio tokens in the image-token space: [B, ...] -> [B, N, proj_dim]."""
+        return self.proj(self(features))
+
+    def describe(self) -> dict:
+        """What rebuilds this encoder (saved with its weights, and in the align stage's manifest)."""
+        return {
+            "family": self.family,
+            "config": self.model.config.to_dict(),
+            "feature_extractor": self.front_end.extractor.to_dict(),
+            "proj_dim": self.output_dim,
+            "target_frames": self.target_frames,
+            "audio_tokens": self.audio_tokens,
+        }
+
+
+def new_encoder(
+    family: str, proj_dim: int, dim: int, depth: int, heads: int, target_frames: int = TARGET_FRAMES, tokens=None
+) -> TransformersAudioEncoder:
+    """A randomly initialised encoder of the family at a given width, depth and head count (the rest of the config
+    is the family's default; AST's patches do not overlap here, to keep the token count down)."""
+    spec = FAMILIES[family]
+    shape = {"hidden_size": dim, "num_hidden_layers": depth, "num_attention_heads": heads, "intermediate_size": dim * 4}
+    if family == "ast":
+        shape |= {"max_length": target_frames, "frequency_stride": 16, "time_stride": 16}
+    elif family == "whisper":
+        shape = {"d_model": dim, "encoder_layers": depth, "encoder_attention_heads": heads, "encoder_ffn_dim": dim * 4}
+        shape |= {"decoder_layers": 1, "decoder_attention_heads": heads, "decoder_ffn_dim": dim * 4}  # (unused)
+    elif family == "clap":  # ``depth`` stages of one block; the last one ``dim`` wide
+        shape = {"patch_embeds_hidden_size": dim // 2 ** (depth - 1), "depths": [1] * depth, "window_size": 8}
+        shape |= {"num_attention_heads": [heads] * depth, "hidden_size": dim}
+    elif family in ("hubert", "wav2vec2"):
+        shape |= {"conv_dim": (dim,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": heads}
+    config = _class(spec.config)(**shape)
+    extractor = _new_extractor(family, target_frames)
+    return TransformersAudioEncoder(family, _class(spec.model)(config), extractor, proj_dim, target_frames, tokens)
+
+
+def _new_extractor(family: str, target_frames: int):
+    spec = FAMILIES[family]
+    if family == "ast":
+        return _class(spec.feature_extractor)(max_length=target_frames)
+    if family == "clap":
+        return _class(spec.feature_extractor)(truncation="rand_trunc", padding="repeatpad")
+    if family in ("hubert", "wav2vec2"):
+        return _class(spec.feature_extractor)(do_normalize=True, return_attention_mask=False)
+    return _class(spec.feature_extractor)()
+
+
+def pretrained_encoder(
+    family: str, folder: str | Path, proj_dim: int, target_frames: int = TARGET_FRAMES, tokens=None
+) -> TransformersAudioEncoder:
+    """A released checkpoint saved in Hugging Face format (``config.json``, weights, ``preprocessor_config.json``),
+    with a fresh ``proj``; a whole Whisper or CLAP checkpoint gives its audio part."""
+    spec = FAMILIES[family]
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        whole = spec.whole is not None and config.get("model_type") in ("whisper", "clap")
+        if whole:
+            model = getattr(_class(spec.whole).from_pretrained(str(folder)), spec.audio_part)
+        else:
+            model = _class(spec.model).from_pretrained(str(folder))
+        extractor = _class(spec.feature_extractor).from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load a {family} audio encoder from '{folder}': {error}") from None
+    if family == "clap":  # a fixed window: the fused front end needs a model built for it
+        extractor.truncation, extractor.padding = "rand_trunc", "repeatpad"
+    return TransformersAudioEncoder(family, model, extractor, proj_dim, target_frames, tokens)
+
+
+def save_encoder(encoder: nn.Module, path: str | Path) -> None:
+    """Write any of our audio encoders as safetensors, with what rebuilds it in the metadata."""
+    from safetensors.torch import save_file
+
+    if not isinstance(encoder, TransformersAudioEncoder):
+        return save_audio_encoder(encoder, path)
+
+    state = {key: value.detach().contiguous().cpu() for key, value in encoder.state_dict().items()}
+    save_file(state, str(path), metadata={ENCODER_METADATA_KEY: json.dumps(encoder.describe())})
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """An encoder written by :func:`save_encoder` (or any file :func:`load_audio_encoder` reads), rebuilt from its
+    metadata, strictly, in eval mode."""
+    state, metadata = read_state_dict(path)
+    if ENCODER_METADATA_KEY not in metadata:
+        return load_audio_encoder(path)
+    try:
+        described = json.loads(metadata[ENCODER_METADATA_KEY])
+        spec = FAMILIES[described["family"]]
+        config = _class(spec.config).from_dict(described["config"])
+        extractor = _class(spec.feature_extractor).from_dict(described["feature_extractor"])
+        model = _class(spec.model)(config)
+        encoder = TransformersAudioEncoder(
+            described["family"], model, extractor, described["proj_dim"], described["target_frames"],
+            described.get("audio_tokens"),
+        )  # fmt: skip
+        encoder.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"'{path}' is not a valid audio encoder file: {error}") from None
+    return encoder.eval()

@@ -1,0 +1,115 @@
+"""Audio encoders other than CAV-MAE (``--audio-encoder``): each family built in its real transformers class,
+saved in its real format, and taken through alignment, pseudo-labelling, distillation and inference."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from helpers import align_flags
+
+from dali.artifacts import load_align_stage
+from dali.jsonl import read_jsonl
+from dali.models.audio_encoders import FAMILIES, load_encoder, new_encoder, pretrained_encoder, save_encoder
+from dali.models.checkpoints import CheckpointError
+from dali.runs import read_manifest
+from dali.stages import align, distill, infer, pseudo_label
+
+# Tokens of a 10.24 s clip for each family at a tiny shape (AST: 16 x 16 patches without overlap here; Whisper:
+# the clip's own 20 ms steps; CLAP: its last stage's grid; HuBERT and wav2vec2: 20 ms steps).
+TOKENS = {"ast": 512, "whisper": 513, "clap": 1024, "hubert": 512, "wav2vec2": 512}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_makes_tokens_of_the_vision_width_and_saves_exactly(family, tmp_path):
+    torch.manual_seed(0)
+    encoder = new_encoder(family, 48, 32, 2, 2).eval()
+    wave = 0.1 * torch.randn(16_000 * 12)  # longer than a clip: the front end cuts it
+    features = encoder.front_end(wave)
+    pickle.loads(pickle.dumps(encoder.front_end))  # it runs in loader workers
+    with torch.no_grad():
+        tokens = encoder.project(torch.stack([features, encoder.front_end(wave[:8000])]))
+    assert tokens.shape == (2, TOKENS[family], 48) and torch.isfinite(tokens).all()
+    assert not torch.allclose(tokens[0], tokens[1])  # each clip its own tokens
+
+    save_encoder(encoder, tmp_path / "encoder.safetensors")
+    loaded = load_encoder(tmp_path / "encoder.safetensors")
+    assert type(loaded.model) is type(encoder.model) and loaded.describe() == encoder.describe()
+    with torch.no_grad():
+        assert torch.equal(loaded.project(features[None]), encoder.project(features[None]))
+
+
+def test_pooling_gives_the_asked_token_count(tmp_path):
+    encoder = new_encoder("hubert", 48, 32, 1, 2, tokens=64).eval()
+    with torch.no_grad():
+        assert encoder.project(encoder.front_end(torch.randn(16_000))[None]).shape == (1, 64, 48)
+    save_encoder(encoder, tmp_path / "e.safetensors")
+    assert load_encoder(tmp_path / "e.safetensors").audio_tokens == 64
+
+
+def _save_released(family: str, folder):
+    """A tiny checkpoint laid out as a released one: the whole model (Whisper and CLAP ship more than their audio
+    part) and its feature extractor, through transformers' own ``save_pretrained``."""
+    import transformers
+
+    torch.manual_seed(1)
+    encoder = new_encoder(family, 48, 32, 2, 2)
+    if family == "whisper":
+        whole = transformers.WhisperModel(encoder.model.config)
+        whole.encoder.load_state_dict(encoder.model.state_dict())
+    elif family == "clap":
+        config = transformers.ClapConfig(
+            audio_config=encoder.model.config.to_dict(),
+            text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+            projection_dim=16,
+        )
+        whole = transformers.ClapModel(config)
+        whole.audio_model.load_state_dict(encoder.model.state_dict())
+    else:
+        whole = encoder.model
+    whole.save_pretrained(folder)
+    encoder.front_end.extractor.save_pretrained(folder)
+    return encoder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_released_checkpoint_loads_with_its_weights_and_front_end(family, tmp_path):
+    saved = _save_released(family, tmp_path / "released")
+    loaded = pretrained_encoder(family, tmp_path / "released", proj_dim=48)
+    assert loaded.model.state_dict().keys() == saved.model.state_dict().keys()
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    wave = 0.1 * torch.randn(16_000 * 3)
+    assert torch.equal(loaded.front_end(wave), saved.front_end(wave))
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot load a ast audio encoder from"):
+        pretrained_encoder("ast", tmp_path, proj_dim=48)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_goes_through_the_stages(family, synthetic, tmp_path):
+    """Alignment (2 steps), pseudo-captions of 8 clips, distillation, audio-only inference of 4 test clips: the
+    later stages find the family in the align stage's file, without a flag."""
+    world, llava = synthetic
+    run = tmp_path / "expe" / "run"
+    shape = ["--audio-encoder", family, "--audio-tokens", "32", "--epochs", "1"]
+    assert align.main(align_flags(world, llava) + shape + ["--out", str(run / "align")]) == 0
+    recorded = read_manifest(run / "align")["metrics"]["audio_encoder"]
+    assert recorded["family"] == family and recorded["audio_tokens"] == 32
+    encoder = load_align_stage(run / "align", vision_dim=recorded["proj_dim"])
+    assert type(encoder.model).__name__ == FAMILIES[family].model
+
+    common = ["--llava", str(llava), "--run", "run", "--expe-dir", str(run.parent), "--num-workers", "0"]
+    clips = ["--clips", str(world / "pseudo.json"), "--limit", "8", "--batch-size", "4", "--max-new-tokens", "6"]
+    assert pseudo_label.main(common + clips + ["--no-use-prefix"]) == 0
+    captions = read_jsonl(run / "pseudo_label" / "pseudo_captions.jsonl")
+    assert captions and len(captions) + len(read_jsonl(run / "pseudo_label" / "skipped.jsonl")) == 8
+    assert distill.main(common + ["--epochs", "1", "--batch-size", "4"]) == 0
+    test = ["--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio"), "--limit", "4"]
+    flags = common + test + ["--projector", "distilled", "--modality", "audio", "--max-new-tokens", "6", "--no-sbert"]
+    assert infer.main(flags + ["--no-use-prefix"]) == 0
+    predictions = read_jsonl(run / "infer_audio" / "predictions.jsonl")
+    assert len(predictions) == 4
+    assert json.loads((run / "infer_audio" / "scores.json").read_text())["scores"]
