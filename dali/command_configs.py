@@ -412,6 +412,12 @@ class DemoConfig:
     full: bool = field(False, help="every row of the table (MMD, OT, distilled baselines)")
     reduced: bool = field(False, help="a small world and short stages (tests, CI)")
     overwrite: bool = field(False, help="redo every stage of the run")
+    audio_encoder: str = field(
+        "cav-mae",
+        choices=AUDIO_ENCODERS,
+        help="another encoder family (random weights at the preset's shape): its unaligned, OT-Att and distilled "
+        "rows beside CAV-MAE's",
+    )
     captioner_epochs: int | None = field(None, help="epochs of the captioner's training (default: the preset's)")
     seeds: int = field(
         1,

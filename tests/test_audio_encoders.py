@@ -4,14 +4,17 @@ saved in its real format, and taken through alignment, pseudo-labelling, distill
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from helpers import align_flags
 
+from dali import AudioCaptioner
 from dali.artifacts import load_align_stage
 from dali.jsonl import read_jsonl
 from dali.models.audio_encoders import FAMILIES, load_encoder, new_encoder, pretrained_encoder, save_encoder
 from dali.models.checkpoints import CheckpointError
+from dali.models.decoding import DecodingOptions
 from dali.runs import read_manifest
 from dali.stages import align, distill, infer, pseudo_label
 
@@ -88,6 +91,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         pretrained_encoder("ast", tmp_path, proj_dim=48)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_family_goes_through_the_stages(family, synthetic, tmp_path):
     """Alignment (2 steps), pseudo-captions of 8 clips, distillation, audio-only inference of 4 test clips: the
@@ -113,3 +117,8 @@ def test_each_family_goes_through_the_stages(family, synthetic, tmp_path):
     predictions = read_jsonl(run / "infer_audio" / "predictions.jsonl")
     assert len(predictions) == 4
     assert json.loads((run / "infer_audio" / "scores.json").read_text())["scores"]
+    captioner = AudioCaptioner.from_run(run, decoding=DecodingOptions(max_new_tokens=6))  # `dali caption`, the page
+    assert [(start, end) for start, end, _ in captioner.caption(0.1 * np.random.randn(16_000 * 12))] == [
+        (0.0, 10.24),
+        (10.24, 12.0),
+    ]

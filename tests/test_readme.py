@@ -59,6 +59,7 @@ def test_demo_then_caption_your_own_file(sandbox):
         "DALI-OT-Att (audio + image)",
     }
     assert {claim["claim"] for claim in results["claims"]} >= {"distillation helps OT-Att"}
+    _another_encoders_rows_beside_cav_maes(sandbox, results)
     wave = 0.1 * np.random.default_rng(0).standard_normal(16_000 * 12)
     soundfile.write(sandbox / "my_clip.wav", wave, 16_000)
     printed = run(sandbox, ".venv/bin/dali caption --run expe/demo/ot_att my_clip.wav")
@@ -74,6 +75,18 @@ def test_demo_then_caption_your_own_file(sandbox):
     windows = eval(done.stdout.decode().strip().splitlines()[-1])
     assert [(start, end) for start, end, _ in windows] == [(0.0, 10.24), (10.24, 12.0)]
     _make_app_serves_the_demo_and_captions_as_the_api_does(sandbox, windows)
+
+
+def _another_encoders_rows_beside_cav_maes(sandbox: Path, paper: dict) -> None:
+    """`make demo ARGS="--audio-encoder ast"` adds AST's rows; CAV-MAE's stay as they were (reused, unchanged)."""
+    run(sandbox, 'make demo ARGS="--audio-encoder ast"', replace={'ARGS="': 'ARGS="--reduced '})
+    results = json.loads((sandbox / "expe" / "demo" / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    assert {"Unaligned encoder [AST]", "DALI-OT-Att [AST]", "DALI-OT-Att [AST] + distillation"} < set(rows)
+    assert all(rows[row["name"]]["metrics"] == row["metrics"] for row in paper["rows"])
+    recorded = read_manifest(sandbox / "expe" / "demo" / "ot_att-ast" / "align")["metrics"]["audio_encoder"]
+    assert recorded["family"] == "ast"
+    run(sandbox, "make demo ARGS=--reduced")  # back to the paper's rows for what follows
 
 
 def _make_app_serves_the_demo_and_captions_as_the_api_does(sandbox: Path, windows: list) -> None:

@@ -1,10 +1,11 @@
-"""LLaVA-1.5 as an audio captioner: transformers' ``LlavaForConditionalGeneration`` with DALI's token layout.
+"""LLaVA as an audio captioner: transformers' ``LlavaForConditionalGeneration`` (LLaVA-1.5, the paper's) or
+``LlavaNextForConditionalGeneration`` with DALI's token layout.
 
-The LLM sees LLaVA-1.5's v1 conversation with a multimodal block at the ``<image>`` place:
+LLaVA-1.5's LLM sees its v1 conversation with a multimodal block at the ``<image>`` place:
 
     BOS "<system> USER: " [block] "\\nDescribe the sound that can be heard in this scene. ASSISTANT:" answer EOS
 
-where the block is image: [image tokens]; audio: [audio tokens]; audio_vis: [image tokens, audio tokens],
+(LLaVA-NeXT's: its own chat template, the block at its image token), where the block is image: [image tokens]; audio: [audio tokens]; audio_vis: [image tokens, audio tokens],
 each optionally followed by the learned prefix embeddings. Image tokens are CLIP's penultimate-layer patch
 tokens through LLaVA's projector; audio tokens come from the aligned encoder (already in CLIP's space)
 through LLaVA's projector or a distilled copy of it.
@@ -13,6 +14,7 @@ through LLaVA's projector or a distilled copy of it.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +30,41 @@ from dali.models.vision_tower import clip_patch_tokens, preprocess_images
 QUESTION = "Describe the sound that can be heard in this scene."
 IGNORE_INDEX = -100
 MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption must not blow the context
+# transformers' class of each LLaVA family whose image tokens are one projector over one vision tower's patch
+# tokens (docs/extending.md): LLaVA-1.5, and LLaVA-NeXT read through its base image only (no tiles for audio).
+FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+QUESTION_SLOT = "{question}"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The text around the modality block: [BOS?] ``head`` [block] ``tail`` (with the question in its slot), then
+    the answer."""
+
+    head: str
+    tail: str
+    bos: bool = True  # the tokenizer adds BOS before the head
+
+    def after(self, question: str) -> str:
+        return self.tail.replace(QUESTION_SLOT, question)
+
+    @classmethod
+    def llava_v1(cls, system_prompt: str) -> "Prompt":
+        """LLaVA-1.5's conversation, as the original wrote it (its v1 and llava_v1 modes)."""
+        return cls(f"{system_prompt} USER: ", f"\n{QUESTION_SLOT} ASSISTANT:")
+
+    @classmethod
+    def from_chat_template(cls, owner, image_token: str, bos_token: str | None) -> "Prompt":
+        """A user turn of [image, question] rendered by the chat template of ``owner`` (the model's processor or
+        tokenizer), cut at its image token."""
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_SLOT}]}]
+        text = owner.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        if text.count(image_token) != 1 or text.count(QUESTION_SLOT) != 1:
+            raise ModelLoadError(f"the chat template does not place one {image_token} and the question: {text!r}")
+        head, tail = text.split(image_token)
+        bos = bos_token or ""
+        starts = bool(bos) and head.startswith(bos)  # the tokenizer adds that BOS itself
+        return cls(head[len(bos) :] if starts else head, tail, starts)
 
 
 class Captioner(nn.Module):
@@ -38,12 +75,14 @@ class Captioner(nn.Module):
         tokenizer, image_processor: loaded from the same folder or hub id.
     """
 
-    def __init__(self, llava: nn.Module, tokenizer, image_processor, source: str = "", conv_mode: str = "v1"):
+    def __init__(
+        self, llava: nn.Module, tokenizer, image_processor, source: str = "", conv_mode: str = "v1", prompt=None
+    ):
         super().__init__()
         if conv_mode not in CONV_MODES:
             raise ValueError(f"conversation mode must be one of {sorted(CONV_MODES)}, got '{conv_mode}'")
         self.conv_mode = conv_mode
-        self.system_prompt = CONV_MODES[conv_mode]
+        self.prompt = prompt or Prompt.llava_v1(CONV_MODES[conv_mode])  # others: their own chat template
         self.llava = llava
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -61,24 +100,31 @@ class Captioner(nn.Module):
         attn_implementation: str | None = "sdpa",
         conv_mode: str = "v1",
     ) -> "Captioner":
-        """Load LLaVA-1.5 in Hugging Face format (hub id such as ``llava-hf/llava-1.5-7b-hf`` or a local folder)."""
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        """Load a LLaVA in Hugging Face format (hub id such as ``llava-hf/llava-1.5-7b-hf`` or a local folder):
+        LLaVA-1.5 with the original's conversation (``conv_mode``), LLaVA-NeXT with its own chat template."""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         source = str(name_or_path)
         try:
-            llava = LlavaForConditionalGeneration.from_pretrained(
+            family = AutoConfig.from_pretrained(source).model_type
+            if family not in FAMILIES:
+                raise ModelLoadError(f"'{source}' is a {family} model; --llava takes {sorted(FAMILIES)}")
+            llava = getattr(transformers, FAMILIES[family]).from_pretrained(
                 source, dtype=dtype, attn_implementation=attn_implementation
             )
             tokenizer = AutoTokenizer.from_pretrained(source)
-            # The PIL backend needs no torchvision, which cannot be installed next to our CPU torch.
+            # The PIL backend needs no torchvision, which cannot be installed next to our CPU torch. The base image
+            # of LLaVA-NeXT goes through the same CLIP resize, crop and normalisation (its tiles are not used).
             image_processor = CLIPImageProcessorPil.from_pretrained(source)
-        except OSError as error:
+            prompt = None if family == "llava" else _chat_prompt(source, tokenizer, llava.config.image_token_id)
+        except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load the LLaVA captioner from '{source}': {error}") from None
         llava.requires_grad_(False)
-        return cls(llava.to(device).eval(), tokenizer, image_processor, source, conv_mode)
+        return cls(llava.to(device).eval(), tokenizer, image_processor, source, conv_mode, prompt)
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -178,8 +224,8 @@ class Captioner(nn.Module):
             Training batches are right-padded; generation prompts are left-padded.
         """
         batch = block.shape[0]
-        before = self._ids(f"{self.system_prompt} USER: ", bos=True)
-        after_text = f"\n{question} ASSISTANT:"
+        before = self._ids(self.prompt.head, bos=self.prompt.bos)
+        after_text = self.prompt.after(question)
         after = self._ids(after_text)
         answers = [self._answer_ids(after_text, caption) for caption in captions] if captions is not None else None
         if answers is not None and len(answers) != batch:
@@ -242,8 +288,8 @@ class Captioner(nn.Module):
             question and "ASSISTANT:"); concatenated they are :meth:`build_inputs`' prompt, without padding.
         """
         embed = self.llava.get_input_embeddings()
-        shared = embed(torch.tensor(self._ids(f"{self.system_prompt} USER: ", bos=True), device=self.device))
-        after = embed(torch.tensor(self._ids(f"\n{question} ASSISTANT:"), device=self.device))
+        shared = embed(torch.tensor(self._ids(self.prompt.head, bos=self.prompt.bos), device=self.device))
+        after = embed(torch.tensor(self._ids(self.prompt.after(question)), device=self.device))
         rows = torch.cat([block.to(self.device, self.dtype), after.unsqueeze(0).expand(block.shape[0], -1, -1)], 1)
         return shared, rows
 
@@ -295,6 +341,20 @@ class Captioner(nn.Module):
     @property
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def _chat_prompt(source: str, tokenizer, image_token_id: int) -> Prompt:
+    """The prompt of a model that ships a chat template (with its processor, else with its tokenizer)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, ImportError):
+        processor = None
+    owner = processor if getattr(processor, "chat_template", None) else tokenizer
+    if not getattr(owner, "chat_template", None):
+        raise ModelLoadError(f"'{source}' ships no chat template to place the image and the question")
+    return Prompt.from_chat_template(owner, tokenizer.convert_ids_to_tokens(image_token_id), tokenizer.bos_token)
 
 
 def _apply(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

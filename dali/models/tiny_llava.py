@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# A Mistral-instruct chat template, the shape LLaVA-NeXT (Mistral) ships: "<s>[INST] <image>\n{question} [/INST]".
+NEXT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %} [/INST]{% else %}{% for part in message['content'] %} {{ part['text'] }}{% endfor %}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+)
 
 
 @dataclass(frozen=True)
@@ -44,10 +51,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     )
 
 
-def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), seed: int = 0):
-    """A randomly initialised ``LlavaForConditionalGeneration`` of LLaVA-1.5's structure at tiny size."""
+def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), seed: int = 0, family: str = "llava"):
+    """A randomly initialised LLaVA at tiny size: ``LlavaForConditionalGeneration`` (LLaVA-1.5's structure), or
+    with ``family="llava_next"`` ``LlavaNextForConditionalGeneration`` (the same tower and projector, plus tiles)."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
         hidden_size=config.vision_hidden,
@@ -70,16 +79,22 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), see
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    llava_config = LlavaConfig(
+    size = config.image_size
+    tiles = {"image_grid_pinpoints": [[size, size], [size, 2 * size], [2 * size, size]]} if family != "llava" else {}
+    classes = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration")}
+    classes["llava_next"] = ("LlavaNextConfig", "LlavaNextForConditionalGeneration")
+    config_class, model_class = (getattr(transformers, name) for name in classes[family])
+    llava_config = config_class(
         vision_config=vision,
         text_config=text,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
+        **tiles,
     )
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(llava_config)
+    return model_class(llava_config)
 
 
 def save_tiny_llava(model, tokenizer, folder: str | Path) -> Path:
@@ -90,10 +105,42 @@ def save_tiny_llava(model, tokenizer, folder: str | Path) -> Path:
     hf_logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    size = model.config.vision_config.image_size
+    size = {"shortest_edge": model.config.vision_config.image_size}
+    crop = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
     model.save_pretrained(folder)
+    if model.config.model_type == "llava_next":  # its processor's files, chat template included
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        tokenizer.chat_template = NEXT_CHAT_TEMPLATE
+        pinpoints = model.config.image_grid_pinpoints
+        LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=pinpoints).save_pretrained(folder)
+    else:
+        CLIPImageProcessorPil(size=size, crop_size=crop).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        folder
-    )
     return folder
+
+
+def as_llava_next(llava):
+    """A ``LlavaNextForConditionalGeneration`` holding a LLaVA-1.5's weights (its tower, projector and LM; the
+    newline embedding of NeXT's tiles is new): what the base-image path of a LLaVA-NeXT computes is then the
+    LLaVA-1.5's. The tests take a captioner that writes words through every stage this way."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = llava.config
+    size = config.vision_config.image_size
+    next_config = LlavaNextConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token_index=config.image_token_id,
+        projector_hidden_act=config.projector_hidden_act,
+        image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size]],
+    )
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(next_config)
+    missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+    if unexpected or set(missing) - {"model.image_newline"}:
+        raise ValueError(f"LLaVA-1.5 and LLaVA-NeXT weights differ: missing {missing}, unexpected {unexpected}")
+    return model

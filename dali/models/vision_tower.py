@@ -73,7 +73,7 @@ class VisionTower(nn.Module):
         import json
 
         from safetensors import safe_open
-        from transformers import CLIPVisionModel, LlavaConfig
+        from transformers import AutoConfig, AutoModel
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         folder = Path(name_or_path)
@@ -82,11 +82,11 @@ class VisionTower(nn.Module):
 
             folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
         try:
-            config = LlavaConfig.from_pretrained(folder)
+            config = AutoConfig.from_pretrained(folder)  # LLaVA-1.5's or LLaVA-NeXT's: a CLIP tower either way
             image_processor = CLIPImageProcessorPil.from_pretrained(folder)
-        except OSError as error:
+            tower = AutoModel.from_config(config.vision_config)
+        except (OSError, ValueError, AttributeError) as error:
             raise ModelLoadError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
-        tower = CLIPVisionModel(config.vision_config)
         index = folder / "model.safetensors.index.json"
         files = (
             sorted(set(json.loads(index.read_text())["weight_map"].values()))

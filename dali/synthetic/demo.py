@@ -38,13 +38,19 @@ class Row:
     variant: str
     distilled: bool
     modality: str
+    encoder: str = "cav-mae"  # the audio encoder's family (--audio-encoder)
 
     @property
     def name(self) -> str:
-        label = PAPER_NAMES[self.variant]
+        label = PAPER_NAMES[self.variant] + (f" [{self.encoder.upper()}]" if self.encoder != "cav-mae" else "")
         if self.modality == "audio_vis":
             label += " (audio + image)"
         return label + (" + distillation" if self.distilled else "")
+
+    @property
+    def group(self) -> str:
+        """The run's folder of this row's encoder (one per variant and encoder family)."""
+        return self.variant + (f"-{self.encoder}" if self.encoder != "cav-mae" else "")
 
     @property
     def folder(self) -> str:
@@ -60,6 +66,7 @@ DEFAULT_ROWS = (
     Row("ot_att", True, "audio"),
     Row("ot_att", False, "audio_vis"),
 )
+ENCODER_ROWS = (("unaligned", False), ("ot_att", False), ("ot_att", True))  # (variant, distilled) of another encoder
 SEEDS_ROWS = DEFAULT_ROWS + (Row("mmd", False, "audio"), Row("ot", False, "audio"))
 FULL_ROWS = (
     Row("image_captioner", False, "image"),
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     check_run_name(args.run)
     rows = FULL_ROWS if args.full else SEEDS_ROWS if args.seeds > 1 else DEFAULT_ROWS
+    if args.audio_encoder != "cav-mae":  # its rows beside CAV-MAE's: unaligned, aligned, and distilled
+        rows += tuple(Row(v, d, "audio", args.audio_encoder) for v, d in ENCODER_ROWS)
     runs = []
     for seed in range(args.seeds):
         suffix = f"_seed{seed}" if seed else ""
@@ -128,13 +137,14 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
     pairs = ["--pairs", str(world / "prefix_pairs.json")]
     prefix_dir = stage(prefix_tune, run / "prefix", [*preset("prefix_tuning"), *common, *pairs, *short])
     scenes = {scene["id"]: scene for scene in json.loads((world / "scenes.json").read_text())["test"]}
-    variants = sorted({row.variant for row in rows if row.variant != "image_captioner"})
+    paper_first = sorted({(row.encoder != "cav-mae", row.group) for row in rows if row.variant != "image_captioner"})
+    groups = [group for _, group in paper_first]
     results = []
-    for variant in ["image_captioner", *variants]:
-        folder = run / variant
-        if variant != "image_captioner":
-            train_variant(stage, world, folder, variant, common, prefix_dir, args.reduced, rows)
-        for row in (r for r in rows if r.variant == variant):
+    for group in ["image_captioner", *groups]:
+        folder, group_rows = run / group, [r for r in rows if r.group == group]
+        if group != "image_captioner":
+            train_variant(stage, world, folder, group_rows, common, prefix_dir, args.reduced)
+        for row in group_rows:
             out = stage(infer, folder / row.folder, infer_flags(world, folder, row, common, prefix_dir))
             results.append(row_result(row, out, scenes))
     report = {"rows": results, "claims": check_claims([{row["name"]: row for row in results}])}
@@ -172,12 +182,14 @@ def preset(name: str) -> list[str]:
     return ["--config", str(PRESETS / f"{name}.yaml")]
 
 
-def train_variant(stage, world: Path, folder: Path, variant: str, common, prefix_dir, reduced, rows) -> None:
-    """Stage 1b for one variant, then pseudo-captions and distillation when a distilled row needs them."""
+def train_variant(stage, world: Path, folder: Path, rows: list[Row], common, prefix_dir, reduced) -> None:
+    """Stage 1b for one variant and encoder (the rows of one group), then pseudo-captions and distillation when a
+    distilled row needs them."""
+    variant, encoder = rows[0].variant, ["--audio-encoder", rows[0].encoder]
     method = {"unaligned": ["--epochs", "0"]}.get(variant, ["--method", variant] + (["--epochs", "2"] * reduced))
     lists = ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
-    stage(align, folder / "align", [*preset("alignment"), *common, *lists, *method])
-    if not any(row.variant == variant and row.distilled for row in rows):
+    stage(align, folder / "align", [*preset("alignment"), *common, *lists, *method, *encoder])
+    if not any(row.distilled for row in rows):
         return
     upstream = ["--align-dir", str(folder / "align")]
     clips = ["--clips", str(world / "pseudo.json"), "--prefix-dir", str(prefix_dir)]
@@ -203,6 +215,7 @@ def row_result(row: Row, out: Path, scenes: dict) -> dict:
     captions = {record["id"]: record["caption"] for record in read_jsonl(out / "predictions.jsonl")}
     return {
         "variant": row.variant,
+        "encoder": row.encoder,
         "distilled": row.distilled,
         "modality": row.modality,
         "metrics": {metric: scores.get(metric) for metric in TABLE_METRICS},
@@ -219,7 +232,8 @@ def results_table(results: list[dict]) -> str:
 
 # -- the paper's claims --------------------------------------------------------------------------------------
 def _audio_rows(rows: dict) -> list[str]:
-    return [name for name, row in rows.items() if row["modality"] == "audio"]
+    """The paper's audio rows (CAV-MAE's)."""
+    return [n for n, row in rows.items() if row["modality"] == "audio" and row.get("encoder", "cav-mae") == "cav-mae"]
 
 
 CLAIMS = (
