@@ -6,9 +6,9 @@ LLaVA-1.5's LLM sees its v1 conversation with a multimodal block at the ``<image
     BOS "<system> USER: " [block] "\\nDescribe the sound that can be heard in this scene. ASSISTANT:" answer EOS
 
 (LLaVA-NeXT's: its own chat template, the block at its image token), where the block is image: [image tokens];
-audio: [audio tokens]; audio_vis: [image tokens, audio tokens], each optionally followed by the learned prefix embeddings. Image tokens are CLIP's penultimate-layer patch
-tokens through LLaVA's projector; audio tokens come from the aligned encoder (already in CLIP's space)
-through LLaVA's projector or a distilled copy of it.
+audio: [audio tokens]; audio_vis: [image tokens, audio tokens], each optionally followed by the learned prefix
+embeddings. Image tokens are CLIP's penultimate-layer patch tokens through LLaVA's projector; audio tokens come
+from the aligned encoder (already in CLIP's space) through LLaVA's projector or a distilled copy of it.
 """
 
 from __future__ import annotations
