@@ -1,37 +1,45 @@
-"""Captioners beyond LLaVA-1.5 (``--llava``): LLaVA-NeXT built in its real class, saved in its real format with
-its processor's chat template, and taken through the five stages."""
+"""Captioners beyond LLaVA-1.5 (``--llava``): LLaVA-NeXT and LLaVA-OneVision built in their real classes, saved in
+their real formats with their processors' chat templates, and taken through the five stages."""
 
 import json
 
 import pytest
 import torch
 from helpers import align_flags, prefix_flags
+from PIL import Image
 
 from dali.errors import ModelLoadError
 from dali.jsonl import read_jsonl
 from dali.models.captioner import QUESTION, Captioner
-from dali.models.tiny_llava import as_llava_next, save_tiny_llava
+from dali.models.tiny_llava import CLASSES, as_llava_family, save_tiny_llava
 from dali.models.vision_tower import VisionTower
 from dali.runs import read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 
+FAMILIES = ("llava_next", "llava_onevision")
 
-@pytest.fixture(scope="module")
-def next_dir(synthetic, tmp_path_factory):
-    """The synthetic world's captioner as a LLaVA-NeXT folder (its chat template: Mistral-instruct's shape)."""
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, synthetic, tmp_path_factory):
+    """The synthetic world's captioner as a folder of another family (chat templates of Mistral-instruct's and
+    Qwen2's shapes, as LLaVA-NeXT and LLaVA-OneVision ship)."""
     _, llava = synthetic
     source = Captioner.from_pretrained(llava)
-    return save_tiny_llava(as_llava_next(source.llava), source.tokenizer, tmp_path_factory.mktemp("llava_next"))
+    model = as_llava_family(source.llava, request.param)
+    return save_tiny_llava(model, source.tokenizer, tmp_path_factory.mktemp(request.param))
 
 
-def test_llava_next_loads_in_its_class_with_the_prompt_of_its_chat_template(next_dir):
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+def test_each_family_loads_in_its_class_with_the_prompt_of_its_chat_template(family_dir):
+    import transformers
 
-    captioner = Captioner.from_pretrained(next_dir)
-    assert isinstance(captioner.llava, LlavaNextForConditionalGeneration)
-    processor = AutoProcessor.from_pretrained(next_dir)
+    captioner = Captioner.from_pretrained(family_dir)
+    family = captioner.llava.config.model_type
+    assert type(captioner.llava) is getattr(transformers, CLASSES[family][1])
+    # Rendered by the processor (LLaVA-NeXT's; OneVision's needs torchvision for its video half: its tokenizer
+    # holds the same template)
+    owner = transformers.AutoProcessor if family == "llava_next" else transformers.AutoTokenizer
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    rendered = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    rendered = owner.from_pretrained(family_dir).apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     ids = captioner.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     image = ids.index(captioner.llava.config.image_token_id)
     # The prompt around the block is the processor's rendering, token for token, the block at its image token.
@@ -44,12 +52,46 @@ def test_llava_next_loads_in_its_class_with_the_prompt_of_its_chat_template(next
     assert torch.equal(torch.cat([shared, rows[0]]), expected)
 
 
-def test_the_base_image_of_llava_next_gives_llava_15s_tokens(synthetic, next_dir):
-    one, nxt = Captioner.from_pretrained(synthetic[1]), Captioner.from_pretrained(next_dir)
-    pixels = torch.rand(2, 3, nxt.llava.config.vision_config.image_size, nxt.llava.config.vision_config.image_size)
-    assert torch.equal(one.image_tokens(pixels), nxt.image_tokens(pixels))
-    tower = VisionTower.from_pretrained(next_dir)
-    assert torch.equal(tower.image_tokens(pixels), nxt.image_tokens(pixels))
+def test_the_base_image_of_each_family_gives_llava_15s_tokens(synthetic, family_dir):
+    one, other = Captioner.from_pretrained(synthetic[1]), Captioner.from_pretrained(family_dir)
+    frames = [Image.new("RGB", (48, 30), (200, 40, 10)), Image.new("RGB", (30, 30), (0, 90, 250))]
+    pixels = other.preprocess_images(frames)
+    assert torch.allclose(pixels, one.preprocess_images(frames), atol=1e-6)
+    assert torch.equal(one.image_tokens(pixels), other.image_tokens(pixels))
+    tower = VisionTower.from_pretrained(family_dir)
+    assert torch.equal(tower.image_tokens(pixels), other.image_tokens(pixels))
+
+
+def test_onevision_with_siglip_selects_every_patch_token(tmp_path):
+    """LLaVA-OneVision's own tower: SigLIP, no CLS, its last layer's tokens all kept (the ``full`` selection)."""
+    from transformers import (
+        LlamaConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    from dali.models.tiny_llava import train_tokenizer
+
+    tokenizer = train_tokenizer(["a dog barks", "wind blows hard", QUESTION] * 4, vocab_size=120)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=7)  # fmt: skip
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[[28, 28]],
+    )  # fmt: skip
+    save_tiny_llava(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path)
+    captioner = Captioner.from_pretrained(tmp_path)
+    pixels = captioner.preprocess_images([Image.new("RGB", (40, 20), (10, 200, 30))])
+    assert pixels.shape == (1, 3, 28, 28)
+    tokens = captioner.image_tokens(pixels)
+    hidden = captioner.llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+    assert tokens.shape == (1, 16, 32) and torch.equal(tokens, hidden)
+    assert captioner.num_image_tokens == 16 and VisionTower.from_pretrained(tmp_path).num_tokens == 16
+    assert torch.equal(VisionTower.from_pretrained(tmp_path).image_tokens(pixels), tokens)
 
 
 def test_a_model_of_another_family_is_a_clear_error(tmp_path):
@@ -62,12 +104,12 @@ def test_a_model_of_another_family_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_llava_next_goes_through_the_five_stages(synthetic, next_dir, tmp_path):
+def test_each_family_goes_through_the_five_stages(synthetic, family_dir, tmp_path):
     world, _ = synthetic
     run = tmp_path / "expe" / "run"
-    assert prefix_tune.main([*prefix_flags(world, next_dir, 1), "--out", str(run / "prefix")]) == 0
-    assert align.main(align_flags(world, next_dir) + ["--epochs", "1", "--out", str(run / "align")]) == 0
-    assert read_manifest(run / "align")["metrics"]["llava"] == str(next_dir)
+    assert prefix_tune.main([*prefix_flags(world, family_dir, 1), "--out", str(run / "prefix")]) == 0
+    assert align.main(align_flags(world, family_dir) + ["--epochs", "1", "--out", str(run / "align")]) == 0
+    assert read_manifest(run / "align")["metrics"]["llava"] == str(family_dir)
     common = ["--run", "run", "--expe-dir", str(run.parent), "--num-workers", "0", "--max-new-tokens", "6"]
     clips = ["--clips", str(world / "pseudo.json"), "--limit", "8", "--batch-size", "4"]
     assert pseudo_label.main(common + clips) == 0  # the LLaVA recorded upstream: no --llava from here on

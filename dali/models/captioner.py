@@ -1,11 +1,11 @@
 """LLaVA as an audio captioner: transformers' ``LlavaForConditionalGeneration`` (LLaVA-1.5, the paper's) or
-``LlavaNextForConditionalGeneration`` with DALI's token layout.
+``LlavaNextForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration`` with DALI's token layout.
 
 LLaVA-1.5's LLM sees its v1 conversation with a multimodal block at the ``<image>`` place:
 
     BOS "<system> USER: " [block] "\\nDescribe the sound that can be heard in this scene. ASSISTANT:" answer EOS
 
-(LLaVA-NeXT's: its own chat template, the block at its image token), where the block is image: [image tokens];
+(the others': their own chat template, the block at its image token), where the block is image: [image tokens];
 audio: [audio tokens]; audio_vis: [image tokens, audio tokens], each optionally followed by the learned prefix
 embeddings. Image tokens are CLIP's penultimate-layer patch tokens through LLaVA's projector; audio tokens come
 from the aligned encoder (already in CLIP's space) through LLaVA's projector or a distilled copy of it.
@@ -25,14 +25,19 @@ from torch import nn
 from dali.constants import CONV_MODES
 from dali.errors import ModelLoadError
 from dali.models.decoding import DecodingOptions, StaticDecoder
-from dali.models.vision_tower import clip_patch_tokens, preprocess_images
+from dali.models.vision_tower import base_image_processor, patch_tokens, preprocess_images
 
 QUESTION = "Describe the sound that can be heard in this scene."
 IGNORE_INDEX = -100
 MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption must not blow the context
 # transformers' class of each LLaVA family whose image tokens are one projector over one vision tower's patch
-# tokens (docs/extending.md): LLaVA-1.5, and LLaVA-NeXT read through its base image only (no tiles for audio).
-FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+# tokens (docs/extending.md): LLaVA-1.5, and LLaVA-NeXT and LLaVA-OneVision read through their base image only (no
+# tiles for audio).
+FAMILIES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 QUESTION_SLOT = "{question}"
 
 
@@ -101,25 +106,24 @@ class Captioner(nn.Module):
         conv_mode: str = "v1",
     ) -> "Captioner":
         """Load a LLaVA in Hugging Face format (hub id such as ``llava-hf/llava-1.5-7b-hf`` or a local folder):
-        LLaVA-1.5 with the original's conversation (``conv_mode``), LLaVA-NeXT with its own chat template."""
+        LLaVA-1.5 with the original's conversation (``conv_mode``), LLaVA-NeXT and LLaVA-OneVision with their own
+        chat template."""
         import transformers
         from transformers import AutoConfig, AutoTokenizer
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         source = str(name_or_path)
         try:
-            family = AutoConfig.from_pretrained(source).model_type
+            config = AutoConfig.from_pretrained(source)
+            family = config.model_type
             if family not in FAMILIES:
                 raise ModelLoadError(f"'{source}' is a {family} model; --llava takes {sorted(FAMILIES)}")
             llava = getattr(transformers, FAMILIES[family]).from_pretrained(
                 source, dtype=dtype, attn_implementation=attn_implementation
             )
             tokenizer = AutoTokenizer.from_pretrained(source)
-            # The PIL backend needs no torchvision, which cannot be installed next to our CPU torch. The base image
-            # of LLaVA-NeXT goes through the same CLIP resize, crop and normalisation (its tiles are not used).
-            image_processor = CLIPImageProcessorPil.from_pretrained(source)
+            image_processor = base_image_processor(source, config)  # (the base image: tiles are not used)
             prompt = None if family == "llava" else _chat_prompt(source, tokenizer, llava.config.image_token_id)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load the LLaVA captioner from '{source}': {error}") from None
@@ -164,8 +168,14 @@ class Captioner(nn.Module):
         return preprocess_images(self.image_processor, images)
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP patch tokens as LLaVA-1.5 uses them: layer -2, CLS dropped. [B, 3, S, S] -> [B, P, vision_dim]."""
-        return clip_patch_tokens(self.llava.model.vision_tower, pixel_values, self.llava.config.vision_feature_layer)
+        """Patch tokens as the LLaVA uses them (LLaVA-1.5: CLIP layer -2, CLS dropped). [B, 3, S, S] -> [B, P, D]."""
+        config = self.llava.config
+        return patch_tokens(
+            self.llava.model.vision_tower,
+            pixel_values,
+            config.vision_feature_layer,
+            config.vision_feature_select_strategy,
+        )
 
     # -- inputs --------------------------------------------------------------------------------------
     def modality_block(

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+CLASSES = {  # family -> (config class, model class) in transformers
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
+}
+# A Qwen2 chat template, the shape LLaVA-OneVision ships: "<|im_start|>user <image>\n{question}<|im_end|>...".
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # A Mistral-instruct chat template, the shape LLaVA-NeXT (Mistral) ships: "<s>[INST] <image>\n{question} [/INST]".
 NEXT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
@@ -81,9 +92,7 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), see
     )
     size = config.image_size
     tiles = {"image_grid_pinpoints": [[size, size], [size, 2 * size], [2 * size, size]]} if family != "llava" else {}
-    classes = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration")}
-    classes["llava_next"] = ("LlavaNextConfig", "LlavaNextForConditionalGeneration")
-    config_class, model_class = (getattr(transformers, name) for name in classes[family])
+    config_class, model_class = (getattr(transformers, name) for name in CLASSES[family])
     llava_config = config_class(
         vision_config=vision,
         text_config=text,
@@ -108,28 +117,36 @@ def save_tiny_llava(model, tokenizer, folder: str | Path) -> Path:
     size = {"shortest_edge": model.config.vision_config.image_size}
     crop = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
     model.save_pretrained(folder)
-    if model.config.model_type == "llava_next":  # its processor's files, chat template included
+    family, pinpoints = model.config.model_type, getattr(model.config, "image_grid_pinpoints", None)
+    if family == "llava_next":  # its processor's files, chat template included
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         tokenizer.chat_template = NEXT_CHAT_TEMPLATE
-        pinpoints = model.config.image_grid_pinpoints
         LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=pinpoints).save_pretrained(folder)
+    elif family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        tokenizer.chat_template = ONEVISION_CHAT_TEMPLATE
+        LlavaOnevisionImageProcessorPil(size=crop, image_grid_pinpoints=pinpoints).save_pretrained(folder)
     else:
         CLIPImageProcessorPil(size=size, crop_size=crop).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def as_llava_next(llava):
-    """A ``LlavaNextForConditionalGeneration`` holding a LLaVA-1.5's weights (its tower, projector and LM; the
-    newline embedding of NeXT's tiles is new): what the base-image path of a LLaVA-NeXT computes is then the
-    LLaVA-1.5's. The tests take a captioner that writes words through every stage this way."""
+def as_llava_family(llava, family: str):
+    """A LLaVA-NeXT or LLaVA-OneVision holding a LLaVA-1.5's weights (its tower, projector and LM; the newline
+    embedding of their tiles is new): what their base-image path computes is then the LLaVA-1.5's. The tests take a
+    captioner that writes words through every stage this way."""
     import torch
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    import transformers
 
     config = llava.config
     size = config.vision_config.image_size
-    next_config = LlavaNextConfig(
+    config_class, model_class = (getattr(transformers, name) for name in CLASSES[family])
+    family_config = config_class(
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),
         vision_feature_layer=config.vision_feature_layer,
@@ -139,8 +156,8 @@ def as_llava_next(llava):
         image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size]],
     )
     torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(next_config)
+    model = model_class(family_config)
     missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
     if unexpected or set(missing) - {"model.image_newline"}:
-        raise ValueError(f"LLaVA-1.5 and LLaVA-NeXT weights differ: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"LLaVA-1.5 and {family} weights differ: missing {missing}, unexpected {unexpected}")
     return model

@@ -1,5 +1,5 @@
-"""LLaVA-1.5's image side: pad to square, CLIP preprocessing, the patch tokens it feeds the projector, and the
-CLIP tower loaded alone (alignment never runs the LLM)."""
+"""LLaVA's image side: pad to square, the base image's preprocessing, the patch tokens it feeds the projector,
+and the vision tower loaded alone (alignment never runs the LLM)."""
 
 from __future__ import annotations
 
@@ -35,21 +35,40 @@ def preprocess_images(image_processor, images: Sequence[Image.Image]) -> torch.T
 
 
 @torch.no_grad()
-def clip_patch_tokens(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
-    """Hidden states of ``feature_layer`` without the CLS token: [B, 3, S, S] -> [B, P, D]."""
+def patch_tokens(
+    tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2, select: str = "default"
+) -> torch.Tensor:
+    """Hidden states of ``feature_layer``, as LLaVA selects them: without CLIP's CLS token (``default``) or all of
+    them (``full``: SigLIP has no CLS). [B, 3, S, S] -> [B, P, D]."""
     parameter = next(tower.parameters())
     hidden = tower(pixel_values.to(parameter.device, parameter.dtype), output_hidden_states=True).hidden_states
-    return hidden[feature_layer][:, 1:]
+    return hidden[feature_layer][:, 1:] if select == "default" else hidden[feature_layer]
+
+
+def base_image_processor(source: str | Path, config):
+    """The preprocessing of a LLaVA's base image (PIL backend: torchvision cannot be installed beside our CPU torch).
+
+    LLaVA-1.5 and LLaVA-NeXT: CLIP's resize of the shortest edge and centre crop, from the folder's config.
+    LLaVA-OneVision: a resize to the tower's square with the folder's mean and std (no crop), as its base image.
+    """
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if config.model_type != "llava_onevision":
+        return CLIPImageProcessorPil.from_pretrained(source)
+    saved, _ = CLIPImageProcessorPil.get_image_processor_dict(str(source))
+    side = config.vision_config.image_size
+    normalise = {key: saved[key] for key in ("image_mean", "image_std") if key in saved}
+    return CLIPImageProcessorPil(size={"height": side, "width": side}, do_center_crop=False, **normalise)
 
 
 class VisionTower(nn.Module):
     """LLaVA's CLIP tower alone, for stages that never run the LLM (alignment): loads only its weights."""
 
-    def __init__(self, tower: nn.Module, image_processor, feature_layer: int, source: str = ""):
+    def __init__(self, tower: nn.Module, image_processor, feature_layer: int, source: str = "", select="default"):
         super().__init__()
         self.tower = tower.eval().requires_grad_(False)
         self.image_processor = image_processor
-        self.feature_layer = feature_layer
+        self.feature_layer, self.select = feature_layer, select
         self.source = source
 
     @property
@@ -64,7 +83,7 @@ class VisionTower(nn.Module):
         return preprocess_images(self.image_processor, images)
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return clip_patch_tokens(self.tower, pixel_values, self.feature_layer)
+        return patch_tokens(self.tower, pixel_values, self.feature_layer, self.select)
 
     @classmethod
     def from_pretrained(
@@ -74,7 +93,6 @@ class VisionTower(nn.Module):
 
         from safetensors import safe_open
         from transformers import AutoConfig, AutoModel
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         folder = Path(name_or_path)
         if not folder.is_dir():  # a hub id: fetch the config and weights (on a machine with internet)
@@ -82,8 +100,8 @@ class VisionTower(nn.Module):
 
             folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
         try:
-            config = AutoConfig.from_pretrained(folder)  # LLaVA-1.5's or LLaVA-NeXT's: a CLIP tower either way
-            image_processor = CLIPImageProcessorPil.from_pretrained(folder)
+            config = AutoConfig.from_pretrained(folder)  # any LLaVA family's: CLIP or SigLIP
+            image_processor = base_image_processor(folder, config)
             tower = AutoModel.from_config(config.vision_config)
         except (OSError, ValueError, AttributeError) as error:
             raise ModelLoadError(f"cannot load the LLaVA vision tower from '{name_or_path}': {error}") from None
@@ -107,6 +125,6 @@ class VisionTower(nn.Module):
         if missing:
             raise ModelLoadError(f"'{name_or_path}' lacks vision-tower weights, e.g. {missing[:5]}")
         tower.load_state_dict({key: state[key] for key in expected})
-        return cls(
-            tower.to(device=device, dtype=dtype), image_processor, config.vision_feature_layer, str(name_or_path)
-        )
+        tower = tower.to(device=device, dtype=dtype)
+        select = config.vision_feature_select_strategy
+        return cls(tower, image_processor, config.vision_feature_layer, str(name_or_path), select)
