@@ -122,3 +122,15 @@ def test_each_family_goes_through_the_stages(family, synthetic, tmp_path):
         (0.0, 10.24),
         (10.24, 12.0),
     ]
+
+
+def test_alignment_starts_from_a_released_checkpoint_folder(synthetic, tmp_path):
+    world, llava = synthetic
+    saved = _save_released("hubert", tmp_path / "released")
+    flags = ["--audio-encoder", "hubert", "--init-encoder", str(tmp_path / "released"), "--epochs", "0"]
+    assert align.main(align_flags(world, llava) + flags + ["--out", str(tmp_path / "align")]) == 0
+    manifest = read_manifest(tmp_path / "align")
+    assert manifest["inputs"]["init_encoder"]["config_sha256"]
+    aligned = load_align_stage(tmp_path / "align", vision_dim=manifest["metrics"]["audio_encoder"]["proj_dim"])
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(aligned.model.state_dict()[key], value), key
