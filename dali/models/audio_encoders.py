@@ -82,7 +82,8 @@ FAMILIES = {
 assert AUDIO_ENCODERS == ("cav-mae", *FAMILIES)
 
 
-def _class(name: str):
+def hf_class(name: str):
+    """A transformers class by name (Whisper's encoder is not exported at the top level)."""
     import transformers
 
     if name == "WhisperEncoder":
@@ -194,20 +195,20 @@ def new_encoder(
         shape |= {"num_attention_heads": [heads] * depth, "hidden_size": dim}
     elif family in ("hubert", "wav2vec2"):
         shape |= {"conv_dim": (dim,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": heads}
-    config = _class(spec.config)(**shape)
+    config = hf_class(spec.config)(**shape)
     extractor = _new_extractor(family, target_frames)
-    return TransformersAudioEncoder(family, _class(spec.model)(config), extractor, proj_dim, target_frames, tokens)
+    return TransformersAudioEncoder(family, hf_class(spec.model)(config), extractor, proj_dim, target_frames, tokens)
 
 
 def _new_extractor(family: str, target_frames: int):
     spec = FAMILIES[family]
     if family == "ast":
-        return _class(spec.feature_extractor)(max_length=target_frames)
+        return hf_class(spec.feature_extractor)(max_length=target_frames)
     if family == "clap":
-        return _class(spec.feature_extractor)(truncation="rand_trunc", padding="repeatpad")
+        return hf_class(spec.feature_extractor)(truncation="rand_trunc", padding="repeatpad")
     if family in ("hubert", "wav2vec2"):
-        return _class(spec.feature_extractor)(do_normalize=True, return_attention_mask=False)
-    return _class(spec.feature_extractor)()
+        return hf_class(spec.feature_extractor)(do_normalize=True, return_attention_mask=False)
+    return hf_class(spec.feature_extractor)()
 
 
 def pretrained_encoder(
@@ -220,10 +221,10 @@ def pretrained_encoder(
         config = json.loads((Path(folder) / "config.json").read_text())
         whole = spec.whole is not None and config.get("model_type") in ("whisper", "clap")
         if whole:
-            model = getattr(_class(spec.whole).from_pretrained(str(folder)), spec.audio_part)
+            model = getattr(hf_class(spec.whole).from_pretrained(str(folder)), spec.audio_part)
         else:
-            model = _class(spec.model).from_pretrained(str(folder))
-        extractor = _class(spec.feature_extractor).from_pretrained(str(folder))
+            model = hf_class(spec.model).from_pretrained(str(folder))
+        extractor = hf_class(spec.feature_extractor).from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot load a {family} audio encoder from '{folder}': {error}") from None
     if family == "clap":  # a fixed window: the fused front end needs a model built for it
@@ -251,9 +252,9 @@ def load_encoder(path: str | Path) -> nn.Module:
     try:
         described = json.loads(metadata[ENCODER_METADATA_KEY])
         spec = FAMILIES[described["family"]]
-        config = _class(spec.config).from_dict(described["config"])
-        extractor = _class(spec.feature_extractor).from_dict(described["feature_extractor"])
-        model = _class(spec.model)(config)
+        config = hf_class(spec.config).from_dict(described["config"])
+        extractor = hf_class(spec.feature_extractor).from_dict(described["feature_extractor"])
+        model = hf_class(spec.model)(config)
         encoder = TransformersAudioEncoder(
             described["family"], model, extractor, described["proj_dim"], described["target_frames"],
             described.get("audio_tokens"),
