@@ -101,15 +101,13 @@ def llava_7b_config(vocab_size: int = 32064, text_layers: int = 32):
 def random_llava(config, dtype=torch.bfloat16, device="cuda"):
     """A randomly initialised LLaVA of the config's family built straight on the device (no 28 GB fp32 copy on the
     host)."""
-    import transformers
-
-    from dali.models.tiny_llava import CLASSES
+    from dali.models.tiny_llava import family_classes
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = getattr(transformers, CLASSES[config.model_type][1])(config)
+            model = family_classes(config.model_type)[1](config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)

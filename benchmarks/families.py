@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import benchmark_tokenizer, device_name, llava_7b_config, random_llava, report, sync  # noqa: E402
 
+from dali.audio import audio_to_features  # noqa: E402
 from dali.losses import AttentiveTokenWeights, ot_loss  # noqa: E402
 from dali.models.audio_encoders import FAMILIES, TransformersAudioEncoder, hf_class  # noqa: E402
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig  # noqa: E402
@@ -50,8 +51,6 @@ def encoders(tiny: bool, audio_tokens: int | None) -> dict:
 
 def front_end_rate(encoder, clips: int = 16) -> float:
     """Clips/s of one CPU core making the encoder's input from 10.24 s waves."""
-    from dali.audio import audio_to_features
-
     waves = [0.1 * torch.randn(163_840) for _ in range(clips)]
     make = encoder.front_end or audio_to_features
     start = time.perf_counter()
@@ -67,7 +66,7 @@ def alignment_rate(encoder, batch: int, steps: int, vision: int, image_tokens: i
     trained = [*encoder.parameters(), *scorers.parameters()]
     optimizer = torch.optim.Adam(trained, lr=1e-4, fused=DEVICE == "cuda")
     wave = 0.1 * torch.randn(163_840)
-    features = (encoder.front_end(wave) if encoder.front_end else _fbank(wave)).to(DEVICE)
+    features = (encoder.front_end or audio_to_features)(wave).to(DEVICE)
     features = features.unsqueeze(0).expand(batch, *features.shape).contiguous()
     image = torch.randn(batch, image_tokens, vision, device=DEVICE)
     project = torch.compile(encoder.project, dynamic=False) if DEVICE == "cuda" else encoder.project
@@ -89,12 +88,6 @@ def alignment_rate(encoder, batch: int, steps: int, vision: int, image_tokens: i
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
     median = statistics.median(times[1:])
     return {"tokens": audio.shape[1], "clips_per_s": round(batch / median, 1), "peak_memory_gib": peak}
-
-
-def _fbank(wave: torch.Tensor) -> torch.Tensor:
-    from dali.audio import audio_to_features
-
-    return audio_to_features(wave)
 
 
 def caption_rate(family: str, batch: int, new_tokens: int, tiny: bool, folder: Path) -> float:
@@ -129,14 +122,12 @@ def caption_rate(family: str, batch: int, new_tokens: int, tiny: bool, folder: P
 
 def family_config(config, family: str):
     """LLaVA-1.5-7B's config, or the same towers in the family's config (LLaVA-NeXT: its tile grid)."""
-    import transformers
-
-    from dali.models.tiny_llava import CLASSES
+    from dali.models.tiny_llava import family_classes
 
     if family == "llava":
         return config
     tiles = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    return getattr(transformers, CLASSES[family][0])(
+    return family_classes(family)[0](
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),
         vision_feature_layer=-2,

@@ -165,6 +165,11 @@ def pad_or_crop(fbank: torch.Tensor, target_frames: int = TARGET_FRAMES) -> torc
     return fbank[..., :target_frames, :]
 
 
+def fit_wave(wave: torch.Tensor, samples: int) -> torch.Tensor:
+    """A waveform [T] cut or zero-padded at its end to [samples]."""
+    return torch.nn.functional.pad(wave[:samples], (0, max(samples - wave.shape[-1], 0)))
+
+
 def normalize_fbank(fbank: torch.Tensor) -> torch.Tensor:
     return (fbank - FBANK_MEAN) / FBANK_STD
 

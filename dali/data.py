@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from dali.audio import (
     AudioLoadError,
     audio_to_features,
+    fit_wave,
     kaldi_fbank,
     load_audio,
     normalize_fbank,
@@ -347,7 +348,7 @@ def clip_wave(clip: Clip, target_frames: int) -> tuple[torch.Tensor, int]:
     wave = load_clip_audio(clip)
     samples = samples_for_frames(target_frames)
     frames = min(num_frames(wave.shape[-1]), target_frames)
-    return torch.nn.functional.pad(wave[:samples], (0, max(samples - wave.shape[-1], 0))), frames
+    return fit_wave(wave, samples), frames
 
 
 def loader_audio(device: torch.device, encoder=None) -> str:

@@ -11,7 +11,7 @@ from PIL import Image
 from dali.errors import ModelLoadError
 from dali.jsonl import read_jsonl
 from dali.models.captioner import QUESTION, Captioner
-from dali.models.tiny_llava import CLASSES, as_llava_family, save_tiny_llava
+from dali.models.tiny_llava import as_llava_family, family_classes, save_tiny_llava
 from dali.models.vision_tower import VisionTower
 from dali.runs import read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
@@ -34,7 +34,7 @@ def test_each_family_loads_in_its_class_with_the_prompt_of_its_chat_template(fam
 
     captioner = Captioner.from_pretrained(family_dir)
     family = captioner.llava.config.model_type
-    assert type(captioner.llava) is getattr(transformers, CLASSES[family][1])
+    assert type(captioner.llava) is family_classes(family)[1]
     # Rendered by the processor (LLaVA-NeXT's; OneVision's needs torchvision for its video half: its tokenizer
     # holds the same template)
     owner = transformers.AutoProcessor if family == "llava_next" else transformers.AutoTokenizer

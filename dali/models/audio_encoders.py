@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dali.audio import SAMPLE_RATE, resample, samples_for_frames
+from dali.audio import SAMPLE_RATE, fit_wave, resample, samples_for_frames
 from dali.constants import AUDIO_ENCODERS, TARGET_FRAMES
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
-from dali.models.checkpoints import CheckpointError, read_state_dict
+from dali.models.checkpoints import CheckpointError, read_metadata, read_state_dict
 
 ENCODER_METADATA_KEY = "dali.audio_encoder"
 
@@ -106,8 +106,7 @@ class FrontEnd:
         self.time_major = family == "ast"
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        samples = samples_for_frames(self.target_frames)
-        wave = F.pad(wave[:samples], (0, max(samples - wave.shape[-1], 0))).numpy().astype(np.float32)
+        wave = fit_wave(wave, samples_for_frames(self.target_frames)).numpy().astype(np.float32)
         spec = FAMILIES[self.family]
         if spec.sample_rate != SAMPLE_RATE:
             wave = resample(wave, SAMPLE_RATE, spec.sample_rate)
@@ -246,9 +245,9 @@ def save_encoder(encoder: nn.Module, path: str | Path) -> None:
 def load_encoder(path: str | Path) -> nn.Module:
     """An encoder written by :func:`save_encoder` (or any file :func:`load_audio_encoder` reads), rebuilt from its
     metadata, strictly, in eval mode."""
-    state, metadata = read_state_dict(path)
-    if ENCODER_METADATA_KEY not in metadata:
+    if ENCODER_METADATA_KEY not in read_metadata(path):  # the header alone: a CAV-MAE file is read once
         return load_audio_encoder(path)
+    state, metadata = read_state_dict(path)
     try:
         described = json.loads(metadata[ENCODER_METADATA_KEY])
         spec = FAMILIES[described["family"]]

@@ -33,10 +33,10 @@ MAX_ANSWER_TOKENS = 256  # longer training captions are cut: a runaway caption m
 # transformers' class of each LLaVA family whose image tokens are one projector over one vision tower's patch
 # tokens (docs/extending.md): LLaVA-1.5, and LLaVA-NeXT and LLaVA-OneVision read through their base image only (no
 # tiles for audio).
-FAMILIES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+FAMILIES = {  # model_type -> (config class, model class)
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
 }
 QUESTION_SLOT = "{question}"
 
@@ -119,7 +119,7 @@ class Captioner(nn.Module):
             family = config.model_type
             if family not in FAMILIES:
                 raise ModelLoadError(f"'{source}' is a {family} model; --llava takes {sorted(FAMILIES)}")
-            llava = getattr(transformers, FAMILIES[family]).from_pretrained(
+            llava = getattr(transformers, FAMILIES[family][1]).from_pretrained(
                 source, dtype=dtype, attn_implementation=attn_implementation
             )
             tokenizer = AutoTokenizer.from_pretrained(source)

@@ -39,5 +39,20 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, {}
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file, from its header alone; ``{}`` for any other file, and for one
+    that cannot be read (:func:`read_state_dict` then names what is wrong with it)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # a corrupt header: reported by read_state_dict, with the file's name
+        return {}
+
+
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
     return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}

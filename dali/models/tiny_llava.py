@@ -12,11 +12,6 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-CLASSES = {  # family -> (config class, model class) in transformers
-    "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
-    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
-    "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
-}
 # A Qwen2 chat template, the shape LLaVA-OneVision ships: "<|im_start|>user <image>\n{question}<|im_end|>...".
 ONEVISION_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
@@ -66,7 +61,6 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), see
     """A randomly initialised LLaVA at tiny size: ``LlavaForConditionalGeneration`` (LLaVA-1.5's structure), or
     with ``family="llava_next"`` ``LlavaNextForConditionalGeneration`` (the same tower and projector, plus tiles)."""
     import torch
-    import transformers
     from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
@@ -90,9 +84,8 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig = TinyLlavaConfig(), see
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    size = config.image_size
-    tiles = {"image_grid_pinpoints": [[size, size], [size, 2 * size], [2 * size, size]]} if family != "llava" else {}
-    config_class, model_class = (getattr(transformers, name) for name in CLASSES[family])
+    tiles = {"image_grid_pinpoints": _tiles(config.image_size)} if family != "llava" else {}
+    config_class, model_class = family_classes(family)
     llava_config = config_class(
         vision_config=vision,
         text_config=text,
@@ -141,11 +134,9 @@ def as_llava_family(llava, family: str):
     embedding of their tiles is new): what their base-image path computes is then the LLaVA-1.5's. The tests take a
     captioner that writes words through every stage this way."""
     import torch
-    import transformers
 
     config = llava.config
-    size = config.vision_config.image_size
-    config_class, model_class = (getattr(transformers, name) for name in CLASSES[family])
+    config_class, model_class = family_classes(family)
     family_config = config_class(
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),
@@ -153,7 +144,7 @@ def as_llava_family(llava, family: str):
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         image_token_index=config.image_token_id,
         projector_hidden_act=config.projector_hidden_act,
-        image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size]],
+        image_grid_pinpoints=_tiles(config.vision_config.image_size),
     )
     torch.manual_seed(0)
     model = model_class(family_config)
@@ -161,3 +152,17 @@ def as_llava_family(llava, family: str):
     if unexpected or set(missing) - {"model.image_newline"}:
         raise ValueError(f"LLaVA-1.5 and {family} weights differ: missing {missing}, unexpected {unexpected}")
     return model
+
+
+def family_classes(family: str):
+    """The transformers (config class, model class) of a LLaVA family (``captioner.FAMILIES``)."""
+    import transformers
+
+    from dali.models.captioner import FAMILIES
+
+    return tuple(getattr(transformers, name) for name in FAMILIES[family])
+
+
+def _tiles(size: int) -> list[list[int]]:
+    """A tiny tile grid for the families that tile (the base image is all DALI uses)."""
+    return [[size, size], [size, 2 * size], [2 * size, size]]
