@@ -346,6 +346,9 @@ class EvaluateConfig:
     sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
     spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
     name: str = field("predictions", help="row name in the markdown table")
+    allow_missing: bool = field(
+        False, help="score the clips that have a prediction when some have none (the table and scores.json say so)"
+    )
 
 
 @dataclass

@@ -23,7 +23,7 @@ T = TypeVar("T")
 PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and errors
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
-SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full"})
+SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing"})
 # Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.
 SYSTEM_FLAGS = frozenset(
     {"run", "expe_dir", "out", "overwrite", "resume", "device", "dtype", "vision_dtype", "autocast", "compile"}

@@ -5,20 +5,81 @@ packaged on PyPI. Scores are on the 0–1 scale as aac-metrics reports them (CID
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from dali.artifacts import SCORES_JSON, SCORES_MD
+from dali.errors import DaliError
 from dali.files import atomic_write_json, atomic_write_text
+from dali.jsonl import iter_jsonl_lines
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider", "sbert_sim")
 TABLE_METRICS = ("bleu_4", "meteor", "rouge_l", "cider_d", "sbert_sim")
 SBERT_NAME = "SBERT-sim (all-MiniLM-L6-v2)"
+
+
+class PredictionsError(DaliError, ValueError):
+    """A predictions file cannot be scored as it is: the message names the file, the record and the fix."""
+
+
+def normalise_caption(text: str) -> str:
+    """A caption as one line of words: every control, format or separator character (``\\r``, ``\\x85``,
+    U+2028, a zero-width space...) becomes a space, runs of spaces one, and the ends are stripped.
+
+    The PTB tokenizer hands all captions to Java as one text, a caption per line; Java reads several of these
+    characters as line breaks, so one of them in one caption would shift every later clip onto another's text.
+    """
+    spaced = "".join(" " if unicodedata.category(char)[0] in "CZ" else char for char in text)
+    return re.sub(" +", " ", spaced).strip()
+
+
+def prediction_map(
+    numbered_records: Iterable[tuple[int, Any]], known_ids: Collection[str], source: str = "predictions"
+) -> dict[str, str]:
+    """``{id: caption}`` of ``(line number, record)`` pairs, each record checked against the one schema of a
+    prediction: an object with an ``id`` (a string, or an integer compared as text, as a test list holds it) of a
+    clip of ``known_ids``, given once, and a string ``caption``. Anything else is a :class:`PredictionsError`
+    naming ``source`` and the line."""
+    found: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for number, record in numbered_records:
+        where = f"{source} line {number}"
+        if not isinstance(record, dict):
+            raise PredictionsError(f"{where}: a prediction is a JSON object, got {type(record).__name__}")
+        clip_id, caption = record.get("id"), record.get("caption")
+        if isinstance(clip_id, int) and not isinstance(clip_id, bool):
+            clip_id = str(clip_id)
+        if not isinstance(clip_id, str):
+            raise PredictionsError(f"{where}: 'id' must be a string or an integer, got {json.dumps(clip_id)}")
+        if not isinstance(caption, str):
+            shown = "no 'caption'" if "caption" not in record else json.dumps(caption)[:80]
+            raise PredictionsError(f"{where}: clip '{clip_id}' needs a string 'caption', got {shown}")
+        if clip_id in found:
+            raise PredictionsError(f"{where}: clip '{clip_id}' was already predicted on line {first[clip_id]}")
+        if clip_id not in known_ids:
+            raise PredictionsError(f"{where}: clip '{clip_id}' is not in the test list")
+        found[clip_id], first[clip_id] = caption, number
+    return found
+
+
+def read_predictions(path: Path, known_ids: Collection[str], source: str) -> dict[str, str]:
+    """:func:`prediction_map` of a predictions.jsonl; a line that is not JSON is a :class:`PredictionsError`."""
+    try:
+        return prediction_map(iter_jsonl_lines(path), known_ids, source)
+    except UnicodeDecodeError as error:
+        raise PredictionsError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except PredictionsError:
+        raise
+    except ValueError as error:  # a bad line: the message names the file and the line
+        raise PredictionsError(f"{source}: {error}") from None
 
 
 def spice_unavailable_reason() -> str | None:
@@ -63,45 +124,24 @@ def evaluate_captions(
     use_sbert: bool = True,
     use_spice: bool = True,
 ) -> dict:
-    """Corpus scores of one caption per clip against its references.
+    """Corpus scores of one caption per clip against its references, both sides normalised by
+    :func:`normalise_caption` (a caption empty after it is scored as one unknown word: zero on every n-gram metric).
 
     Returns:
-        {"scores": {metric: value}, "unavailable": {metric: reason}, "num_clips": n}
+        {"scores": {metric: value}, "unavailable": {metric: reason}, "num_clips": n,
+         "per_clip": {clip id: {"bleu_4": value, "rouge_l": value, "cider_d": value}}}
     Raises:
         ValueError: a clip without prediction or references, or an empty reference.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    ids = list(references)
-    missing = [clip_id for clip_id in ids if clip_id not in predictions]
-    if missing:
-        raise ValueError(f"{len(missing)} clips have references but no prediction, e.g. {missing[:5]}")
-    if not ids:
-        raise ValueError("nothing to evaluate: no references")
-    for clip_id in ids:
-        if not references[clip_id] or any(not ref.strip() for ref in references[clip_id]):
-            raise ValueError(f"clip '{clip_id}' has an empty reference list or an empty reference")
-    # numeric keys keep pycocoevalcap's sorting stable whatever the ids look like
-    gts = {i: [{"caption": ref} for ref in references[clip_id]] for i, clip_id in enumerate(ids)}
-    res = {i: [{"caption": predictions[clip_id] or ""}] for i, clip_id in enumerate(ids)}
-    tokenizer = PTBTokenizer()
-    gts_tok, res_tok = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-    # an empty prediction tokenises to '' which METEOR's jar rejects; score it as a lone unknown word
-    res_tok = {key: [value[0] if value[0].strip() else "<empty>"] for key, value in res_tok.items()}
-    scores: dict[str, float | None] = {}
+    ids, predictions, references = _normalised(predictions, references)
+    gts_tok, res_tok = _tokenized(ids, predictions, references)
+    scores, per_clip = _clip_independent_scores(ids, gts_tok, res_tok)
     unavailable: dict[str, str] = {}
-    bleu, _ = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
-    for n, value in enumerate(bleu, start=1):
-        scores[f"bleu_{n}"] = float(value)
     meteor = Meteor()  # a java subprocess, ended by the object's finaliser
     scores["meteor"] = float(meteor.compute_score(gts_tok, res_tok)[0])
     del meteor
-    scores["rouge_l"] = float(Rouge().compute_score(gts_tok, res_tok)[0])
-    scores["cider_d"] = float(Cider().compute_score(gts_tok, res_tok)[0])
     reason = spice_unavailable_reason() if use_spice else "disabled"
     if reason is None:
         from pycocoevalcap.spice.spice import Spice
@@ -115,7 +155,70 @@ def evaluate_captions(
         scores["sbert_sim"] = sum(sims) / len(sims)
     else:
         unavailable["sbert_sim"] = "disabled"
-    return {"scores": scores, "unavailable": unavailable, "num_clips": len(ids)}
+    return {"scores": scores, "unavailable": unavailable, "num_clips": len(ids), "per_clip": per_clip}
+
+
+def per_clip_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
+    """:func:`evaluate_captions` without METEOR, SPICE and SBERT: ``{"scores": corpus BLEU, ROUGE-L, CIDEr-D,
+    "per_clip": {clip id: {"bleu_4", "rouge_l", "cider_d"}}}``. A clip's own scores do not depend on the other
+    clips' predictions (CIDEr-D's document frequencies come from the references)."""
+    ids, predictions, references = _normalised(predictions, references)
+    scores, per_clip = _clip_independent_scores(ids, *_tokenized(ids, predictions, references))
+    return {"scores": scores, "per_clip": per_clip}
+
+
+def _clip_independent_scores(ids: list, gts_tok: dict, res_tok: dict) -> tuple[dict, dict]:
+    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D, and each clip's BLEU-4, ROUGE-L and CIDEr-D."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    bleu, bleu_per_clip = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
+    scores = {f"bleu_{n}": float(value) for n, value in enumerate(bleu, start=1)}
+    rouge, rouge_per_clip = Rouge().compute_score(gts_tok, res_tok)
+    cider, cider_per_clip = Cider().compute_score(gts_tok, res_tok)
+    scores |= {"rouge_l": float(rouge), "cider_d": float(cider)}
+    per_clip = {
+        clip_id: {
+            "bleu_4": float(bleu_per_clip[3][i]),
+            "rouge_l": float(rouge_per_clip[i]),
+            "cider_d": float(cider_per_clip[i]),
+        }
+        for i, clip_id in enumerate(ids)
+    }
+    return scores, per_clip
+
+
+def _normalised(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> tuple[list, dict[str, str], dict[str, list[str]]]:
+    """(clip ids, predictions, references), every caption through :func:`normalise_caption`; raises ValueError for
+    a clip without prediction or references, or a reference empty after normalising."""
+    ids = list(references)
+    missing = [clip_id for clip_id in ids if clip_id not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} clips have references but no prediction, e.g. {missing[:5]}")
+    if not ids:
+        raise ValueError("nothing to evaluate: no references")
+    refs = {clip_id: [normalise_caption(ref) for ref in references[clip_id]] for clip_id in ids}
+    for clip_id in ids:
+        if not refs[clip_id] or not all(refs[clip_id]):
+            raise ValueError(f"clip '{clip_id}' has an empty reference list or an empty reference")
+    return ids, {clip_id: normalise_caption(predictions[clip_id]) for clip_id in ids}, refs
+
+
+def _tokenized(ids: list, predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[dict, dict]:
+    """(references, predictions) of normalised captions as PTB-tokenised by pycocoevalcap, keyed by position
+    (numeric keys keep its sorting stable whatever the ids look like)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = {i: [{"caption": ref} for ref in references[clip_id]] for i, clip_id in enumerate(ids)}
+    res = {i: [{"caption": predictions[clip_id]}] for i, clip_id in enumerate(ids)}
+    tokenizer = PTBTokenizer()
+    gts_tok, res_tok = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    # an empty prediction tokenises to '' which METEOR's jar rejects; score it as a lone unknown word
+    res_tok = {key: [value[0] if value[0].strip() else "<empty>"] for key, value in res_tok.items()}
+    return gts_tok, res_tok
 
 
 def markdown_table(
@@ -130,22 +233,46 @@ def markdown_table(
 
 
 def score_predictions(
-    records: list[dict], references: dict[str, list[str]], out: Path, name: str, sbert: bool = True, spice: bool = True
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    out: Path,
+    name: str,
+    sbert: bool = True,
+    spice: bool = True,
+    allow_missing: bool = False,
+    source: str = "predictions",
 ) -> dict:
-    """Evaluate, then write scores.json and scores.md into ``out``; returns the result dict."""
-    predictions = {record["id"]: record["caption"] for record in records}
-    evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
+    """Evaluate checked predictions (:func:`prediction_map`), then write scores.json and scores.md into ``out``;
+    returns the result dict.
+
+    Clips of ``references`` without a prediction are an error naming ``source``, unless ``allow_missing``: then the
+    others are scored, and both files say how many of how many, and which are missing (``coverage``)."""
     missing = sorted(set(references) - set(predictions))
-    if missing:
-        log.warning(
-            "%d clips of the test list have no prediction (skipped clips) and are left out: %s",
-            len(missing),
-            missing[:10],
+    if missing and not allow_missing:
+        raise PredictionsError(
+            f"{source}: {len(missing)} of the {len(references)} clips of the test list have no prediction, e.g. "
+            f"{missing[:5]}; pass --allow-missing to score the others (the score table then says so)"
         )
+    evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
+    if not evaluated:
+        raise PredictionsError(f"{source}: no clip of the test list has a prediction")
     result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice)
-    result["missing_predictions"] = missing
+    result["coverage"] = {"scored": len(evaluated), "of": len(references), "missing": missing}
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SCORES_JSON, result)
-    table = markdown_table([(name, result["scores"])])
-    notes = "".join(f"\n- {metric}: unavailable ({reason})" for metric, reason in result["unavailable"].items())
-    atomic_write_text(out / SCORES_MD, table + (f"\nNot computed:{notes}\n" if notes else ""))
+    atomic_write_text(out / SCORES_MD, scores_markdown(name, result))
     return result
+
+
+def scores_markdown(name: str, result: dict) -> str:
+    """scores.md: the table (its row says when clips were missing) and what could not be computed."""
+    coverage = result["coverage"]
+    if coverage["missing"]:
+        name = f"{name} ({coverage['scored']} of {coverage['of']} clips)"
+    notes = "".join(f"\n- {metric}: unavailable ({reason})" for metric, reason in result["unavailable"].items())
+    text = markdown_table([(name, result["scores"])]) + (f"\nNot computed:{notes}\n" if notes else "")
+    if coverage["missing"]:
+        text += (
+            f"\n{len(coverage['missing'])} clips have no prediction and are not scored: {coverage['missing'][:10]}\n"
+        )
+    return text

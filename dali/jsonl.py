@@ -64,6 +64,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """:func:`read_jsonl`, one record at a time (the file is never held whole)."""
+    return (record for _, record in iter_jsonl_lines(path))
+
+
+def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` of :func:`iter_jsonl`'s records, for errors that name the line."""
     path = Path(path)
     if not path.exists():
         return
@@ -72,7 +77,7 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError:
                 if not line.endswith("\n"):  # only the unterminated last line can be torn
                     return

@@ -3,13 +3,13 @@ SBERT-sim. Writes ``scores.json`` and ``scores.md`` next to the predictions (or 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from dali.command_configs import EvaluateConfig
 from dali.config import ConfigError, parse_config
 from dali.data import read_caption_csv
-from dali.evaluation import markdown_table, score_predictions
-from dali.jsonl import read_jsonl
+from dali.evaluation import read_predictions, score_predictions, scores_markdown
 from dali.runs import MANIFEST
 from dali.stages.common import setup_logging
 
@@ -21,16 +21,46 @@ def main(argv: list[str] | None = None) -> int:
     if not predictions_path.is_file():
         raise ConfigError(f"--predictions: '{predictions_path}' does not exist")
     references = {clip.id: clip.captions for clip in read_caption_csv(config.test_list)}
-    folder = predictions_path.parent
+    folder = predictions_path.absolute().parent  # a bare file name's parent is '.', which has no name
     out = Path(config.out) if config.out else folder.with_name(folder.name + "_rescored")
     if not config.out and not (folder / MANIFEST).exists():
         out = folder
     if (out / MANIFEST).exists():
         raise ConfigError(f"--out: '{out}' is a finished stage folder; its scores belong to its manifest")
-    out.mkdir(parents=True, exist_ok=True)
-    result = score_predictions(read_jsonl(predictions_path), references, out, config.name, config.sbert, config.spice)
-    print(markdown_table([(config.name, result["scores"])]))
+    source = f"--predictions '{predictions_path}'"
+    predictions = read_predictions(predictions_path, references.keys(), source)
+    writable_folder(out)
+    result = score_predictions(
+        predictions,
+        references,
+        out,
+        config.name,
+        config.sbert,
+        config.spice,
+        allow_missing=config.allow_missing,
+        source=source,
+    )
+    print(scores_markdown(config.name, result))
     return 0
+
+
+def writable_folder(out: Path) -> None:
+    """Check, before minutes of scoring, that a file can be written in ``out`` (made, then removed again if it
+    did not exist); one line naming it and --out if not."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--out: cannot write scores into '{out}' ({error.strerror or error}); "
+            "pass --out with a folder you can write to"
+        ) from None
+    finally:
+        for folder in made:
+            if folder.is_dir():
+                folder.rmdir()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from dali.command_configs import InferConfig
 from dali.config import config_to_dict
 from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
-from dali.evaluation import score_predictions
+from dali.evaluation import prediction_map, score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         outputs, final = [PREDICTIONS_FILE, SKIPPED_FILE], {"captions": len(captions), "skipped": len(skipped)}
         references = {clip.id: clip.captions for clip in clips if clip.captions}
         if config.evaluate and references and captions:
-            result = score_predictions(captions, references, out, name, sbert=config.sbert)
+            # checked as `dali evaluate` checks a file (its line numbers); skipped clips are in skipped.jsonl, and
+            # the scores say how many of how many clips they cover
+            scored = ((line, record) for line, record in enumerate(captions, 1) if record["id"] in references)
+            predictions = prediction_map(scored, references.keys(), f"'{out / PREDICTIONS_FILE}'")
+            result = score_predictions(predictions, references, out, name, sbert=config.sbert, allow_missing=True)
             final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
             outputs += [SCORES_JSON, SCORES_MD]
             log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})
