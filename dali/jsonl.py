@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from dali.files import atomic_write
 
@@ -20,6 +20,14 @@ def jsonl_line(record: dict[str, Any]) -> str:
     except UnicodeEncodeError:
         line = json.dumps(record)
     return line + "\n"
+
+
+def open_append(path: Path) -> TextIO:
+    """``path`` opened to append UTF-8 text, created if absent; a link there is an error, never followed (a run
+    folder's files are its own)."""
+    return os.fdopen(
+        os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a", encoding="utf-8"
+    )
 
 
 def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
@@ -44,7 +52,7 @@ class MetricsLog:
         if not self.enabled:
             return
         record.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a") as stream:
+        with open_append(self.path) as stream:
             stream.write(json.dumps(record) + "\n")
             stream.flush()
 
@@ -89,10 +97,10 @@ def repair_jsonl(path: str | Path) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as stream:
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_NOFOLLOW), "r+b") as stream:  # never a link's target
+        data = stream.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
             stream.truncate(end)
     return sum(1 for line in data[:end].split(b"\n") if line.strip())
 
@@ -103,7 +111,7 @@ class JsonlWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         repair_jsonl(self.path)
-        self.stream = open(self.path, "a", encoding="utf-8")
+        self.stream = open_append(self.path)
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:

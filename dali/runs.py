@@ -11,23 +11,19 @@ import functools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from dali import stage_folder as folder
 from dali.errors import DaliError
 from dali.files import atomic_write_json, atomic_write_text, file_sha256
-from dali.jsonl import MetricsLog
-
-MANIFEST = "manifest.json"
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
+from dali.jsonl import MetricsLog, repair_jsonl
+from dali.stage_folder import CHECKPOINT, CONFIG, MANIFEST, METRICS
 
 
 class StageStateError(DaliError, RuntimeError):
@@ -87,51 +83,40 @@ def versions() -> dict[str, str]:
     return found
 
 
-# Every name a stage folder may hold. ``--overwrite`` replaces only a folder whose entries all match these.
-LOCK = ".lock"
-PREVIOUS = ".previous"  # an overwritten run's files, kept until the new run finishes (restored if it fails)
-CHECKPOINT = "checkpoint.pt"
-STAGE_ENTRIES = (
-    CONFIG,
-    MANIFEST,
-    METRICS,
-    CHECKPOINT,
-    LOCK,
-    PREVIOUS,
-    "*.safetensors",
-    "*.jsonl",
-    "scores.json",
-    "scores.md",
-    ".*.tmp",
-)
 # Config keys that may change between a run and its --resume: how it runs, not what it computes.
 RESUME_FREE_KEYS = frozenset(
     {"overwrite", "resume", "device", "num_workers", "checkpoint_every", "emd_workers", "compile", "evaluate", "sbert"}
     | {"cache_vision_tokens", "cache_audio_features", "cache_audio_tokens", "gradient_checkpointing"}
 )
 _OPEN_STAGES: list["Stage"] = []
+NAME_BYTES = 200  # a name becomes part of a folder name (255 bytes at most) beside a prefix such as 'infer_audio_'
 
 
-def check_run_name(run: str, flag_name: str = "--run") -> str:
-    """A run name is one folder name under --expe-dir: no separators, no '..', not absolute."""
-    if not run or run in (".", "..") or "/" in run or "\\" in run or os.sep in run or "\0" in run:
+def check_run_name(name: str, flag_name: str = "--run") -> str:
+    """The one check of every name that becomes a path (``--run``, ``--tag``, a variant): a plain folder name,
+    with no separator, not '.' or '..', no NUL, no control character, at most :data:`NAME_BYTES` bytes."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or any(char in "/\\" or char == os.sep or ord(char) < 32 for char in name)
+        or len(name.encode("utf-8", "surrogateescape")) > NAME_BYTES
+    )
+    if bad:
         raise StageStateError(
-            f"{flag_name} '{run}' must be a plain name (a folder under --expe-dir); give a folder with --out instead"
+            f"{flag_name} {name!r} must be a plain name (one folder name, at most {NAME_BYTES} bytes, no '/'); "
+            "give a folder with --out instead"
         )
-    return run
-
-
-def _foreign_entries(path: Path) -> list[str]:
-    return sorted(entry.name for entry in path.iterdir() if not any(fnmatch(entry.name, p) for p in STAGE_ENTRIES))
+    return name
 
 
 class Stage:
-    """One stage folder: checked, locked, resumed or replaced according to the flags, finished with a manifest.
+    """One stage folder, moved through the states of :mod:`dali.stage_folder` according to the flags, finished
+    with a manifest.
 
-    Nothing is deleted when the object is made. ``--overwrite`` of a finished or interrupted run moves the old
-    files into ``.previous/`` at the first write (after the stage has loaded its inputs and models); ``finish``
-    deletes them, and a run that fails puts them back (``close``, called by :func:`stage_main`). A folder that
-    holds anything a stage does not write is never replaced. The folder is locked while a process uses it.
+    Nothing is written before the folder's state is known, and a folder that is not ours is never written into.
+    ``--overwrite`` moves the old run into ``.previous/`` at the first write (after the stage has loaded its inputs
+    and models); ``finish`` writes the manifest, then removes it; a run that fails puts it back (``close``, called
+    by :func:`stage_main`). The folder is locked while a process uses it.
     """
 
     def __init__(self, path: str | Path, name: str, overwrite: bool = False, resume: bool = False, main: bool = True):
@@ -142,79 +127,74 @@ class Stage:
         self.overwrite, self.resume = overwrite, resume
         self.inputs: dict[str, dict[str, Any]] = {}
         self.command: list[str] = _COMMANDS[-1] if _COMMANDS else list(sys.argv)
-        self._lock = None
+        self.folder_id: str | None = None
+        self._lock: int | None = None
         self._opened = self._finished = self._replaced = False
-        self._created = not self.path.exists()
+        self._created = folder.state(self.path, name) is folder.State.ABSENT
         if not main:
             return
-        if self.path.exists() and not self.path.is_dir():
-            raise StageStateError(f"stage folder '{self.path}' is a file, not a folder")
-        if not self._created and any(self.path.iterdir()):
-            foreign = _foreign_entries(self.path)
-            if foreign or not ((self.path / CONFIG).exists() or (self.path / MANIFEST).exists()):
-                raise StageStateError(
-                    f"'{self.path}' is not a dali stage folder (it holds {foreign[:5] or 'no config.yaml'}); "
-                    "it is never replaced: choose another --out or --run"
-                )
+        if not self._created and folder.state(self.path, name) is folder.State.FOREIGN:
+            raise StageStateError(
+                f"'{self.path}' is not a dali {name} stage folder ({self._foreign_reason()}); "
+                "it is never written into or replaced: choose another --out or --run"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         _OPEN_STAGES.append(self)
-        if (self.path / MANIFEST).exists():
-            if not overwrite:
-                self.close()
-                raise StageStateError(
-                    f"stage folder '{self.path}' is finished (it has a {MANIFEST}); pass --overwrite to redo it"
-                )
-        elif self._holds_run() and not (resume or overwrite):
+        try:
+            self.folder_id = folder.claim(self.path, name)
+            folder.recover(self.path)
+            folder.sweep_temporaries(self.path)
+            self._check_flags(self.state)
+            if self.resuming:
+                repair_jsonl(self.path / METRICS)  # a torn last line from the kill
+        except BaseException:
             self.close()
-            kept = " (the run it replaced is kept in .previous/)" if (self.path / PREVIOUS).exists() else ""
+            raise
+
+    def _foreign_reason(self) -> str:
+        if self.path.is_symlink() or not self.path.is_dir():
+            return "it is a link or a file, not a folder"
+        return folder.ownership_problem(self.path, self.name) or "unknown"
+
+    def _check_flags(self, state: folder.State) -> None:
+        if state is folder.State.FINISHED and not self.overwrite:
+            raise StageStateError(
+                f"stage folder '{self.path}' is finished (it has a {MANIFEST}); pass --overwrite to redo it"
+            )
+        if state in (folder.State.INTERRUPTED, folder.State.REPLACING) and not (self.resume or self.overwrite):
+            kept = " (the run it replaced is kept in .previous/)" if state is folder.State.REPLACING else ""
             raise StageStateError(
                 f"stage folder '{self.path}' holds an unfinished run{kept}; pass --resume to continue it or --overwrite"
             )
 
-    def _holds_run(self) -> bool:
-        """Anything beyond a config (all that a run which failed on its inputs wrote) and the lock."""
-        return any(entry.name not in (CONFIG, LOCK) for entry in self.path.iterdir())
-
     def _take_lock(self) -> None:
-        """An OS lock on ``.lock`` (released by the kernel when the process dies); a second writer is refused."""
-        import fcntl
+        """The folder's lock (:func:`dali.stage_folder.take_lock`); a second writer is refused."""
+        self._lock = folder.take_lock(self.path)
+        if self._lock is None:
+            holder = folder.lock_holder(self.path)
+            raise StageStateError(f"stage folder '{self.path}' is in use by another process (PID {holder})")
 
-        handle = open(self.path / LOCK, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise StageStateError(f"stage folder '{self.path}' is in use by another process (PID {holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock = handle
+    @property
+    def state(self) -> folder.State:
+        return folder.state(self.path, self.name)
 
     @property
     def resuming(self) -> bool:
-        return self.resume and self._holds_run() and not (self.path / MANIFEST).exists()
+        return self.resume and self.state in (folder.State.INTERRUPTED, folder.State.REPLACING)
 
     def _open(self) -> None:
         """First write: an overwrite moves the old run aside now, once the stage has got this far."""
         if self._opened or not self.main:
             return
         self._opened = True
-        replacing = (self.path / MANIFEST).exists() or (self.overwrite and not self.resume)
-        if not (replacing and self._holds_run()):
-            return
-        self._replaced = True
-        previous = self.path / PREVIOUS
-        if previous.exists():  # a replacement was killed: drop its files, keep the run it was replacing
-            _remove_entries(self.path, keep=(LOCK, PREVIOUS))
-            return
-        previous.mkdir()
-        for entry in list(self.path.iterdir()):
-            if entry.name not in (LOCK, PREVIOUS):
-                os.replace(entry, previous / entry.name)
+        state, fresh = self.state, self.overwrite and not self.resume
+        if state is folder.State.FINISHED or (fresh and state is folder.State.INTERRUPTED):
+            self._replaced = True
+            folder.move_aside(self.path)
+        elif fresh and state is folder.State.REPLACING:
+            self._replaced = True  # a replacement was killed: drop its files, keep the run it was replacing
+            folder.remove_run(self.path)
 
     def save_config(self, config: dict[str, Any]) -> None:
         """Write ``config.yaml``; on --resume, refuse a config that changes what the run computes."""
@@ -237,6 +217,13 @@ class Stage:
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
     def add_input(self, name: str, path: str | Path) -> None:
+        """Record an input; one inside this stage's own folder is refused (an overwrite would remove it)."""
+        resolved, own = Path(path).resolve(), self.path.resolve()
+        if self.main and (resolved == own or own in resolved.parents):
+            raise StageStateError(
+                f"--{name.replace('_', '-')} '{path}' is inside this stage's own folder '{self.path}': a stage never "
+                "writes into its inputs; choose another --out"
+            )
         self.inputs[name] = input_fingerprint(path)
 
     def metrics(self) -> "MetricsLog":
@@ -253,6 +240,7 @@ class Stage:
             raise StageStateError(f"stage '{self.name}' cannot finish: outputs {missing} were not written")
         manifest = {
             "stage": self.name,
+            "folder_id": self.folder_id,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "wall_time_s": round(time.time() - self.started, 3),
             "git_commit": git_commit(),
@@ -262,10 +250,11 @@ class Stage:
             "outputs": {name: file_sha256(self.path / name) for name in outputs},
             "metrics": metrics,
         }
-        written = atomic_write_json(self.path / MANIFEST, manifest)
         (self.path / CHECKPOINT).unlink(missing_ok=True)
-        shutil.rmtree(self.path / PREVIOUS, ignore_errors=True)
+        written = atomic_write_json(self.path / MANIFEST, manifest)
         self._finished = True
+        if (self.path / folder.PREVIOUS).exists():
+            folder.remove_tree(self.path / folder.PREVIOUS)
         return written
 
     def close(self) -> None:
@@ -274,23 +263,10 @@ class Stage:
             _OPEN_STAGES.remove(self)
         if self._lock is None:
             return
-        previous = self.path / PREVIOUS
-        if self._replaced and not self._finished and previous.is_dir():
-            _remove_entries(self.path, keep=(LOCK, PREVIOUS))
-            for entry in list(previous.iterdir()):
-                os.replace(entry, self.path / entry.name)
-            previous.rmdir()
-        self._lock.close()
-        self._lock = None
-        (self.path / LOCK).unlink(missing_ok=True)
-        if self._created and not any(self.path.iterdir()):
-            self.path.rmdir()  # made by this run, which wrote nothing
-
-
-def _remove_entries(folder: Path, keep: tuple[str, ...]) -> None:
-    for entry in list(folder.iterdir()):
-        if entry.name not in keep:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if self._replaced and not self._finished and (self.path / folder.PREVIOUS).is_dir():
+            folder.put_back(self.path)
+        lock, self._lock = self._lock, None
+        folder.release_lock(self.path, lock, remove_folder=self._created)
 
 
 _COMMANDS: list[list[str]] = []  # the command line of each stage main running, innermost last
@@ -320,6 +296,7 @@ def stage_main(main: Callable[..., int]) -> Callable[..., int]:
 def require_finished(path: str | Path, what: str, flag_name: str) -> Path:
     """An upstream stage folder with its manifest, or a clear error naming the flag that points at it."""
     path = Path(path)
+    folder.recover_if_idle(path)  # an --overwrite of it killed half-way: the run that is whole comes back
     if not (path / MANIFEST).is_file():
         state = "does not exist" if not path.exists() else f"has no {MANIFEST} (unfinished or not a stage folder)"
         raise StageStateError(f"{flag_name}: the {what} folder '{path}' {state}")

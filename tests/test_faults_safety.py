@@ -16,6 +16,7 @@ import yaml
 from dali.jsonl import read_jsonl
 from dali.models.checkpoints import CheckpointError
 from dali.runs import CONFIG, MANIFEST, Stage, StageStateError, check_run_name, read_manifest, stage_main
+from dali.stage_folder import MARKER
 from dali.stages.common import load_checkpoint, save_checkpoint, stage_dir
 
 
@@ -63,8 +64,8 @@ def test_training_state_round_trips_through_the_safe_loader(tmp_path):
     assert state["bad"] == [{"id": "x", "reason": "r"}]
 
 
-def _finished_stage(path, text="old"):
-    stage = Stage(path, "test")
+def _finished_stage(path, text="old", name="test"):
+    stage = Stage(path, name)
     stage.save_config({"lr": 1.0})
     (path / "prefix.safetensors").write_text(text)
     stage.finish({}, outputs=["prefix.safetensors"])
@@ -75,7 +76,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_stage_folder(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
     (thesis / "chapter1.tex").write_text("years of work")
-    with pytest.raises(StageStateError, match="not a dali stage folder"):
+    with pytest.raises(StageStateError, match="not a dali test stage folder"):
         Stage(thesis, "test", overwrite=True)
     _finished_stage(tmp_path / "stage")
     (tmp_path / "stage" / "notes.txt").write_text("mine")  # a stage folder with a user's file in it
@@ -100,7 +101,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(tmp_path):
         failing([])
     assert (path / "prefix.safetensors").read_text() == "old" and (path / MANIFEST).exists()
     assert yaml.safe_load((path / CONFIG).read_text()) == {"lr": 1.0}
-    assert sorted(p.name for p in path.iterdir()) == [CONFIG, MANIFEST, "prefix.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [MARKER, CONFIG, MANIFEST, "prefix.safetensors"]
 
     @stage_main
     def succeeding(argv):
@@ -112,14 +113,14 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(tmp_path):
 
     succeeding([])
     assert (path / "prefix.safetensors").read_text() == "new"
-    assert sorted(p.name for p in path.iterdir()) == [CONFIG, MANIFEST, "prefix.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [MARKER, CONFIG, MANIFEST, "prefix.safetensors"]
 
 
 def test_overwrite_with_a_wrong_llava_leaves_the_finished_stage(tmp_path, tiny_llava_dir):
     from dali.stages import prefix_tune
 
     out = tmp_path / "prefix"
-    _finished_stage(out)
+    _finished_stage(out, name="prefix_tune")
     before = read_manifest(out)
     with pytest.raises(FileNotFoundError, match="no_such_llava"):
         prefix_tune.main(
@@ -150,7 +151,7 @@ def test_the_demo_refuses_a_path_as_run_name(tmp_path):
 _HOLDER = """
 import sys, time
 from dali.runs import Stage
-stage = Stage(sys.argv[1], "holder")
+stage = Stage(sys.argv[1], "test")
 stage.save_config({"a": 1})
 print("locked", flush=True)
 time.sleep(60)
@@ -192,8 +193,9 @@ def test_resume_refuses_other_settings_and_names_the_flag(tmp_path):
 
 def test_a_run_that_failed_on_its_inputs_does_not_block_the_next(tmp_path):
     path = tmp_path / "stage"
-    path.mkdir()
-    (path / CONFIG).write_text("lr: 1.0\n")  # all that a run that stopped on a bad input left
+    stopped = Stage(path, "test")
+    stopped.save_config({"lr": 1.0})  # all that a run that stopped on a bad input leaves
+    stopped.close()
     stage = Stage(path, "test")
     stage.close()
     Stage(tmp_path / "fresh", "test").close()

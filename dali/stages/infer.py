@@ -10,7 +10,7 @@ from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
 from dali.evaluation import prediction_map, score_predictions
 from dali.jsonl import atomic_write_jsonl
-from dali.runs import stage_main
+from dali.runs import check_run_name, stage_main
 from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
 from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage, upstream_dir
 
@@ -18,7 +18,7 @@ from dali.stages.common import load_captioning, log, open_stage, print_config, s
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(InferConfig, argv)
-    name = f"infer_{config.modality}" + (f"_{config.tag}" if config.tag else "")
+    name = f"infer_{config.modality}" + (f"_{check_run_name(config.tag, '--tag')}" if config.tag else "")
     stage = open_stage(config, context, name, "infer")
     out = stage.path
     uses_audio = config.modality in ("audio", "audio_vis")

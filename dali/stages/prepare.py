@@ -26,10 +26,16 @@ REPORT = "prepare_report.jsonl"
 LIST = "clips.json"
 
 
-def list_inputs(source: Path) -> list[Path]:
-    """Media files of a folder (recursively) or of a text file with one path per line."""
+def list_inputs(source: Path, out: Path) -> list[Path]:
+    """Media files of a folder (recursively; none under ``out``, the outputs of an earlier run) or of a text file
+    with one path per line."""
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file())
+        own = out.resolve()
+        return sorted(
+            p
+            for p in source.rglob("*")
+            if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file() and own not in p.resolve().parents
+        )
     if source.is_file() and source.suffix == ".txt":
         lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
         return [Path(line) if Path(line).is_absolute() else source.parent / line for line in lines]
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(PrepareConfig, argv)
     setup_logging()
     out = Path(args.output)
-    inputs = list_inputs(Path(args.input))
+    inputs = list_inputs(Path(args.input), out)
     duplicates = sorted(clip_id for clip_id, count in Counter(p.stem for p in inputs).items() if count > 1)
     if duplicates:
         raise ConfigError(

@@ -164,8 +164,9 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
 def _made_since(run: Path, llava: Path) -> float:
     """Since when the run's stages have been made with this captioner (whose key names its world and training).
 
-    A run made with another captioner, or of unknown making, starts now: its older stages are redone, one by one,
-    so an interrupted redo resumes where it stopped and never reuses a stage of the old captioner.
+    A run the demo made with another captioner starts now: its older stages are redone, one by one, so an
+    interrupted redo resumes where it stopped and never reuses a stage of the old captioner. A run the demo did not
+    make (no ``made_by.json``) is never redone without ``--overwrite``: its finished stages are kept.
     """
     key = json.loads((llava / CAPTIONER_MARKER).read_text())["key"]
     if (run / MADE_BY).exists():
@@ -173,6 +174,14 @@ def _made_since(run: Path, llava: Path) -> float:
         if made_by["captioner"] == key:
             return made_by["since"]
         log.warning("%s was made with another world or image captioner: its stages are redone", run)
+    elif run.is_dir() and any(run.iterdir()):
+        log.warning(
+            "%s was not made by the demo (it has no %s): its finished stages are kept as they are, the others "
+            "made; pass --overwrite to redo them all",
+            run,
+            MADE_BY,
+        )
+        return 0.0
     since = time.time()
     atomic_write_json(run / MADE_BY, {"captioner": key, "since": since})
     return since
