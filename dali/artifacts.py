@@ -24,15 +24,19 @@ SCORES_JSON = "scores.json"
 SCORES_MD = "scores.md"
 
 
-def load_prefix_stage(folder: str | Path, hidden_size: int, flag_name: str = "--prefix-dir") -> Prefix:
-    folder = require_finished(folder, "prefix-tuning (1a)", flag_name)
+def load_prefix_stage(
+    folder: str | Path, hidden_size: int, flag_name: str = "--prefix-dir", allow_modified: bool = False
+) -> Prefix:
+    folder = require_finished(folder, "prefix-tuning (1a)", flag_name, (PREFIX_FILE,), allow_modified)
     return load_prefix(folder / PREFIX_FILE, hidden_size=hidden_size)
 
 
-def load_align_stage(folder: str | Path, vision_dim: int, flag_name: str = "--align-dir") -> nn.Module:
+def load_align_stage(
+    folder: str | Path, vision_dim: int, flag_name: str = "--align-dir", allow_modified: bool = False
+) -> nn.Module:
     """The aligned encoder of stage 1b (or an imported one), of whichever family it was made with; its tokens must
     have the vision tower's width."""
-    folder = require_finished(folder, "alignment (1b)", flag_name)
+    folder = require_finished(folder, "alignment (1b)", flag_name, (ENCODER_FILE,), allow_modified)
     encoder = load_encoder(folder / ENCODER_FILE)
     if encoder.output_dim != vision_dim:
         raise CheckpointError(
@@ -42,11 +46,15 @@ def load_align_stage(folder: str | Path, vision_dim: int, flag_name: str = "--al
     return encoder.requires_grad_(False)
 
 
-def load_pseudo_captions(folder: str | Path, flag_name: str = "--pseudo-dir") -> list[dict]:
-    folder = require_finished(folder, "pseudo-captioning (2a)", flag_name)
+def load_pseudo_captions(
+    folder: str | Path, flag_name: str = "--pseudo-dir", allow_modified: bool = False
+) -> list[dict]:
+    folder = require_finished(folder, "pseudo-captioning (2a)", flag_name, (PSEUDO_CAPTIONS_FILE,), allow_modified)
     return read_jsonl(folder / PSEUDO_CAPTIONS_FILE)
 
 
-def load_distill_stage(folder: str | Path, template: nn.Module, flag_name: str = "--distill-dir") -> nn.Module:
-    folder = require_finished(folder, "distillation (2b)", flag_name)
+def load_distill_stage(
+    folder: str | Path, template: nn.Module, flag_name: str = "--distill-dir", allow_modified: bool = False
+) -> nn.Module:
+    folder = require_finished(folder, "distillation (2b)", flag_name, (PROJECTOR_FILE,), allow_modified)
     return load_projector(folder / PROJECTOR_FILE, template)

@@ -88,6 +88,58 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     return torch.from_numpy(wave - wave.mean(dtype=np.float64).astype(np.float32))
 
 
+MAX_CHANNELS = 32  # studio stems reach 32; an axis longer than this is samples
+MIN_RATE, MAX_RATE = 1_000, 384_000
+
+
+class WaveformError(DaliError, ValueError):
+    """An array given as audio cannot be read as one: the message says what it is and what is expected."""
+
+
+def pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Samples as float32 in [-1, 1]: integer PCM scaled by its dtype's range (unsigned PCM centred), float as is."""
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32)
+    info = np.iinfo(samples.dtype)
+    scale = max(abs(info.min), info.max)
+    return (samples.astype(np.float32) - (0 if info.min < 0 else scale / 2)) / scale
+
+
+def waveform_to_mono(samples, sample_rate: int) -> np.ndarray:
+    """What audio libraries return, as the files' loader reads a file: float32 mono at 16 kHz, [T].
+
+    ``samples``: a NumPy array or tensor, [T], [T, C] (soundfile, scipy) or [C, T] (librosa, torchaudio): the axis
+    of at most :data:`MAX_CHANNELS` entries, shorter than the other, is the channels', and channel 0 is kept, as
+    for files (CAV-MAE keeps channel 0). Integer PCM (scipy's int16, say) is scaled by its dtype; any rate is
+    resampled. Raises :class:`WaveformError` for an empty, non-finite, non-numeric or ambiguous array.
+    """
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples)
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+        raise WaveformError(f"sample_rate must be an integer number of samples per second, got {sample_rate!r}")
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise WaveformError(f"sample_rate must be between {MIN_RATE} and {MAX_RATE} Hz, got {sample_rate}")
+    if samples.dtype.kind not in "iuf":
+        raise WaveformError(f"a waveform holds integer or float samples, got dtype {samples.dtype}")
+    if samples.ndim == 2:
+        channel_axis = int(np.argmin(samples.shape))
+        if samples.shape[0] == samples.shape[1] or samples.shape[channel_axis] > MAX_CHANNELS:
+            raise WaveformError(
+                f"cannot tell channels from samples in a waveform of shape {samples.shape}: give [T], [T, C] or "
+                f"[C, T] with at most {MAX_CHANNELS} channels"
+            )
+        samples = np.take(samples, 0, axis=channel_axis)
+    if samples.ndim != 1:
+        raise WaveformError(f"a waveform is [T], [T, C] or [C, T], got shape {samples.shape}")
+    if samples.size == 0:
+        raise WaveformError("the waveform holds no samples")
+    wave = pcm_to_float(samples)
+    if not np.isfinite(wave).all():
+        raise WaveformError("the waveform holds NaN or infinite samples")
+    return resample(wave, int(sample_rate), SAMPLE_RATE)
+
+
 def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     """Polyphase resampling [T] -> [T * rate_out / rate_in] (scipy; torchaudio is unavailable on CPU)."""
     if rate_in == rate_out:

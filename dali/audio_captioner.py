@@ -3,6 +3,7 @@
     from dali import AudioCaptioner
     captioner = AudioCaptioner.from_run("expe/demo/ot_att")   # a run folder, or a run's name under expe/
     captioner.caption("clip.wav")    # [(start_s, end_s, caption), ...], one per 10.24 s window
+    captioner.caption(samples, sample_rate=44_100)   # an array or tensor: [T], [T, C] or [C, T], int or float
 
 Files of any length (any format PyAV reads, video included) are cut into 10.24 s windows (CAV-MAE's 1024 frames);
 a trailing window shorter than ``min_window`` seconds is dropped. ``dali caption`` is this object behind a command.
@@ -17,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dali.audio import WINDOW_SHIFT, audio_to_features, samples_for_frames
+from dali.audio import WINDOW_SHIFT, WaveformError, audio_to_features, samples_for_frames, waveform_to_mono
 from dali.captioning import DTYPES, CaptioningModels, recorded_conv_mode, resolve_llava
 from dali.constants import SAMPLE_RATE
 from dali.distributed import pick_device
@@ -117,16 +118,18 @@ class AudioCaptioner:
         device: str | torch.device = "auto",
         conv_mode: str | None = None,
         expe_dir: str | Path = "expe",
+        allow_modified: bool = False,
     ) -> "AudioCaptioner":
         """Load a run: its aligned encoder, and its distilled projector when it has one (``projector="distilled"``,
         no prefix, as the original's inference); otherwise LLaVA's projector with the run's prefix. ``llava`` and
-        ``conv_mode`` default to what the run recorded."""
+        ``conv_mode`` default to what the run recorded. Each trained file is checked against the sha256 its
+        manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only warns)."""
         folder = find_run(run, expe_dir)
         align, prefix, distill = folder / "align", folder / "prefix", folder / "distill"
         projector = projector or ("distilled" if (distill / MANIFEST).is_file() else "original")
         use_prefix = projector == "original" if use_prefix is None else use_prefix
         models = CaptioningModels.load(
-            resolve_llava(llava, align, distill, prefix),
+            resolve_llava(llava, align, distill, prefix, allow_modified=allow_modified),
             dtype=DTYPES[dtype],
             device=pick_device(device),
             conv_mode=conv_mode or recorded_conv_mode(align, distill, prefix),
@@ -134,6 +137,7 @@ class AudioCaptioner:
             prefix_dir=prefix if use_prefix else None,
             distill_dir=distill if projector == "distilled" else None,
             flags=("--run", "--run", "--run"),
+            allow_modified=allow_modified,
         )
         return cls(models, decoding, modality)
 
@@ -144,9 +148,11 @@ class AudioCaptioner:
         min_window: float = 1.0,
         max_seconds: float | None = None,
         modality: str | None = None,
+        sample_rate: int | None = None,
     ) -> list[Window]:
-        """A file (path, its first ``max_seconds`` when given) or a 16 kHz mono waveform (array or tensor) cut into
-        windows; for ``audio_vis`` (by default the captioner's modality) each carries its video frame."""
+        """A file (path, its first ``max_seconds`` when given) or a waveform (array or tensor, with its
+        ``sample_rate``: :func:`dali.audio.waveform_to_mono` says which) cut into windows; for ``audio_vis`` (by
+        default the captioner's modality) each carries its video frame."""
         target, front_end = self.models.encoder.target_frames, self.models.encoder.front_end
         modality = modality or self.modality
         if isinstance(source, (str, Path)):
@@ -154,7 +160,9 @@ class AudioCaptioner:
             return file_windows(Path(source), target, first_window_only, min_window, need_frame, max_seconds, front_end)
         if modality == "audio_vis":
             raise DaliError("audio + image captions need a video file, not a waveform")
-        wave = torch.as_tensor(np.asarray(source, dtype=np.float32)).flatten()
+        if sample_rate is None:
+            raise WaveformError("a waveform needs its sample_rate (caption(samples, sample_rate=...))")
+        wave = torch.from_numpy(waveform_to_mono(source, sample_rate))
         return wave_windows(wave, "<waveform>", target, first_window_only, min_window, front_end)
 
     def iter_captions(
@@ -173,8 +181,14 @@ class AudioCaptioner:
             yield from zip(batch, captions)
 
     def caption(
-        self, source: Source, first_window_only: bool = False, min_window: float = 1.0, batch_size: int = 16
+        self,
+        source: Source,
+        first_window_only: bool = False,
+        min_window: float = 1.0,
+        batch_size: int = 16,
+        sample_rate: int | None = None,
     ) -> list[tuple[float, float, str]]:
-        """``[(start_s, end_s, caption), ...]`` for one file or waveform, one entry per 10.24 s window."""
-        windows = self.windows(source, first_window_only, min_window)
+        """``[(start_s, end_s, caption), ...]`` for one file or waveform (its ``sample_rate`` required), one entry per
+        10.24 s window."""
+        windows = self.windows(source, first_window_only, min_window, sample_rate=sample_rate)
         return [(*w.span, caption) for w, caption in self.iter_captions(windows, batch_size)]

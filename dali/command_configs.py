@@ -37,6 +37,13 @@ class RunFolder:
 
 
 @dataclass(kw_only=True)
+class ReadsStages:
+    """The flag of every command that loads a run's trained files (checked against their manifests' hashes)."""
+
+    allow_modified: bool = field(False)
+
+
+@dataclass(kw_only=True)
 class ClipLoading:
     """The flags of every stage that reads clips from a list, declared once."""
 
@@ -211,7 +218,7 @@ class AlignConfig(RunFolder, ClipLoading):
 
 
 @dataclass(kw_only=True)
-class PseudoLabelConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
+class PseudoLabelConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags):
     """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
@@ -232,7 +239,7 @@ class PseudoLabelConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
 
 
 @dataclass
-class DistillConfig(RunFolder, ClipLoading, Precision):
+class DistillConfig(RunFolder, ReadsStages, ClipLoading, Precision):
     """Stage 2b (audio-visual distillation). Defaults are the paper's: 1 epoch, batch 40, lr 2e-4, last step kept
     (precision aside: float32, where the paper preset runs LLaVA in bfloat16 on a GPU)."""
 
@@ -268,7 +275,7 @@ class DistillConfig(RunFolder, ClipLoading, Precision):
 
 
 @dataclass(kw_only=True)
-class InferConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
+class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags):
     """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
@@ -300,7 +307,7 @@ class InferConfig(RunFolder, ClipLoading, Precision, DecodingFlags):
 
 
 @dataclass(kw_only=True)
-class FinishedRun(Precision):
+class FinishedRun(ReadsStages, Precision):
     """The flags of the commands that caption with a finished run (caption, app), declared once."""
 
     run: str = field(

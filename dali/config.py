@@ -23,15 +23,17 @@ T = TypeVar("T")
 PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and errors
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
-SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing"})
+SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified"})
 # Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.
 SYSTEM_FLAGS = frozenset(
-    {"run", "expe_dir", "out", "overwrite", "resume", "device", "dtype", "vision_dtype", "autocast", "compile"}
+    {"run", "expe_dir", "out", "overwrite", "resume", "allow_modified", "device", "dtype", "vision_dtype"}
+    | {"autocast", "compile"}
     | {"seed", "num_workers", "on_error", "checkpoint_every", "max_non_finite_steps", "emd_workers"}
     | {"gradient_checkpointing", "cache_vision_tokens", "cache_audio_features", "cache_audio_tokens"}
 )
 # The help of the flags that many commands share, written once; a field's own help wins.
 COMMON_HELP = {
+    "allow_modified": "use a run's trained file even when it differs from the sha256 its manifest records",
     "run": "the run's name: its stages write under <expe-dir>/<run>/",
     "expe_dir": "the folder of all runs",
     "data_root": "folder the list's relative paths start from (default: the list's own folder)",

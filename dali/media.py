@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dali.audio import resample
+from dali.audio import pcm_to_float, resample
 from dali.constants import SAMPLE_RATE
 from dali.errors import DaliError
 
@@ -58,7 +58,7 @@ def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: 
                     channel = data[0]
                 else:  # interleaved: [1, samples * channels]
                     channel = data.reshape(-1, len(frame.layout.channels))[:, 0]
-                chunks.append(_to_float(channel))
+                chunks.append(pcm_to_float(channel))
                 rate = frame.sample_rate
                 if max_seconds is not None and sum(c.size for c in chunks) >= max_seconds * rate:
                     break
@@ -72,14 +72,6 @@ def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: 
         raise MediaError(path, "the audio holds NaN or infinite samples")
     wave = resample(wave, int(rate), sample_rate)
     return wave if max_seconds is None else wave[: round(max_seconds * sample_rate)]
-
-
-def _to_float(samples: np.ndarray) -> np.ndarray:
-    if samples.dtype.kind == "f":
-        return samples.astype(np.float32)
-    info = np.iinfo(samples.dtype)
-    scale = max(abs(info.min), info.max)
-    return (samples.astype(np.float32) - (0 if info.min < 0 else scale / 2)) / scale
 
 
 def decode_frames(path: str | Path, times: list[float]) -> list[Image.Image]:

@@ -8,7 +8,9 @@ temporary name and ``os.replace``, so a killed process never leaves a half-writt
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -30,17 +32,52 @@ class StageStateError(DaliError, RuntimeError):
     """A stage folder is in a state that forbids the requested action (finished, partial, missing upstream)."""
 
 
-def input_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Hash of an input: a file's sha256; a stage folder's manifest's or a model folder's config's; else none
-    (a hub id, say)."""
-    path = Path(path)
-    if path.is_file():
-        return {"path": str(path), "sha256": file_sha256(path)}
-    if (path / MANIFEST).is_file():
-        return {"path": str(path), "manifest_sha256": file_sha256(path / MANIFEST)}
-    if (path / "config.json").is_file():  # a model folder (LLaVA): its config identifies it cheaply
-        return {"path": str(path), "config_sha256": file_sha256(path / "config.json")}
-    return {"path": str(path), "exists": path.exists()}
+def input_fingerprint(path: str | Path, run_folder: Path | None = None) -> dict[str, Any]:
+    """What an input is, by content: a file's sha256; a stage folder's manifest's; a model folder's
+    (:func:`model_fingerprint`); else whether it exists (a hub id, say). Its path is recorded resolved, and, when it
+    lies inside ``run_folder``, also relative to it (a run copied elsewhere finds it there)."""
+    given = Path(path)
+    found: dict[str, Any] = {"path": str(given.resolve()) if given.exists() else str(path)}
+    if run_folder is not None and given.exists() and run_folder.resolve() in given.resolve().parents:
+        found["in_run"] = str(given.resolve().relative_to(run_folder.resolve()))
+    if given.is_file():
+        return found | {"sha256": file_sha256(given)}
+    if (given / MANIFEST).is_file():
+        return found | {"manifest_sha256": file_sha256(given / MANIFEST)}
+    if (given / "config.json").is_file():
+        return found | model_fingerprint(given)
+    return found | {"exists": given.exists()}
+
+
+IDENTITY_KEYS = ("sha256", "manifest_sha256", "config_sha256", "weights", "exists")
+SAFETENSORS_HEADER_MAX = 1 << 27  # 128 MiB: a 7B checkpoint's header is a few hundred kB
+
+
+def model_fingerprint(folder: Path) -> dict[str, Any]:
+    """A model folder by content, cheaply: its config's sha256 and, per weight file, its size and (safetensors)
+    the sha256 of its header, which lists every tensor's name, dtype, shape and byte offsets."""
+    weights = {}
+    for file in sorted(folder.iterdir()):
+        if file.suffix in (".safetensors", ".bin", ".pt", ".pth") and file.is_file():
+            weights[file.name] = {"bytes": file.stat().st_size}
+            if file.suffix == ".safetensors":
+                weights[file.name]["header_sha256"] = _safetensors_header_sha256(file)
+    return {"config_sha256": file_sha256(folder / "config.json"), "weights": weights}
+
+
+def _safetensors_header_sha256(file: Path) -> str:
+    with open(file, "rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = stream.read(min(size, SAFETENSORS_HEADER_MAX))  # bounded: the length is the file's own claim
+    return hashlib.sha256(size.to_bytes(8, "little") + header).hexdigest()
+
+
+def identity_change(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How ``current`` differs, by content, from the ``recorded`` fingerprint of the same input, or None."""
+    for key in IDENTITY_KEYS:
+        if key in recorded and recorded[key] != current.get(key):
+            return f"its {key.replace('_', ' ')} differs from the one recorded"
+    return None
 
 
 def git_commit() -> str | None:
@@ -87,8 +124,10 @@ def versions() -> dict[str, str]:
 RESUME_FREE_KEYS = frozenset(
     {"overwrite", "resume", "device", "num_workers", "checkpoint_every", "emd_workers", "compile", "evaluate", "sbert"}
     | {"cache_vision_tokens", "cache_audio_features", "cache_audio_tokens", "gradient_checkpointing"}
+    | {"allow_modified"}
 )
 _OPEN_STAGES: list["Stage"] = []
+log = logging.getLogger("dali")
 NAME_BYTES = 200  # a name becomes part of a folder name (255 bytes at most) beside a prefix such as 'infer_audio_'
 
 
@@ -195,6 +234,8 @@ class Stage:
         elif fresh and state is folder.State.REPLACING:
             self._replaced = True  # a replacement was killed: drop its files, keep the run it was replacing
             folder.remove_run(self.path)
+        if self.inputs:  # recorded before the first write
+            atomic_write_json(self.path / folder.INPUTS, self.inputs)
 
     def save_config(self, config: dict[str, Any]) -> None:
         """Write ``config.yaml``; on --resume, refuse a config that changes what the run computes."""
@@ -217,14 +258,33 @@ class Stage:
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
     def add_input(self, name: str, path: str | Path) -> None:
-        """Record an input; one inside this stage's own folder is refused (an overwrite would remove it)."""
+        """Record an input by content as the run starts (``inputs.json``); on --resume, one that changed since is
+        refused, as a changed setting is; one inside this stage's own folder is refused (an overwrite removes it)."""
+        flag = f"--{name.replace('_', '-')}"
         resolved, own = Path(path).resolve(), self.path.resolve()
         if self.main and (resolved == own or own in resolved.parents):
             raise StageStateError(
-                f"--{name.replace('_', '-')} '{path}' is inside this stage's own folder '{self.path}': a stage never "
-                "writes into its inputs; choose another --out"
+                f"{flag} '{path}' is inside this stage's own folder '{self.path}': a stage never writes into its "
+                "inputs; choose another --out"
             )
-        self.inputs[name] = input_fingerprint(path)
+        fingerprint = input_fingerprint(path, self.path.parent)
+        recorded = self._recorded_inputs().get(name) if self.resuming else None
+        change = isinstance(recorded, dict) and identity_change(recorded, fingerprint)
+        if change:
+            raise StageStateError(
+                f"--resume: {flag} '{path}' is not the input '{self.path}' was started with ({change}); its results "
+                "would mix the two: resume with the same input, or pass --overwrite to start again"
+            )
+        self.inputs[name] = fingerprint
+        if self._opened and self.main:
+            atomic_write_json(self.path / folder.INPUTS, self.inputs)
+
+    def _recorded_inputs(self) -> dict[str, Any]:
+        try:
+            recorded = json.loads((self.path / folder.INPUTS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
 
     def metrics(self) -> "MetricsLog":
         self._open()
@@ -293,15 +353,49 @@ def stage_main(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def require_finished(path: str | Path, what: str, flag_name: str) -> Path:
-    """An upstream stage folder with its manifest, or a clear error naming the flag that points at it."""
+class IntegrityError(StageStateError):
+    """A stage's output differs from the sha256 its manifest records."""
+
+
+def require_finished(
+    path: str | Path, what: str, flag_name: str, outputs: tuple[str, ...] = (), allow_modified: bool = False
+) -> Path:
+    """An upstream stage folder with its manifest, or a clear error naming the flag that points at it; each of
+    ``outputs`` is checked against the sha256 the manifest records (a changed byte is an :class:`IntegrityError`
+    naming the file, unless ``allow_modified``, which only warns)."""
     path = Path(path)
     folder.recover_if_idle(path)  # an --overwrite of it killed half-way: the run that is whole comes back
     if not (path / MANIFEST).is_file():
         state = "does not exist" if not path.exists() else f"has no {MANIFEST} (unfinished or not a stage folder)"
         raise StageStateError(f"{flag_name}: the {what} folder '{path}' {state}")
+    recorded = read_manifest(path)["outputs"]
+    for name in outputs:
+        if name not in recorded or not (path / name).is_file():
+            raise StageStateError(f"{flag_name}: the {what} folder '{path}' has no recorded output '{name}'")
+        actual = file_sha256(path / name)
+        if actual == recorded[name]:
+            continue
+        message = (
+            f"{flag_name}: '{path / name}' is not the file its stage wrote (sha256 {actual[:12]}..., its manifest "
+            f"records {str(recorded[name])[:12]}...): it was changed or damaged since"
+        )
+        if not allow_modified:
+            raise IntegrityError(message + "; pass --allow-modified to use it anyway")
+        log.warning("%s; used anyway (--allow-modified)", message)
     return path
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """A stage folder's manifest, checked to be a JSON object with the fields every manifest has."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise StageStateError(f"'{file}' is not a readable manifest ({type(error).__name__}: {error})") from None
+    if not isinstance(manifest, dict):
+        raise StageStateError(f"'{file}' is not a manifest: it holds a JSON {type(manifest).__name__}, not an object")
+    for key, kind in (("stage", str), ("outputs", dict), ("inputs", dict), ("metrics", dict)):
+        if not isinstance(manifest.get(key, kind()), kind):
+            raise StageStateError(f"'{file}' is not a manifest: its '{key}' is not a JSON {kind.__name__}")
+    manifest.setdefault("outputs", {})
+    return manifest

@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+INPUTS = "inputs.json"  # the inputs' fingerprints, recorded as the run starts (checked on --resume)
 MARKER = ".dali-stage.json"  # {"dali_stage_folder": 1, "stage": name, "id": random hex}: only dali writes it
 LOCK = ".lock"
 ASIDE = ".replacing"  # the old run on its way into .previous (an interrupted move is rolled back)
@@ -49,7 +50,18 @@ PREVIOUS = ".previous"  # the old run, whole, until the new run finishes (put ba
 RESTORING = ".restoring"  # the old run on its way back (an interrupted restore is completed)
 BOOKKEEPING_FILES = (MARKER, LOCK)
 BOOKKEEPING_FOLDERS = (ASIDE, PREVIOUS, RESTORING)
-RUN_FILES = (CONFIG, MANIFEST, METRICS, CHECKPOINT, "*.safetensors", "*.jsonl", "scores.json", "scores.md", ".*.tmp")
+RUN_FILES = (
+    CONFIG,
+    MANIFEST,
+    METRICS,
+    CHECKPOINT,
+    INPUTS,
+    "*.safetensors",
+    "*.jsonl",
+    "scores.json",
+    "scores.md",
+    ".*.tmp",
+)
 MARKER_FORMAT = 1
 log = logging.getLogger("dali")
 

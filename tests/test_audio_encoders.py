@@ -86,6 +86,22 @@ def test_a_released_checkpoint_loads_with_its_weights_and_front_end(family, tmp_
     assert torch.equal(loaded.front_end(wave), saved.front_end(wave))
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_listing_the_keys(family, tmp_path):
+    """A wrong or partial download trained from random weights, with only a transformers warning (silenced)."""
+    from safetensors.torch import load_file, save_file
+
+    _save_released(family, tmp_path / "released")
+    weights = tmp_path / "released" / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    state["stray.weight"] = state.pop(dropped)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="does not hold the weights its config describes") as caught:
+        pretrained_encoder(family, tmp_path / "released", proj_dim=48)
+    assert "missing keys" in str(caught.value) and "unexpected keys ['stray.weight']" in str(caught.value)
+
+
 def test_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot load a ast audio encoder from"):
         pretrained_encoder("ast", tmp_path, proj_dim=48)
@@ -118,10 +134,9 @@ def test_each_family_goes_through_the_stages(family, synthetic, tmp_path):
     assert len(predictions) == 4
     assert json.loads((run / "infer_audio" / "scores.json").read_text())["scores"]
     captioner = AudioCaptioner.from_run(run, decoding=DecodingOptions(max_new_tokens=6))  # `dali caption`, the page
-    assert [(start, end) for start, end, _ in captioner.caption(0.1 * np.random.randn(16_000 * 12))] == [
-        (0.0, 10.24),
-        (10.24, 12.0),
-    ]
+    assert [
+        (start, end) for start, end, _ in captioner.caption(0.1 * np.random.randn(16_000 * 12), sample_rate=16_000)
+    ] == [(0.0, 10.24), (10.24, 12.0)]
 
 
 def test_alignment_starts_from_a_released_checkpoint_folder(synthetic, tmp_path):

@@ -296,7 +296,7 @@ def test_the_python_api_captions_files_and_waveforms_as_dali_caption(tiny_llava_
     assert captioner.caption(clip) == expected and len(expected) == 2
     wave = (0.2 * np.sin(2 * np.pi * 300 * np.arange(16_000 * 3) / 16_000)).astype(np.float32)  # 16 kHz mono
     soundfile.write(tmp_path / "same.wav", wave, 16_000, subtype="FLOAT")
-    assert captioner.caption(wave) == captioner.caption(tmp_path / "same.wav")
+    assert captioner.caption(wave, sample_rate=16_000) == captioner.caption(tmp_path / "same.wav")
     with pytest.raises(RunNotFound, match="no_such_run"):
         AudioCaptioner.from_run("no_such_run", expe_dir=tmp_path / "expe")
 

@@ -36,7 +36,7 @@ from torch import nn
 from dali.audio import SAMPLE_RATE, fit_wave, resample, samples_for_frames
 from dali.constants import AUDIO_ENCODERS, TARGET_FRAMES
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
-from dali.models.checkpoints import CheckpointError, read_metadata, read_state_dict
+from dali.models.checkpoints import CheckpointError, read_metadata, read_state_dict, strict_from_pretrained
 
 ENCODER_METADATA_KEY = "dali.audio_encoder"
 
@@ -219,10 +219,11 @@ def pretrained_encoder(
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
         whole = spec.whole is not None and config.get("model_type") in ("whisper", "clap")
+        what = f"a {family} audio encoder"
         if whole:
-            model = getattr(hf_class(spec.whole).from_pretrained(str(folder)), spec.audio_part)
+            model = getattr(strict_from_pretrained(hf_class(spec.whole), folder, what), spec.audio_part)
         else:
-            model = hf_class(spec.model).from_pretrained(str(folder))
+            model = strict_from_pretrained(hf_class(spec.model), folder, what)
         extractor = hf_class(spec.feature_extractor).from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot load a {family} audio encoder from '{folder}': {error}") from None

@@ -24,6 +24,7 @@ from torch import nn
 
 from dali.constants import CONV_MODES
 from dali.errors import ModelLoadError
+from dali.models.checkpoints import strict_from_pretrained
 from dali.models.decoding import DecodingOptions, StaticDecoder
 from dali.models.vision_tower import base_image_processor, patch_tokens, preprocess_images
 
@@ -119,8 +120,12 @@ class Captioner(nn.Module):
             family = config.model_type
             if family not in FAMILIES:
                 raise ModelLoadError(f"'{source}' is a {family} model; --llava takes {sorted(FAMILIES)}")
-            llava = getattr(transformers, FAMILIES[family][1]).from_pretrained(
-                source, dtype=dtype, attn_implementation=attn_implementation
+            llava = strict_from_pretrained(
+                getattr(transformers, FAMILIES[family][1]),
+                source,
+                "the LLaVA captioner",
+                dtype=dtype,
+                attn_implementation=attn_implementation,
             )
             tokenizer = AutoTokenizer.from_pretrained(source)
             image_processor = base_image_processor(source, config)  # (the base image: tiles are not used)

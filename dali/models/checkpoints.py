@@ -56,3 +56,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
     return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
+
+
+def strict_from_pretrained(model_class, source: str | Path, what: str, **kwargs):
+    """``model_class.from_pretrained(source)`` that refuses a folder whose weights do not fit its config (a wrong or
+    partial download), listing the missing, unexpected and mis-shaped keys: transformers would only warn, and train
+    or caption from random weights."""
+    model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
+    problems = {kind: sorted(map(str, info.get(kind) or [])) for kind in ("missing_keys", "unexpected_keys")}
+    problems["mis-shaped keys"] = sorted(map(str, info.get("mismatched_keys") or []))
+    listed = "; ".join(
+        f"{kind.replace('_', ' ')} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+        for kind, keys in problems.items()
+        if keys
+    )
+    if listed:
+        raise CheckpointError(f"'{source}' does not hold the weights its config describes for {what}: {listed}")
+    return model

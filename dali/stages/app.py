@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         import gradio as gr  # after the environment above: analytics off, uploads in the scratch folder
 
         captioner = AudioCaptioner.from_run(
-            config.run, llava=config.llava, dtype=config.dtype, device=config.device, expe_dir=config.expe_dir
+            config.run,
+            llava=config.llava,
+            dtype=config.dtype,
+            device=config.device,
+            expe_dir=config.expe_dir,
+            allow_modified=config.allow_modified,
         )
         identity = run_identity(captioner, find_run(config.run, config.expe_dir))
         page, theme = build_page(gr, ClipCaptioner(captioner, config, scratch), identity)

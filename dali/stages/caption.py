@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         device=config.device,
         conv_mode=config.conv_mode,
         expe_dir=config.expe_dir,
+        allow_modified=config.allow_modified,
     )
     windows, failures = [], []
     for name in config.files:

@@ -57,7 +57,7 @@ def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
     when no flag gave them; a clear error when none names a LLaVA."""
     from dali.captioning import recorded_conv_mode, resolve_llava
 
-    changes = {"llava": resolve_llava(config.llava, *upstream)}
+    changes = {"llava": resolve_llava(config.llava, *upstream, allow_modified=config.allow_modified)}
     if hasattr(config, "conv_mode"):
         changes["conv_mode"] = config.conv_mode or recorded_conv_mode(*upstream)
     return dataclasses.replace(config, **changes)
@@ -85,6 +85,7 @@ def load_captioning(
         prefix_dir=prefix_dir,
         distill_dir=distill_dir,
         flags=flags,
+        allow_modified=config.allow_modified,
     )
     return config, models
 

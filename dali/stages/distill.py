@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=device)
     if config.gradient_checkpointing:
         captioner.enable_gradient_checkpointing()
-    encoder = load_align_stage(align_dir, captioner.vision_dim).to(device)
-    records = load_pseudo_captions(pseudo_dir)
+    encoder = load_align_stage(align_dir, captioner.vision_dim, allow_modified=config.allow_modified).to(device)
+    records = load_pseudo_captions(pseudo_dir, allow_modified=config.allow_modified)
     if not records:
         raise ConfigError(f"--pseudo-dir: '{pseudo_dir}' holds no pseudo-captions")
     if context.is_main:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from dali.command_configs import PrepareConfig
 from dali.config import ConfigError, parse_config
 from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
-from dali.files import atomic_write
+from dali.files import atomic_write, atomic_write_json
 from dali.jsonl import atomic_write_jsonl
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
 from dali.progress import progress
@@ -24,6 +27,7 @@ NUM_FRAMES = 10
 WINDOW_S = 10.0
 REPORT = "prepare_report.jsonl"
 LIST = "clips.json"
+RECORDS = "made_from"  # <id>.json per clip: its source (path, size, mtime, hash) and settings, written last
 
 
 def list_inputs(source: Path, out: Path) -> list[Path]:
@@ -50,13 +54,17 @@ def outputs_of(out: Path, clip_id: str, video: bool) -> list[Path]:
 
 
 def prepare_one(path: Path, out: Path, max_seconds: float) -> dict:
-    """Write one clip's wav (and frames for a video); returns its report record.
+    """Write one clip's wav (and frames for a video) and, last, the record of what they were made from; returns its
+    report record. Outputs are reused only when their record matches the source and the settings now.
 
     Only the first ``max_seconds`` are decoded and written: the clip is cut there, and the report says so."""
     clip_id = path.stem
     video = path.suffix.lower() in VIDEO_EXTENSIONS
     record = {"id": clip_id, "source": str(path), "video": video}
-    if all(p.exists() for p in outputs_of(out, clip_id, video)):
+    made_from = {"source": source_identity(path), "settings": settings_of(max_seconds)}
+    outputs = outputs_of(out, clip_id, video)
+    stale = all(p.exists() for p in outputs) and why_stale(out / RECORDS / f"{clip_id}.json", made_from)
+    if stale is None:
         return record | {"status": "ok", "reused": True}
     try:
         wave = decode_audio(path, max_seconds=max_seconds)
@@ -74,8 +82,51 @@ def prepare_one(path: Path, out: Path, max_seconds: float) -> dict:
                 )
     except MediaError as error:
         return record | {"status": "failed", "reason": error.reason}
+    atomic_write_json(out / RECORDS / f"{clip_id}.json", made_from)
     cut = {"cut_at_s": max_seconds} if len(wave) >= round(max_seconds * SAMPLE_RATE) else {}
-    return record | {"status": "ok", "seconds": round(len(wave) / SAMPLE_RATE, 3), **cut}
+    redone = {"redone": stale} if stale else {}
+    return record | {"status": "ok", "seconds": round(len(wave) / SAMPLE_RATE, 3), **cut, **redone}
+
+
+def source_identity(path: Path) -> dict:
+    """A source file by content, cheaply: where it is, its size and mtime, and a hash of its first and last MiB
+    (with the size, enough to tell another file or a re-encoded one; a full hash would read every video twice)."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        digest.update(stream.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            stream.seek(-(1 << 20), os.SEEK_END)
+            digest.update(stream.read())
+    return {
+        "path": os.path.abspath(path),
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "head_tail_sha256": digest.hexdigest(),
+    }
+
+
+def settings_of(max_seconds: float) -> dict:
+    """Every setting that shapes a clip's outputs."""
+    return {"max_seconds": max_seconds, "sample_rate": SAMPLE_RATE, "frames": NUM_FRAMES, "frames_over_s": WINDOW_S}
+
+
+def why_stale(record_path: Path, made_from: dict) -> str | None:
+    """Why existing outputs cannot be reused for ``made_from``, or None when their record matches it."""
+    try:
+        recorded = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no record of what its outputs were made from"
+    if not isinstance(recorded, dict):
+        return "no record of what its outputs were made from"
+    if recorded.get("settings") != made_from["settings"]:
+        return "made with other settings (--max-seconds)"
+    source = recorded.get("source") or {}
+    if source.get("path") != made_from["source"]["path"]:
+        return f"made from another file, '{source.get('path')}'"
+    if source != made_from["source"]:
+        return "its source file changed since"
+    return None
 
 
 def _job(args: tuple[str, str, float]) -> dict:
@@ -102,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(NUM_FRAMES):
         (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
+    (out / RECORDS).mkdir(parents=True, exist_ok=True)
     seconds = samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE if args.max_seconds is None else args.max_seconds
     jobs = [(str(p), str(out), seconds) for p in inputs]
     if args.workers > 1 and len(jobs) > 1:
@@ -116,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in good
     ]
     write_cavmae_json(clips, out / LIST, root=out)
+    for record in records:
+        if record.get("redone"):
+            log.info("redone %s: %s", record["source"], record["redone"])
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:
         log.warning("failed %s: %s", record["source"], record["reason"])

@@ -6,6 +6,7 @@ stopped; under torchrun each rank writes its own part and rank 0 merges them in 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         context,
         config.batch_size,
         config.num_workers,
-        extra=lambda clip: {"audio": str(clip.audio), "image": str(clip.frame_path(config.frame_index))},
+        # absolute: the records are read from wherever distillation runs
+        extra=lambda clip: {"audio": _absolute(clip.audio), "image": _absolute(clip.frame_path(config.frame_index))},
     )
 
     if context.is_main:
@@ -102,6 +104,11 @@ def write_captions(records: Iterator[dict], path: Path, skipped: list[dict]) -> 
 
     atomic_write_jsonl(path, captions())
     return count
+
+
+def _absolute(path: Path | None) -> str | None:
+    """A path as recorded in pseudo_captions.jsonl: absolute, since distillation may run from another folder."""
+    return os.path.abspath(path) if path is not None else None
 
 
 if __name__ == "__main__":
