@@ -15,6 +15,7 @@ import torch
 
 from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.errors import DaliError
+from dali.limits import MAX_CHANNELS, MAX_CLIP_SECONDS, MAX_RESAMPLE_TERM, channels_problem, rate_problem
 
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
@@ -57,16 +58,19 @@ class AudioLoadError(DaliError, RuntimeError):
         super().__init__(f"cannot load audio '{self.path}': {reason}")
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Read a clip as float32 mono at ``sample_rate`` with its mean removed.
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_CLIP_SECONDS) -> torch.Tensor:
+    """Read the first ``max_seconds`` of a clip as float32 mono at ``sample_rate``, with their mean removed.
 
     Like CAV-MAE, only channel 0 is kept (no down-mix). Any input rate is resampled with a polyphase
-    filter; the original computed the fbank with the file's rate instead (see docs/deviations.md).
+    filter; the original computed the fbank with the file's rate instead (see docs/deviations.md). The rate and
+    channels the file declares are checked against :mod:`dali.limits` before anything is read, and channel 0 is
+    read in blocks, so a file costs what its first ``max_seconds`` of one channel do.
 
     Returns:
         Tensor [T] float32.
     Raises:
-        AudioLoadError: missing, unreadable, empty or non-finite file; nothing else escapes.
+        AudioLoadError: missing, unreadable, empty, non-finite or out-of-bounds file (memory included);
+            nothing else escapes.
     """
     import soundfile
 
@@ -74,22 +78,27 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     if not path.is_file():
         raise AudioLoadError(path, "no such file")
     try:
-        data, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(str(path)) as sound:
+            problem = rate_problem(sound.samplerate) or channels_problem(sound.channels)
+            if problem:
+                raise AudioLoadError(path, problem)
+            file_rate, wanted = sound.samplerate, int(max_seconds * sound.samplerate)
+            blocks = sound.blocks(blocksize=1 << 16, frames=wanted, dtype="float32", always_2d=True)
+            wave = np.concatenate([block[:, 0] for block in blocks] or [np.zeros(0, np.float32)])
+        if wave.size == 0:
+            raise AudioLoadError(path, "the file holds no samples")
+        if not np.isfinite(wave).all():
+            raise AudioLoadError(path, "the file holds NaN or infinite samples")
+        wave = resample(wave, file_rate, sample_rate)
+    except AudioLoadError:
+        raise
+    except MemoryError:
+        raise AudioLoadError(path, "out of memory while decoding it") from None
     except Exception as error:  # soundfile raises several types for corrupt or foreign files
         raise AudioLoadError(path, f"unreadable ({type(error).__name__}: {error})") from None
-    if data.shape[0] == 0 or data.shape[1] == 0:
-        raise AudioLoadError(path, "the file holds no samples")
-    wave = np.ascontiguousarray(data[:, 0])
-    if not np.isfinite(wave).all():
-        raise AudioLoadError(path, "the file holds NaN or infinite samples")
-    wave = resample(wave, file_rate, sample_rate)
     if wave.size == 0:
         raise AudioLoadError(path, "too short to resample")
     return torch.from_numpy(wave - wave.mean(dtype=np.float64).astype(np.float32))
-
-
-MAX_CHANNELS = 32  # studio stems reach 32; an axis longer than this is samples
-MIN_RATE, MAX_RATE = 1_000, 384_000
 
 
 class WaveformError(DaliError, ValueError):
@@ -109,8 +118,8 @@ def waveform_to_mono(samples, sample_rate: int) -> np.ndarray:
     """What audio libraries return, as the files' loader reads a file: float32 mono at 16 kHz, [T].
 
     ``samples``: a NumPy array or tensor, [T], [T, C] (soundfile, scipy) or [C, T] (librosa, torchaudio): the axis
-    of at most :data:`MAX_CHANNELS` entries, shorter than the other, is the channels', and channel 0 is kept, as
-    for files (CAV-MAE keeps channel 0). Integer PCM (scipy's int16, say) is scaled by its dtype; any rate is
+    of at most :data:`dali.limits.MAX_CHANNELS` entries, shorter than the other, is the channels', and channel 0 is
+    kept, as for files (CAV-MAE keeps channel 0). Integer PCM (scipy's int16, say) is scaled by its dtype; any rate is
     resampled. Raises :class:`WaveformError` for an empty, non-finite, non-numeric or ambiguous array.
     """
     if isinstance(samples, torch.Tensor):
@@ -118,8 +127,9 @@ def waveform_to_mono(samples, sample_rate: int) -> np.ndarray:
     samples = np.asarray(samples)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
         raise WaveformError(f"sample_rate must be an integer number of samples per second, got {sample_rate!r}")
-    if not MIN_RATE <= sample_rate <= MAX_RATE:
-        raise WaveformError(f"sample_rate must be between {MIN_RATE} and {MAX_RATE} Hz, got {sample_rate}")
+    problem = rate_problem(sample_rate)
+    if problem:
+        raise WaveformError(f"sample_rate: {problem}")
     if samples.dtype.kind not in "iuf":
         raise WaveformError(f"a waveform holds integer or float samples, got dtype {samples.dtype}")
     if samples.ndim == 2:
@@ -141,12 +151,15 @@ def waveform_to_mono(samples, sample_rate: int) -> np.ndarray:
 
 
 def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Polyphase resampling [T] -> [T * rate_out / rate_in] (scipy; torchaudio is unavailable on CPU)."""
+    """Polyphase resampling [T] -> [T * rate_out / rate_in] (scipy; torchaudio is unavailable on CPU). The ratio's
+    terms are kept under :data:`dali.limits.MAX_RESAMPLE_TERM` (the filter's length grows with them)."""
     if rate_in == rate_out:
         return wave.astype(np.float32, copy=False)
     from scipy.signal import resample_poly
 
-    ratio = Fraction(rate_out, rate_in)
+    ratio = Fraction(int(rate_out), int(rate_in))
+    if max(ratio.numerator, ratio.denominator) > MAX_RESAMPLE_TERM:
+        ratio = ratio.limit_denominator(MAX_RESAMPLE_TERM)
     return resample_poly(wave, ratio.numerator, ratio.denominator).astype(np.float32)
 
 

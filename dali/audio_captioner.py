@@ -23,6 +23,7 @@ from dali.captioning import DTYPES, CaptioningModels, recorded_conv_mode, resolv
 from dali.constants import SAMPLE_RATE
 from dali.distributed import pick_device
 from dali.errors import DaliError
+from dali.limits import DEFAULT_FILE_SECONDS
 from dali.media import decode_audio, decode_frames
 from dali.models.decoding import DecodingOptions
 from dali.runs import MANIFEST
@@ -82,10 +83,10 @@ def wave_windows(
 
 
 def file_windows(
-    path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool, max_seconds=None,
-    front_end=None,
+    path: Path, target_frames: int, first_only: bool, min_window: float, need_frame: bool,
+    max_seconds: float = DEFAULT_FILE_SECONDS, front_end=None,
 ) -> list:  # fmt: skip
-    """Windows of a media file (of its first ``max_seconds`` when given); with ``need_frame`` each gets the video
+    """Windows of a media file (of its first ``max_seconds``); with ``need_frame`` each gets the video
     frame at its middle."""
     wave = torch.from_numpy(decode_audio(path, max_seconds=max_seconds))
     windows = wave_windows(wave, str(path), target_frames, first_only, min_window, front_end)
@@ -146,11 +147,11 @@ class AudioCaptioner:
         source: Source,
         first_window_only: bool = False,
         min_window: float = 1.0,
-        max_seconds: float | None = None,
+        max_seconds: float = DEFAULT_FILE_SECONDS,
         modality: str | None = None,
         sample_rate: int | None = None,
     ) -> list[Window]:
-        """A file (path, its first ``max_seconds`` when given) or a waveform (array or tensor, with its
+        """A file (path: its first ``max_seconds``) or a waveform (array or tensor, with its
         ``sample_rate``: :func:`dali.audio.waveform_to_mono` says which) cut into windows; for ``audio_vis`` (by
         default the captioner's modality) each carries its video frame."""
         target, front_end = self.models.encoder.target_frames, self.models.encoder.front_end

@@ -20,6 +20,7 @@ from dali.constants import (
     ON_ERROR_CHOICES,
     TARGET_FRAMES,
 )
+from dali.limits import DEFAULT_FILE_SECONDS
 
 log = logging.getLogger("dali")
 
@@ -330,6 +331,7 @@ class CaptionConfig(FinishedRun, DecodingFlags):
     use_prefix: bool | None = field(None, help="default: with LLaVA's own projector only")
     first_window_only: bool = field(False, help="caption only the first 10 s of each file")
     min_window: float = field(1.0, help="shortest trailing window to caption, in seconds")
+    max_seconds: float = field(DEFAULT_FILE_SECONDS, help="longer files are captioned up to this many seconds")
     batch_size: int = field(16)
     strategy: str = field("greedy", choices=("greedy", "beam", "sample"))
     json: str | None = field(None, help="also write the captions to this JSON file")
@@ -450,7 +452,9 @@ class AppConfig(FinishedRun):
 
     host: str = field("127.0.0.1", help="address to serve on (0.0.0.0 opens the page to the network)")
     port: int = field(7860, help="port to serve on")
-    max_seconds: float = field(600.0, help="longer files are cut to their first this many seconds (the page says so)")
+    max_seconds: float = field(
+        DEFAULT_FILE_SECONDS, help="longer files are cut to their first this many seconds (the page says so)"
+    )
     min_seconds: float = field(1.0, help="shortest clip (and trailing window) to caption, in seconds")
     max_upload_mb: int = field(200, help="largest upload accepted, in MB")
     batch_size: int = field(16, help="windows captioned at once")

@@ -15,9 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from dali.errors import DaliError
+from dali.errors import DaliError, shown
+from dali.files import read_plain_yaml
+from dali.limits import BOUNDS, number_problem
 
 T = TypeVar("T")
 PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and errors
@@ -79,6 +79,24 @@ def require_at_least(config: Any, minimum: float, *names: str) -> None:
             raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(config, name)}")
 
 
+def bounds_of(config_class: type, name: str) -> tuple[float, float] | None:
+    """The bounds a field of a command's config declares (its own, else :data:`dali.limits.BOUNDS`'), or None."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    return fields[name].metadata.get("bounds") or BOUNDS.get(name)
+
+
+def check_bounds(config: Any) -> None:
+    """Every number of a parsed config (a sequence's items too) is finite and within its declared bounds."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        for number in value if isinstance(value, tuple) else (value,):
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            problem = number_problem(item.name, number, bounds_of(type(config), item.name))
+            if problem:
+                raise ConfigError(f"{flag(item.name)} {problem}")
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(inner type, optional?) of an annotation such as ``int | None``."""
     origin = typing.get_origin(annotation)
@@ -124,7 +142,8 @@ def _coerce(name: str, annotation: Any, value: Any, source: str) -> Any:
             return str(value)
         return base(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-        raise ConfigError(f"{source}: '{name}' = {value!r} is not a valid {getattr(base, '__name__', base)}: {error}")
+        kind = getattr(base, "__name__", base)
+        raise ConfigError(f"{source}: '{name}' = {shown(value)} is not a valid {kind}: {shown(str(error), 200)}")
 
 
 def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
@@ -132,9 +151,9 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config: preset '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config: preset '{path}' is not valid YAML: {error}") from None
+        data = read_plain_yaml(path) or {}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"--config: preset {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: preset '{path}' must be a mapping of field names to values")
     fields = {field.name: field for field in dataclasses.fields(cls)}
@@ -146,7 +165,7 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     for key, value in values.items():  # a preset's value must pass what the flag would
         choices = fields[key].metadata.get("choices")
         if choices and value is not None and value not in choices:
-            raise ConfigError(f"--config: preset '{path}': '{key}' = {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"--config: preset '{path}': '{key}' = {shown(value)} is not one of {list(choices)}")
     return values
 
 
@@ -223,6 +242,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
             value = tuple(value)
         values[field.name] = value
     config = cls(**values)
+    check_bounds(config)
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
@@ -246,10 +266,11 @@ def field(
     choices: tuple | None = None,
     positional: bool = False,
     group: str = "settings",
+    bounds: tuple[float, float] | None = None,
 ) -> Any:
     """A dataclass field with CLI help (and choices); ``positional`` for a value (or a sequence) given without a flag;
-    ``group="decoding"`` lists it under decoding in --help."""
-    metadata = {"help": help, "positional": positional, "group": group}
+    ``group="decoding"`` lists it under decoding in --help; ``bounds`` (inclusive) in place of :data:`BOUNDS`'."""
+    metadata = {"help": help, "positional": positional, "group": group, "bounds": bounds}
     if choices:
         metadata["choices"] = choices
     if isinstance(default, (list, dict, set)):

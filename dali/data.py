@@ -37,6 +37,7 @@ from dali.audio import (
 from dali.clip_list import ClipList, resolve_path
 from dali.constants import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, TARGET_FRAMES
 from dali.errors import DaliError
+from dali.limits import MAX_IMAGE_PIXELS, frame_problem
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,26 @@ def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> ClipLi
 
 
 MAX_JSON_DEPTH = 64  # deeper than any list file; a deeper one is refused before the parser's memory grows with it
+MAX_DIGITS = 1_000  # no id or path holds a run of 1000 digits; Python converts at most 4300 to an int
+_DIGIT_MARKS = bytes(57 if 48 <= byte <= 57 else 32 for byte in range(256))  # a digit -> b"9", anything else -> b" "
+
+
+class _NoLongDigitRuns:
+    """A binary stream that refuses a run of :data:`MAX_DIGITS` digits before the parser sees it: ijson's C backend
+    crashes the process (SystemError, then a segmentation fault) on an integer past Python's 4300-digit limit. A
+    pass of ``bytes.translate`` and a substring search per chunk: linear, and fast beside the parse."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.path, self.run = stream, path, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(size)
+        marks = chunk.translate(_DIGIT_MARKS)
+        lead = len(marks) - len(marks.lstrip(b"9"))
+        if self.run + lead >= MAX_DIGITS or b"9" * MAX_DIGITS in marks:
+            raise DataError(f"'{self.path}' holds a run of {MAX_DIGITS} digits or more: not a clip list")
+        self.run = self.run + lead if lead == len(marks) else len(marks) - len(marks.rstrip(b"9"))
+        return chunk
 
 
 def _cavmae_records(path: Path) -> Iterator[Any]:
@@ -149,7 +170,7 @@ def _cavmae_records(path: Path) -> Iterator[Any]:
     with open(path, "rb") as stream:
         if stream.read(3) != b"\xef\xbb\xbf":  # a byte-order mark is fine
             stream.seek(0)
-        events = _depth_checked(ijson.basic_parse(stream), path)
+        events = _depth_checked(ijson.basic_parse(_NoLongDigitRuns(stream, path)), path)
         try:
             if next(events, None) != ("start_map", None):
                 raise shape_error
@@ -168,8 +189,10 @@ def _cavmae_records(path: Path) -> Iterator[Any]:
                 raise shape_error
             if next(events, None) is not None:
                 raise DataError(f"'{path}' is not valid JSON: extra data after the list")
-        except ijson.JSONError as error:
-            raise DataError(f"'{path}' is not valid JSON: {str(error).splitlines()[0]}") from None
+        except DataError:
+            raise
+        except (ijson.JSONError, ValueError) as error:  # ValueError: a number past Python's 4300-digit limit
+            raise DataError(f"'{path}' is not valid JSON: {str(error).splitlines()[0][:200]}") from None
 
 
 def _depth_checked(events: Iterator[tuple[str, Any]], path: Path) -> Iterator[tuple[str, Any]]:
@@ -319,10 +342,17 @@ def load_frame(clip: Clip, frame_index: int = DEFAULT_FRAME_INDEX) -> Image.Imag
     if not path.is_file():
         raise ClipError(clip.id, path, "no such frame")
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only: the declared size is checked before decoding
+            problem = frame_problem(*image.size)
+            if problem is None and image.width * image.height > MAX_IMAGE_PIXELS:
+                problem = f"it declares {image.width}x{image.height} pixels, over {MAX_IMAGE_PIXELS} in all"
+            if problem:
+                raise ClipError(clip.id, path, problem)
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except MemoryError:
+        raise ClipError(clip.id, path, "out of memory while decoding it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:  # DecompressionBombError is a ValueError
         raise ClipError(clip.id, path, f"unreadable image ({error})") from None
 
 
@@ -486,6 +516,10 @@ class ClipDataset(torch.utils.data.Dataset):
             if self.on_error == "stop":
                 raise
             return BadClip(error.clip_id, error.path, error.reason, index)
+        except MemoryError:  # whatever a clip costs, it is that clip's report line, never the stage's end
+            if self.on_error == "stop":
+                raise ClipError(clip.id, clip.audio or "<none>", "out of memory while loading it") from None
+            return BadClip(clip.id, str(clip.audio or "<none>"), "out of memory while loading it", index)
 
 
 def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:

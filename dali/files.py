@@ -69,3 +69,28 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := stream.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+MAX_YAML_BYTES = 1 << 20  # a stage config or a preset is a few kB
+
+
+def read_plain_yaml(path: str | Path) -> Any:
+    """A YAML file as plain data. Anchors and aliases are refused before anything is built (a few hundred bytes
+    of nested aliases expand to tens of millions of strings), as is a file over :data:`MAX_YAML_BYTES`.
+
+    Raises:
+        ValueError: the reason, naming the file; OSError: it cannot be read.
+    """
+    import yaml
+
+    path = Path(path)
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"'{path}' is over {MAX_YAML_BYTES} bytes: not a config")
+    text = path.read_text(encoding="utf-8")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: an alias is seen, never expanded
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ValueError(f"'{path}' uses YAML anchors or aliases; a config is plain data, write each value out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"'{path}' is not valid YAML: {error}") from None

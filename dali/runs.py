@@ -22,8 +22,8 @@ from typing import Any, Callable
 import yaml
 
 from dali import stage_folder as folder
-from dali.errors import DaliError
-from dali.files import atomic_write_json, atomic_write_text, file_sha256
+from dali.errors import DaliError, shown
+from dali.files import atomic_write_json, atomic_write_text, file_sha256, read_plain_yaml
 from dali.jsonl import MetricsLog, repair_jsonl
 from dali.stage_folder import CHECKPOINT, CONFIG, MANIFEST, METRICS
 
@@ -242,14 +242,19 @@ class Stage:
         if not self.main:
             return
         if self.resuming and (self.path / CONFIG).exists():
-            saved = yaml.safe_load((self.path / CONFIG).read_text()) or {}
+            try:
+                saved = read_plain_yaml(self.path / CONFIG) or {}
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                raise StageStateError(f"--resume: cannot read the run's config: {error}") from None
             changed = sorted(
                 key
                 for key in set(saved) | set(config)
                 if key not in RESUME_FREE_KEYS and saved.get(key) != config.get(key)
             )
             if changed:
-                details = "; ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                details = "; ".join(
+                    f"--{k.replace('_', '-')}: {shown(saved.get(k))} -> {shown(config.get(k))}" for k in changed[:10]
+                )
                 raise StageStateError(
                     f"--resume: '{self.path}' was started with other settings ({details}); "
                     "resume with the same flags, or pass --overwrite to start again"

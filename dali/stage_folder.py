@@ -34,9 +34,7 @@ import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
-import yaml
-
-from dali.files import atomic_write_json
+from dali.files import atomic_write_json, read_plain_yaml
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -122,8 +120,8 @@ def ownership_problem(path: Path, name: str) -> str | None:
 
 def _yaml(path: Path) -> object:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return read_plain_yaml(path)
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
 
 

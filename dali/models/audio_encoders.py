@@ -35,8 +35,17 @@ from torch import nn
 
 from dali.audio import SAMPLE_RATE, fit_wave, resample, samples_for_frames
 from dali.constants import AUDIO_ENCODERS, TARGET_FRAMES
+from dali.limits import MAX_ENCODER_PARAMETERS
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
-from dali.models.checkpoints import CheckpointError, read_metadata, read_state_dict, strict_from_pretrained
+from dali.models.checkpoints import (
+    CheckpointError,
+    check_described_model,
+    check_folder_fits,
+    header_shapes,
+    read_metadata,
+    read_state_dict,
+    strict_from_pretrained,
+)
 
 ENCODER_METADATA_KEY = "dali.audio_encoder"
 
@@ -220,6 +229,7 @@ def pretrained_encoder(
         config = json.loads((Path(folder) / "config.json").read_text())
         whole = spec.whole is not None and config.get("model_type") in ("whisper", "clap")
         what = f"a {family} audio encoder"
+        check_folder_fits(hf_class(spec.whole if whole else spec.model), folder, what, MAX_ENCODER_PARAMETERS)
         if whole:
             model = getattr(strict_from_pretrained(hf_class(spec.whole), folder, what), spec.audio_part)
         else:
@@ -246,20 +256,27 @@ def save_encoder(encoder: nn.Module, path: str | Path) -> None:
 def load_encoder(path: str | Path) -> nn.Module:
     """An encoder written by :func:`save_encoder` (or any file :func:`load_audio_encoder` reads), rebuilt from its
     metadata, strictly, in eval mode."""
-    if ENCODER_METADATA_KEY not in read_metadata(path):  # the header alone: a CAV-MAE file is read once
+    metadata = read_metadata(path)  # the header alone: a CAV-MAE file is read once
+    if ENCODER_METADATA_KEY not in metadata:
         return load_audio_encoder(path)
-    state, metadata = read_state_dict(path)
     try:
         described = json.loads(metadata[ENCODER_METADATA_KEY])
-        spec = FAMILIES[described["family"]]
-        config = hf_class(spec.config).from_dict(described["config"])
-        extractor = hf_class(spec.feature_extractor).from_dict(described["feature_extractor"])
-        model = hf_class(spec.model)(config)
-        encoder = TransformersAudioEncoder(
-            described["family"], model, extractor, described["proj_dim"], described["target_frames"],
-            described.get("audio_tokens"),
-        )  # fmt: skip
-        encoder.load_state_dict(state, strict=True)
+        with torch.device("meta"):  # what the metadata describes, checked against the tensors before it is built
+            check_described_model(_described_encoder(described), header_shapes(path), str(path))
+        encoder = _described_encoder(described)
+        encoder.load_state_dict(read_state_dict(path)[0], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
         raise CheckpointError(f"'{path}' is not a valid audio encoder file: {error}") from None
     return encoder.eval()
+
+
+def _described_encoder(described: dict) -> TransformersAudioEncoder:
+    spec = FAMILIES[described["family"]]
+    config = hf_class(spec.config).from_dict(described["config"])
+    extractor = hf_class(spec.feature_extractor).from_dict(described["feature_extractor"])
+    return TransformersAudioEncoder(
+        described["family"], hf_class(spec.model)(config), extractor, described["proj_dim"],
+        described["target_frames"], described.get("audio_tokens"),
+    )  # fmt: skip

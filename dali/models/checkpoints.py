@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
             with safe_open(str(path), framework="pt") as handle:
                 return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+        check_torch_archive(path)
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -73,3 +75,73 @@ def strict_from_pretrained(model_class, source: str | Path, what: str, **kwargs)
     if listed:
         raise CheckpointError(f"'{source}' does not hold the weights its config describes for {what}: {listed}")
     return model
+
+
+def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from a ``.safetensors`` file's header alone (safetensors bounds the header's size)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(error).__name__}: {error})") from None
+
+
+def check_described_model(described: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """A model built on the meta device (no memory) from a file's own description, checked against the tensors the
+    file's header holds, before the real model is built: a 1 KB description of a 77 GB model is refused here."""
+    expected = {key: tuple(value.shape) for key, value in described.state_dict().items()}
+    problems = {
+        "missing keys": sorted(set(expected) - set(shapes)),
+        "unexpected keys": sorted(set(shapes) - set(expected)),
+        "mis-shaped keys": sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k]),
+    }
+    listed = "; ".join(
+        f"{kind} {keys[:10]}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items() if keys
+    )
+    if listed:
+        raise CheckpointError(f"'{source}' describes a model its tensors do not fit: {listed}")
+
+
+def check_torch_archive(path: str | Path) -> None:
+    """A torch checkpoint is unpickled only when it cannot inflate: torch.save writes a zip archive whose records
+    are stored uncompressed, so every record is refused unless stored, and their declared sizes must fit the file
+    (a 2 MB DEFLATE record inflated to 2.4 GB). The legacy format is not compressed."""
+    import zipfile
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({error})") from None
+    compressed = [record.filename for record in records if record.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"checkpoint '{path}' has compressed records {compressed[:3]}; torch.save writes none")
+    if sum(record.file_size for record in records) > path.stat().st_size:
+        raise CheckpointError(f"checkpoint '{path}' declares records larger than the file")
+
+
+def check_folder_fits(model_class, folder: str | Path, what: str, max_parameters: float) -> None:
+    """Before ``from_pretrained`` allocates what a folder's ``config.json`` describes: that model, built on the meta
+    device (no memory), may have at most ``max_parameters`` and no more parameters than the folder's weight files
+    hold (elements in safetensors headers; for other files, one per byte at most)."""
+    folder = Path(folder)
+    config = model_class.config_class.from_pretrained(str(folder))
+    with torch.device("meta"):
+        described = model_class(config)
+    count = sum(parameter.numel() for parameter in described.parameters())
+    held = 0
+    for file in folder.iterdir():
+        if file.suffix == ".safetensors":
+            held += sum(math.prod(shape) for shape in header_shapes(file).values())
+        elif file.suffix in (".bin", ".pt", ".pth"):
+            held += file.stat().st_size
+    if count > max_parameters or count > held * 1.05 + 100_000:
+        raise CheckpointError(
+            f"'{folder}/config.json' describes {what} of {count:,} parameters; its weight files hold {held:,} "
+            f"(and dali takes at most {int(max_parameters):,}): a wrong config or a partial download"
+        )

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dali.constants import DECODING_ENGINES
+from dali.limits import number_problem
 
 SHARED_HEAD_ATTENTION = "dali_sdpa"  # our name in transformers' attention registry: sdpa + the prefill below
 
@@ -308,10 +309,10 @@ class DecodingOptions:
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
             raise ValueError(f"decoding strategy must be greedy, beam or sample, got '{self.strategy}'")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.strategy == "sample" and self.temperature <= 0:
-            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+        for name in ("max_new_tokens", "num_beams", "temperature", "seed", "min_new_tokens", "top_p"):
+            problem = getattr(self, name) is not None and number_problem(name, getattr(self, name))
+            if problem:  # the bounds every command's flags have (dali.limits.BOUNDS), for the Python API too
+                raise ValueError(f"decoding option {name} {problem}")
         if self.engine not in DECODING_ENGINES:
             raise ValueError(f"decoding engine must be one of {DECODING_ENGINES}, got '{self.engine}'")
 

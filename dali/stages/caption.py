@@ -1,13 +1,17 @@
 """``dali caption --run RUN FILE...``: captions for any audio or video file, window by window.
 
-Files of any length are cut into 10.24 s windows (CAV-MAE's 1024 frames) with their timestamps; the last
-partial window is kept when it is at least ``--min-window`` long. ``--modality audio_vis`` pairs each window
-with the video frame at its middle. A command over :class:`dali.audio_captioner.AudioCaptioner`.
+Each file is decoded (its first ``--max-seconds``), cut into 10.24 s windows (CAV-MAE's 1024 frames) with
+their timestamps and captioned before the next is read; the last partial window is kept when it is at least
+``--min-window`` long. A file that fails, out of memory included, is its own line in the report.
+``--modality audio_vis`` pairs each window with the video frame at its middle. A command over
+:class:`dali.audio_captioner.AudioCaptioner`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import CaptionConfig
@@ -36,19 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         expe_dir=config.expe_dir,
         allow_modified=config.allow_modified,
     )
-    windows, failures = [], []
-    for name in config.files:
+    results, failures = [], []
+    bar = progress(total=len(config.files), desc="captioning", unit="file")
+    for name in config.files:  # one file at a time: decoded, cut and captioned before the next is read
         try:
-            windows += captioner.windows(Path(name), config.first_window_only, config.min_window)
-        except MediaError as error:
-            failures.append({"file": name, "error": error.reason})
-            log.error("%s", error)
-    results = []
-    bar = progress(total=len(windows), desc="captioning", unit="window")
-    for window, caption in captioner.iter_captions(windows, config.batch_size):
-        start, end = window.span
-        results.append({"file": window.file, "start": start, "end": end, "caption": caption})
-        print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
+            windows = captioner.windows(Path(name), config.first_window_only, config.min_window, config.max_seconds)
+            for window, caption in captioner.iter_captions(windows, config.batch_size):
+                start, end = window.span
+                results.append({"file": window.file, "start": start, "end": end, "caption": caption})
+                print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
+        except (MediaError, MemoryError, torch.OutOfMemoryError) as error:  # that file's line, not the command's end
+            reason = error.reason if isinstance(error, MediaError) else "out of memory while captioning it"
+            failures.append({"file": name, "error": reason})
+            log.error("%s: %s", name, reason)
         bar.update(1)
     bar.close()
     if config.json:

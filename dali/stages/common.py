@@ -18,7 +18,7 @@ from dali import distributed
 from dali.config import config_to_dict, parse_config
 from dali.errors import TrainingDiverged
 from dali.files import atomic_write
-from dali.models.checkpoints import CheckpointError
+from dali.models.checkpoints import CheckpointError, check_torch_archive
 from dali.runs import Stage, check_run_name
 
 T = TypeVar("T")
@@ -140,6 +140,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
+        check_torch_archive(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError for a bad file
         raise CheckpointError(

@@ -75,10 +75,10 @@ def prepare_one(path: Path, out: Path, max_seconds: float) -> dict:
         if video:
             duration = min(len(wave) / SAMPLE_RATE, WINDOW_S)
             times = [duration * k / NUM_FRAMES for k in range(NUM_FRAMES)]
-            for k, frame in enumerate(decode_frames(path, times)):
+            for k, frame in enumerate(decode_frames(path, times, resize_center_crop)):
                 atomic_write(
                     out / "frames" / f"frame_{k}" / f"{clip_id}.jpg",
-                    lambda tmp, f=frame: resize_center_crop(f).save(tmp, format="JPEG", quality=95),
+                    lambda tmp, f=frame: f.save(tmp, format="JPEG", quality=95),
                 )
     except MediaError as error:
         return record | {"status": "failed", "reason": error.reason}
