@@ -446,8 +446,11 @@ class AppConfig(FinishedRun):
     """dali app --run RUN: a web page to caption a clip (upload a file or record one) with a finished run.
 
     The model loads once; requests wait in a queue. The page is served on 127.0.0.1 unless --host says otherwise,
-    never shared publicly, with Gradio's analytics off and nothing fetched from outside. Uploads go to a private
-    temporary folder, each removed once captioned, the folder at exit.
+    never shared publicly, with Gradio's analytics off and nothing fetched from outside. Uploads and results go
+    to a private temporary folder, where each file is kept --keep-minutes and the whole under --max-scratch-mb
+    (the page says so); the folder goes at exit. Only sounds, videos and pictures are served inline; request
+    bodies are bounded; the run and its LLaVA are shown by name and hash, never by path. There is no
+    authentication: on a network, put a reverse proxy with it in front (docs/reliability.md).
     """
 
     host: str = field("127.0.0.1", help="address to serve on (0.0.0.0 opens the page to the network)")
@@ -457,9 +460,15 @@ class AppConfig(FinishedRun):
     )
     min_seconds: float = field(1.0, help="shortest clip (and trailing window) to caption, in seconds")
     max_upload_mb: int = field(200, help="largest upload accepted, in MB")
+    keep_minutes: float = field(30.0, help="uploads and results are deleted this long after they arrive")
+    max_scratch_mb: int = field(4000, help="the oldest uploads and results go when their folder passes this, in MB")
     batch_size: int = field(16, help="windows captioned at once")
 
     def validate(self) -> None:
         require_at_least(self, 1, "port", "max_upload_mb", "batch_size")
+        if self.max_scratch_mb < 2 * self.max_upload_mb:
+            raise ConfigError(
+                f"--max-scratch-mb must hold two uploads ({2 * self.max_upload_mb}), got {self.max_scratch_mb}"
+            )
         if self.max_seconds < self.min_seconds:
             raise ConfigError(f"--max-seconds must be >= --min-seconds ({self.min_seconds}), got {self.max_seconds}")

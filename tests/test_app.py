@@ -84,7 +84,7 @@ def _open(browser, url):
 
 def _submit(page, path: Path, modality: str = "audio") -> None:
     page.set_input_files("#upload input[type=file]", str(path))
-    page.wait_for_selector(f"#upload >> text={path.name}")
+    page.wait_for_selector(f"#upload >> text={path.name}", timeout=120_000)  # a loaded machine uploads slowly
     page.get_by_label(modality, exact=True).check()
     page.click("#caption")
 
@@ -187,3 +187,25 @@ def test_two_uploads_at_once_are_both_answered(server, browser, clips):
     assert [len(_table(page, rows)) for page, rows in zip(pages, (3, 2))] == [3, 2]
     for page in pages:
         page.close()
+
+
+def test_caption_twice_on_one_upload_and_the_page_states_its_limits(server, browser, clips):
+    """The upload was deleted after the first Caption: the second, with other settings, failed."""
+    url, _, _ = server
+    page = _open(browser, url)
+    limits = page.locator("body").inner_text()
+    assert "Files up to 1 MB" in limits and "the first 600 s are captioned" in limits
+    assert "deleted 30 min after they arrive" in limits
+    _submit(page, clips / "clip25.wav")
+    greedy = _table(page, 3)
+    first = page.locator("#json a").first.get_attribute("href")
+    page.get_by_label("seeded sampling", exact=True).check()
+    page.click("#caption")  # the same upload, again
+    page.wait_for_function(f"document.querySelector('#json a')?.getAttribute('href') != {first!r}", timeout=180_000)
+    sampled = _table(page, 3)
+    assert [row[:2] for row in sampled] == [row[:2] for row in greedy]
+    assert "Could not caption" not in page.locator("#status").inner_text()
+    link = page.locator("#json a").first.get_attribute("href")
+    report = json.loads(urllib.request.urlopen(urllib.parse.urljoin(url, link)).read())
+    assert report["decoding"]["strategy"] == "sample" and _rows(report["captions"]) == sampled
+    page.close()

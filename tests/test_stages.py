@@ -465,7 +465,7 @@ def test_bad_clips_of_every_process_reach_the_skipped_list(tmp_path):
         assert [record["id"] for record in gathered] == ["bad0", "bad1"]
 
 
-def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploads(pipeline, tmp_path, write_wav):
+def test_the_web_pages_captioner_turns_bad_input_into_messages_and_deletes_nothing(pipeline, tmp_path, write_wav):
     from helpers import write_mp4
 
     from dali.audio_captioner import AudioCaptioner
@@ -473,10 +473,10 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploa
     from dali.stages.app import ClipCaptioner
 
     run = pipeline[2]
-    scratch = tmp_path / "uploads"
-    scratch.mkdir()
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
     config = AppConfig(run=str(run), max_seconds=15.0)
-    page = ClipCaptioner(AudioCaptioner.from_run(run), config, scratch)
+    page = ClipCaptioner(AudioCaptioner.from_run(run), config, outputs)
     long_clip = write_wav("long.wav", seconds=30.0)
     result = page(str(long_clip), "audio", "greedy", 0)
     assert [row[:2] for row in result.rows] == [[0.0, 10.24], [10.24, 15.0]]
@@ -488,10 +488,12 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_removes_uploa
     assert "Could not caption empty.wav" in page(str(tmp_path / "empty.wav"), "audio", "greedy", 0).message
     assert "no video stream" in page(str(long_clip), "audio + image (videos)", "greedy", 0).message
     assert "Upload" in page(None, "audio", "greedy", 0).message
-    upload = scratch / "upload.wav"
-    shutil.copy(long_clip, upload)
-    sampled = page(str(upload), "audio", "seeded sampling", 3)
-    assert len(sampled.rows) == 2 and not upload.exists() and long_clip.exists()  # only uploads are removed
+    page_file = tmp_path / "page.html"
+    page_file.write_text("<script>alert(1)</script>")  # the record slot takes any upload: the type is checked here
+    assert "not an audio or video file" in page(str(page_file), "audio", "greedy", 0).message
+    sampled = page(str(long_clip), "audio", "seeded sampling", 3)
+    assert len(sampled.rows) == 2 and long_clip.exists() and page_file.exists()  # a request deletes nothing
+    assert Path(sampled.json_path).is_relative_to(outputs)
     assert json.loads(Path(sampled.json_path).read_text())["decoding"]["strategy"] == "sample"
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dali.audio_captioner import AudioCaptioner, find_run
 from dali.command_configs import AppConfig
 from dali.config import parse_config
 from dali.errors import DaliError
+from dali.media import MEDIA_EXTENSIONS
 from dali.models.decoding import DecodingOptions
 from dali.runs import MANIFEST, read_manifest
 from dali.stages.caption import caption_report
@@ -25,6 +27,7 @@ from dali.stages.common import log, setup_logging
 MODALITIES = {"audio": "audio", "audio + image (videos)": "audio_vis"}
 DECODINGS = ("greedy", "seeded sampling")
 TABLE_HEADERS = ["start (s)", "end (s)", "caption"]
+ACCEPTED = " ".join(MEDIA_EXTENSIONS)
 
 
 @dataclass
@@ -39,23 +42,23 @@ class PageResult:
 
 
 class ClipCaptioner:
-    """One loaded run, captioning one clip per request, with bad input turned into a message."""
+    """One loaded run, captioning one clip per request, with bad input turned into a message. A request never
+    deletes a file (it could name another user's upload): the scratch folder's :class:`Janitor` expires files."""
 
-    def __init__(self, captioner: AudioCaptioner, config: AppConfig, scratch: Path):
-        self.captioner, self.config, self.scratch = captioner, config, scratch
+    def __init__(self, captioner: AudioCaptioner, config: AppConfig, outputs: Path, identity: dict | None = None):
+        self.captioner, self.config, self.outputs = captioner, config, outputs
+        self.identity = identity or {}  # what the downloaded JSON says of the run: names and hashes, no path
 
     def __call__(self, path: str | None, modality: str, decoding: str, seed: int) -> PageResult:
         if not path:
             return PageResult(message="Upload an audio or video file, or record one, first.")
+        name = Path(path).name
+        if Path(path).suffix.lower() not in MEDIA_EXTENSIONS:  # the record slot has no type check of its own
+            return PageResult(message=f"**Could not caption {name}:** not an audio or video file ({ACCEPTED})")
         try:
             return self._caption(Path(path), MODALITIES[modality], decoding, int(seed))
         except DaliError as error:  # named by the user's file name, not the server's copy of it
-            return PageResult(
-                message=f"**Could not caption {Path(path).name}:** {str(error).replace(path, Path(path).name)}"
-            )
-        finally:
-            if Path(path).is_relative_to(self.scratch):
-                Path(path).unlink(missing_ok=True)  # an upload is kept no longer than its captions take
+            return PageResult(message=f"**Could not caption {name}:** {str(error).replace(path, name)}")
 
     def _caption(self, path: Path, modality: str, decoding: str, seed: int) -> PageResult:
         config = self.config
@@ -72,8 +75,8 @@ class ClipCaptioner:
         if seconds >= config.max_seconds - 0.01:
             message += f" The file is longer: only its first {config.max_seconds:g} s were captioned (--max-seconds)."
         captions = [{"file": path.name, "start": s, "end": e, "caption": c} for s, e, c in rows]
-        report = caption_report(captions, [], self.captioner, config.run, modality, options)
-        json_path = Path(tempfile.mkdtemp(dir=self.scratch)) / f"{path.stem}.captions.json"
+        report = caption_report(captions, [], self.captioner, config.run, modality, options) | self.identity
+        json_path = Path(tempfile.mkdtemp(dir=self.outputs)) / f"{path.stem}.captions.json"
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         frames = [(w.frame, "{:.2f} - {:.2f} s".format(*w.span)) for w, _ in pairs if w.frame is not None]
         return PageResult(rows, message, spectrogram_image(windows), frames, str(json_path))
@@ -104,11 +107,25 @@ def spectrogram_image(windows: list):
     return Image.open(buffer).convert("RGB")
 
 
+def public_identity(captioner: AudioCaptioner, folder: Path) -> dict:
+    """The run and its LLaVA as a visitor may see them: by name and content hash, never by a server path."""
+    from dali.files import file_sha256
+    from dali.runs import model_fingerprint
+
+    source = Path(captioner.models.captioner.source)
+    llava = {"llava": source.name}
+    if source.is_dir() and (source / "config.json").is_file():
+        llava["llava_config_sha256"] = model_fingerprint(source)["config_sha256"][:16]
+    return {"run": folder.name, "run_sha256": file_sha256(folder / "align" / MANIFEST)[:16], **llava}
+
+
 def run_identity(captioner: AudioCaptioner, folder: Path) -> str:
-    """Markdown: the run folder, its LLaVA and each stage's key facts from its manifest."""
+    """Markdown: the run and its LLaVA (names and hashes: :func:`public_identity`) and each stage's key facts."""
+    shown = public_identity(captioner, folder)
     lines = [
-        f"**Run** `{folder}` · **LLaVA** `{captioner.models.captioner.source}` · "
-        f"**prompt** {captioner.models.captioner.conv_mode} · **device** {captioner.models.captioner.device} · "
+        f"**Run** `{shown['run']}` (align manifest sha256 {shown['run_sha256']}) · **LLaVA** `{shown['llava']}`"
+        + (f" (config sha256 {shown['llava_config_sha256']})" if "llava_config_sha256" in shown else "")
+        + f" · **prompt** {captioner.models.captioner.conv_mode} · **device** {captioner.models.captioner.device} · "
         f"**model loaded once**, requests queued",
         "",
         "| stage | finished | commit | key facts |",
@@ -117,24 +134,27 @@ def run_identity(captioner: AudioCaptioner, folder: Path) -> str:
     for stage in ("prefix", "align", "distill"):
         if (folder / stage / MANIFEST).is_file():
             manifest = read_manifest(folder / stage)
-            metrics = {k: v for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))}
+            metrics = {
+                k: v
+                for k, v in manifest.get("metrics", {}).items()
+                if isinstance(v, (int, float)) or (isinstance(v, str) and "/" not in v)  # no path
+            }
             facts = ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in list(metrics.items())[:6])
             commit = str(manifest.get("git_commit") or "")[:10]
             lines.append(f"| {stage} | {manifest.get('finished', '')} | {commit} | {facts} |")
     return "\n".join(lines)
 
 
-def build_page(gr, service: ClipCaptioner, identity: str):
+def build_page(gr, service: ClipCaptioner, identity: str, limits: str = ""):
     """The Gradio page: inputs on the left, the captions, spectrogram, frames and JSON on the right."""
-    formats = ["wav", "flac", "ogg", "mp3", "mp4", "mkv", "webm"]
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="DALI: audio captioning", analytics_enabled=False) as page:
-        gr.Markdown("# DALI · audio captioning from an image captioner\nCaptions per 10.24 s window of your clip.")
+        gr.Markdown(
+            "# DALI · audio captioning from an image captioner\nCaptions per 10.24 s window of your clip.\n\n" + limits
+        )
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(
-                    label="Audio or video file", file_types=[f".{ext}" for ext in formats], elem_id="upload"
-                )
+                upload = gr.File(label="Audio or video file", file_types=list(MEDIA_EXTENSIONS), elem_id="upload")
                 record = gr.Audio(sources=["microphone"], type="filepath", label="... or record", elem_id="record")
                 modality = gr.Radio(list(MODALITIES), value="audio", label="Caption from", elem_id="modality")
                 decoding = gr.Radio(list(DECODINGS), value=DECODINGS[0], label="Decoding", elem_id="decoding")
@@ -162,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(AppConfig, argv)
     setup_logging()
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    # a private folder for uploads (Gradio keeps them in GRADIO_TEMP_DIR) and JSON files, removed at exit
+    # A private scratch folder, removed at exit: uploads/ is Gradio's (GRADIO_TEMP_DIR: uploads and its copies of
+    # what the page returns), outputs/ holds the JSON files we write. No folder is in allowed_paths, so Gradio
+    # serves every file there that is not a picture, sound or video as a download, never as a page.
     with tempfile.TemporaryDirectory(prefix="dali-app-", ignore_cleanup_errors=True) as folder:
         scratch = Path(folder)
-        os.environ["GRADIO_TEMP_DIR"] = folder
+        uploads, outputs = scratch / "uploads", scratch / "outputs"
+        uploads.mkdir()
+        outputs.mkdir()
+        os.environ["GRADIO_TEMP_DIR"] = str(uploads)
         import gradio as gr  # after the environment above: analytics off, uploads in the scratch folder
 
         captioner = AudioCaptioner.from_run(
@@ -176,36 +201,186 @@ def main(argv: list[str] | None = None) -> int:
             expe_dir=config.expe_dir,
             allow_modified=config.allow_modified,
         )
-        identity = run_identity(captioner, find_run(config.run, config.expe_dir))
-        page, theme = build_page(gr, ClipCaptioner(captioner, config, scratch), identity)
+        run_folder = find_run(config.run, config.expe_dir)
+        service = ClipCaptioner(captioner, config, outputs, public_identity(captioner, run_folder))
+        page, theme = build_page(gr, service, run_identity(captioner, run_folder), page_limits(config))
         page.queue(default_concurrency_limit=1, max_size=32)
+        keep_s = config.keep_minutes * 60
+        janitor = Janitor(scratch, config.max_scratch_mb * 2**20, keep_s, period=min(10.0, keep_s / 4))
+        janitor.start()
+        app = gr.mount_gradio_app(
+            BodyLimit.wrap(config.max_upload_mb), page, path="", max_file_size=f"{config.max_upload_mb}mb",
+            theme=theme, ssr_mode=False, footer_links=[], show_error=False,
+        )  # fmt: skip
         log.info("serving %s on http://%s:%d", config.run, config.host, config.port)
-        page.launch(
-            server_name=config.host,
-            server_port=config.port,
-            share=False,
-            max_file_size=f"{config.max_upload_mb}mb",
-            theme=theme,
-            ssr_mode=False,
-            footer_links=[],
-            allowed_paths=[str(scratch)],
-            prevent_thread_lock=True,
-        )
-        serve_until_stopped(page)
+        serve_until_stopped(app, config.host, config.port)
+        janitor.stop()
     return 0
 
 
-def serve_until_stopped(page) -> None:
-    """Block until Ctrl-C or SIGTERM, then close the server; a close that hangs on an open connection is given
-    10 s (its threads are daemons: the process ends with this function's caller)."""
+class BodyLimit:
+    """ASGI middleware: a request body over its bound is answered 413 before the page reads any of it. An upload
+    may be ``--max-upload-mb`` (and its multipart framing) and must declare its length (browsers do; 411
+    otherwise); any other request (the page's JSON calls are a few kB) at most :data:`JSON_BYTES`, read here first
+    when it comes chunked, since the page would turn an error while reading into a 400 of its own."""
+
+    JSON_BYTES = 1 << 20
+
+    def __init__(self, app, upload_bytes: int):
+        self.app, self.upload_bytes = app, upload_bytes
+
+    @classmethod
+    def wrap(cls, max_upload_mb: int):
+        from fastapi import FastAPI
+
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_middleware(SafeFiles)
+        app.add_middleware(cls, upload_bytes=max_upload_mb * 2**20 + (1 << 16))
+        return app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["path"].rstrip("/").endswith("/upload")
+        limit = self.upload_bytes if upload else self.JSON_BYTES
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > limit:
+                return await _refuse(send, 413, f"request body over {limit} bytes")
+            return await self.app(scope, receive, send)
+        if upload and scope["method"] != "GET":
+            return await _refuse(send, 411, "an upload must declare its length")
+        messages, size = [], 0
+        while True:  # a chunked body of a JSON call: at most JSON_BYTES are held
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _refuse(send, 413, f"request body over {limit} bytes")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class SafeFiles:
+    """ASGI middleware: every response says ``nosniff``, and a file the page serves (Gradio's ``/file=`` routes) is
+    shown inline only when it is a sound, a video or a raster picture; anything else (an uploaded ``.html`` or
+    ``.svg``, the JSON) goes as a download, so no file can run script on the page's origin."""
+
+    INLINE = (b"audio/", b"video/", b"image/png", b"image/jpeg", b"image/webp", b"image/gif")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        is_file = "/file=" in scope["path"]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-content-type-options"]
+                headers.append((b"x-content-type-options", b"nosniff"))
+                kind = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if is_file and not kind.startswith(self.INLINE):
+                    drop = (b"content-type", b"content-disposition")
+                    headers = [(k, v) for k, v in headers if k.lower() not in drop]
+                    headers += [(b"content-type", b"application/octet-stream"), (b"content-disposition", b"attachment")]
+                message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+async def _refuse(send, status: int, reason: str) -> None:
+    body = f"{reason}\n".encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def page_limits(config: AppConfig) -> str:
+    """What the page tells its users about what it accepts and keeps."""
+    return (
+        f"Files up to {config.max_upload_mb} MB ({ACCEPTED}); the first {config.max_seconds:g} s are captioned. "
+        f"Uploads and results are deleted {config.keep_minutes:g} min after they arrive, or sooner when the "
+        f"server's folder passes {config.max_scratch_mb} MB."
+    )
+
+
+class Janitor(threading.Thread):
+    """Every ``period`` seconds, :func:`trim_folder` on the scratch folder (Gradio's ``delete_cache`` expires files by
+    age only, and not the ones we write)."""
+
+    def __init__(self, folder: Path, max_bytes: int, max_age_s: float, period: float = 10.0):
+        super().__init__(daemon=True, name="dali-app-janitor")
+        self.folder, self.max_bytes, self.max_age_s, self.period = folder, max_bytes, max_age_s, period
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            trim_folder(self.folder, self.max_bytes, self.max_age_s, min_age_s=min(30.0, self.max_age_s / 2))
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def trim_folder(folder: Path, max_bytes: int, max_age_s: float, min_age_s: float = 30.0) -> list[Path]:
+    """Delete the files under ``folder`` older than ``max_age_s``, then the oldest ones until the rest fit in
+    ``max_bytes`` (sparing those younger than ``min_age_s``: a request may still be reading them); empty folders
+    go too. Returns the files deleted. A file that vanishes meanwhile, or cannot be deleted, is passed over."""
+    now, files = time.time(), []
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                stat = path.stat()
+                files.append((stat.st_mtime, stat.st_size, path))
+        except OSError:
+            continue
+    files.sort()
+    total, deleted = sum(size for _, size, _ in files), []
+    for mtime, size, path in files:
+        age = now - mtime
+        if age > max_age_s or (total > max_bytes and age >= min_age_s):
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            total -= size
+            deleted.append(path)
+    emptied = {path.parent for path in deleted}
+    below = [p for p in folder.rglob("*") if len(p.relative_to(folder).parts) > 1]  # in uploads/ and outputs/
+    for path in sorted(below, key=lambda p: len(p.parts), reverse=True):
+        try:
+            if path.is_dir() and not path.is_symlink() and (path in emptied or now - path.stat().st_mtime >= min_age_s):
+                path.rmdir()  # only an empty one goes (a file that just arrived in it keeps it)
+        except OSError:
+            continue
+    return deleted
+
+
+def serve_until_stopped(app, host: str, port: int) -> None:
+    """Serve ``app`` with uvicorn until Ctrl-C or SIGTERM, then stop it; a stop that hangs on an open connection is
+    given 10 s (the server's thread is a daemon: the process ends with this function's caller)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # ours below, in the main thread
+    thread = threading.Thread(target=server.run, daemon=True, name="dali-app-server")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    thread.start()
+    while not stop.wait(0.5):
+        if not thread.is_alive():  # the port was taken, say: uvicorn logged why
+            raise DaliError(f"--port {port}: the server on {host}:{port} stopped (see the log above)")
     log.info("stopping the web page")
-    closer = threading.Thread(target=page.close, daemon=True)
-    closer.start()
-    closer.join(timeout=10)
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 if __name__ == "__main__":
