@@ -27,6 +27,7 @@ from dali.limits import DEFAULT_FILE_SECONDS
 from dali.media import decode_audio, decode_frames
 from dali.models.decoding import DecodingOptions
 from dali.runs import MANIFEST
+from dali.stage_table import ALIGN, DISTILL, PREFIX
 
 Source = str | Path | np.ndarray | torch.Tensor
 
@@ -54,7 +55,7 @@ class Window:
 def find_run(run: str | Path, expe_dir: str | Path = "expe") -> Path:
     """A run folder given as a path, or as a run's name under ``expe_dir``."""
     for folder in (Path(run), Path(expe_dir) / str(run)):
-        if (folder / "align" / MANIFEST).is_file():
+        if (folder / ALIGN.folder / MANIFEST).is_file():
             return folder
     raise RunNotFound(
         f"--run '{run}': neither '{run}' nor '{Path(expe_dir) / str(run)}' is a run folder with a finished align/"
@@ -126,7 +127,7 @@ class AudioCaptioner:
         ``conv_mode`` default to what the run recorded. Each trained file is checked against the sha256 its
         manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only warns)."""
         folder = find_run(run, expe_dir)
-        align, prefix, distill = folder / "align", folder / "prefix", folder / "distill"
+        align, prefix, distill = (folder / row.folder for row in (ALIGN, PREFIX, DISTILL))
         projector = projector or ("distilled" if (distill / MANIFEST).is_file() else "original")
         use_prefix = projector == "original" if use_prefix is None else use_prefix
         models = CaptioningModels.load(

@@ -10,29 +10,12 @@ from typing import Callable
 from dali import config
 from dali.config import parse_config
 from dali.errors import DaliError
+from dali.stage_table import STAGES
 
 # command -> (module, its config in dali.command_configs, one line for `dali --help`), by group; the module is
 # imported only to run the command: its help comes from the config alone, before torch loads
 GROUPS = {
-    "the method's stages, in order": {
-        "prefix-tune": (
-            "dali.stages.prefix_tune",
-            "PrefixTuneConfig",
-            "1a: learn the prefix that makes LLaVA describe a frame's sounds",
-        ),
-        "align": (
-            "dali.stages.align",
-            "AlignConfig",
-            "1b: align an audio encoder's tokens with CLIP's (MMD, OT, OT-Att)",
-        ),
-        "pseudo-label": (
-            "dali.stages.pseudo_label",
-            "PseudoLabelConfig",
-            "2a: caption clips from image + audio tokens + prefix",
-        ),
-        "distill": ("dali.stages.distill", "DistillConfig", "2b: train a projector copy on those captions, audio only"),
-        "infer": ("dali.stages.infer", "InferConfig", "caption a test list (audio, audio + image, image) and score it"),
-    },
+    "the method's stages, in order": {row.command: (row.module, row.config, row.help) for row in STAGES},
     "tools": {
         "caption": ("dali.stages.caption", "CaptionConfig", "caption any audio or video file with a finished run"),
         "app": ("dali.stages.app", "AppConfig", "a web page to caption a clip (upload or record) with a run"),

@@ -30,3 +30,21 @@ def test_library_modules_do_not_import_the_layers_above(path):
 
 def test_the_check_sees_the_library():
     assert len(LIBRARY) > 20 and PACKAGE / "captioning.py" in LIBRARY and PACKAGE / "clip_list.py" in LIBRARY
+
+
+def test_stage_folders_are_named_only_in_the_stage_table():
+    """A run's folders are the table's (dali/stage_table.py): no module spells one as a path of its own."""
+    import re
+
+    from dali.stage_table import STAGES
+
+    folders = "|".join(re.escape(row.folder) for row in STAGES)
+    spelled = re.compile(rf'/ "({folders})"|f?"infer_')  # a path joined by hand, or infer's folder spelled out
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "stage_table.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if spelled.search(line)
+    ]
+    assert not found, found

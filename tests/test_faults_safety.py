@@ -1,6 +1,7 @@
 """The fault suite, safety: no command deletes what it did not make, runs code from a file, or loses work to a
 bad name."""
 
+import argparse
 import json
 import os
 import signal
@@ -132,7 +133,7 @@ def test_overwrite_with_a_wrong_llava_leaves_the_finished_stage(tmp_path, tiny_l
 @pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", "a/b", "..", "", "a\\b"])
 def test_a_run_name_is_a_name(tmp_path, name):
     with pytest.raises(StageStateError, match="plain name"):
-        stage_dir(str(tmp_path), name, "prefix", None)
+        stage_dir(argparse.Namespace(expe_dir=str(tmp_path), run=name), "prefix")
     with pytest.raises(StageStateError, match="plain name"):
         check_run_name(name)
 

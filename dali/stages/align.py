@@ -29,6 +29,7 @@ from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_enc
 from dali.models.vision_tower import VisionTower
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
+from dali.stage_table import ALIGN
 from dali.stages.common import (
     NonFiniteGuard,
     epoch_share,
@@ -191,7 +192,7 @@ class Alignment:
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(AlignConfig, argv)
-    stage = open_stage(config, context, "align", "align")
+    stage = open_stage(config, context, ALIGN)
     out = stage.path
     run = Alignment(config, context, out, *load_models(config, context.device))
     train_clips = read_cavmae_json(config.train_list, config.data_root)

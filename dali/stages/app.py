@@ -21,6 +21,7 @@ from dali.errors import DaliError
 from dali.media import MEDIA_EXTENSIONS
 from dali.models.decoding import DecodingOptions
 from dali.runs import MANIFEST, read_manifest
+from dali.stage_table import ALIGN, TRAINED
 from dali.stages.caption import caption_report
 from dali.stages.common import log, setup_logging
 
@@ -116,7 +117,7 @@ def public_identity(captioner: AudioCaptioner, folder: Path) -> dict:
     llava = {"llava": source.name}
     if source.is_dir() and (source / "config.json").is_file():
         llava["llava_config_sha256"] = model_fingerprint(source)["config_sha256"][:16]
-    return {"run": folder.name, "run_sha256": file_sha256(folder / "align" / MANIFEST)[:16], **llava}
+    return {"run": folder.name, "run_sha256": file_sha256(folder / ALIGN.folder / MANIFEST)[:16], **llava}
 
 
 def run_identity(captioner: AudioCaptioner, folder: Path) -> str:
@@ -131,9 +132,9 @@ def run_identity(captioner: AudioCaptioner, folder: Path) -> str:
         "| stage | finished | commit | key facts |",
         "|---|---|---|---|",
     ]
-    for stage in ("prefix", "align", "distill"):
-        if (folder / stage / MANIFEST).is_file():
-            manifest = read_manifest(folder / stage)
+    for row in TRAINED:
+        if (folder / row.folder / MANIFEST).is_file():
+            manifest = read_manifest(folder / row.folder)
             metrics = {
                 k: v
                 for k, v in manifest.get("metrics", {}).items()
@@ -141,7 +142,7 @@ def run_identity(captioner: AudioCaptioner, folder: Path) -> str:
             }
             facts = ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in list(metrics.items())[:6])
             commit = str(manifest.get("git_commit") or "")[:10]
-            lines.append(f"| {stage} | {manifest.get('finished', '')} | {commit} | {facts} |")
+            lines.append(f"| {row.folder} | {manifest.get('finished', '')} | {commit} | {facts} |")
     return "\n".join(lines)
 
 

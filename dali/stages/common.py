@@ -20,6 +20,7 @@ from dali.errors import TrainingDiverged
 from dali.files import atomic_write
 from dali.models.checkpoints import CheckpointError, check_torch_archive
 from dali.runs import Stage, check_run_name
+from dali.stage_table import StageRow
 
 T = TypeVar("T")
 
@@ -42,14 +43,10 @@ def setup_logging() -> None:
     hf_logging.set_verbosity_error()
 
 
-def stage_dir(expe_dir: str, run: str, stage: str, out: str | None) -> Path:
-    """A stage's own folder: ``--out``, else ``<expe_dir>/<run>/<stage>`` (``--run`` must be a plain name)."""
-    return Path(out) if out else Path(expe_dir) / check_run_name(run) / stage
-
-
-def upstream_dir(explicit: str | None, expe_dir: str, run: str, stage: str) -> Path:
-    """An upstream stage folder: the flag's value, else ``<expe_dir>/<run>/<stage>``."""
-    return Path(explicit) if explicit else Path(expe_dir) / check_run_name(run) / stage
+def stage_dir(config: Any, folder: str, explicit: str | None = None) -> Path:
+    """A stage folder of the config's run: ``explicit`` (``--out``, ``--align-dir``...) when given, else
+    ``<expe-dir>/<run>/<folder>`` (``--run`` must be a plain name); ``folder`` from :mod:`dali.stage_table`."""
+    return Path(explicit) if explicit else Path(config.expe_dir) / check_run_name(config.run) / folder
 
 
 def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
@@ -101,10 +98,11 @@ def start_stage(config_class: type[T], argv: list[str] | None) -> tuple[T, distr
     return config, context
 
 
-def open_stage(config: Any, context: distributed.Context, folder: str, stage_name: str) -> Stage:
-    """The stage's folder (``--out``, or ``<expe-dir>/<run>/<folder>``), opened for this run on every process."""
-    out = stage_dir(config.expe_dir, config.run, folder, config.out)
-    stage = Stage(out, stage_name, overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+def open_stage(config: Any, context: distributed.Context, row: StageRow, folder: str | None = None) -> Stage:
+    """The stage's folder (``--out``, or ``<expe-dir>/<run>/<its folder>``), opened for this run on every
+    process."""
+    out = stage_dir(config, folder or row.folder, config.out)
+    stage = Stage(out, row.name, overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
     return stage
 

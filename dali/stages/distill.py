@@ -23,6 +23,7 @@ from dali.models.captioner import Captioner
 from dali.models.projector import save_projector
 from dali.progress import progress
 from dali.runs import CHECKPOINT, stage_main
+from dali.stage_table import ALIGN, DISTILL, PSEUDO_LABEL
 from dali.stages.common import (
     NonFiniteGuard,
     cosine_schedule,
@@ -34,8 +35,8 @@ from dali.stages.common import (
     resolve_captioner,
     resume_training,
     save_training,
+    stage_dir,
     start_stage,
-    upstream_dir,
 )
 
 
@@ -129,9 +130,9 @@ class Selection:
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(DistillConfig, argv)
     device = context.device
-    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
-    pseudo_dir = upstream_dir(config.pseudo_dir, config.expe_dir, config.run, "pseudo_label")
-    stage = open_stage(config, context, "distill", "distill")
+    align_dir = stage_dir(config, ALIGN.folder, config.align_dir)
+    pseudo_dir = stage_dir(config, PSEUDO_LABEL.folder, config.pseudo_dir)
+    stage = open_stage(config, context, DISTILL)
     out = stage.path
     config = resolve_captioner(config, align_dir, pseudo_dir)
 

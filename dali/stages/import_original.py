@@ -17,6 +17,7 @@ from dali.models.checkpoints import CheckpointError, read_state_dict, strip_pref
 from dali.models.prefix import ORIGINAL_PREFIX_KEY, load_prefix, save_prefix
 from dali.models.projector import ORIGINAL_PROJECTOR_KEYS
 from dali.runs import Stage, stage_main
+from dali.stage_table import ALIGN, DISTILL, PREFIX
 from dali.stages.common import log, setup_logging
 
 # The original captioned with LLaVA's llava_v1 template (it trained with v1): imported runs caption the same way.
@@ -56,7 +57,7 @@ def import_backbone(path: Path, stage: Stage, vision_dim: int | None) -> dict:
         atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(scorers, str(tmp)))
         outputs.append(TOKEN_WEIGHTS_FILE)
     stage.finish({"imported_from": str(path), "encoder_config": encoder.config.__dict__, **ORIGINAL}, outputs=outputs)
-    return {"align": str(out)}
+    return {ALIGN.folder: str(out)}
 
 
 def import_projector(
@@ -81,7 +82,7 @@ def import_projector(
     stage.add_input("projector", path)
     atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, str(tmp)))
     stage.finish({"imported_from": str(path), **ORIGINAL}, outputs=[PROJECTOR_FILE])
-    return {"distill": str(out)}
+    return {DISTILL.folder: str(out)}
 
 
 def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
@@ -91,7 +92,7 @@ def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
     stage.add_input("prefix", path)
     atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
     stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0], **ORIGINAL}, outputs=[PREFIX_FILE])
-    return {"prefix": str(out)}
+    return {PREFIX.folder: str(out)}
 
 
 @stage_main
@@ -107,14 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     # each file is read once: the keys decide what it is, then the same tensors are imported
     keys = {path: read_state_dict(path)[0] for path in (projector, source / "prefix.bin") if path.is_file()}
     prefix_file = next((p for p in (source / "prefix.bin", projector) if ORIGINAL_PREFIX_KEY in keys.get(p, {})), None)
-    targets = ["align"] + (["distill"] if projector in keys and ORIGINAL_PREFIX_KEY not in keys[projector] else [])
-    targets += ["prefix"] if prefix_file else []
-    # every target folder is checked (finished ones need --overwrite) before anything is written
-    stages = {name: Stage(run / name, f"import_original/{name}", overwrite=args.overwrite) for name in targets}
+    targets = [ALIGN] + ([DISTILL] if projector in keys and ORIGINAL_PREFIX_KEY not in keys[projector] else [])
+    targets += [PREFIX] if prefix_file else []
+    # every target folder is checked (finished ones need --overwrite) before anything is written; each is recorded as
+    # the import of its stage, which that stage may later replace (and the other way round)
+    stages = {row: Stage(run / row.folder, f"import_original/{row.name}", overwrite=args.overwrite) for row in targets}
     for stage in stages.values():
         if args.llava:  # later stages and `dali caption` find the LLaVA here, with no --llava
             stage.add_input("llava", args.llava)
-    done = import_backbone(backbone, stages["align"], vision_dim)
+    done = import_backbone(backbone, stages[ALIGN], vision_dim)
     if projector in keys:
         if ORIGINAL_PREFIX_KEY in keys[projector]:
             # stage 1a writes the same name with the prefix and LLaVA's unchanged projector: not a distilled one
@@ -122,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 "'%s' is a stage-1a file (it holds the prefix): its projector is LLaVA's own, not imported", projector
             )
         else:
-            done |= import_projector(projector, keys[projector], stages["distill"], hidden, vision_dim)
+            done |= import_projector(projector, keys[projector], stages[DISTILL], hidden, vision_dim)
     if prefix_file:  # prefix.bin, else a stage-1a prefixMLP.bin with the prefix
-        done |= import_prefix(prefix_file, stages["prefix"], hidden)
+        done |= import_prefix(prefix_file, stages[PREFIX], hidden)
     for stage, folder in done.items():
         log.info("imported %s -> %s", stage, folder)
     return 0

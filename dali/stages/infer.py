@@ -11,24 +11,26 @@ from dali.data import ClipDataset, batch_features, loader_audio, read_caption_cs
 from dali.evaluation import prediction_map, score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import check_run_name, stage_main
+from dali.stage_table import ALIGN, DISTILL, INFER, PREFIX, infer_folder
 from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
-from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage, upstream_dir
+from dali.stages.common import load_captioning, log, open_stage, print_config, stage_dir, start_stage
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(InferConfig, argv)
-    name = f"infer_{config.modality}" + (f"_{check_run_name(config.tag, '--tag')}" if config.tag else "")
-    stage = open_stage(config, context, name, "infer")
+    tag = check_run_name(config.tag, "--tag") if config.tag else None
+    stage = open_stage(config, context, INFER, infer_folder(config.modality, tag))
+    name = stage.path.name
     out = stage.path
     uses_audio = config.modality in ("audio", "audio_vis")
     uses_image = config.modality in ("image", "audio_vis")
 
-    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align") if uses_audio else None
-    prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix") if config.use_prefix else None
+    align_dir = stage_dir(config, ALIGN.folder, config.align_dir) if uses_audio else None
+    prefix_dir = stage_dir(config, PREFIX.folder, config.prefix_dir) if config.use_prefix else None
     distill_dir = None
     if config.projector == "distilled":
-        distill_dir = upstream_dir(config.distill_dir, config.expe_dir, config.run, "distill")
+        distill_dir = stage_dir(config, DISTILL.folder, config.distill_dir)
     config, models = load_captioning(config, context.device, align_dir, prefix_dir, distill_dir)
     captioner, encoder = models.captioner, models.encoder
     if context.is_main:

@@ -20,6 +20,7 @@ from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
+from dali.stage_table import PREFIX
 from dali.stages.common import (
     NonFiniteGuard,
     cosine_schedule,
@@ -37,7 +38,7 @@ from dali.stages.common import (
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(PrefixTuneConfig, argv)
-    stage = open_stage(config, context, "prefix", "prefix_tune")
+    stage = open_stage(config, context, PREFIX)
     out = stage.path
     captioner, image_tokens, captions = load_inputs(config, context, stage)
     prefix = Prefix(config.num_prefix_tokens, captioner.hidden_size, config.init_std).to(context.device)

@@ -17,16 +17,17 @@ from dali.config import config_to_dict
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.runs import stage_main
+from dali.stage_table import ALIGN, PREFIX, PSEUDO_LABEL
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage, upstream_dir
+from dali.stages.common import load_captioning, log, open_stage, print_config, stage_dir, start_stage
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(PseudoLabelConfig, argv)
-    align_dir = upstream_dir(config.align_dir, config.expe_dir, config.run, "align")
-    prefix_dir = upstream_dir(config.prefix_dir, config.expe_dir, config.run, "prefix")
-    stage = open_stage(config, context, "pseudo_label", "pseudo_label")
+    align_dir = stage_dir(config, ALIGN.folder, config.align_dir)
+    prefix_dir = stage_dir(config, PREFIX.folder, config.prefix_dir)
+    stage = open_stage(config, context, PSEUDO_LABEL)
     out = stage.path
 
     config, models = load_captioning(config, context.device, align_dir, prefix_dir if config.use_prefix else None)

@@ -17,6 +17,7 @@ from dali.evaluation import TABLE_METRICS, markdown_table
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import read_jsonl
 from dali.runs import MANIFEST, check_run_name, read_manifest
+from dali.stage_table import ALIGN, DISTILL, PREFIX, PSEUDO_LABEL, infer_folder
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.stages.common import log, setup_logging
 from dali.synthetic.build import build_world
@@ -54,7 +55,7 @@ class Row:
 
     @property
     def folder(self) -> str:
-        return f"infer_{self.modality}" + ("_distilled" if self.distilled else "")
+        return infer_folder(self.modality, "distilled" if self.distilled else None)
 
 
 DEMO_THREADS = 2
@@ -135,7 +136,7 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
     stage = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava))
     short = ["--epochs", "20"] if args.reduced else []
     pairs = ["--pairs", str(world / "prefix_pairs.json")]
-    prefix_dir = stage(prefix_tune, run / "prefix", [*preset("prefix_tuning"), *common, *pairs, *short])
+    prefix_dir = stage(prefix_tune, run / PREFIX.folder, [*preset("prefix_tuning"), *common, *pairs, *short])
     scenes = {scene["id"]: scene for scene in json.loads((world / "scenes.json").read_text())["test"]}
     paper_first = sorted({(row.encoder != "cav-mae", row.group) for row in rows if row.variant != "image_captioner"})
     groups = [group for _, group in paper_first]
@@ -197,14 +198,14 @@ def train_variant(stage, world: Path, folder: Path, rows: list[Row], common, pre
     variant, encoder = rows[0].variant, ["--audio-encoder", rows[0].encoder]
     method = {"unaligned": ["--epochs", "0"]}.get(variant, ["--method", variant] + (["--epochs", "2"] * reduced))
     lists = ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
-    stage(align, folder / "align", [*preset("alignment"), *common, *lists, *method, *encoder])
+    stage(align, folder / ALIGN.folder, [*preset("alignment"), *common, *lists, *method, *encoder])
     if not any(row.distilled for row in rows):
         return
-    upstream = ["--align-dir", str(folder / "align")]
+    upstream = ["--align-dir", str(folder / ALIGN.folder)]
     clips = ["--clips", str(world / "pseudo.json"), "--prefix-dir", str(prefix_dir)]
-    stage(pseudo_label, folder / "pseudo_label", [*preset("pseudo_labels"), *common, *upstream, *clips])
-    pseudo = ["--pseudo-dir", str(folder / "pseudo_label")]
-    stage(distill, folder / "distill", [*preset("distillation"), *common, *upstream, *pseudo])
+    stage(pseudo_label, folder / PSEUDO_LABEL.folder, [*preset("pseudo_labels"), *common, *upstream, *clips])
+    pseudo = ["--pseudo-dir", str(folder / PSEUDO_LABEL.folder)]
+    stage(distill, folder / DISTILL.folder, [*preset("distillation"), *common, *upstream, *pseudo])
 
 
 def infer_flags(world: Path, folder: Path, row: Row, common: list[str], prefix_dir: Path) -> list[str]:
@@ -213,10 +214,10 @@ def infer_flags(world: Path, folder: Path, row: Row, common: list[str], prefix_d
     flags = [*preset("inference"), *common, "--test-list", str(world / "test.csv"), "--audio-dir", str(world / "audio")]
     flags += ["--frames-dir", str(world / "frames"), "--modality", row.modality, "--prefix-dir", str(prefix_dir)]
     if row.distilled:
-        flags += ["--projector", "distilled", "--no-use-prefix", "--distill-dir", str(folder / "distill")]
+        flags += ["--projector", "distilled", "--no-use-prefix", "--distill-dir", str(folder / DISTILL.folder)]
     else:
         flags += ["--projector", "original", "--use-prefix"]
-    return flags + (["--align-dir", str(folder / "align")] if row.modality != "image" else [])
+    return flags + (["--align-dir", str(folder / ALIGN.folder)] if row.modality != "image" else [])
 
 
 def row_result(row: Row, out: Path, scenes: dict) -> dict:
