@@ -19,21 +19,18 @@ import numpy as np
 import torch
 
 from dali.audio import WINDOW_SHIFT, WaveformError, audio_to_features, samples_for_frames, waveform_to_mono
-from dali.captioning import DTYPES, CaptioningModels, recorded_conv_mode, resolve_llava
+from dali.captioning import DTYPES, CaptioningModels
 from dali.constants import SAMPLE_RATE
 from dali.distributed import pick_device
 from dali.errors import DaliError
 from dali.limits import DEFAULT_FILE_SECONDS
 from dali.media import decode_audio, decode_frames
 from dali.models.decoding import DecodingOptions
+from dali.run import Run
 from dali.runs import MANIFEST
 from dali.stage_table import ALIGN, DISTILL, PREFIX
 
 Source = str | Path | np.ndarray | torch.Tensor
-
-
-class RunNotFound(DaliError, FileNotFoundError):
-    """No run folder under the given path or name."""
 
 
 @dataclass
@@ -50,16 +47,6 @@ class Window:
     def span(self) -> tuple[float, float]:
         """(start, end) in seconds, to the hundredth."""
         return round(self.start, 2), round(self.end, 2)
-
-
-def find_run(run: str | Path, expe_dir: str | Path = "expe") -> Path:
-    """A run folder given as a path, or as a run's name under ``expe_dir``."""
-    for folder in (Path(run), Path(expe_dir) / str(run)):
-        if (folder / ALIGN.folder / MANIFEST).is_file():
-            return folder
-    raise RunNotFound(
-        f"--run '{run}': neither '{run}' nor '{Path(expe_dir) / str(run)}' is a run folder with a finished align/"
-    )
 
 
 def wave_windows(
@@ -126,15 +113,15 @@ class AudioCaptioner:
         no prefix, as the original's inference); otherwise LLaVA's projector with the run's prefix. ``llava`` and
         ``conv_mode`` default to what the run recorded. Each trained file is checked against the sha256 its
         manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only warns)."""
-        folder = find_run(run, expe_dir)
-        align, prefix, distill = (folder / row.folder for row in (ALIGN, PREFIX, DISTILL))
+        found = Run.find(run, expe_dir)
+        align, prefix, distill = (found.stage(row) for row in (ALIGN, PREFIX, DISTILL))
         projector = projector or ("distilled" if (distill / MANIFEST).is_file() else "original")
         use_prefix = projector == "original" if use_prefix is None else use_prefix
         models = CaptioningModels.load(
-            resolve_llava(llava, align, distill, prefix, allow_modified=allow_modified),
+            found.llava(llava, allow_modified),
             dtype=DTYPES[dtype],
             device=pick_device(device),
-            conv_mode=conv_mode or recorded_conv_mode(align, distill, prefix),
+            conv_mode=conv_mode or found.conv_mode,
             align_dir=align,
             prefix_dir=prefix if use_prefix else None,
             distill_dir=distill if projector == "distilled" else None,

@@ -462,6 +462,7 @@ class AppConfig(FinishedRun):
     max_upload_mb: int = field(200, help="largest upload accepted, in MB")
     keep_minutes: float = field(30.0, help="uploads and results are deleted this long after they arrive")
     max_scratch_mb: int = field(4000, help="the oldest uploads and results go when their folder passes this, in MB")
+    max_scratch_files: int = field(10_000, help="... or when it holds more files than this")
     batch_size: int = field(16, help="windows captioned at once")
 
     def validate(self) -> None:

@@ -106,7 +106,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_upload_mb": (1, 10_000),
     "max_scratch_mb": (1, 1_000_000),
     "keep_minutes": (0.05, 7 * 24 * 60.0),
-    "max_files": (1, 10**6),
+    "max_scratch_files": (10, 10**6),
     "port": (1, 65535),
 }
 

@@ -174,3 +174,5 @@ def test_the_scratch_folder_expires_files_by_age_and_keeps_under_its_cap(tmp_pat
     assert "now.wav" in left and sum(p.stat().st_size for p in uploads.rglob("*.wav")) <= 8000
     assert left == ["clip7.wav", "clip8.wav", "clip9.wav", "now.wav"]  # then the oldest go until the rest fit
     assert not (uploads / "hash0").exists() and uploads.is_dir()  # their emptied folders too, never uploads/
+    kept = trim_folder(tmp_path, max_bytes=10**9, max_age_s=10**9, min_age_s=0, max_files=2)
+    assert sorted(p.name for p in uploads.rglob("*.wav")) == ["clip9.wav", "now.wav"] and len(kept) == 2

@@ -280,8 +280,8 @@ def test_the_python_api_captions_files_and_waveforms_as_dali_caption(tiny_llava_
     """``AudioCaptioner.from_run`` (by folder or by name) loads once and gives `dali caption`'s captions, for a file
     and for the same audio as an array; a missing run is a clear error."""
     from dali import AudioCaptioner
-    from dali.audio_captioner import RunNotFound
     from dali.models.decoding import DecodingOptions
+    from dali.run import RunNotFound
 
     source, _ = original_weights
     run = tmp_path / "expe" / "DALI_OT_ATT"

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dali.audio_captioner import AudioCaptioner, find_run
+from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import AppConfig
 from dali.config import parse_config
 from dali.errors import DaliError
 from dali.media import MEDIA_EXTENSIONS
 from dali.models.decoding import DecodingOptions
+from dali.run import Run
 from dali.runs import MANIFEST, read_manifest
 from dali.stage_table import ALIGN, TRAINED
 from dali.stages.caption import caption_report
@@ -202,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             expe_dir=config.expe_dir,
             allow_modified=config.allow_modified,
         )
-        run_folder = find_run(config.run, config.expe_dir)
+        run_folder = Run.find(config.run, config.expe_dir).folder
         service = ClipCaptioner(captioner, config, outputs, public_identity(captioner, run_folder))
         page, theme = build_page(gr, service, run_identity(captioner, run_folder), page_limits(config))
         page.queue(default_concurrency_limit=1, max_size=32)
         keep_s = config.keep_minutes * 60
-        janitor = Janitor(scratch, config.max_scratch_mb * 2**20, keep_s, period=min(10.0, keep_s / 4))
+        caps = config.max_scratch_mb * 2**20, config.max_scratch_files
+        janitor = Janitor(scratch, *caps, keep_s, period=min(10.0, keep_s / 4))
         janitor.start()
         app = gr.mount_gradio_app(
             BodyLimit.wrap(config.max_upload_mb), page, path="", max_file_size=f"{config.max_upload_mb}mb",
@@ -317,23 +319,28 @@ class Janitor(threading.Thread):
     """Every ``period`` seconds, :func:`trim_folder` on the scratch folder (Gradio's ``delete_cache`` expires files by
     age only, and not the ones we write)."""
 
-    def __init__(self, folder: Path, max_bytes: int, max_age_s: float, period: float = 10.0):
+    def __init__(self, folder: Path, max_bytes: int, max_files: int, max_age_s: float, period: float = 10.0):
         super().__init__(daemon=True, name="dali-app-janitor")
-        self.folder, self.max_bytes, self.max_age_s, self.period = folder, max_bytes, max_age_s, period
+        self.folder, self.max_bytes, self.max_files = folder, max_bytes, max_files
+        self.max_age_s, self.period = max_age_s, period
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.period):
-            trim_folder(self.folder, self.max_bytes, self.max_age_s, min_age_s=min(30.0, self.max_age_s / 2))
+            spare = min(30.0, self.max_age_s / 2)
+            trim_folder(self.folder, self.max_bytes, self.max_age_s, min_age_s=spare, max_files=self.max_files)
 
     def stop(self) -> None:
         self.stopped.set()
 
 
-def trim_folder(folder: Path, max_bytes: int, max_age_s: float, min_age_s: float = 30.0) -> list[Path]:
+def trim_folder(
+    folder: Path, max_bytes: int, max_age_s: float, min_age_s: float = 30.0, max_files: int = 10**6
+) -> list[Path]:
     """Delete the files under ``folder`` older than ``max_age_s``, then the oldest ones until the rest fit in
-    ``max_bytes`` (sparing those younger than ``min_age_s``: a request may still be reading them); empty folders
-    go too. Returns the files deleted. A file that vanishes meanwhile, or cannot be deleted, is passed over."""
+    ``max_bytes`` and ``max_files`` (sparing those younger than ``min_age_s``: a request may still be reading them);
+    empty folders go too. Returns the files deleted. A file that vanishes meanwhile, or cannot be deleted, is passed
+    over."""
     now, files = time.time(), []
     for path in folder.rglob("*"):
         try:
@@ -343,15 +350,15 @@ def trim_folder(folder: Path, max_bytes: int, max_age_s: float, min_age_s: float
         except OSError:
             continue
     files.sort()
-    total, deleted = sum(size for _, size, _ in files), []
+    total, count, deleted = sum(size for _, size, _ in files), len(files), []
     for mtime, size, path in files:
         age = now - mtime
-        if age > max_age_s or (total > max_bytes and age >= min_age_s):
+        if age > max_age_s or ((total > max_bytes or count > max_files) and age >= min_age_s):
             try:
                 path.unlink()
             except OSError:
                 continue
-            total -= size
+            total, count = total - size, count - 1
             deleted.append(path)
     emptied = {path.parent for path in deleted}
     below = [p for p in folder.rglob("*") if len(p.relative_to(folder).parts) > 1]  # in uploads/ and outputs/

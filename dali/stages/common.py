@@ -52,7 +52,7 @@ def stage_dir(config: Any, folder: str, explicit: str | None = None) -> Path:
 def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
     """The config with ``llava`` (and ``conv_mode``, where it has one) taken from the upstream stages' manifests
     when no flag gave them; a clear error when none names a LLaVA."""
-    from dali.captioning import recorded_conv_mode, resolve_llava
+    from dali.run import recorded_conv_mode, resolve_llava
 
     changes = {"llava": resolve_llava(config.llava, *upstream, allow_modified=config.allow_modified)}
     if hasattr(config, "conv_mode"):
