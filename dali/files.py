@@ -71,6 +71,17 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object a small file of ours holds (a marker, a record), or None when it is absent, unreadable, not
+    JSON or not an object; a link there is never followed."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding="utf-8") as stream:
+            data = json.load(stream)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 MAX_YAML_BYTES = 1 << 20  # a stage config or a preset is a few kB
 
 

@@ -51,6 +51,12 @@ def frame_problem(width: int, height: int) -> str | None:
 
 # Whisper-large, the largest audio encoder family here, is 1.55 B parameters whole (its encoder 0.64 B).
 MAX_ENCODER_PARAMETERS = 4e9
+# A model a file describes is built on PyTorch's meta device to be checked: no tensor memory, but one Python object
+# per module, so its structure is bounded first. Whisper-large has 32 layers a stack; CLAP's HTS-AT 4 stages;
+# wav2vec2's front end 7 convolutions; the largest number in these configs is Whisper's vocabulary (51,865).
+MAX_DESCRIBED_LAYERS = 256
+MAX_DESCRIBED_LIST = 1_024
+MAX_DESCRIBED_INTEGER = 10**7
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 # The bounds (inclusive) of every number a flag, preset or API option declares, by field name, for every
 # command: what real use needs with a wide margin (docs/reliability.md). A value outside them is a ConfigError

@@ -23,7 +23,7 @@ import yaml
 
 from dali import stage_folder as folder
 from dali.errors import DaliError, shown
-from dali.files import atomic_write_json, atomic_write_text, file_sha256, read_plain_yaml
+from dali.files import atomic_write_json, atomic_write_text, file_sha256, read_json_object, read_plain_yaml
 from dali.jsonl import MetricsLog, repair_jsonl
 from dali.stage_folder import CHECKPOINT, CONFIG, MANIFEST, METRICS
 
@@ -169,10 +169,11 @@ class Stage:
         self.folder_id: str | None = None
         self._lock: int | None = None
         self._opened = self._finished = self._replaced = False
-        self._created = folder.state(self.path, name) is folder.State.ABSENT
+        found = folder.state(self.path, name)
+        self._created = found is folder.State.ABSENT
         if not main:
             return
-        if not self._created and folder.state(self.path, name) is folder.State.FOREIGN:
+        if found is folder.State.FOREIGN:
             raise StageStateError(
                 f"'{self.path}' is not a dali {name} stage folder ({self._foreign_reason()}); "
                 "it is never written into or replaced: choose another --out or --run"
@@ -216,7 +217,8 @@ class Stage:
 
     @property
     def state(self) -> folder.State:
-        return folder.state(self.path, self.name)
+        """The folder's state; it is ours (checked when the stage opened it, and locked since)."""
+        return folder.run_state(self.path)
 
     @property
     def resuming(self) -> bool:
@@ -273,7 +275,7 @@ class Stage:
                 "inputs; choose another --out"
             )
         fingerprint = input_fingerprint(path, self.path.parent)
-        recorded = self._recorded_inputs().get(name) if self.resuming else None
+        recorded = (read_json_object(self.path / folder.INPUTS) or {}).get(name) if self.resuming else None
         change = isinstance(recorded, dict) and identity_change(recorded, fingerprint)
         if change:
             raise StageStateError(
@@ -283,13 +285,6 @@ class Stage:
         self.inputs[name] = fingerprint
         if self._opened and self.main:
             atomic_write_json(self.path / folder.INPUTS, self.inputs)
-
-    def _recorded_inputs(self) -> dict[str, Any]:
-        try:
-            recorded = json.loads((self.path / folder.INPUTS).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return recorded if isinstance(recorded, dict) else {}
 
     def metrics(self) -> "MetricsLog":
         self._open()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -34,7 +33,7 @@ import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
-from dali.files import atomic_write_json, read_plain_yaml
+from dali.files import atomic_write_json, read_json_object, read_plain_yaml
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -73,16 +72,6 @@ class State(enum.Enum):
     REPLACING = "replacing"
 
 
-def _json_object(path: Path) -> dict | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, encoding="utf-8") as stream:
-            data = json.load(stream)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def same_stage(recorded: object, name: str) -> bool:
     """``recorded`` is ``name``, or its import from the original code (``import_original/<name>`` writes what
     ``<name>`` does, and each may replace the other)."""
@@ -96,7 +85,7 @@ def ownership_problem(path: Path, name: str) -> str | None:
     entries = list(path.iterdir())
     if all(entry.name == LOCK or fnmatch(entry.name, ".*.tmp") for entry in entries):
         return None  # empty, or made by a run killed before its marker was written
-    marker = _json_object(path / MARKER)
+    marker = read_json_object(path / MARKER)
     if marker is None or marker.get("dali_stage_folder") != MARKER_FORMAT or not isinstance(marker.get("id"), str):
         return f"it has no {MARKER} that dali wrote"
     if not same_stage(marker.get("stage"), name):
@@ -110,7 +99,7 @@ def ownership_problem(path: Path, name: str) -> str | None:
         ):
             return f"it holds '{entry.name}', which no stage writes"
     if (path / MANIFEST).exists():
-        manifest = _json_object(path / MANIFEST) or {}
+        manifest = read_json_object(path / MANIFEST) or {}
         if not same_stage(manifest.get("stage"), name) or manifest.get("folder_id", marker["id"]) != marker["id"]:
             return f"its {MANIFEST} is not this folder's record of stage {name!r}"
     if (path / CONFIG).exists() and not isinstance(_yaml(path / CONFIG), dict):
@@ -127,7 +116,7 @@ def _yaml(path: Path) -> object:
 
 def claim(path: Path, name: str) -> str:
     """Write our marker into an empty folder of ours (the first thing a stage writes); returns the folder's id."""
-    marker = _json_object(path / MARKER)
+    marker = read_json_object(path / MARKER)
     if marker is None:
         marker = {"dali_stage_folder": MARKER_FORMAT, "stage": name, "id": secrets.token_hex(8)}
         atomic_write_json(path / MARKER, marker)
@@ -144,6 +133,11 @@ def state(path: Path, name: str) -> State:
         return State.ABSENT
     if path.is_symlink() or not path.is_dir() or ownership_problem(path, name):
         return State.FOREIGN
+    return run_state(path)
+
+
+def run_state(path: Path) -> State:
+    """The state of a folder known to be ours (its owner holds the lock): empty, interrupted, finished, replacing."""
     if (path / MANIFEST).is_file():
         return State.FINISHED
     if (path / PREVIOUS).is_dir():
@@ -259,7 +253,10 @@ def release_lock(path: Path, fd: int, remove_folder: bool) -> None:
 
 def recover_if_idle(path: Path) -> None:
     """:func:`recover` for a reader (a downstream stage), when no process holds the folder and it is ours."""
-    if not any((path / name).exists() for name in (ASIDE, RESTORING, PREVIOUS)) or _json_object(path / MARKER) is None:
+    if (
+        not any((path / name).exists() for name in (ASIDE, RESTORING, PREVIOUS))
+        or read_json_object(path / MARKER) is None
+    ):
         return
     try:
         fd = take_lock(path)

@@ -292,6 +292,34 @@ def test_an_init_encoder_folder_whose_config_declares_a_huge_model_is_refused_be
     assert peak < 2_000, peak
 
 
+def test_a_description_of_a_million_layers_is_refused_before_it_is_built_even_on_the_meta_device(tmp_path):
+    """Checking a described model built it on the meta device: no tensor memory, but one module per layer."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from test_audio_encoders import _save_released
+
+    from dali.models.audio_encoders import ENCODER_METADATA_KEY, new_encoder, save_encoder
+
+    folder = tmp_path / "released"
+    _save_released("hubert", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=1_000_000)))
+    path = tmp_path / "audio_encoder.safetensors"
+    save_encoder(new_encoder("hubert", 48, 32, 2, 2), path)
+    with safe_open(str(path), framework="pt") as handle:
+        state, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+    described = json.loads(metadata[ENCODER_METADATA_KEY])
+    described["config"]["num_hidden_layers"] = 1_000_000
+    save_file(state, str(path), metadata={ENCODER_METADATA_KEY: json.dumps(described)})
+    for code in (
+        f"from dali.models.audio_encoders import pretrained_encoder; pretrained_encoder('hubert', {str(folder)!r}, 48)",
+        f"from dali.models.audio_encoders import load_encoder; load_encoder({str(path)!r})",
+    ):
+        printed, peak = _probe(code)
+        assert printed.startswith("CheckpointError") and "'num_hidden_layers' = 1000000 (at most 256)" in printed
+        assert peak < 2_000, peak
+
+
 def test_a_torch_checkpoint_with_a_compressed_record_is_refused_before_it_is_inflated(tmp_path):
     """2 MB of DEFLATE inflated to 2.4 GB before any key or size check."""
     import zipfile

@@ -40,6 +40,7 @@ from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import (
     CheckpointError,
     check_described_model,
+    check_described_structure,
     check_folder_fits,
     header_shapes,
     read_metadata,
@@ -262,6 +263,7 @@ def load_encoder(path: str | Path) -> nn.Module:
     try:
         described = json.loads(metadata[ENCODER_METADATA_KEY])
         with torch.device("meta"):  # what the metadata describes, checked against the tensors before it is built
+            check_described_structure(described["config"], str(path))
             check_described_model(_described_encoder(described), header_shapes(path), str(path))
         encoder = _described_encoder(described)
         encoder.load_state_dict(read_state_dict(path)[0], strict=True)

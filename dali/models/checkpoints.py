@@ -65,16 +65,16 @@ def strict_from_pretrained(model_class, source: str | Path, what: str, **kwargs)
     partial download), listing the missing, unexpected and mis-shaped keys: transformers would only warn, and train
     or caption from random weights."""
     model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
-    problems = {kind: sorted(map(str, info.get(kind) or [])) for kind in ("missing_keys", "unexpected_keys")}
-    problems["mis-shaped keys"] = sorted(map(str, info.get("mismatched_keys") or []))
-    listed = "; ".join(
-        f"{kind.replace('_', ' ')} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
-        for kind, keys in problems.items()
-        if keys
-    )
+    kinds = {"missing keys": "missing_keys", "unexpected keys": "unexpected_keys", "mis-shaped keys": "mismatched_keys"}
+    listed = _listed_keys({kind: sorted(map(str, info.get(key) or [])) for kind, key in kinds.items()})
     if listed:
         raise CheckpointError(f"'{source}' does not hold the weights its config describes for {what}: {listed}")
     return model
+
+
+def _listed_keys(problems: dict[str, list[str]]) -> str:
+    """``"missing keys [...]; unexpected keys [...]"``: each kind that has keys, its first ten shown."""
+    return "; ".join(f"{kind} {keys[:10]}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items() if keys)
 
 
 def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -88,17 +88,39 @@ def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(error).__name__}: {error})") from None
 
 
+def check_described_structure(values: dict, source: str) -> None:
+    """A model's description (a config as a dict, nested ones included), bounded before anything is built from it,
+    even on the meta device: layer counts by :data:`dali.limits.MAX_DESCRIBED_LAYERS`, list lengths and integers by
+    their own bounds. A config declaring a million layers would otherwise cost gigabytes of modules to check."""
+    from dali.limits import MAX_DESCRIBED_INTEGER, MAX_DESCRIBED_LAYERS, MAX_DESCRIBED_LIST
+
+    if not isinstance(values, dict):
+        raise CheckpointError(f"'{source}' describes no model config (a {type(values).__name__}, not an object)")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            check_described_structure(value, source)
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > MAX_DESCRIBED_LIST:
+            raise CheckpointError(f"'{source}' describes '{key}' of {len(value)} items (at most {MAX_DESCRIBED_LIST})")
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, int):
+                continue
+            bound = MAX_DESCRIBED_LAYERS if str(key).endswith("layers") else MAX_DESCRIBED_INTEGER
+            if abs(number) > bound:
+                raise CheckpointError(f"'{source}' describes '{key}' = {number} (at most {bound})")
+
+
 def check_described_model(described: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """A model built on the meta device (no memory) from a file's own description, checked against the tensors the
     file's header holds, before the real model is built: a 1 KB description of a 77 GB model is refused here."""
     expected = {key: tuple(value.shape) for key, value in described.state_dict().items()}
-    problems = {
-        "missing keys": sorted(set(expected) - set(shapes)),
-        "unexpected keys": sorted(set(shapes) - set(expected)),
-        "mis-shaped keys": sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k]),
-    }
-    listed = "; ".join(
-        f"{kind} {keys[:10]}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items() if keys
+    listed = _listed_keys(
+        {
+            "missing keys": sorted(set(expected) - set(shapes)),
+            "unexpected keys": sorted(set(shapes) - set(expected)),
+            "mis-shaped keys": sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k]),
+        }
     )
     if listed:
         raise CheckpointError(f"'{source}' describes a model its tensors do not fit: {listed}")
@@ -131,6 +153,7 @@ def check_folder_fits(model_class, folder: str | Path, what: str, max_parameters
     hold (elements in safetensors headers; for other files, one per byte at most)."""
     folder = Path(folder)
     config = model_class.config_class.from_pretrained(str(folder))
+    check_described_structure(config.to_dict(), f"{folder}/config.json")
     with torch.device("meta"):
         described = model_class(config)
     count = sum(parameter.numel() for parameter in described.parameters())

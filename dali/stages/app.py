@@ -112,18 +112,17 @@ def spectrogram_image(windows: list):
 def public_identity(captioner: AudioCaptioner, folder: Path) -> dict:
     """The run and its LLaVA as a visitor may see them: by name and content hash, never by a server path."""
     from dali.files import file_sha256
-    from dali.runs import model_fingerprint
 
     source = Path(captioner.models.captioner.source)
     llava = {"llava": source.name}
     if source.is_dir() and (source / "config.json").is_file():
-        llava["llava_config_sha256"] = model_fingerprint(source)["config_sha256"][:16]
+        llava["llava_config_sha256"] = file_sha256(source / "config.json")[:16]
     return {"run": folder.name, "run_sha256": file_sha256(folder / ALIGN.folder / MANIFEST)[:16], **llava}
 
 
-def run_identity(captioner: AudioCaptioner, folder: Path) -> str:
-    """Markdown: the run and its LLaVA (names and hashes: :func:`public_identity`) and each stage's key facts."""
-    shown = public_identity(captioner, folder)
+def run_identity(captioner: AudioCaptioner, folder: Path, shown: dict) -> str:
+    """Markdown: the run and its LLaVA (``shown``: names and hashes, :func:`public_identity`) and each stage's key
+    facts."""
     lines = [
         f"**Run** `{shown['run']}` (align manifest sha256 {shown['run_sha256']}) · **LLaVA** `{shown['llava']}`"
         + (f" (config sha256 {shown['llava_config_sha256']})" if "llava_config_sha256" in shown else "")
@@ -204,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             allow_modified=config.allow_modified,
         )
         run_folder = Run.find(config.run, config.expe_dir).folder
-        service = ClipCaptioner(captioner, config, outputs, public_identity(captioner, run_folder))
-        page, theme = build_page(gr, service, run_identity(captioner, run_folder), page_limits(config))
+        identity = public_identity(captioner, run_folder)
+        service = ClipCaptioner(captioner, config, outputs, identity)
+        page, theme = build_page(gr, service, run_identity(captioner, run_folder, identity), page_limits(config))
         page.queue(default_concurrency_limit=1, max_size=32)
         keep_s = config.keep_minutes * 60
         caps = config.max_scratch_mb * 2**20, config.max_scratch_files

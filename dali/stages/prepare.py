@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ from dali.command_configs import PrepareConfig
 from dali.config import ConfigError, parse_config
 from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
-from dali.files import atomic_write, atomic_write_json
+from dali.files import atomic_write, atomic_write_json, read_json_object
 from dali.jsonl import atomic_write_jsonl
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
 from dali.progress import progress
@@ -113,11 +112,8 @@ def settings_of(max_seconds: float) -> dict:
 
 def why_stale(record_path: Path, made_from: dict) -> str | None:
     """Why existing outputs cannot be reused for ``made_from``, or None when their record matches it."""
-    try:
-        recorded = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "no record of what its outputs were made from"
-    if not isinstance(recorded, dict):
+    recorded = read_json_object(record_path)
+    if recorded is None:
         return "no record of what its outputs were made from"
     if recorded.get("settings") != made_from["settings"]:
         return "made with other settings (--max-seconds)"
