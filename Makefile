@@ -28,13 +28,13 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check dali tests benchmarks
 
 demo: $(STAMP)
-	$(PY) -m dali.synthetic.demo $(ARGS)
+	$(PY) -m dali.cli demo $(ARGS)
 
 demo-full: $(STAMP)
-	$(PY) -m dali.synthetic.demo --full $(ARGS)
+	$(PY) -m dali.cli demo --full $(ARGS)
 
 demo-seeds: $(STAMP)
-	$(PY) -m dali.synthetic.demo --seeds 3 $(ARGS)
+	$(PY) -m dali.cli demo --seeds 3 $(ARGS)
 
 # The web page, serving the demo's model (make demo first); ARGS adds flags, e.g. ARGS="--port 8080".
 app: $(STAMP)

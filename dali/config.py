@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 from dali.errors import DaliError, shown
 from dali.files import read_plain_yaml
 from dali.limits import BOUNDS, number_problem
+from dali.stage_table import command_of
 
 T = TypeVar("T")
-PROG: str | None = None  # set by ``dali.cli.run``: "dali <command>" in help and errors
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
 SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified"})
@@ -169,18 +169,20 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     return values
 
 
-def command_parser(description: str | None) -> argparse.ArgumentParser:
-    """The parser of a ``dali`` command: named as the command, its description (a docstring, laid out as written)
-    without reStructuredText marks."""
+def command_parser(cls: type, description: str | None) -> argparse.ArgumentParser:
+    """The parser of the ``dali`` command whose config ``cls`` is: named as the command (by the command table),
+    its description (a docstring, laid out as written) without reStructuredText marks."""
+    command = command_of(config=cls.__name__)
     text = inspect.cleandoc(description or "").replace("``", "").replace(":class:", "").replace(":func:", "")
     formatter = argparse.RawDescriptionHelpFormatter
-    return argparse.ArgumentParser(prog=PROG, description=text, formatter_class=formatter, allow_abbrev=False)
+    prog = f"dali {command}" if command else None
+    return argparse.ArgumentParser(prog=prog, description=text, formatter_class=formatter, allow_abbrev=False)
 
 
 def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """Flags from a config's fields: help with defaults, required where neither a default nor the preset gives one,
     plain switches for :data:`SWITCHES`."""
-    parser = command_parser(description or cls.__doc__)
+    parser = command_parser(cls, description or cls.__doc__)
     parser.add_argument("--config", help="YAML preset whose keys are this stage's field names; flags win")
     groups = {
         "settings": parser.add_argument_group("inputs and settings"),

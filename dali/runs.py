@@ -7,6 +7,8 @@ temporary name and ``os.replace``, so a killed process never leaves a half-writt
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,6 +28,7 @@ from dali.errors import DaliError, shown
 from dali.files import atomic_write_json, atomic_write_text, file_sha256, read_json_object, read_plain_yaml
 from dali.jsonl import MetricsLog, repair_jsonl
 from dali.stage_folder import CHECKPOINT, CONFIG, MANIFEST, METRICS
+from dali.stage_table import command_of
 
 
 class StageStateError(DaliError, RuntimeError):
@@ -126,7 +129,6 @@ RESUME_FREE_KEYS = frozenset(
     | {"cache_vision_tokens", "cache_audio_features", "cache_audio_tokens", "gradient_checkpointing"}
     | {"allow_modified"}
 )
-_OPEN_STAGES: list["Stage"] = []
 log = logging.getLogger("dali")
 NAME_BYTES = 200  # a name becomes part of a folder name (255 bytes at most) beside a prefix such as 'infer_audio_'
 
@@ -165,7 +167,8 @@ class Stage:
         self.main = main
         self.overwrite, self.resume = overwrite, resume
         self.inputs: dict[str, dict[str, Any]] = {}
-        self.command: list[str] = _COMMANDS[-1] if _COMMANDS else list(sys.argv)
+        running = _RUNNING.get()
+        self.command: list[str] = running.command if running else list(sys.argv)
         self.folder_id: str | None = None
         self._lock: int | None = None
         self._opened = self._finished = self._replaced = False
@@ -180,7 +183,8 @@ class Stage:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        _OPEN_STAGES.append(self)
+        if running:
+            running.stages.append(self)
         try:
             self.folder_id = folder.claim(self.path, name)
             folder.recover(self.path)
@@ -319,8 +323,6 @@ class Stage:
 
     def close(self) -> None:
         """Release the lock. A run that did not finish after replacing one puts the replaced run back."""
-        if self in _OPEN_STAGES:
-            _OPEN_STAGES.remove(self)
         if self._lock is None:
             return
         if self._replaced and not self._finished and (self.path / folder.PREVIOUS).is_dir():
@@ -329,25 +331,35 @@ class Stage:
         folder.release_lock(self.path, lock, remove_folder=self._created)
 
 
-_COMMANDS: list[list[str]] = []  # the command line of each stage main running, innermost last
+@dataclasses.dataclass
+class _Running:
+    """A stage's ``main`` while it runs: the command line that reruns it, and the stage folders it opened."""
+
+    command: list[str]
+    stages: list["Stage"] = dataclasses.field(default_factory=list)
+
+
+_RUNNING: contextvars.ContextVar[_Running | None] = contextvars.ContextVar("dali_running", default=None)
 
 
 def stage_main(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a stage's ``main``: every stage it opened is closed on return or error (lock, restore), and its manifest
     records the command that reruns it: the process's own, or, called in-process with ``argv`` (the demo does),
-    ``python -m <its module> <argv>``."""
+    ``python -m dali.cli <its command> <argv>``."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
-        opened = len(_OPEN_STAGES)
-        # the process's own command line when ``argv`` is its tail (``dali align ...``, ``python -m ...``)
+        # the process's own command line when ``argv`` is its tail (``dali align ...``, ``python -m dali.cli ...``)
         in_process = argv is not None and list(argv) != sys.argv[len(sys.argv) - len(argv) :]
-        _COMMANDS.append([sys.executable, "-m", main.__module__, *argv] if in_process else list(sys.argv))
+        name = command_of(module=main.__module__)
+        command = [sys.executable, "-m", *(("dali.cli", name) if name else (main.__module__,))]
+        running = _Running([*command, *argv] if in_process else list(sys.argv))
+        token = _RUNNING.set(running)
         try:
             return main(argv)
         finally:
-            _COMMANDS.pop()
-            for stage in reversed(_OPEN_STAGES[opened:]):
+            _RUNNING.reset(token)
+            for stage in reversed(running.stages):
                 stage.close()
 
     return wrapper

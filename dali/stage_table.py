@@ -1,11 +1,20 @@
-"""The method's stages, in order: one row each, the one place that names a stage's command, folder, module, config
-and outputs. The CLI's command list, the run-folder code, the API, the page and the demo read it. It imports
-nothing: adding a stage is one row here plus its module (and its config in ``dali.command_configs``).
+"""Every ``dali`` command, one row each: the method's stages in order (the one place that names a stage's command,
+folder, module, config and outputs), then the tools and the built-in world's commands. The CLI's command list and
+help, the run-folder code, the API, the page and the demo read it. It imports nothing: adding a stage is one row
+here plus its module (and its config in ``dali.command_configs``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CommandRow:
+    command: str  # ``dali <command>``
+    module: str  # its ``main``
+    config: str  # its config class in ``dali.command_configs``
+    help: str  # its line in ``dali --help``
 
 
 @dataclass(frozen=True)
@@ -49,3 +58,33 @@ TRAINED = (PREFIX, ALIGN, DISTILL)  # the stages whose files a finished run capt
 def infer_folder(modality: str, tag: str | None = None) -> str:
     """``dali infer``'s folder in a run: one per modality (and tag), beside the trained stages."""
     return f"{INFER.folder}_{modality}" + (f"_{tag}" if tag else "")
+
+
+TOOLS = (
+    CommandRow(
+        "caption", "dali.stages.caption", "CaptionConfig", "caption any audio or video file with a finished run"
+    ),
+    CommandRow("app", "dali.stages.app", "AppConfig", "a web page to caption a clip (upload or record) with a run"),
+    CommandRow("evaluate", "dali.stages.evaluate", "EvaluateConfig", "score a predictions file against a test list"),
+    CommandRow(
+        "prepare", "dali.stages.prepare", "PrepareConfig", "media files -> 16 kHz wavs, frames and a CAV-MAE list"
+    ),
+    CommandRow(
+        "import-original", "dali.stages.import_original", "ImportOriginalConfig",
+        "the released DALI weights -> a run folder",
+    ),
+)  # fmt: skip
+WORLD = (
+    CommandRow(
+        "world", "dali.synthetic.build", "WorldCommandConfig", "generate the world and train its tiny image captioner"
+    ),
+    CommandRow("demo", "dali.synthetic.demo", "DemoConfig", "the whole method on the world, and its results table"),
+)
+GROUPS = {"the method's stages, in order": STAGES, "tools": TOOLS, "the built-in synthetic world": WORLD}
+COMMANDS = {row.command: row for rows in GROUPS.values() for row in rows}
+
+
+def command_of(*, module: str | None = None, config: str | None = None) -> str | None:
+    """The command whose module (or config class) this is; None for none."""
+    found = [row.command for row in COMMANDS.values() if module in (None, row.module) and config in (None, row.config)]
+    return found[0] if found else None

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Shared launcher of the top-level stage scripts: run_stage.sh MODULE PRESET [flags...]
-# Runs `python -m dali.stages.MODULE --config configs/paper/PRESET.yaml flags...` from the repository root;
+# Shared launcher of the top-level stage scripts: run_stage.sh COMMAND PRESET [flags...]
+# Runs `python -m dali.cli COMMAND --config configs/paper/PRESET.yaml flags...` from the repository root;
 # a later --config in the flags replaces the preset, and flags win over it.
 #   NPROC=N                  N processes (one per GPU) under torchrun, on this machine (--standalone)
 #   NNODES=M NODE_RANK=r     M machines, each running this same command with its own r (0..M-1), meeting at
 #   MASTER_ADDR=host           torchrun's c10d rendezvous on host:MASTER_PORT (default 29500), or at
 #   [MASTER_PORT=p]            RDZV_ENDPOINT=host:port; RDZV_ID names the job (default: dali). See docs/cluster.md.
 set -euo pipefail
-module="$1" preset="$2"
+command="$1" preset="$2"
 shift 2
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-stage=(-m "dali.stages.$module" --config "configs/paper/$preset.yaml" "$@")
+stage=(-m dali.cli "$command" --config "configs/paper/$preset.yaml" "$@")
 if [ "${NNODES:-1}" -gt 1 ]; then
   : "${NODE_RANK:?NODE_RANK (0..NNODES-1) must be set on each node}"
   endpoint="${RDZV_ENDPOINT:-${MASTER_ADDR:?MASTER_ADDR (or RDZV_ENDPOINT) must name the first node}:${MASTER_PORT:-29500}}"

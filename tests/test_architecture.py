@@ -48,3 +48,31 @@ def test_stage_folders_are_named_only_in_the_stage_table():
         if spelled.search(line)
     ]
     assert not found, found
+
+
+def test_one_entry_point():
+    """Every command starts at dali/cli.py: no other module imports it or runs as a script, and no module keeps a
+    global that a command's start sets (the program name comes from the command table)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        text = path.read_text()
+        if "dali.cli" in _imports(path) or '__name__ == "__main__"' in text:
+            found.append(str(path.relative_to(PACKAGE.parent)))
+    assert not found, found
+    import dali.config
+
+    assert not hasattr(dali.config, "PROG")
+
+
+def test_every_command_row_names_a_module_with_main_and_a_config():
+    import importlib
+
+    from dali import command_configs
+    from dali.stage_table import COMMANDS
+
+    for row in COMMANDS.values():
+        assert (PACKAGE.parent / (row.module.replace(".", "/") + ".py")).is_file(), row
+        assert hasattr(command_configs, row.config), row
+    assert callable(importlib.import_module(COMMANDS["evaluate"].module).main)

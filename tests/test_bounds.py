@@ -14,12 +14,12 @@ import pytest
 import soundfile
 
 from dali import limits
-from dali.cli import COMMANDS
 from dali.config import ConfigError, _base_type, bounds_of, flag, parse_config
+from dali.stage_table import COMMANDS
 
 
 def _config_class(command: str) -> type:
-    return getattr(importlib.import_module("dali.command_configs"), COMMANDS[command][1])
+    return getattr(importlib.import_module("dali.command_configs"), COMMANDS[command].config)
 
 
 def _numeric_fields(cls: type) -> list[tuple[str, type]]:

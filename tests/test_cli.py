@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dali.cli import COMMANDS
+from dali.stage_table import COMMANDS
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ from dali.cli import COMMANDS
         (["-m", "dali.cli", "infer", "--llava", "x", "--test-list", "t.csv", "--modality", "image"], "--frames-dir"),
         (["-m", "dali.cli", "align", "--config", "no_such.yaml"], "no_such.yaml"),
         (["-m", "dali.cli", "prepare", "no_such_folder", "out"], "dali prepare: error: INPUT"),
-        (["-m", "dali.stages.distill", "--run", "../x"], "dali distill: error: --run '../x' must be a plain name"),
+        (["-m", "dali.cli", "distill", "--run", "../x"], "dali distill: error: --run '../x' must be a plain name"),
         (["-m", "dali.cli", "app", "--run", "nowhere"], "dali app: error: --run 'nowhere': neither"),
         (["-m", "dali.cli", "app", "--run", "x", "--max-seconds", "0.5"], "--max-seconds must be >= --min-seconds"),
     ],
@@ -78,7 +78,7 @@ def test_every_flag_has_help(command):
     from dali import command_configs
     from dali.config import build_parser
 
-    parser = build_parser(getattr(command_configs, COMMANDS[command][1]))
+    parser = build_parser(getattr(command_configs, COMMANDS[command].config))
     bare = [action.dest for action in parser._actions if not (action.help or "").strip()]
     assert not bare
 

@@ -259,7 +259,7 @@ def _run(argv: list[str], kill_when=None, timeout: float = 240) -> int | None:
     """Run a stage in a subprocess; with ``kill_when``, SIGKILL it once that predicate holds."""
     env = dict(os.environ, DALI_PROGRESS="0", PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
-        [sys.executable, "-m", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "dali.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + timeout
     while process.poll() is None and time.time() < deadline:
@@ -291,7 +291,7 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
         == 0
     )
     base = [
-        "dali.stages.pseudo_label",
+        "pseudo-label",
         "--llava",
         str(llava),
         "--clips",
@@ -361,7 +361,7 @@ def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_pat
     if stage == "distill":
         aligned, pseudo = _distill_inputs(world, llava, tmp_path / "inputs")
         base = [
-            "dali.stages.distill",
+            "distill",
             "--llava",
             str(llava),
             "--align-dir",
@@ -379,11 +379,11 @@ def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_pat
         ]
         output = "projector.safetensors"
     elif stage == "prefix_tune":
-        base = ["dali.stages.prefix_tune", *prefix_flags(world, llava, 30), "--checkpoint-every", "3"]
+        base = ["prefix-tune", *prefix_flags(world, llava, 30), "--checkpoint-every", "3"]
         output = "prefix.safetensors"
     else:
         base = [
-            "dali.stages.align",
+            "align",
             *tiny_encoder_flags(world, llava),
             "--method",
             "ot_att",

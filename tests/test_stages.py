@@ -34,7 +34,7 @@ def test_prefix_tuning_writes_prefix_metrics_and_manifest_and_refuses_reruns(pip
     assert prefix_tune.main(argv + ["--overwrite", "--num-prefix-tokens", "4"]) == 0
     assert len(read_jsonl(folder / "metrics.jsonl")) == 1
     # run in-process (as the demo runs every stage), the manifest still holds the command that reruns the stage
-    rerun = [sys.executable, "-m", "dali.stages.prefix_tune", *argv, "--overwrite", "--num-prefix-tokens", "4"]
+    rerun = [sys.executable, "-m", "dali.cli", "prefix-tune", *argv, "--overwrite", "--num-prefix-tokens", "4"]
     assert read_manifest(folder)["command"] == rerun
 
 
@@ -361,7 +361,8 @@ def test_two_processes_follow_the_single_process_loss_curve(synthetic, tmp_path)
             "--nproc_per_node",
             str(processes),
             "-m",
-            "dali.stages.prefix_tune",
+            "dali.cli",
+            "prefix-tune",
             *prefix_flags(world, llava, 4),
             "--batch-size",
             str(16 // processes),
@@ -497,12 +498,12 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_deletes_nothi
     assert json.loads(Path(sampled.json_path).read_text())["decoding"]["strategy"] == "sample"
 
 
-def _launch(flags: list[str], module: str, preset: str, nodes: int = 1) -> list[subprocess.Popen]:
+def _launch(flags: list[str], command: str, preset: str, nodes: int = 1) -> list[subprocess.Popen]:
     """The stage through scripts/run_stage.sh: one process, or ``nodes`` "machines" meeting at a localhost
     rendezvous (torchrun's c10d, gloo), each started as docs/cluster.md says."""
     port = free_port()
     base = dict(os.environ, DALI_PROGRESS="0", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
-    script = [str(ROOT / "scripts" / "run_stage.sh"), module, preset, *flags]
+    script = [str(ROOT / "scripts" / "run_stage.sh"), command, preset, *flags]
     if nodes == 1:
         return [subprocess.Popen(script, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     cluster = {"NNODES": str(nodes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NPROC": "1"}
@@ -538,9 +539,9 @@ def test_two_nodes_at_a_rendezvous_train_and_caption_as_one_process(pipeline, tm
     for nodes in (1, 2):
         out = tmp_path / f"nodes{nodes}"
         batch = ["--batch-size", str(16 // nodes)]
-        _finish(_launch([*prefix, *batch, "--out", str(out / "prefix")], "prefix_tune", "prefix_tuning", nodes))
+        _finish(_launch([*prefix, *batch, "--out", str(out / "prefix")], "prefix-tune", "prefix_tuning", nodes))
         losses[nodes] = [record["loss"] for record in read_jsonl(out / "prefix" / "metrics.jsonl")]
-        _finish(_launch([*captions, "--out", str(out / "pseudo")], "pseudo_label", "pseudo_labels", nodes))
+        _finish(_launch([*captions, "--out", str(out / "pseudo")], "pseudo-label", "pseudo_labels", nodes))
         merged[nodes] = [(r["id"], r["caption"]) for r in read_jsonl(out / "pseudo" / "pseudo_captions.jsonl")]
     assert len(losses[1]) == len(losses[2]) == 3
     assert max(abs(a - b) for a, b in zip(losses[1], losses[2])) < 1e-4

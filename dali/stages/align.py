@@ -496,9 +496,3 @@ def _autocast(config: AlignConfig, device: torch.device):
         return contextlib.nullcontext
     dtype = DTYPES[config.autocast]
     return lambda: torch.autocast("cuda", dtype=dtype)
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("align", main))

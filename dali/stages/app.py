@@ -389,9 +389,3 @@ def serve_until_stopped(app, host: str, port: int) -> None:
     log.info("stopping the web page")
     server.should_exit = True
     thread.join(timeout=10)
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("app", main))

@@ -80,9 +80,3 @@ def caption_report(
         "run": str(run),
         "llava": model.source,
     }
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("caption", main))

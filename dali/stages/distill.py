@@ -247,9 +247,3 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
         log.info("kept the projector of step %d (held-out loss %.4f)", selection.step, selection.loss)
     gathered = {record["id"]: record for record in distributed.gather_records(list(bad.values()))}
     return result | {"bad": list(gathered.values())}
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("distill", main))

@@ -61,9 +61,3 @@ def writable_folder(out: Path) -> None:
         for folder in made:
             if folder.is_dir():
                 folder.rmdir()
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("evaluate", main))

@@ -130,9 +130,3 @@ def main(argv: list[str] | None = None) -> int:
     for stage, folder in done.items():
         log.info("imported %s -> %s", stage, folder)
     return 0
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("import-original", main))

@@ -95,9 +95,3 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%d captions written to %s", len(captions), out / PREDICTIONS_FILE)
     distributed.teardown()
     return 0
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("infer", main))

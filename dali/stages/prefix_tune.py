@@ -108,9 +108,3 @@ def train_prefix(config, context, stage: Stage, captioner, prefix: Prefix, image
             save_training(stage.path / CHECKPOINT, trained, step=step)
     bar.close()
     return {"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count}
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("prefix-tune", main))

@@ -172,9 +172,3 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("failed %s: %s", record["source"], record["reason"])
     log.info("%d clips prepared in %s, %d failed (see %s)", len(good), out, len(failed), out / REPORT)
     return 0 if good or not records else 1
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("prepare", main))

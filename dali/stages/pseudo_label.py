@@ -110,9 +110,3 @@ def write_captions(records: Iterator[dict], path: Path, skipped: list[dict]) -> 
 def _absolute(path: Path | None) -> str | None:
     """A path as recorded in pseudo_captions.jsonl: absolute, since distillation may run from another folder."""
     return os.path.abspath(path) if path is not None else None
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("pseudo-label", main))

@@ -28,9 +28,3 @@ def main(argv: list[str] | None = None) -> int:
     folder = build_world(Path(args.out), args.reduced, args.captioner_epochs, args.seed)
     log.info("synthetic world in %s, its image captioner in %s", args.out, folder)
     return 0
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("world", main))

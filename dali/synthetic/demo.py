@@ -353,9 +353,3 @@ def plot_results(results: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-if __name__ == "__main__":
-    from dali.cli import run
-
-    raise SystemExit(run("demo", main))
