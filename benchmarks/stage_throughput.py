@@ -163,10 +163,11 @@ def engine_from_memory(work: Path, batch: int, with_image: bool, repeats: int = 
     """Clips/s of the same captioning with its inputs already on the GPU (the engine's ceiling for the stage)."""
     from dali.captioning import CaptioningModels
     from dali.models.decoding import DecodingOptions
+    from dali.run import Run
+    from dali.stage_table import ALIGN, PREFIX
 
-    models = CaptioningModels.load(
-        str(work / "llava"), dtype=torch.bfloat16, device=DEVICE, align_dir=work / "align", prefix_dir=work / "prefix"
-    )
+    run = Run(work)  # its align/ and prefix/ folders
+    models = CaptioningModels.load(run, (ALIGN, PREFIX), llava=str(work / "llava"), dtype=torch.bfloat16, device=DEVICE)
     fbank = torch.randn(batch, 1024, 128, device=DEVICE)
     pixels = torch.randn(batch, 3, 336, 336, device=DEVICE) if with_image else None
     options = DecodingOptions(strategy="greedy", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)

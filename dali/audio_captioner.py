@@ -27,7 +27,6 @@ from dali.limits import DEFAULT_FILE_SECONDS
 from dali.media import decode_audio, decode_frames
 from dali.models.decoding import DecodingOptions
 from dali.run import Run
-from dali.runs import MANIFEST
 from dali.stage_table import ALIGN, DISTILL, PREFIX
 
 Source = str | Path | np.ndarray | torch.Tensor
@@ -114,18 +113,16 @@ class AudioCaptioner:
         ``conv_mode`` default to what the run recorded. Each trained file is checked against the sha256 its
         manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only warns)."""
         found = Run.find(run, expe_dir)
-        align, prefix, distill = (found.stage(row) for row in (ALIGN, PREFIX, DISTILL))
-        projector = projector or ("distilled" if (distill / MANIFEST).is_file() else "original")
+        projector = projector or ("distilled" if found.finished(DISTILL) else "original")
         use_prefix = projector == "original" if use_prefix is None else use_prefix
+        uses = [ALIGN, *([PREFIX] if use_prefix else []), *([DISTILL] if projector == "distilled" else [])]
         models = CaptioningModels.load(
-            found.llava(llava, allow_modified),
+            found,
+            uses,
+            llava=llava,
+            conv_mode=conv_mode,
             dtype=DTYPES[dtype],
             device=pick_device(device),
-            conv_mode=conv_mode or found.conv_mode,
-            align_dir=align,
-            prefix_dir=prefix if use_prefix else None,
-            distill_dir=distill if projector == "distilled" else None,
-            flags=("--run", "--run", "--run"),
             allow_modified=allow_modified,
         )
         return cls(models, decoding, modality)

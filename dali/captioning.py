@@ -5,7 +5,7 @@ and ``dali caption`` all caption through it.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from torch import nn
 from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
 from dali.constants import DTYPE_NAMES
 from dali.models.captioner import Captioner
+from dali.run import Run
+from dali.stage_table import ALIGN, DISTILL, PREFIX, StageRow
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -27,28 +29,33 @@ class CaptioningModels:
     @classmethod
     def load(
         cls,
-        llava: str,
+        run: Run,
+        uses: Sequence[StageRow] = (),
         *,
+        llava: str | None = None,
+        conv_mode: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        conv_mode: str = "v1",
-        align_dir: Path | None = None,
-        prefix_dir: Path | None = None,
-        distill_dir: Path | None = None,
-        flags: tuple[str, str, str] = ("--align-dir", "--prefix-dir", "--distill-dir"),
         allow_modified: bool = False,
     ) -> "CaptioningModels":
-        """LLaVA, plus whichever of the aligned encoder, the prefix and the distilled projector is given, each
-        checked against its stage's manifest (``allow_modified``: a changed file only warns)."""
+        """The one loader of the stages that caption and of the API: LLaVA (``llava``, else the one the used stages
+        recorded, checked against their record: :meth:`Run.llava`) with the prompt ``conv_mode`` (else the run's),
+        and those of the aligned encoder, the prefix and the distilled projector that ``uses`` names, each checked
+        against its stage's manifest (``allow_modified``: a changed file only warns)."""
+        llava = run.llava(llava, uses, allow_modified)
+        conv_mode = conv_mode or run.conv_mode(uses)
         captioner = Captioner.from_pretrained(llava, dtype=dtype, device=device, conv_mode=conv_mode)
-        encoder = prefix = projector = None
-        if align_dir is not None:
-            encoder = load_align_stage(align_dir, captioner.vision_dim, flags[0], allow_modified).to(device, dtype)
-        if prefix_dir is not None:
-            prefix = load_prefix_stage(prefix_dir, captioner.hidden_size, flags[1], allow_modified).to(device, dtype)
-        if distill_dir is not None:
-            projector = load_distill_stage(distill_dir, captioner.projector, flags[2], allow_modified).to(device, dtype)
-        return cls(captioner, encoder, prefix, projector)
+        loaders = {
+            ALIGN: (load_align_stage, captioner.vision_dim),
+            PREFIX: (load_prefix_stage, captioner.hidden_size),
+            DISTILL: (load_distill_stage, captioner.projector),
+        }
+        parts = {
+            row: load(run.stage(row), template, run.flag(row), allow_modified).to(device, dtype)
+            for row, (load, template) in loaders.items()
+            if row in uses
+        }
+        return cls(captioner, parts.get(ALIGN), parts.get(PREFIX), parts.get(DISTILL))
 
     @property
     def device(self) -> torch.device:

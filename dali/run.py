@@ -1,18 +1,23 @@
 """A run: the folder of one training of the method, found by name or path, and what its finished stages recorded
 (the LLaVA they were made with, the prompt). Each stage's folder in it is the stage table's
-(:mod:`dali.stage_table`); the manifests are read here, and nowhere else."""
+(:mod:`dali.stage_table`), unless a flag names it elsewhere (``--align-dir``); the manifests are read here, and
+nowhere else."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable
 
 from dali.errors import DaliError, ModelLoadError
-from dali.runs import MANIFEST, IntegrityError, identity_change, model_fingerprint, read_manifest
-from dali.stage_table import ALIGN, DISTILL, PREFIX, StageRow
+from dali.runs import MANIFEST, IntegrityError, check_run_name, identity_change, model_fingerprint, read_manifest
+from dali.stage_table import ALIGN, DISTILL, PREFIX, STAGES, StageRow
 
 log = logging.getLogger("dali")
+RECORDED_ORDER = (ALIGN, DISTILL, PREFIX)  # whose records of the LLaVA and the prompt count first
+DEFAULT_CONV_MODE = "v1"  # the original's training prompt: what our stages train and caption with
+IMPORTED_CONV_MODE = "llava_v1"  # its inference prompt: what the released weights were scored with
 
 
 class RunNotFound(DaliError, FileNotFoundError):
@@ -21,13 +26,15 @@ class RunNotFound(DaliError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class Run:
-    """A run folder with a finished align stage: the least a run captions with."""
+    """A run folder (``<expe-dir>/<run>``), and the stage folders that flags name elsewhere (``--align-dir``)."""
 
     folder: Path
+    elsewhere: dict[str, Path] = field(default_factory=dict)  # stage name -> the folder a flag gave
+    name: str | None = None  # the --run name the folder came from: checked when a stage's folder is taken from it
 
     @classmethod
     def find(cls, run: str | Path, expe_dir: str | Path = "expe") -> "Run":
-        """A run given as a folder, or as a run's name under ``expe_dir``."""
+        """A finished run (its align stage done) given as a folder, or as a run's name under ``expe_dir``."""
         for folder in (Path(run), Path(expe_dir) / str(run)):
             if (folder / ALIGN.folder / MANIFEST).is_file():
                 return cls(folder)
@@ -36,75 +43,75 @@ class Run:
             f"{ALIGN.folder}/"
         )
 
+    @classmethod
+    def of(cls, config: Any) -> "Run":
+        """A stage's run: ``--expe-dir``/``--run``, with the upstream folders its flags give."""
+        given = {row: getattr(config, row.flag, None) for row in STAGES if row.flag}
+        elsewhere = {row.name: Path(folder) for row, folder in given.items() if folder}
+        return cls(Path(config.expe_dir) / str(config.run), elsewhere, name=config.run)
+
     def stage(self, row: StageRow) -> Path:
-        return self.folder / row.folder
+        return self.elsewhere.get(row.name) or self.at(row.folder)
+
+    def at(self, folder: str) -> Path:
+        """A folder of the run (``--run`` must then be a plain name)."""
+        if self.name is not None:
+            check_run_name(self.name)
+        return self.folder / folder
+
+    def flag(self, row: StageRow) -> str:
+        """The flag that named the stage's folder, for messages."""
+        return f"--{row.flag.replace('_', '-')}" if row.name in self.elsewhere and row.flag else "--run"
 
     def finished(self, row: StageRow) -> bool:
         return (self.stage(row) / MANIFEST).is_file()
 
-    @property
-    def trained(self) -> tuple[Path, Path, Path]:
-        """Its align, distill and prefix folders, in the order their records are read."""
-        return self.stage(ALIGN), self.stage(DISTILL), self.stage(PREFIX)
+    def manifests(self, rows: Iterable[StageRow]) -> list[tuple[Path, dict]]:
+        """(folder, manifest) of each of these stages that finished, in :data:`RECORDED_ORDER` first."""
+        rows = list(rows)
+        ordered = [row for row in RECORDED_ORDER if row in rows] + [row for row in rows if row not in RECORDED_ORDER]
+        return [(self.stage(row), read_manifest(self.stage(row))) for row in ordered if self.finished(row)]
 
-    def llava(self, given: str | None = None, allow_modified: bool = False) -> str:
-        return resolve_llava(given, *self.trained, allow_modified=allow_modified)
+    def llava(self, given: str | None = None, rows: Iterable[StageRow] = RECORDED_ORDER, allow_modified=False) -> str:
+        """``given``, else the LLaVA these stages' manifests record; either is checked against the fingerprint the
+        run recorded (its config and weight files' headers: :func:`dali.runs.model_fingerprint`), so a run loaded
+        from anywhere uses the LLaVA it was made with or says why not (``allow_modified``: a difference warns)."""
+        records = (_recorded_llava(folder, manifest) for folder, manifest in self.manifests(rows))
+        found = next(filter(None, records), None)
+        if not (given or found):
+            raise ModelLoadError("--llava is needed: no finished upstream stage of this run names the LLaVA it used")
+        llava, recorded = given or found[0], found[1] if found else {}
+        if not given and recorded.get("config_sha256") and not Path(llava).is_dir():
+            raise ModelLoadError(
+                f"the LLaVA this run was made with, '{llava}', is not there (from '{Path.cwd()}'); pass --llava"
+            )
+        if recorded.get("config_sha256") and Path(llava).is_dir():
+            change = identity_change(recorded, model_fingerprint(Path(llava)))
+            if change:
+                message = f"--llava '{llava}' is not the LLaVA this run was made with ({change})"
+                if not allow_modified:
+                    raise IntegrityError(message + "; pass --allow-modified to use it anyway")
+                log.warning("%s; used anyway (--allow-modified)", message)
+        return llava
 
-    @property
-    def conv_mode(self) -> str:
-        return recorded_conv_mode(*self.trained)
-
-
-def _manifests(folders) -> list[dict]:
-    return [read_manifest(folder) for folder in folders if folder is not None and (Path(folder) / MANIFEST).is_file()]
-
-
-def recorded_llava(*folders) -> tuple[str, dict] | None:
-    """(where the LLaVA is now, its recorded fingerprint) that the first of these finished stage folders names: the
-    path recorded inside its run when there is one (a run copied elsewhere), else the resolved path recorded (an
-    input; a metric in older runs, as typed)."""
-    for folder in folders:
-        if folder is None or not (Path(folder) / MANIFEST).is_file():
-            continue
-        manifest = read_manifest(folder)
-        recorded = manifest.get("inputs", {}).get("llava") or {}
-        inside = recorded.get("in_run") and Path(folder).parent / recorded["in_run"]
-        llava = str(inside) if inside and inside.exists() else recorded.get("path")
-        llava = llava or manifest.get("metrics", {}).get("llava")
-        if llava:
-            return llava, recorded
-    return None
-
-
-def resolve_llava(given: str | None, *folders, allow_modified: bool = False) -> str:
-    """``given``, else the LLaVA the folders' manifests record; either is checked against the fingerprint the run
-    recorded (its config and weight files' headers: :func:`dali.runs.model_fingerprint`), so a run loaded from
-    anywhere uses the LLaVA it was made with or says why not (``allow_modified``: a difference only warns)."""
-    found = recorded_llava(*folders)
-    if not (given or found):
-        raise ModelLoadError("--llava is needed: no finished upstream stage of this run names the LLaVA it used")
-    llava = given or found[0]
-    recorded = found[1] if found else {}
-    if not given and recorded.get("config_sha256") and not Path(llava).is_dir():
-        raise ModelLoadError(
-            f"the LLaVA this run was made with, '{llava}', is not there (from '{Path.cwd()}'); pass --llava"
-        )
-    if recorded.get("config_sha256") and Path(llava).is_dir():
-        change = identity_change(recorded, model_fingerprint(Path(llava)))
-        if change:
-            message = f"--llava '{llava}' is not the LLaVA this run was made with ({change})"
-            if not allow_modified:
-                raise IntegrityError(message + "; pass --allow-modified to use it anyway")
-            log.warning("%s; used anyway (--allow-modified)", message)
-    return llava
+    def conv_mode(self, rows: Iterable[StageRow] = RECORDED_ORDER) -> str:
+        """The prompt a run's captions use by default: the first one its finished stages recorded (an input; a metric
+        in runs before 2026-12), else ``llava_v1`` for imported weights and ``v1`` for runs trained here."""
+        manifests = [manifest for _, manifest in self.manifests(rows)]
+        for manifest in manifests:
+            mode = (manifest.get("inputs", {}).get("conv_mode") or {}).get("value")
+            if mode or manifest.get("metrics", {}).get("conv_mode"):
+                return mode or manifest["metrics"]["conv_mode"]
+        imported = any(manifest.get("stage", "").startswith("import_original") for manifest in manifests)
+        return IMPORTED_CONV_MODE if imported else DEFAULT_CONV_MODE
 
 
-def recorded_conv_mode(*folders) -> str:
-    """The conversation mode a run's captions use by default: the one its first finished folder records;
-    ``llava_v1`` (the original's inference prompt) for imported weights, ``v1`` (the training prompt) otherwise."""
-    for manifest in _manifests(folders):
-        mode = manifest.get("metrics", {}).get("conv_mode")
-        if mode:
-            return mode
-        return "llava_v1" if manifest.get("stage", "").startswith("import_original") else "v1"
-    return "v1"
+def _recorded_llava(folder: Path, manifest: dict) -> tuple[str, dict] | None:
+    """(where the LLaVA is now, its recorded fingerprint) that a finished stage names: the path recorded inside its
+    run when there is one (a run copied elsewhere), else the resolved path recorded (an input; a metric in runs
+    before 2026-12, as typed)."""
+    recorded = manifest.get("inputs", {}).get("llava") or {}
+    inside = recorded.get("in_run") and folder.parent / recorded["in_run"]
+    llava = str(inside) if inside and inside.exists() else recorded.get("path")
+    llava = llava or manifest.get("metrics", {}).get("llava")
+    return (llava, recorded) if llava else None

@@ -52,7 +52,7 @@ def input_fingerprint(path: str | Path, run_folder: Path | None = None) -> dict[
     return found | {"exists": given.exists()}
 
 
-IDENTITY_KEYS = ("sha256", "manifest_sha256", "config_sha256", "weights", "exists")
+IDENTITY_KEYS = ("sha256", "manifest_sha256", "config_sha256", "weights", "exists", "value")
 SAFETENSORS_HEADER_MAX = 1 << 27  # 128 MiB: a 7B checkpoint's header is a few hundred kB
 
 
@@ -278,12 +278,19 @@ class Stage:
                 f"{flag} '{path}' is inside this stage's own folder '{self.path}': a stage never writes into its "
                 "inputs; choose another --out"
             )
-        fingerprint = input_fingerprint(path, self.path.parent)
+        self._record_input(name, input_fingerprint(path, self.path.parent), f"{flag} '{path}'")
+
+    def add_setting(self, name: str, value: Any) -> None:
+        """Record, as an input by value, a setting the results depend on that may come from upstream rather than a
+        flag of this stage (the prompt: ``conv_mode``); on --resume, a changed one is refused."""
+        self._record_input(name, {"value": value}, f"--{name.replace('_', '-')} {shown(value)}")
+
+    def _record_input(self, name: str, fingerprint: dict[str, Any], described: str) -> None:
         recorded = (read_json_object(self.path / folder.INPUTS) or {}).get(name) if self.resuming else None
         change = isinstance(recorded, dict) and identity_change(recorded, fingerprint)
         if change:
             raise StageStateError(
-                f"--resume: {flag} '{path}' is not the input '{self.path}' was started with ({change}); its results "
+                f"--resume: {described} is not the input '{self.path}' was started with ({change}); its results "
                 "would mix the two: resume with the same input, or pass --overwrite to start again"
             )
         self.inputs[name] = fingerprint

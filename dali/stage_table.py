@@ -26,24 +26,26 @@ class StageRow:
     config: str  # its config class in ``dali.command_configs``
     outputs: tuple[str, ...]  # the trained or written files later stages load
     help: str  # its line in ``dali --help``
+    flag: str | None = None  # the config field by which a later stage names this folder (``--align-dir``)
 
 
 STAGES = (
     StageRow(
         "prefix_tune", "prefix-tune", "prefix", "dali.stages.prefix_tune", "PrefixTuneConfig",
-        ("prefix.safetensors",), "1a: learn the prefix that makes LLaVA describe a frame's sounds",
+        ("prefix.safetensors",), "1a: learn the prefix that makes LLaVA describe a frame's sounds", "prefix_dir",
     ),
     StageRow(
         "align", "align", "align", "dali.stages.align", "AlignConfig",
         ("audio_encoder.safetensors",), "1b: align an audio encoder's tokens with CLIP's (MMD, OT, OT-Att)",
+        "align_dir",
     ),
     StageRow(
         "pseudo_label", "pseudo-label", "pseudo_label", "dali.stages.pseudo_label", "PseudoLabelConfig",
-        ("pseudo_captions.jsonl",), "2a: caption clips from image + audio tokens + prefix",
+        ("pseudo_captions.jsonl",), "2a: caption clips from image + audio tokens + prefix", "pseudo_dir",
     ),
     StageRow(
         "distill", "distill", "distill", "dali.stages.distill", "DistillConfig",
-        ("projector.safetensors",), "2b: train a projector copy on those captions, audio only",
+        ("projector.safetensors",), "2b: train a projector copy on those captions, audio only", "distill_dir",
     ),
     StageRow(
         "infer", "infer", "infer", "dali.stages.infer", "InferConfig",

@@ -109,7 +109,7 @@ def test_each_family_goes_through_the_five_stages(synthetic, family_dir, tmp_pat
     run = tmp_path / "expe" / "run"
     assert prefix_tune.main([*prefix_flags(world, family_dir, 1), "--out", str(run / "prefix")]) == 0
     assert align.main(align_flags(world, family_dir) + ["--epochs", "1", "--out", str(run / "align")]) == 0
-    assert read_manifest(run / "align")["metrics"]["llava"] == str(family_dir)
+    assert read_manifest(run / "align")["inputs"]["llava"]["path"] == str(family_dir.resolve())
     common = ["--run", "run", "--expe-dir", str(run.parent), "--num-workers", "0", "--max-new-tokens", "6"]
     clips = ["--clips", str(world / "pseudo.json"), "--limit", "8", "--batch-size", "4"]
     assert pseudo_label.main(common + clips) == 0  # the LLaVA recorded upstream: no --llava from here on

@@ -16,9 +16,10 @@ import yaml
 
 from dali.jsonl import read_jsonl
 from dali.models.checkpoints import CheckpointError
+from dali.run import Run
 from dali.runs import CONFIG, MANIFEST, Stage, StageStateError, check_run_name, read_manifest, stage_main
 from dali.stage_folder import MARKER
-from dali.stages.common import load_checkpoint, save_checkpoint, stage_dir
+from dali.stages.common import load_checkpoint, save_checkpoint
 
 
 class _Payload:
@@ -133,7 +134,7 @@ def test_overwrite_with_a_wrong_llava_leaves_the_finished_stage(tmp_path, tiny_l
 @pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", "a/b", "..", "", "a\\b"])
 def test_a_run_name_is_a_name(tmp_path, name):
     with pytest.raises(StageStateError, match="plain name"):
-        stage_dir(argparse.Namespace(expe_dir=str(tmp_path), run=name), "prefix")
+        Run.of(argparse.Namespace(expe_dir=str(tmp_path), run=name)).at("prefix")
     with pytest.raises(StageStateError, match="plain name"):
         check_run_name(name)
 

@@ -215,3 +215,28 @@ def test_a_llava_folder_whose_weights_do_not_fit_its_config_is_refused(tiny_llav
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="its config describes for the LLaVA captioner: missing keys \\["):
         Captioner.from_pretrained(broken)
+
+
+def test_the_prompt_and_llava_are_inputs_and_runs_that_kept_them_as_metrics_still_load(relative_run, tmp_path):
+    """A run records its LLaVA and prompt as manifest inputs (#42); a run written before, which kept them as
+    metrics, loads from there: its folders rewritten here to that format (the LLaVA typed, the prompt a metric)."""
+    from dali.audio_captioner import AudioCaptioner
+    from dali.run import Run
+    from dali.runs import MANIFEST
+
+    llava, run = relative_run
+    assert json.loads((run / "prefix" / MANIFEST).read_text())["inputs"]["conv_mode"] == {"value": "v1"}
+    assert "llava" not in json.loads((run / "align" / MANIFEST).read_text())["metrics"]
+    assert Run.find(run).conv_mode() == "v1" and Run.find(run).llava() == str(llava)
+
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    for stage in ("prefix", "align"):
+        manifest = json.loads((old / stage / MANIFEST).read_text())
+        manifest["inputs"].pop("llava"), manifest["inputs"].pop("conv_mode", None)
+        manifest["metrics"] |= {"llava": str(llava)} | ({"conv_mode": "llava_v1"} if stage == "prefix" else {})
+        (old / stage / MANIFEST).write_text(json.dumps(manifest))
+    found = Run.find(old)
+    assert found.llava() == str(llava) and found.conv_mode() == "llava_v1"
+    captioner = AudioCaptioner.from_run(old, device="cpu")
+    assert captioner.models.captioner.conv_mode == "llava_v1" and captioner.models.captioner.source == str(llava)

@@ -176,7 +176,7 @@ def test_released_weights_from_files_to_scores_and_captions(sandbox, tiny_llava_
     run_folder = sandbox / "expe" / "DALI_OT_ATT"
     for name, ids in (("infer_audio", ["clipA"]), ("infer_audio_clotho", ["clipB"])):
         assert [p["id"] for p in read_jsonl(run_folder / name / "predictions.jsonl")] == ids
-        assert read_manifest(run_folder / name)["metrics"]["conv_mode"] == "llava_v1"
+        assert read_manifest(run_folder / name)["inputs"]["conv_mode"] == {"value": "llava_v1"}
     captions = json.loads((sandbox / "out.json").read_text())
     assert [(c["file"], c["start"]) for c in captions["captions"]] == [
         ("clip.mp4", 0.0),

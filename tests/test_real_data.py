@@ -272,7 +272,7 @@ def test_imported_run_captions_as_the_original_with_no_llava_flag(tiny_llava_dir
     assert infer.main(infer_flags) == 0
     predictions = read_jsonl(run / "infer_audio" / "predictions.jsonl")
     assert predictions[0]["caption"] == expected
-    assert read_manifest(run / "infer_audio")["metrics"]["conv_mode"] == "llava_v1"
+    assert read_manifest(run / "infer_audio")["inputs"]["conv_mode"] == {"value": "llava_v1"}
     assert read_manifest(run / "infer_audio")["inputs"]["llava"]["path"] == str(tiny_llava_dir)
 
 

@@ -473,7 +473,6 @@ def save_outputs(run: Alignment, stage: Stage, non_finite_steps: int) -> None:
         "ot_solver": config.ot_solver,
         "skipped_clips": len(skipped),
         "non_finite_steps": non_finite_steps,
-        "llava": config.llava,
         "audio_encoder": run.encoder.describe(),  # its family and config: what the later stages rebuild
     }
     stage.finish(metrics, outputs=outputs)

@@ -19,7 +19,8 @@ from dali.config import config_to_dict, parse_config
 from dali.errors import TrainingDiverged
 from dali.files import atomic_write
 from dali.models.checkpoints import CheckpointError, check_torch_archive
-from dali.runs import Stage, check_run_name
+from dali.run import Run
+from dali.runs import Stage
 from dali.stage_table import StageRow
 
 T = TypeVar("T")
@@ -43,48 +44,23 @@ def setup_logging() -> None:
     hf_logging.set_verbosity_error()
 
 
-def stage_dir(config: Any, folder: str, explicit: str | None = None) -> Path:
-    """A stage folder of the config's run: ``explicit`` (``--out``, ``--align-dir``...) when given, else
-    ``<expe-dir>/<run>/<folder>`` (``--run`` must be a plain name); ``folder`` from :mod:`dali.stage_table`."""
-    return Path(explicit) if explicit else Path(config.expe_dir) / check_run_name(config.run) / folder
-
-
-def resolve_captioner(config: Any, *upstream: Path | None) -> Any:
-    """The config with ``llava`` (and ``conv_mode``, where it has one) taken from the upstream stages' manifests
-    when no flag gave them; a clear error when none names a LLaVA."""
-    from dali.run import recorded_conv_mode, resolve_llava
-
-    changes = {"llava": resolve_llava(config.llava, *upstream, allow_modified=config.allow_modified)}
-    if hasattr(config, "conv_mode"):
-        changes["conv_mode"] = config.conv_mode or recorded_conv_mode(*upstream)
-    return dataclasses.replace(config, **changes)
-
-
 def load_captioning(
-    config: Any,
-    device: torch.device,
-    align_dir: Path | None = None,
-    prefix_dir: Path | None = None,
-    distill_dir: Path | None = None,
-    flags: tuple[str, str, str] = ("--align-dir", "--prefix-dir", "--distill-dir"),
+    config: Any, device: torch.device, run: Run, uses: Sequence[StageRow]
 ) -> tuple[Any, "CaptioningModels"]:
-    """The config with its LLaVA and conversation mode resolved from the folders it uses, and the models those
-    folders hold, loaded in ``--dtype`` (the captioning stages' shared start)."""
+    """The captioning stages' shared start: the models of the ``uses`` stages of the run, in ``--dtype``, and the
+    config with the LLaVA and the prompt they resolved to (the flags', else those the run recorded)."""
     from dali.captioning import DTYPES, CaptioningModels
 
-    config = resolve_captioner(config, align_dir, distill_dir, prefix_dir)
     models = CaptioningModels.load(
-        config.llava,
+        run,
+        uses,
+        llava=config.llava,
+        conv_mode=config.conv_mode,
         dtype=DTYPES[config.dtype],
         device=device,
-        conv_mode=config.conv_mode,
-        align_dir=align_dir,
-        prefix_dir=prefix_dir,
-        distill_dir=distill_dir,
-        flags=flags,
         allow_modified=config.allow_modified,
     )
-    return config, models
+    return dataclasses.replace(config, llava=models.captioner.source, conv_mode=models.captioner.conv_mode), models
 
 
 def start_stage(config_class: type[T], argv: list[str] | None) -> tuple[T, distributed.Context]:
@@ -101,7 +77,7 @@ def start_stage(config_class: type[T], argv: list[str] | None) -> tuple[T, distr
 def open_stage(config: Any, context: distributed.Context, row: StageRow, folder: str | None = None) -> Stage:
     """The stage's folder (``--out``, or ``<expe-dir>/<run>/<its folder>``), opened for this run on every
     process."""
-    out = stage_dir(config, folder or row.folder, config.out)
+    out = Path(config.out) if config.out else Run.of(config).at(folder or row.folder)
     stage = Stage(out, row.name, overwrite=config.overwrite, resume=config.resume, main=context.is_main)
     distributed.barrier()
     return stage

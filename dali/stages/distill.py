@@ -5,6 +5,7 @@ Only that projector is trained and saved; the encoder and the LLM stay frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from dali.jsonl import atomic_write_jsonl
 from dali.models.captioner import Captioner
 from dali.models.projector import save_projector
 from dali.progress import progress
+from dali.run import Run
 from dali.runs import CHECKPOINT, stage_main
 from dali.stage_table import ALIGN, DISTILL, PSEUDO_LABEL
 from dali.stages.common import (
@@ -32,10 +34,8 @@ from dali.stages.common import (
     log,
     open_stage,
     print_config,
-    resolve_captioner,
     resume_training,
     save_training,
-    stage_dir,
     start_stage,
 )
 
@@ -130,11 +130,11 @@ class Selection:
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(DistillConfig, argv)
     device = context.device
-    align_dir = stage_dir(config, ALIGN.folder, config.align_dir)
-    pseudo_dir = stage_dir(config, PSEUDO_LABEL.folder, config.pseudo_dir)
+    run = Run.of(config)
+    align_dir, pseudo_dir = run.stage(ALIGN), run.stage(PSEUDO_LABEL)
     stage = open_stage(config, context, DISTILL)
     out = stage.path
-    config = resolve_captioner(config, align_dir, pseudo_dir)
+    config = dataclasses.replace(config, llava=run.llava(config.llava, (ALIGN, PSEUDO_LABEL), config.allow_modified))
 
     captioner = Captioner.from_pretrained(config.llava, dtype=DTYPES[config.dtype], device=device)
     if config.gradient_checkpointing:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print_config("distill", config)
         stage.save_config(config_to_dict(config))
         stage.add_input("llava", config.llava)
+        stage.add_setting("conv_mode", captioner.conv_mode)  # the prompt the projector learns to caption under
         stage.add_input("align_dir", align_dir)
         stage.add_input("pseudo_dir", pseudo_dir)
     clips = [Clip(id=record["id"], audio=Path(record["audio"]), captions=[record["caption"]]) for record in records]
@@ -169,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_projector(projector, tmp, source=config.llava))
         atomic_write_jsonl(out / SKIPPED_FILE, result.pop("bad"))
-        stage.finish(
-            result | {"clips": len(train), "held_out": len(held_out), "llava": config.llava},
-            outputs=[PROJECTOR_FILE, SKIPPED_FILE],
-        )
+        stage.finish(result | {"clips": len(train), "held_out": len(held_out)}, outputs=[PROJECTOR_FILE, SKIPPED_FILE])
         log.info("distilled projector written to %s", out / PROJECTOR_FILE)
     distributed.teardown()
     return 0

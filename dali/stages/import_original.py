@@ -16,12 +16,11 @@ from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
 from dali.models.prefix import ORIGINAL_PREFIX_KEY, load_prefix, save_prefix
 from dali.models.projector import ORIGINAL_PROJECTOR_KEYS
+from dali.run import IMPORTED_CONV_MODE
 from dali.runs import Stage, stage_main
 from dali.stage_table import ALIGN, DISTILL, PREFIX
 from dali.stages.common import log, setup_logging
 
-# The original captioned with LLaVA's llava_v1 template (it trained with v1): imported runs caption the same way.
-ORIGINAL = {"conv_mode": "llava_v1"}
 SCORER_PREFIXES = ("audio_scorer.", "image_scorer.", "a_q.", "a_k.", "a_v.", "i_q.", "i_k.", "i_v.")
 
 
@@ -56,7 +55,7 @@ def import_backbone(path: Path, stage: Stage, vision_dim: int | None) -> dict:
     if scorers:
         atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(scorers, str(tmp)))
         outputs.append(TOKEN_WEIGHTS_FILE)
-    stage.finish({"imported_from": str(path), "encoder_config": encoder.config.__dict__, **ORIGINAL}, outputs=outputs)
+    stage.finish({"imported_from": str(path), "encoder_config": encoder.config.__dict__}, outputs=outputs)
     return {ALIGN.folder: str(out)}
 
 
@@ -81,7 +80,7 @@ def import_projector(
     stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("projector", path)
     atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, str(tmp)))
-    stage.finish({"imported_from": str(path), **ORIGINAL}, outputs=[PROJECTOR_FILE])
+    stage.finish({"imported_from": str(path)}, outputs=[PROJECTOR_FILE])
     return {DISTILL.folder: str(out)}
 
 
@@ -91,7 +90,7 @@ def import_prefix(path: Path, stage: Stage, hidden: int | None) -> dict:
     stage.save_config({"source": str(path)})  # the first write: an --overwrite moves the old files aside here
     stage.add_input("prefix", path)
     atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
-    stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0], **ORIGINAL}, outputs=[PREFIX_FILE])
+    stage.finish({"imported_from": str(path), "tokens": prefix.embeddings.shape[0]}, outputs=[PREFIX_FILE])
     return {PREFIX.folder: str(out)}
 
 
@@ -114,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     # the import of its stage, which that stage may later replace (and the other way round)
     stages = {row: Stage(run / row.folder, f"import_original/{row.name}", overwrite=args.overwrite) for row in targets}
     for stage in stages.values():
+        # the original captioned with LLaVA's llava_v1 template (it trained with v1): imported runs caption the same
+        stage.add_setting("conv_mode", IMPORTED_CONV_MODE)
         if args.llava:  # later stages and `dali caption` find the LLaVA here, with no --llava
             stage.add_input("llava", args.llava)
     done = import_backbone(backbone, stages[ALIGN], vision_dim)

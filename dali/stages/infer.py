@@ -10,10 +10,11 @@ from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
 from dali.evaluation import prediction_map, score_predictions
 from dali.jsonl import atomic_write_jsonl
+from dali.run import Run
 from dali.runs import check_run_name, stage_main
 from dali.stage_table import ALIGN, DISTILL, INFER, PREFIX, infer_folder
 from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
-from dali.stages.common import load_captioning, log, open_stage, print_config, stage_dir, start_stage
+from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage
 
 
 @stage_main
@@ -26,21 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     uses_audio = config.modality in ("audio", "audio_vis")
     uses_image = config.modality in ("image", "audio_vis")
 
-    align_dir = stage_dir(config, ALIGN.folder, config.align_dir) if uses_audio else None
-    prefix_dir = stage_dir(config, PREFIX.folder, config.prefix_dir) if config.use_prefix else None
-    distill_dir = None
-    if config.projector == "distilled":
-        distill_dir = stage_dir(config, DISTILL.folder, config.distill_dir)
-    config, models = load_captioning(config, context.device, align_dir, prefix_dir, distill_dir)
+    run = Run.of(config)
+    uses = [ALIGN] * uses_audio + [PREFIX] * config.use_prefix + [DISTILL] * (config.projector == "distilled")
+    config, models = load_captioning(config, context.device, run, uses)
     captioner, encoder = models.captioner, models.encoder
     if context.is_main:
         print_config("infer", config)
         stage.save_config(config_to_dict(config))
         stage.add_input("llava", config.llava)
+        stage.add_setting("conv_mode", config.conv_mode)
         stage.add_input("test_list", config.test_list)
-        for label, folder in (("align_dir", align_dir), ("prefix_dir", prefix_dir), ("distill_dir", distill_dir)):
-            if folder is not None:
-                stage.add_input(label, folder)
+        for row in uses:
+            stage.add_input(row.flag, run.stage(row))
 
     clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
     if config.limit is not None:
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
             outputs += [SCORES_JSON, SCORES_MD]
             log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})
-        final |= {"llava": config.llava, "modality": config.modality, "conv_mode": config.conv_mode}
+        final |= {"modality": config.modality}
         stage.finish(final, outputs=outputs)
         remove_parts(out, context.world_size)
         log.info("%d captions written to %s", len(captions), out / PREDICTIONS_FILE)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train_prefix(config, context, stage, captioner, prefix, image_tokens, captions)
     if context.is_main:
         atomic_write(out / PREFIX_FILE, lambda tmp: save_prefix(prefix, tmp))
-        stage.finish(result | {"llava": config.llava}, outputs=[PREFIX_FILE])
+        stage.finish(result, outputs=[PREFIX_FILE])
         log.info("prefix written to %s", out / PREFIX_FILE)
     distributed.teardown()
     return 0
@@ -66,6 +66,7 @@ def load_inputs(config: PrefixTuneConfig, context, stage: Stage) -> tuple[Captio
         print_config("prefix_tune", config)
         stage.save_config(config_to_dict(config))
         stage.add_input("llava", config.llava)
+        stage.add_setting("conv_mode", captioner.conv_mode)  # the prompt the prefix learns to complete
         stage.add_input("pairs", config.pairs)
     with torch.no_grad():
         image_tokens = torch.cat(

@@ -16,26 +16,28 @@ from dali.command_configs import PseudoLabelConfig
 from dali.config import config_to_dict
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
+from dali.run import Run
 from dali.runs import stage_main
 from dali.stage_table import ALIGN, PREFIX, PSEUDO_LABEL
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import load_captioning, log, open_stage, print_config, stage_dir, start_stage
+from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(PseudoLabelConfig, argv)
-    align_dir = stage_dir(config, ALIGN.folder, config.align_dir)
-    prefix_dir = stage_dir(config, PREFIX.folder, config.prefix_dir)
+    run = Run.of(config)
+    align_dir, prefix_dir = run.stage(ALIGN), run.stage(PREFIX)
     stage = open_stage(config, context, PSEUDO_LABEL)
     out = stage.path
 
-    config, models = load_captioning(config, context.device, align_dir, prefix_dir if config.use_prefix else None)
+    config, models = load_captioning(config, context.device, run, [ALIGN, *([PREFIX] if config.use_prefix else [])])
     captioner, encoder = models.captioner, models.encoder
     if context.is_main:
         print_config("pseudo_label", config)
         stage.save_config(config_to_dict(config))
         stage.add_input("llava", config.llava)
+        stage.add_setting("conv_mode", config.conv_mode)
         stage.add_input("clips", config.clips)
         stage.add_input("align_dir", align_dir)
         if config.use_prefix:
@@ -78,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped: list[dict] = []  # unusable clips and empty captions, beside the captions streamed to disk
         counts = write_captions(records, out / PSEUDO_CAPTIONS_FILE, skipped)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
-        stage.finish(
-            {"captions": counts, "skipped": len(skipped), "llava": config.llava, "conv_mode": config.conv_mode},
-            outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE],
-        )
+        stage.finish({"captions": counts, "skipped": len(skipped)}, outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE])
         remove_parts(out, context.world_size)
         log.info("%d pseudo-captions in %s (%d clips skipped)", counts, out / PSEUDO_CAPTIONS_FILE, len(skipped))
     distributed.teardown()
