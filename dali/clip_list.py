@@ -1,7 +1,8 @@
-"""Clip lists held compactly, so that an AudioSet-scale list (millions of clips) costs each rank a few hundred MB.
+"""A clip, and clip lists held compactly, so that an AudioSet-scale list (millions of clips) costs each rank a few
+hundred MB.
 
 A ``list[Clip]`` costs about 1 KB a clip (a dataclass and three ``Path`` objects); :class:`ClipList` keeps each
-clip's id and paths as UTF-8 bytes in a few flat buffers and builds a :class:`~dali.data.Clip` only when one is
+clip's id and paths as UTF-8 bytes in a few flat buffers and builds a :class:`Clip` only when one is
 asked for. Slices and reorderings are views over the same buffers.
 """
 
@@ -10,11 +11,29 @@ from __future__ import annotations
 import random
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
-if TYPE_CHECKING:
-    from dali.data import Clip
+from dali.constants import DEFAULT_FRAME_INDEX
+
+
+@dataclass
+class Clip:
+    """One audiovisual clip: an id, its audio file, its frame folder root, its reference captions."""
+
+    id: str
+    audio: Path | None = None
+    frames_root: Path | None = None
+    image: Path | None = None  # an explicit frame file (prefix pairs), overrides frames_root
+    captions: list[str] = field(default_factory=list)
+
+    def frame_path(self, frame_index: int = DEFAULT_FRAME_INDEX) -> Path | None:
+        if self.image is not None:
+            return self.image
+        if self.frames_root is None:
+            return None
+        return self.frames_root / f"frame_{frame_index}" / f"{self.id}.jpg"
 
 
 class PackedStrings(Sequence[str]):
@@ -81,9 +100,7 @@ class ClipList(Sequence["Clip"]):
             return self._view(self._order[index])
         return self._clip(self._order[index])
 
-    def _clip(self, stored: int) -> "Clip":
-        from dali.data import Clip
-
+    def _clip(self, stored: int) -> Clip:
         frame = self._frame_of[stored]
         return Clip(
             id=self._ids[stored],

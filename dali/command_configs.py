@@ -6,7 +6,6 @@ They live apart from the stages, with nothing heavier than ``dali.constants`` im
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from dali.config import ConfigError, field, require_at_least
@@ -21,8 +20,7 @@ from dali.constants import (
     TARGET_FRAMES,
 )
 from dali.limits import DEFAULT_FILE_SECONDS
-
-log = logging.getLogger("dali")
+from dali.logs import log
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,7 @@ import csv
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,7 +34,7 @@ from dali.audio import (
     num_frames,
     samples_for_frames,
 )
-from dali.clip_list import ClipList, resolve_path
+from dali.clip_list import Clip, ClipList, resolve_path
 from dali.constants import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, TARGET_FRAMES
 from dali.errors import DaliError
 from dali.limits import MAX_IMAGE_PIXELS, frame_problem
@@ -52,24 +52,6 @@ class ClipError(DaliError, RuntimeError):
     def __init__(self, clip_id: str, path: str | Path, reason: str):
         self.clip_id, self.path, self.reason = clip_id, str(path), reason
         super().__init__(f"clip '{clip_id}': cannot use '{path}': {reason}")
-
-
-@dataclass
-class Clip:
-    """One audiovisual clip: an id, its audio file, its frame folder root, its reference captions."""
-
-    id: str
-    audio: Path | None = None
-    frames_root: Path | None = None
-    image: Path | None = None  # an explicit frame file (prefix pairs), overrides frames_root
-    captions: list[str] = field(default_factory=list)
-
-    def frame_path(self, frame_index: int = DEFAULT_FRAME_INDEX) -> Path | None:
-        if self.image is not None:
-            return self.image
-        if self.frames_root is None:
-            return None
-        return self.frames_root / f"frame_{frame_index}" / f"{self.id}.jpg"
 
 
 def _check_caption(caption: Any, where: str) -> str:

@@ -5,16 +5,15 @@ nowhere else."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from dali.errors import DaliError, ModelLoadError
+from dali.logs import log
 from dali.runs import MANIFEST, IntegrityError, check_run_name, identity_change, model_fingerprint, read_manifest
 from dali.stage_table import ALIGN, DISTILL, PREFIX, STAGES, StageRow
 
-log = logging.getLogger("dali")
 RECORDED_ORDER = (ALIGN, DISTILL, PREFIX)  # whose records of the LLaVA and the prompt count first
 DEFAULT_CONV_MODE = "v1"  # the original's training prompt: what our stages train and caption with
 IMPORTED_CONV_MODE = "llava_v1"  # its inference prompt: what the released weights were scored with

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -27,6 +26,7 @@ from dali import stage_folder as folder
 from dali.errors import DaliError, shown
 from dali.files import atomic_write_json, atomic_write_text, file_sha256, read_json_object, read_plain_yaml
 from dali.jsonl import MetricsLog, repair_jsonl
+from dali.logs import log
 from dali.stage_folder import CHECKPOINT, CONFIG, MANIFEST, METRICS
 from dali.stage_table import command_of
 
@@ -129,7 +129,6 @@ RESUME_FREE_KEYS = frozenset(
     | {"cache_vision_tokens", "cache_audio_features", "cache_audio_tokens", "gradient_checkpointing"}
     | {"allow_modified"}
 )
-log = logging.getLogger("dali")
 NAME_BYTES = 200  # a name becomes part of a folder name (255 bytes at most) beside a prefix such as 'infer_audio_'
 
 

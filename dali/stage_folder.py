@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
-import logging
 import os
 import secrets
 import shutil
@@ -34,6 +33,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from dali.files import atomic_write_json, read_json_object, read_plain_yaml
+from dali.logs import log
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -60,7 +60,6 @@ RUN_FILES = (
     ".*.tmp",
 )
 MARKER_FORMAT = 1
-log = logging.getLogger("dali")
 
 
 class State(enum.Enum):

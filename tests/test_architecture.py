@@ -76,3 +76,37 @@ def test_every_command_row_names_a_module_with_main_and_a_config():
         assert (PACKAGE.parent / (row.module.replace(".", "/") + ".py")).is_file(), row
         assert hasattr(command_configs, row.config), row
     assert callable(importlib.import_module(COMMANDS["evaluate"].module).main)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _dali_imports(path: Path, modules: set[str]) -> set[str]:
+    """The dali modules a module imports, at any depth of its code (``from dali import x`` names ``dali.x``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dali"):
+            found |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module} - {"dali"}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found & modules
+
+
+def test_no_import_circle():
+    """No module reaches itself through the modules it imports (clip_list.py and data.py did, over Clip)."""
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: _dali_imports(path, set(paths)) - {name} for name, path in paths.items()}
+    circles = []
+    for start in graph:
+        seen, frontier = set(), list(graph[start])
+        while frontier:
+            module = frontier.pop()
+            if module == start:
+                circles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                frontier.extend(graph[module])
+    assert not circles, circles

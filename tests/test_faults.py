@@ -24,7 +24,7 @@ from dali.jsonl import read_jsonl
 from dali.models.cav_mae import load_audio_encoder
 from dali.models.checkpoints import CheckpointError
 from dali.models.prefix import load_prefix
-from dali.stages.common import NonFiniteGuard
+from dali.training import NonFiniteGuard
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from dali.models.checkpoints import CheckpointError
 from dali.run import Run
 from dali.runs import CONFIG, MANIFEST, Stage, StageStateError, check_run_name, read_manifest, stage_main
 from dali.stage_folder import MARKER
-from dali.stages.common import load_checkpoint, save_checkpoint
+from dali.training import load_checkpoint, save_checkpoint
 
 
 class _Payload:

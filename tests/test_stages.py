@@ -432,7 +432,7 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
 def test_every_process_takes_its_share_of_one_shuffle():
     """Shuffle, then shard (prefix tuning used to shard, then shuffle: its processes drew from different orders)."""
     from dali.distributed import Context
-    from dali.stages.common import epoch_order, epoch_share
+    from dali.training import epoch_order, epoch_share
 
     items = [f"clip{i}" for i in range(11)]
     shuffled = [items[i] for i in epoch_order(len(items), 3, 2)]

@@ -23,6 +23,7 @@ from dali.config import ConfigError, config_to_dict
 from dali.data import Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
 from dali.jsonl import MetricsLog, atomic_write_jsonl
+from dali.logs import log
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
 from dali.models.audio_encoders import new_encoder, pretrained_encoder, save_encoder
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder
@@ -30,16 +31,8 @@ from dali.models.vision_tower import VisionTower
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stage_table import ALIGN
-from dali.stages.common import (
-    NonFiniteGuard,
-    epoch_share,
-    log,
-    open_stage,
-    print_config,
-    resume_training,
-    save_training,
-    start_stage,
-)
+from dali.stages.common import open_stage, print_config, start_stage
+from dali.training import NonFiniteGuard, epoch_share, resume_training, save_training
 
 
 def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:

@@ -18,13 +18,13 @@ from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import AppConfig
 from dali.config import parse_config
 from dali.errors import DaliError
+from dali.logs import log, setup_logging
 from dali.media import MEDIA_EXTENSIONS
 from dali.models.decoding import DecodingOptions
 from dali.run import Run
 from dali.runs import MANIFEST, read_manifest
 from dali.stage_table import ALIGN, TRAINED
 from dali.stages.caption import caption_report
-from dali.stages.common import log, setup_logging
 
 MODALITIES = {"audio": "audio", "audio + image (videos)": "audio_vis"}
 DECODINGS = ("greedy", "seeded sampling")

@@ -17,10 +17,10 @@ from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import CaptionConfig
 from dali.config import parse_config
 from dali.files import atomic_write_json
+from dali.logs import log, setup_logging
 from dali.media import MediaError
 from dali.progress import progress
 from dali.runs import stage_main
-from dali.stages.common import log, setup_logging
 
 
 @stage_main

@@ -14,11 +14,11 @@ from dali import distributed
 from dali.clip_list import clip_ids
 from dali.data import Clip, ClipDataset, collate
 from dali.jsonl import JsonlWriter, MetricsLog, atomic_write_jsonl, iter_jsonl
+from dali.logs import log
 from dali.models.captioner import Captioner
 from dali.models.decoding import DecodingOptions
 from dali.progress import progress
 from dali.runs import METRICS, StageStateError
-from dali.stages.common import log
 
 
 def part_file(out: Path, rank: int) -> Path:

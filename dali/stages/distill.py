@@ -20,24 +20,15 @@ from dali.config import ConfigError, config_to_dict
 from dali.data import Clip, ClipDataset, collate
 from dali.files import atomic_write
 from dali.jsonl import atomic_write_jsonl
+from dali.logs import log
 from dali.models.captioner import Captioner
 from dali.models.projector import save_projector
 from dali.progress import progress
 from dali.run import Run
 from dali.runs import CHECKPOINT, stage_main
 from dali.stage_table import ALIGN, DISTILL, PSEUDO_LABEL
-from dali.stages.common import (
-    NonFiniteGuard,
-    cosine_schedule,
-    epoch_share,
-    guarded_step,
-    log,
-    open_stage,
-    print_config,
-    resume_training,
-    save_training,
-    start_stage,
-)
+from dali.stages.common import open_stage, print_config, start_stage
+from dali.training import NonFiniteGuard, cosine_schedule, epoch_share, guarded_step, resume_training, save_training
 
 
 def held_out_split(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -10,8 +10,8 @@ from dali.command_configs import EvaluateConfig
 from dali.config import ConfigError, parse_config
 from dali.data import read_caption_csv
 from dali.evaluation import read_predictions, score_predictions, scores_markdown
+from dali.logs import setup_logging
 from dali.runs import MANIFEST
-from dali.stages.common import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIG
 from dali.command_configs import ImportOriginalConfig
 from dali.config import ConfigError, parse_config
 from dali.files import atomic_write
+from dali.logs import log, setup_logging
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
 from dali.models.prefix import ORIGINAL_PREFIX_KEY, load_prefix, save_prefix
@@ -19,7 +20,6 @@ from dali.models.projector import ORIGINAL_PROJECTOR_KEYS
 from dali.run import IMPORTED_CONV_MODE
 from dali.runs import Stage, stage_main
 from dali.stage_table import ALIGN, DISTILL, PREFIX
-from dali.stages.common import log, setup_logging
 
 SCORER_PREFIXES = ("audio_scorer.", "image_scorer.", "a_q.", "a_k.", "a_v.", "i_q.", "i_k.", "i_v.")
 

@@ -10,11 +10,12 @@ from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
 from dali.evaluation import prediction_map, score_predictions
 from dali.jsonl import atomic_write_jsonl
+from dali.logs import log
 from dali.run import Run
 from dali.runs import check_run_name, stage_main
 from dali.stage_table import ALIGN, DISTILL, INFER, PREFIX, infer_folder
 from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
-from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage
+from dali.stages.common import load_captioning, open_stage, print_config, start_stage
 
 
 @stage_main

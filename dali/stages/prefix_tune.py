@@ -16,23 +16,14 @@ from dali.command_configs import PrefixTuneConfig
 from dali.config import ConfigError, config_to_dict
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.files import atomic_write
+from dali.logs import log
 from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix
 from dali.progress import progress
 from dali.runs import CHECKPOINT, Stage, stage_main
 from dali.stage_table import PREFIX
-from dali.stages.common import (
-    NonFiniteGuard,
-    cosine_schedule,
-    epoch_share,
-    guarded_step,
-    log,
-    open_stage,
-    print_config,
-    resume_training,
-    save_training,
-    start_stage,
-)
+from dali.stages.common import open_stage, print_config, start_stage
+from dali.training import NonFiniteGuard, cosine_schedule, epoch_share, guarded_step, resume_training, save_training
 
 
 @stage_main

@@ -17,9 +17,9 @@ from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
 from dali.files import atomic_write, atomic_write_json, read_json_object
 from dali.jsonl import atomic_write_jsonl
+from dali.logs import log, setup_logging
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
 from dali.progress import progress
-from dali.stages.common import log, setup_logging
 from dali.workers import worker_pool
 
 NUM_FRAMES = 10

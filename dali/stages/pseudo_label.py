@@ -16,11 +16,12 @@ from dali.command_configs import PseudoLabelConfig
 from dali.config import config_to_dict
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
+from dali.logs import log
 from dali.run import Run
 from dali.runs import stage_main
 from dali.stage_table import ALIGN, PREFIX, PSEUDO_LABEL
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import load_captioning, log, open_stage, print_config, start_stage
+from dali.stages.common import load_captioning, open_stage, print_config, start_stage
 
 
 @stage_main

@@ -19,10 +19,11 @@ from PIL import Image
 
 from dali.constants import SYSTEM_PROMPT
 from dali.files import atomic_write_json
+from dali.logs import log
 from dali.models.captioner import QUESTION, Captioner
 from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
 from dali.progress import progress
-from dali.stages.common import cosine_schedule, log
+from dali.training import cosine_schedule
 
 IMAGE_QUESTIONS = ("Describe the image.", "What is in this picture?")
 SOUND_QUESTION = "What sounds might this scene make?"

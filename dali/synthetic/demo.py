@@ -16,10 +16,10 @@ from dali.config import parse_config
 from dali.evaluation import TABLE_METRICS, markdown_table
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import read_jsonl
+from dali.logs import log, setup_logging
 from dali.runs import MANIFEST, check_run_name, read_manifest
 from dali.stage_table import ALIGN, DISTILL, PREFIX, PSEUDO_LABEL, infer_folder
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
-from dali.stages.common import log, setup_logging
 from dali.synthetic.build import build_world
 from dali.synthetic.captioner import MARKER as CAPTIONER_MARKER
 from dali.synthetic.world import source_scores
