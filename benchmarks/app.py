@@ -72,7 +72,7 @@ def in_process_7b(clip: Path, repeats: int) -> list[float]:
     from dali.models.captioner import Captioner
     from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
     from dali.models.prefix import Prefix
-    from dali.stages.app import ClipCaptioner
+    from dali.tools.app import ClipCaptioner
 
     captioner = Captioner(random_llava(llava_7b_config()), benchmark_tokenizer(), image_processor=None, source="7B")
     encoder = CAVMAEAudioEncoder(CAVMAEConfig()).to("cuda", torch.bfloat16).eval()

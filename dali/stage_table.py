@@ -64,15 +64,15 @@ def infer_folder(modality: str, tag: str | None = None) -> str:
 
 TOOLS = (
     CommandRow(
-        "caption", "dali.stages.caption", "CaptionConfig", "caption any audio or video file with a finished run"
+        "caption", "dali.tools.caption", "CaptionConfig", "caption any audio or video file with a finished run"
     ),
-    CommandRow("app", "dali.stages.app", "AppConfig", "a web page to caption a clip (upload or record) with a run"),
-    CommandRow("evaluate", "dali.stages.evaluate", "EvaluateConfig", "score a predictions file against a test list"),
+    CommandRow("app", "dali.tools.app", "AppConfig", "a web page to caption a clip (upload or record) with a run"),
+    CommandRow("evaluate", "dali.tools.evaluate", "EvaluateConfig", "score a predictions file against a test list"),
     CommandRow(
-        "prepare", "dali.stages.prepare", "PrepareConfig", "media files -> 16 kHz wavs, frames and a CAV-MAE list"
+        "prepare", "dali.tools.prepare", "PrepareConfig", "media files -> 16 kHz wavs, frames and a CAV-MAE list"
     ),
     CommandRow(
-        "import-original", "dali.stages.import_original", "ImportOriginalConfig",
+        "import-original", "dali.tools.import_original", "ImportOriginalConfig",
         "the released DALI weights -> a run folder",
     ),
 )  # fmt: skip

@@ -154,7 +154,7 @@ def test_uploads_never_captioned_stay_under_the_cap_and_expire(app, tmp_path):
 
 
 def test_the_scratch_folder_expires_files_by_age_and_keeps_under_its_cap(tmp_path):
-    from dali.stages.app import trim_folder
+    from dali.tools.app import trim_folder
 
     uploads = tmp_path / "uploads"
     now = time.time()

@@ -1,4 +1,5 @@
-"""The layering rule of docs/architecture.md: the library never imports the stages, the world or the CLI."""
+"""The layering rules of docs/architecture.md: the library never imports the stages, the tools, the world or the CLI;
+a tool never imports a stage."""
 
 import ast
 from pathlib import Path
@@ -6,9 +7,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dali"
-ABOVE = ("dali.stages", "dali.synthetic", "dali.cli")
+ABOVE = ("dali.stages", "dali.tools", "dali.synthetic", "dali.cli")
 LIBRARY = sorted(
-    path for path in PACKAGE.rglob("*.py") if path.parent.name not in ("stages", "synthetic") and path.name != "cli.py"
+    path
+    for path in PACKAGE.rglob("*.py")
+    if path.parent.name not in ("stages", "tools", "synthetic") and path.name != "cli.py"
 )
 
 
@@ -110,3 +113,9 @@ def test_no_import_circle():
                 seen.add(module)
                 frontier.extend(graph[module])
     assert not circles, circles
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "tools").glob("*.py")), ids=lambda p: p.name)
+def test_tools_do_not_import_stages(path):
+    wrong = sorted(name for name in _imports(path) if name == "dali.stages" or name.startswith("dali.stages."))
+    assert not wrong, f"{path.relative_to(PACKAGE.parent)} imports {wrong}"

@@ -223,7 +223,7 @@ def test_dali_evaluate_scores_integer_ids_and_reports_missing_clips_when_allowed
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     from dali.cli import run
-    from dali.stages import evaluate
+    from dali.tools import evaluate
 
     (tmp_path / "test.csv").write_text("file_name,caption_1\na,a dog barks\n")
     (tmp_path / "p.jsonl").write_text('{"id": "a", "caption": "a dog"}\n')

@@ -227,7 +227,7 @@ os.kill(os.getpid(), 9)
 
 # -- bad names and bad files do not stop a whole run --------------------------------------------------------
 def test_prepare_reports_long_and_undecodable_names_per_file(tmp_path, write_wav):
-    from dali.stages import prepare
+    from dali.tools import prepare
 
     media = tmp_path / "media"
     media.mkdir()
@@ -301,7 +301,7 @@ def test_deep_json_bom_csv_and_evaluate_beside_a_finished_stage(tmp_path):
 
 
 def test_evaluate_never_writes_into_a_finished_stage(tmp_path):
-    from dali.stages import evaluate
+    from dali.tools import evaluate
 
     stage = tmp_path / "infer_audio"
     stage.mkdir()
@@ -358,7 +358,7 @@ def _alive(pid: int) -> bool:
 
 def test_prepare_finds_duplicate_ids_among_200000_files(tmp_path):
     from dali.config import ConfigError
-    from dali.stages import prepare
+    from dali.tools import prepare
 
     listing = tmp_path / "list.txt"  # the quadratic check took about 15 minutes on this list; a linear one, a second
     listing.write_text("".join(f"/nowhere/clip{i}.wav\n" for i in range(200_000)) + "/else/clip7.wav\n")
@@ -370,7 +370,7 @@ def test_prepare_decodes_only_the_first_seconds_of_a_long_file(tmp_path):
     import numpy as np
     import soundfile
 
-    from dali.stages import prepare
+    from dali.tools import prepare
 
     media = tmp_path / "media"
     media.mkdir()

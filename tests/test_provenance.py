@@ -142,7 +142,7 @@ def test_prepare_reuses_a_clip_only_when_its_source_and_settings_are_the_ones_it
     """A new --max-seconds, a changed source and another dataset's file of the same name were all 'ok, reused'."""
     import soundfile
 
-    from dali.stages import prepare
+    from dali.tools import prepare
 
     first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "prepared"
     for folder, seconds in ((first, 2.0), (second, 3.0)):

@@ -14,7 +14,8 @@ from dali.jsonl import read_jsonl
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
 from dali.models.checkpoints import CheckpointError
 from dali.runs import StageStateError, read_manifest
-from dali.stages import caption, import_original, infer, prepare
+from dali.stages import infer
+from dali.tools import caption, import_original, prepare
 
 
 @pytest.fixture(scope="module")

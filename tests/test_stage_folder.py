@@ -365,7 +365,7 @@ def test_weights_get_the_mode_of_every_other_file(tmp_path):
 
 
 def test_prepare_never_reads_its_own_outputs_back(tmp_path, write_wav):
-    from dali.stages import prepare
+    from dali.tools import prepare
 
     source = tmp_path / "media"
     source.mkdir()

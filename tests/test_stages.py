@@ -14,7 +14,8 @@ from helpers import align_flags, free_port, prefix_flags
 from dali.jsonl import read_jsonl
 from dali.models.decoding import DecodingOptions
 from dali.runs import StageStateError, read_manifest
-from dali.stages import align, distill, evaluate, infer, prefix_tune, pseudo_label
+from dali.stages import align, distill, infer, prefix_tune, pseudo_label
+from dali.tools import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -471,7 +472,7 @@ def test_the_web_pages_captioner_turns_bad_input_into_messages_and_deletes_nothi
 
     from dali.audio_captioner import AudioCaptioner
     from dali.command_configs import AppConfig
-    from dali.stages.app import ClipCaptioner
+    from dali.tools.app import ClipCaptioner
 
     run = pipeline[2]
     outputs = tmp_path / "outputs"

@@ -1,1 +1,2 @@
-"""One module per stage; each has ``main(argv=None) -> int``."""
+"""The method's stages, one module per stage (``main(argv) -> int``), and what they share (``common``,
+``clip_captioning``)."""

@@ -24,7 +24,7 @@ from dali.models.decoding import DecodingOptions
 from dali.run import Run
 from dali.runs import MANIFEST, read_manifest
 from dali.stage_table import ALIGN, TRAINED
-from dali.stages.caption import caption_report
+from dali.tools.caption import caption_report
 
 MODALITIES = {"audio": "audio", "audio + image (videos)": "audio_vis"}
 DECODINGS = ("greedy", "seeded sampling")
