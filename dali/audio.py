@@ -46,8 +46,6 @@ TORCHAUDIO_FBANK_ARGS = dict(
     frame_shift=FRAME_SHIFT_MS,
 )
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-
 
 class AudioLoadError(DaliError, RuntimeError):
     """A clip could not be turned into a waveform; the message names the file and the reason."""

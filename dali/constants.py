@@ -3,7 +3,8 @@ them before any model library loads (``dali <command> --help`` stays fast)."""
 
 SAMPLE_RATE = 16_000
 TARGET_FRAMES = 1024  # CAV-MAE pads or crops every clip to 1024 frames (10.24 s)
-DEFAULT_FRAME_INDEX = 5  # the middle of CAV-MAE's 10 frames; one index for every stage
+NUM_FRAMES = 10  # frames kept per clip (frame_0 .. frame_9), as CAV-MAE's preprocessing extracts them
+DEFAULT_FRAME_INDEX = 5  # the middle of those 10 frames; one index for every stage
 ON_ERROR_CHOICES = ("skip", "stop")
 MODALITIES = ("image", "audio", "audio_vis")
 AUDIO_ENCODERS = ("cav-mae", "ast", "whisper", "clap", "hubert", "wav2vec2")  # dali.models.audio_encoders

@@ -21,7 +21,6 @@ from dali.jsonl import iter_jsonl_lines
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider", "sbert_sim")
 TABLE_METRICS = ("bleu_4", "meteor", "rouge_l", "cider_d", "sbert_sim")
 SBERT_NAME = "SBERT-sim (all-MiniLM-L6-v2)"
 

@@ -52,7 +52,6 @@ STAGES = (
         ("predictions.jsonl",), "caption a test list (audio, audio + image, image) and score it",
     ),
 )  # fmt: skip
-BY_NAME = {row.name: row for row in STAGES}
 PREFIX, ALIGN, PSEUDO_LABEL, DISTILL, INFER = STAGES
 TRAINED = (PREFIX, ALIGN, DISTILL)  # the stages whose files a finished run captions with
 

@@ -44,7 +44,7 @@ def test_checkpoint_every_zero_is_refused_by_every_training_stage(stage):
         "distill": ["--align-dir", "a", "--pseudo-dir", "p"],
     }[stage]
     with pytest.raises(ConfigError, match="--checkpoint-every must be between 1 and .*, got 0"):
-        parse_config(getattr(module, config_class), [*required, "--checkpoint-every", "0"]).validate()
+        parse_config(getattr(module, config_class), [*required, "--checkpoint-every", "0"])
 
 
 def test_help_groups_the_commands_and_each_command_shows_its_name_defaults_and_required_flags():

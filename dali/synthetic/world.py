@@ -20,13 +20,13 @@ import numpy as np
 import soundfile
 from PIL import Image, ImageDraw
 
+from dali.constants import NUM_FRAMES
 from dali.files import atomic_write, atomic_write_json, atomic_write_text
 from dali.synthetic import sounds
 from dali.workers import worker_pool
 
 DURATION_S = 10.0
 FRAME_SIZE = 64
-NUM_FRAMES = 10
 WORLD_VERSION = 4
 
 

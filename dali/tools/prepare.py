@@ -13,7 +13,7 @@ import soundfile
 from dali.audio import samples_for_frames
 from dali.command_configs import PrepareConfig
 from dali.config import ConfigError, parse_config
-from dali.constants import SAMPLE_RATE, TARGET_FRAMES
+from dali.constants import NUM_FRAMES, SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
 from dali.files import atomic_write, atomic_write_json, read_json_object
 from dali.jsonl import atomic_write_jsonl
@@ -22,7 +22,6 @@ from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_au
 from dali.progress import progress
 from dali.workers import worker_pool
 
-NUM_FRAMES = 10
 WINDOW_S = 10.0
 REPORT = "prepare_report.jsonl"
 LIST = "clips.json"
