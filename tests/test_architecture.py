@@ -119,3 +119,21 @@ def test_no_import_circle():
 def test_tools_do_not_import_stages(path):
     wrong = sorted(name for name in _imports(path) if name == "dali.stages" or name.startswith("dali.stages."))
     assert not wrong, f"{path.relative_to(PACKAGE.parent)} imports {wrong}"
+
+
+def test_an_audio_encoder_family_is_one_row():
+    """Everything that differs between families is in the row (FAMILIES): no code branches on a family's name, and
+    no module but the table and the constants spells one."""
+    import re
+
+    from dali.models.audio_encoders import FAMILIES
+
+    names = "|".join(re.escape(name) for name in FAMILIES)
+    source = (PACKAGE / "models" / "audio_encoders.py").read_text()
+    assert not re.search(r"family (==|!=|in) ", source)
+    found = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if path.name not in ("audio_encoders.py", "constants.py") and re.search(rf'"({names})"', path.read_text())
+    ]
+    assert not found, found

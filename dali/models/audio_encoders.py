@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,9 +52,21 @@ from dali.models.checkpoints import (
 ENCODER_METADATA_KEY = "dali.audio_encoder"
 
 
+def _hidden_size(config) -> int:
+    return config.hidden_size
+
+
+def _all_steps(hidden: torch.Tensor, encoder: "TransformersAudioEncoder") -> torch.Tensor:
+    return hidden
+
+
+def _transformer_shape(dim: int, depth: int, heads: int, target_frames: int) -> dict:
+    return {"hidden_size": dim, "num_hidden_layers": depth, "num_attention_heads": heads, "intermediate_size": dim * 4}
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one transformers audio model becomes a DALI audio encoder."""
+    """How one transformers audio model becomes a DALI audio encoder: one row of :data:`FAMILIES`."""
 
     config: str  # transformers config class of the audio model
     model: str  # transformers model class of the audio model
@@ -63,32 +76,78 @@ class Family:
     sample_rate: int = SAMPLE_RATE
     whole: str | None = None  # the class of a released checkpoint holding more than the audio model ...
     audio_part: str | None = None  # ... and the attribute that holds it
+    width: Callable[[Any], int] = _hidden_size  # the model's output width, from its config
+    tokens: Callable[[torch.Tensor, Any], torch.Tensor] = _all_steps  # last hidden state -> the clip's tokens
+    tiny_shape: Callable[[int, int, int, int], dict] = _transformer_shape  # (dim, depth, heads, frames) -> config
+    extractor_args: Callable[[int], dict] = lambda target_frames: {}  # a new feature extractor's, by frames
+    pinned: tuple[tuple[str, Any], ...] = ()  # extractor settings a released one is given too
+    time_major: bool = False  # features [frames, bins], as CAV-MAE's fbank: its augmentation applies (AST)
+    one_window: bool = False  # the front end sees at most the extractor's window (``nb_max_samples``)
 
 
+def _ast_shape(dim: int, depth: int, heads: int, target_frames: int) -> dict:
+    # AST's patches do not overlap here, to keep the token count down
+    return _transformer_shape(dim, depth, heads, target_frames) | {
+        "max_length": target_frames, "frequency_stride": 16, "time_stride": 16,
+    }  # fmt: skip
+
+
+def _whisper_shape(dim: int, depth: int, heads: int, target_frames: int) -> dict:
+    shape = {"d_model": dim, "encoder_layers": depth, "encoder_attention_heads": heads, "encoder_ffn_dim": dim * 4}
+    return shape | {"decoder_layers": 1, "decoder_attention_heads": heads, "decoder_ffn_dim": dim * 4}  # (unused)
+
+
+def _whisper_clip_steps(hidden: torch.Tensor, encoder: "TransformersAudioEncoder") -> torch.Tensor:
+    """The steps of the clip itself, not of the padding to 30 s (the second convolution has stride 2)."""
+    hop = encoder.front_end.extractor.hop_length * 2
+    return hidden[:, : math.ceil(samples_for_frames(encoder.target_frames) / hop)]
+
+
+def _clap_shape(dim: int, depth: int, heads: int, target_frames: int) -> dict:
+    # ``depth`` stages of one block; the last one ``dim`` wide
+    shape = {"patch_embeds_hidden_size": dim // 2 ** (depth - 1), "depths": [1] * depth, "window_size": 8}
+    return shape | {"num_attention_heads": [heads] * depth, "hidden_size": dim}
+
+
+def _clap_width(config) -> int:
+    return config.patch_embeds_hidden_size * 2 ** (len(config.depths) - 1)  # HTS-AT doubles its channels per stage
+
+
+def _wave_shape(dim: int, depth: int, heads: int, target_frames: int) -> dict:
+    return _transformer_shape(dim, depth, heads, target_frames) | {
+        "conv_dim": (dim,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": heads,
+    }  # fmt: skip
+
+
+CLAP_WINDOW = (("truncation", "rand_trunc"), ("padding", "repeatpad"))  # a fixed window, never the fused front end
+WAVE_EXTRACTOR = {"do_normalize": True, "return_attention_mask": False}
 FAMILIES = {
-    "ast": Family("ASTConfig", "ASTModel", "ASTFeatureExtractor", "input_values", "input_values"),
+    "ast": Family(
+        "ASTConfig", "ASTModel", "ASTFeatureExtractor", "input_values", "input_values",
+        tokens=lambda hidden, encoder: hidden[:, 2:],  # CLS and distillation tokens dropped
+        tiny_shape=_ast_shape, extractor_args=lambda target_frames: {"max_length": target_frames}, time_major=True,
+    ),
     "whisper": Family(
-        "WhisperConfig",
-        "WhisperEncoder",
-        "WhisperFeatureExtractor",
-        "input_features",
-        "input_features",
-        whole="WhisperModel",
-        audio_part="encoder",
-    ),  # fmt: skip
+        "WhisperConfig", "WhisperEncoder", "WhisperFeatureExtractor", "input_features", "input_features",
+        whole="WhisperModel", audio_part="encoder",
+        width=lambda config: config.d_model, tokens=_whisper_clip_steps, tiny_shape=_whisper_shape,
+    ),
     "clap": Family(
-        "ClapAudioConfig",
-        "ClapAudioModel",
-        "ClapFeatureExtractor",
-        "input_features",
-        "input_features",
-        48_000,
-        whole="ClapModel",
-        audio_part="audio_model",
-    ),  # fmt: skip
-    "hubert": Family("HubertConfig", "HubertModel", "Wav2Vec2FeatureExtractor", "input_values", "input_values"),
-    "wav2vec2": Family("Wav2Vec2Config", "Wav2Vec2Model", "Wav2Vec2FeatureExtractor", "input_values", "input_values"),
-}
+        "ClapAudioConfig", "ClapAudioModel", "ClapFeatureExtractor", "input_features", "input_features", 48_000,
+        whole="ClapModel", audio_part="audio_model",
+        width=_clap_width, tokens=lambda hidden, encoder: hidden.flatten(2).transpose(1, 2),  # [B,C,F,T] -> [B,FT,C]
+        tiny_shape=_clap_shape, extractor_args=lambda target_frames: dict(CLAP_WINDOW), pinned=CLAP_WINDOW,
+        one_window=True,  # longer clips would be cut at a random place
+    ),
+    "hubert": Family(
+        "HubertConfig", "HubertModel", "Wav2Vec2FeatureExtractor", "input_values", "input_values",
+        tiny_shape=_wave_shape, extractor_args=lambda target_frames: dict(WAVE_EXTRACTOR),
+    ),
+    "wav2vec2": Family(
+        "Wav2Vec2Config", "Wav2Vec2Model", "Wav2Vec2FeatureExtractor", "input_values", "input_values",
+        tiny_shape=_wave_shape, extractor_args=lambda target_frames: dict(WAVE_EXTRACTOR),
+    ),
+}  # fmt: skip
 assert AUDIO_ENCODERS == ("cav-mae", *FAMILIES)
 
 
@@ -113,14 +172,14 @@ class FrontEnd:
 
     def __init__(self, family: str, extractor, target_frames: int):
         self.family, self.extractor, self.target_frames = family, extractor, target_frames
-        self.time_major = family == "ast"
+        self.time_major = FAMILIES[family].time_major
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         wave = fit_wave(wave, samples_for_frames(self.target_frames)).numpy().astype(np.float32)
         spec = FAMILIES[self.family]
         if spec.sample_rate != SAMPLE_RATE:
             wave = resample(wave, SAMPLE_RATE, spec.sample_rate)
-        if self.family == "clap":  # exactly its window: longer clips would be cut at a random place
+        if spec.one_window:
             wave = wave[: self.extractor.nb_max_samples]
         out = self.extractor(wave, sampling_rate=spec.sample_rate, return_tensors="pt")
         return out[spec.output_key][0].float()
@@ -143,10 +202,7 @@ class TransformersAudioEncoder(nn.Module):
 
     @property
     def width(self) -> int:
-        config = self.model.config
-        if self.family == "clap":  # HTS-AT doubles its channels at each stage after the first
-            return config.patch_embeds_hidden_size * 2 ** (len(config.depths) - 1)
-        return config.d_model if self.family == "whisper" else config.hidden_size
+        return FAMILIES[self.family].width(self.model.config)
 
     @property
     def output_dim(self) -> int:
@@ -159,14 +215,7 @@ class TransformersAudioEncoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         spec = FAMILIES[self.family]
         features = features.to(self.proj.weight.dtype)
-        hidden = self.model(**{spec.input_name: features}).last_hidden_state
-        if self.family == "ast":
-            hidden = hidden[:, 2:]  # CLS and distillation tokens
-        elif self.family == "whisper":  # the steps of the clip itself, not of the padding to 30 s
-            hop = self.front_end.extractor.hop_length * 2  # the encoder's second convolution has stride 2
-            hidden = hidden[:, : math.ceil(samples_for_frames(self.target_frames) / hop)]
-        elif self.family == "clap":
-            hidden = hidden.flatten(2).transpose(1, 2)  # [B, C, F, T] -> [B, F * T, C]
+        hidden = spec.tokens(self.model(**{spec.input_name: features}).last_hidden_state, self)
         if self.audio_tokens:
             hidden = F.adaptive_avg_pool1d(hidden.transpose(1, 2), self.audio_tokens).transpose(1, 2)
         return hidden
@@ -191,33 +240,11 @@ def new_encoder(
     family: str, proj_dim: int, dim: int, depth: int, heads: int, target_frames: int = TARGET_FRAMES, tokens=None
 ) -> TransformersAudioEncoder:
     """A randomly initialised encoder of the family at a given width, depth and head count (the rest of the config
-    is the family's default; AST's patches do not overlap here, to keep the token count down)."""
+    is the family's default, shaped by its row's ``tiny_shape``)."""
     spec = FAMILIES[family]
-    shape = {"hidden_size": dim, "num_hidden_layers": depth, "num_attention_heads": heads, "intermediate_size": dim * 4}
-    if family == "ast":
-        shape |= {"max_length": target_frames, "frequency_stride": 16, "time_stride": 16}
-    elif family == "whisper":
-        shape = {"d_model": dim, "encoder_layers": depth, "encoder_attention_heads": heads, "encoder_ffn_dim": dim * 4}
-        shape |= {"decoder_layers": 1, "decoder_attention_heads": heads, "decoder_ffn_dim": dim * 4}  # (unused)
-    elif family == "clap":  # ``depth`` stages of one block; the last one ``dim`` wide
-        shape = {"patch_embeds_hidden_size": dim // 2 ** (depth - 1), "depths": [1] * depth, "window_size": 8}
-        shape |= {"num_attention_heads": [heads] * depth, "hidden_size": dim}
-    elif family in ("hubert", "wav2vec2"):
-        shape |= {"conv_dim": (dim,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": heads}
-    config = hf_class(spec.config)(**shape)
-    extractor = _new_extractor(family, target_frames)
+    config = hf_class(spec.config)(**spec.tiny_shape(dim, depth, heads, target_frames))
+    extractor = hf_class(spec.feature_extractor)(**spec.extractor_args(target_frames))
     return TransformersAudioEncoder(family, hf_class(spec.model)(config), extractor, proj_dim, target_frames, tokens)
-
-
-def _new_extractor(family: str, target_frames: int):
-    spec = FAMILIES[family]
-    if family == "ast":
-        return hf_class(spec.feature_extractor)(max_length=target_frames)
-    if family == "clap":
-        return hf_class(spec.feature_extractor)(truncation="rand_trunc", padding="repeatpad")
-    if family in ("hubert", "wav2vec2"):
-        return hf_class(spec.feature_extractor)(do_normalize=True, return_attention_mask=False)
-    return hf_class(spec.feature_extractor)()
 
 
 def pretrained_encoder(
@@ -228,7 +255,7 @@ def pretrained_encoder(
     spec = FAMILIES[family]
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
-        whole = spec.whole is not None and config.get("model_type") in ("whisper", "clap")
+        whole = spec.whole is not None and config.get("model_type") == family  # the whole model's type
         what = f"a {family} audio encoder"
         check_folder_fits(hf_class(spec.whole if whole else spec.model), folder, what, MAX_ENCODER_PARAMETERS)
         if whole:
@@ -238,8 +265,8 @@ def pretrained_encoder(
         extractor = hf_class(spec.feature_extractor).from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot load a {family} audio encoder from '{folder}': {error}") from None
-    if family == "clap":  # a fixed window: the fused front end needs a model built for it
-        extractor.truncation, extractor.padding = "rand_trunc", "repeatpad"
+    for name, value in spec.pinned:  # (CLAP: a fixed window; the fused front end needs a model built for it)
+        setattr(extractor, name, value)
     return TransformersAudioEncoder(family, model, extractor, proj_dim, target_frames, tokens)
 
 

@@ -7,8 +7,6 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
-import torch
-
 from dali import distributed
 from dali.config import config_to_dict, parse_config
 from dali.logs import log, setup_logging
@@ -23,11 +21,12 @@ if TYPE_CHECKING:
     from dali.captioning import CaptioningModels
 
 
-def load_captioning(
-    config: Any, device: torch.device, run: Run, uses: Sequence[StageRow]
+def start_captioning(
+    config: Any, context: distributed.Context, stage: Stage, run: Run, uses: Sequence[StageRow], **files: str
 ) -> tuple[Any, "CaptioningModels"]:
-    """The captioning stages' shared start: the models of the ``uses`` stages of the run, in ``--dtype``, and the
-    config with the LLaVA and the prompt they resolved to (the flags', else those the run recorded)."""
+    """The captioning stages' shared start: the models of the ``uses`` stages of the run, in ``--dtype``; the config
+    with the LLaVA and the prompt they resolved to (the flags', else those the run recorded), printed and saved; and
+    the stage's inputs recorded: that LLaVA and prompt, ``files`` (flag name -> path), the upstream folders."""
     from dali.captioning import DTYPES, CaptioningModels
 
     models = CaptioningModels.load(
@@ -36,10 +35,20 @@ def load_captioning(
         llava=config.llava,
         conv_mode=config.conv_mode,
         dtype=DTYPES[config.dtype],
-        device=device,
+        device=context.device,
         allow_modified=config.allow_modified,
     )
-    return dataclasses.replace(config, llava=models.captioner.source, conv_mode=models.captioner.conv_mode), models
+    config = dataclasses.replace(config, llava=models.captioner.source, conv_mode=models.captioner.conv_mode)
+    if context.is_main:
+        print_config(stage.name, config)
+        stage.save_config(config_to_dict(config))
+        stage.add_input("llava", config.llava)
+        stage.add_setting("conv_mode", config.conv_mode)
+        for name, path in files.items():
+            stage.add_input(name, path)
+        for row in uses:
+            stage.add_input(row.flag, run.stage(row))
+    return config, models
 
 
 def start_stage(config_class: type[T], argv: list[str] | None) -> tuple[T, distributed.Context]:

@@ -12,10 +12,10 @@ from dali.evaluation import prediction_map, score_predictions
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.run import Run
-from dali.runs import check_run_name, stage_main
+from dali.runs import Stage, check_run_name, stage_main
 from dali.stage_table import ALIGN, DISTILL, INFER, PREFIX, infer_folder
 from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
-from dali.stages.common import load_captioning, open_stage, print_config, start_stage
+from dali.stages.common import open_stage, start_captioning, start_stage
 
 
 @stage_main
@@ -23,23 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(InferConfig, argv)
     tag = check_run_name(config.tag, "--tag") if config.tag else None
     stage = open_stage(config, context, INFER, infer_folder(config.modality, tag))
-    name = stage.path.name
     out = stage.path
     uses_audio = config.modality in ("audio", "audio_vis")
     uses_image = config.modality in ("image", "audio_vis")
 
-    run = Run.of(config)
     uses = [ALIGN] * uses_audio + [PREFIX] * config.use_prefix + [DISTILL] * (config.projector == "distilled")
-    config, models = load_captioning(config, context.device, run, uses)
+    config, models = start_captioning(config, context, stage, Run.of(config), uses, test_list=config.test_list)
     captioner, encoder = models.captioner, models.encoder
-    if context.is_main:
-        print_config("infer", config)
-        stage.save_config(config_to_dict(config))
-        stage.add_input("llava", config.llava)
-        stage.add_setting("conv_mode", config.conv_mode)
-        stage.add_input("test_list", config.test_list)
-        for row in uses:
-            stage.add_input(row.flag, run.stage(row))
 
     clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
     if config.limit is not None:
@@ -74,23 +64,30 @@ def main(argv: list[str] | None = None) -> int:
         extra=lambda clip: {"modality": config.modality, "decoding": decoding},
     )
     if context.is_main:
-        captions, skipped = split_skipped(records)  # a test list: small enough to hold for scoring
-        atomic_write_jsonl(out / PREDICTIONS_FILE, captions)
-        atomic_write_jsonl(out / SKIPPED_FILE, skipped)
-        outputs, final = [PREDICTIONS_FILE, SKIPPED_FILE], {"captions": len(captions), "skipped": len(skipped)}
-        references = {clip.id: clip.captions for clip in clips if clip.captions}
-        if config.evaluate and references and captions:
-            # checked as `dali evaluate` checks a file (its line numbers); skipped clips are in skipped.jsonl, and
-            # the scores say how many of how many clips they cover
-            scored = ((line, record) for line, record in enumerate(captions, 1) if record["id"] in references)
-            predictions = prediction_map(scored, references.keys(), f"'{out / PREDICTIONS_FILE}'")
-            result = score_predictions(predictions, references, out, name, sbert=config.sbert, allow_missing=True)
-            final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
-            outputs += [SCORES_JSON, SCORES_MD]
-            log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})
-        final |= {"modality": config.modality}
-        stage.finish(final, outputs=outputs)
+        finish(config, stage, clips, records)
         remove_parts(out, context.world_size)
-        log.info("%d captions written to %s", len(captions), out / PREDICTIONS_FILE)
     distributed.teardown()
     return 0
+
+
+def finish(config, stage: Stage, clips, records) -> None:
+    """The predictions and skipped clips written, scored against the list's references (``--evaluate``), and the
+    stage finished."""
+    out = stage.path
+    captions, skipped = split_skipped(records)  # a test list: small enough to hold for scoring
+    atomic_write_jsonl(out / PREDICTIONS_FILE, captions)
+    atomic_write_jsonl(out / SKIPPED_FILE, skipped)
+    outputs, final = [PREDICTIONS_FILE, SKIPPED_FILE], {"captions": len(captions), "skipped": len(skipped)}
+    references = {clip.id: clip.captions for clip in clips if clip.captions}
+    if config.evaluate and references and captions:
+        # checked as `dali evaluate` checks a file (its line numbers); skipped clips are in skipped.jsonl, and
+        # the scores say how many of how many clips they cover
+        scored = ((line, record) for line, record in enumerate(captions, 1) if record["id"] in references)
+        predictions = prediction_map(scored, references.keys(), f"'{out / PREDICTIONS_FILE}'")
+        result = score_predictions(predictions, references, out, out.name, sbert=config.sbert, allow_missing=True)
+        final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
+        outputs += [SCORES_JSON, SCORES_MD]
+        log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})
+    final |= {"modality": config.modality}
+    stage.finish(final, outputs=outputs)
+    log.info("%d captions written to %s", len(captions), out / PREDICTIONS_FILE)

@@ -13,7 +13,6 @@ from typing import Iterator
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
 from dali.command_configs import PseudoLabelConfig
-from dali.config import config_to_dict
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
@@ -21,28 +20,18 @@ from dali.run import Run
 from dali.runs import stage_main
 from dali.stage_table import ALIGN, PREFIX, PSEUDO_LABEL
 from dali.stages.clip_captioning import caption_clips, remove_parts
-from dali.stages.common import load_captioning, open_stage, print_config, start_stage
+from dali.stages.common import open_stage, start_captioning, start_stage
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(PseudoLabelConfig, argv)
     run = Run.of(config)
-    align_dir, prefix_dir = run.stage(ALIGN), run.stage(PREFIX)
     stage = open_stage(config, context, PSEUDO_LABEL)
     out = stage.path
-
-    config, models = load_captioning(config, context.device, run, [ALIGN, *([PREFIX] if config.use_prefix else [])])
+    uses = [ALIGN, *([PREFIX] if config.use_prefix else [])]
+    config, models = start_captioning(config, context, stage, run, uses, clips=config.clips)
     captioner, encoder = models.captioner, models.encoder
-    if context.is_main:
-        print_config("pseudo_label", config)
-        stage.save_config(config_to_dict(config))
-        stage.add_input("llava", config.llava)
-        stage.add_setting("conv_mode", config.conv_mode)
-        stage.add_input("clips", config.clips)
-        stage.add_input("align_dir", align_dir)
-        if config.use_prefix:
-            stage.add_input("prefix_dir", prefix_dir)
 
     clips = read_cavmae_json(config.clips, config.data_root)
     if config.shuffle:
