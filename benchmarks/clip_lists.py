@@ -78,8 +78,7 @@ MERGE = """
 import json, resource, sys, time
 from pathlib import Path
 from dali.jsonl import read_jsonl
-from dali.stages.clip_captioning import merged_records, part_file
-from dali.stages.pseudo_label import write_captions
+from dali.clip_captioning import merged_records, part_file, write_captions
 out, ranks, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 base, start = peak(), time.perf_counter()
@@ -93,7 +92,7 @@ print(count, time.perf_counter() - start, peak() - base)
 
 def merging(folder: Path, count: int, ranks: int = 4) -> dict:
     """Rank 0's merge of ``ranks`` part files holding ``count`` captions, streamed (now) or held (before)."""
-    from dali.stages.clip_captioning import part_file
+    from dali.clip_captioning import part_file
 
     for rank in range(ranks):
         with open(part_file(folder, rank), "w") as stream:

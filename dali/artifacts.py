@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from dali.jsonl import read_jsonl
-from dali.models.audio_encoders import load_encoder
+from dali.models.audio_encoders import AudioEncoder, load_encoder
 from dali.models.checkpoints import CheckpointError
 from dali.models.prefix import Prefix, load_prefix
 from dali.models.projector import load_projector
@@ -33,7 +33,7 @@ def load_prefix_stage(
 
 def load_align_stage(
     folder: str | Path, vision_dim: int, flag_name: str = "--align-dir", allow_modified: bool = False
-) -> nn.Module:
+) -> AudioEncoder:
     """The aligned encoder of stage 1b (or an imported one), of whichever family it was made with; its tokens must
     have the vision tower's width."""
     folder = require_finished(folder, "alignment (1b)", flag_name, (ENCODER_FILE,), allow_modified)

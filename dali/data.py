@@ -18,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from dali.clip_list import Clip, ClipList, resolve_path
 from dali.constants import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, TARGET_FRAMES
 from dali.errors import DaliError
 from dali.limits import MAX_IMAGE_PIXELS, frame_problem
+
+if TYPE_CHECKING:
+    from dali.models.audio_encoders import AudioEncoder
 
 log = logging.getLogger(__name__)
 
@@ -363,10 +366,11 @@ def clip_wave(clip: Clip, target_frames: int) -> tuple[torch.Tensor, int]:
     return fit_wave(wave, samples), frames
 
 
-def loader_audio(device: torch.device, encoder=None) -> str:
+def loader_audio(device: torch.device, encoder: AudioEncoder | None = None) -> str:
     """What a captioning loader yields for audio: waves for a GPU to turn into CAV-MAE's fbanks (the workers then
     only decode files), fbanks on a CPU or for another encoder's front end (computed in the workers, in parallel)."""
-    return "wave" if device.type == "cuda" and getattr(encoder, "front_end", None) is None else "fbank"
+    front_end = encoder.front_end if encoder is not None else None
+    return "wave" if device.type == "cuda" and front_end is None else "fbank"
 
 
 def batch_features(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:

@@ -137,3 +137,18 @@ def test_an_audio_encoder_family_is_one_row():
         if path.name not in ("audio_encoders.py", "constants.py") and re.search(rf'"({names})"', path.read_text())
     ]
     assert not found, found
+
+
+def test_benchmarks_never_import_stages():
+    """A benchmark measures library code (a stage's speed is measured by running its command)."""
+    root = PACKAGE.parent / "benchmarks"
+    found = [path.name for path in root.glob("*.py") if "dali.stages" in path.read_text()]
+    assert not found, found
+
+
+@pytest.mark.parametrize(
+    "path", [*sorted((PACKAGE / "losses").glob("*.py")), PACKAGE / "audio.py"], ids=lambda p: p.name
+)
+def test_losses_and_audio_never_import_models(path):
+    wrong = sorted(name for name in _imports(path) if name.startswith("dali.models"))
+    assert not wrong, f"{path.relative_to(PACKAGE.parent)} imports {wrong}"

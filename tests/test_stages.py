@@ -394,9 +394,9 @@ def test_cached_image_tokens_travel_with_the_batch(write_wav):
 
 def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav, tmp_path):
     """Two ranks (run one after the other here) caption their strided shares; rank 0 merges in input order."""
+    from dali.clip_captioning import caption_clips, split_skipped
     from dali.data import Clip, ClipDataset
     from dali.distributed import Context
-    from dali.stages.clip_captioning import caption_clips, split_skipped
 
     clips = [Clip(f"c{i}", write_wav(f"c{i}.wav", seconds=0.5)) for i in range(7)]
     clips[3] = Clip("c3", tmp_path / "missing.wav")  # a corrupt clip is reported, not captioned

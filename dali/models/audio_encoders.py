@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -50,6 +50,21 @@ from dali.models.checkpoints import (
 )
 
 ENCODER_METADATA_KEY = "dali.audio_encoder"
+
+
+class AudioEncoder(Protocol):
+    """What every audio encoder gives the stages (CAV-MAE, :class:`TransformersAudioEncoder`): the loaders return
+    it, and callers need probe for nothing."""
+
+    front_end: Callable[[torch.Tensor], torch.Tensor] | None  # a clip's wave -> its features; None: CAV-MAE's fbank
+    target_frames: int  # the clip length it takes, in CAV-MAE frames
+    output_dim: int  # its tokens' width (the vision tower's)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, ...] features -> [B, N, output_dim] tokens."""
+
+    def describe(self) -> dict:
+        """What rebuilds it (saved with its weights and in the align stage's manifest)."""
 
 
 def _hidden_size(config) -> int:
@@ -281,7 +296,7 @@ def save_encoder(encoder: nn.Module, path: str | Path) -> None:
     save_file(state, str(path), metadata={ENCODER_METADATA_KEY: json.dumps(encoder.describe())})
 
 
-def load_encoder(path: str | Path) -> nn.Module:
+def load_encoder(path: str | Path) -> AudioEncoder:
     """An encoder written by :func:`save_encoder` (or any file :func:`load_audio_encoder` reads), rebuilt from its
     metadata, strictly, in eval mode."""
     metadata = read_metadata(path)  # the header alone: a CAV-MAE file is read once

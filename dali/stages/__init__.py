@@ -1,2 +1,1 @@
-"""The method's stages, one module per stage (``main(argv) -> int``), and what they share (``common``,
-``clip_captioning``)."""
+"""The method's stages, one module per stage (``main(argv) -> int``), and what they share (``common``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
+from dali.clip_captioning import caption_clips, remove_parts, split_skipped
 from dali.command_configs import InferConfig
 from dali.config import config_to_dict
 from dali.constants import TARGET_FRAMES
@@ -14,7 +15,6 @@ from dali.logs import log
 from dali.run import Run
 from dali.runs import Stage, check_run_name, stage_main
 from dali.stage_table import ALIGN, DISTILL, INFER, PREFIX, infer_folder
-from dali.stages.clip_captioning import caption_clips, remove_parts, split_skipped
 from dali.stages.common import open_stage, start_captioning, start_stage
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             target_frames=target_frames,
             on_error=config.on_error,
             audio_as=loader_audio(context.device, encoder),
-            front_end=getattr(encoder, "front_end", None),
+            front_end=encoder.front_end if encoder is not None else None,
         )
 
     options = config.decoding()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
+from dali.clip_captioning import caption_clips, remove_parts, write_captions
 from dali.command_configs import PseudoLabelConfig
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
@@ -19,7 +19,6 @@ from dali.logs import log
 from dali.run import Run
 from dali.runs import stage_main
 from dali.stage_table import ALIGN, PREFIX, PSEUDO_LABEL
-from dali.stages.clip_captioning import caption_clips, remove_parts
 from dali.stages.common import open_stage, start_captioning, start_stage
 
 
@@ -75,25 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%d pseudo-captions in %s (%d clips skipped)", counts, out / PSEUDO_CAPTIONS_FILE, len(skipped))
     distributed.teardown()
     return 0
-
-
-def write_captions(records: Iterator[dict], path: Path, skipped: list[dict]) -> int:
-    """Stream the merged records' non-empty captions to ``path``; the rest go to ``skipped``. Returns the count."""
-    count = 0
-
-    def captions() -> Iterator[dict]:
-        nonlocal count
-        for record in records:
-            if record.pop("skipped", False):
-                skipped.append(record)
-            elif not record["caption"].strip():
-                skipped.append({"id": record["id"], "path": "", "reason": "empty caption generated"})
-            else:
-                count += 1
-                yield record
-
-    atomic_write_jsonl(path, captions())
-    return count
 
 
 def _absolute(path: Path | None) -> str | None:

@@ -136,6 +136,25 @@ def _positions_checked(part: Path) -> Iterator[dict]:
         yield record
 
 
+def write_captions(records: Iterator[dict], path: Path, skipped: list[dict]) -> int:
+    """Stream the merged records' non-empty captions to ``path``; the rest go to ``skipped``. Returns the count."""
+    count = 0
+
+    def captions() -> Iterator[dict]:
+        nonlocal count
+        for record in records:
+            if record.pop("skipped", False):
+                skipped.append(record)
+            elif not record["caption"].strip():
+                skipped.append({"id": record["id"], "path": "", "reason": "empty caption generated"})
+            else:
+                count += 1
+                yield record
+
+    atomic_write_jsonl(path, captions())
+    return count
+
+
 def split_skipped(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
     """(captions, skipped clips without their marker), for a list small enough to hold."""
     captions, skipped = [], []
