@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from dali.errors import TrainingDiverged
 from dali.files import atomic_write
 from dali.logs import log
 from dali.models.checkpoints import CheckpointError, check_torch_archive
+from dali.progress import progress
+from dali.stage_folder import CHECKPOINT
 
 T = TypeVar("T")
 
@@ -132,3 +134,67 @@ def epoch_share(items: Sequence[T], seed: int, epoch: int, context: distributed.
     """This process's share of the epoch's seeded shuffle of ``items``: every process shuffles the same way, then
     takes its interleaved share, so that together they cover each item once (and one process takes them all)."""
     return distributed.shard([items[i] for i in epoch_order(len(items), seed, epoch)], context)
+
+
+class Training:
+    """A training stage in progress, as the three training stages keep it: what it trains (each object's state saved
+    in the checkpoint, with the stage's own position), its step, its metrics, its non-finite guard and its progress.
+
+    The loop skeleton is :meth:`epochs` (each epoch's remaining batches of this process's share), then, per batch,
+    :meth:`advance` and :meth:`log`; :meth:`checkpoint` saves every ``--checkpoint-every`` steps.
+    """
+
+    def __init__(self, stage, context: distributed.Context, config, trained: dict[str, Any], total_steps: int):
+        self.stage, self.context, self.config, self.trained = stage, context, config, trained
+        self.total_steps, self.step, self.last_loss, self.stopped = total_steps, 0, float("nan"), False
+        self.metrics = self.guard = self.bar = None
+
+    def resume(self, keep: Callable[[dict, dict], bool] | None = None) -> dict[str, Any]:
+        """With ``--resume``, the checkpoint's states loaded into the trained objects; the position saved with them
+        ({} without one: its ``step`` becomes :attr:`step`). Then the metrics, rewound to the records that
+        ``keep(record, position)`` selects (by default those up to the step), and the guard that logs into them."""
+        position = (resume_training(self.stage.path / CHECKPOINT, self.trained) if self.config.resume else None) or {}
+        self.step = position.get("step", 0)
+        if position:
+            log.info("resuming %s at step %d of %d", self.stage.name, self.step, self.total_steps)
+        keep = keep or (lambda record, position: record.get("step", 0) <= position.get("step", 0))
+        self.metrics = self.stage.metrics()
+        self.metrics.rewind(lambda record: keep(record, position))
+        self.guard = NonFiniteGuard(self.config.max_non_finite_steps, self.metrics)
+        return position
+
+    def epochs(self, items: Sequence[T], steps_per_epoch: int, desc: str) -> Iterator[tuple[int, list[list[T]]]]:
+        """From the current step to the last (or a stop): (epoch from 0, its remaining batches of this process's
+        share of the epoch's seeded shuffle of ``items``)."""
+        size = self.config.batch_size
+        self.bar = progress(total=self.total_steps, initial=self.step, desc=desc, disable=not self.context.is_main)
+        while self.step < self.total_steps and not self.stopped:
+            epoch, batch_index = divmod(self.step, steps_per_epoch)
+            order = epoch_share(items, self.config.seed, epoch, self.context)
+            remaining = order[batch_index * size : steps_per_epoch * size]
+            yield epoch, [remaining[i : i + size] for i in range(0, len(remaining), size)]
+        self.bar.close()
+
+    def optimise(self, loss: torch.Tensor, optimizer, params: list) -> float | None:
+        """:func:`guarded_step` at this step, with ``--max-grad-norm``."""
+        return guarded_step(
+            loss, optimizer, params, self.guard, self.step, self.config.max_grad_norm, self.context.device
+        )
+
+    def advance(self, loss: float | None, epoch: int, lr: float) -> dict[str, Any]:
+        """The step done (``loss`` None: skipped as non-finite; the last loss stands); its record, to complete."""
+        self.last_loss = self.last_loss if loss is None else loss
+        self.step += 1
+        return {"step": self.step, "epoch": epoch + 1, "loss": self.last_loss, "lr": lr}
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.log(**record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
+
+    def checkpoint(self, force: bool = False, **position: Any) -> None:
+        """Save (main process) every ``--checkpoint-every`` steps, at the last step, at a stop or when ``force``d."""
+        due = self.step % self.config.checkpoint_every == 0 or self.step == self.total_steps or self.stopped
+        if self.context.is_main and (due or force):
+            save_training(self.stage.path / CHECKPOINT, self.trained, step=self.step, **position)

@@ -22,17 +22,17 @@ from dali.command_configs import AlignConfig
 from dali.config import ConfigError, config_to_dict
 from dali.data import Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
-from dali.jsonl import MetricsLog, atomic_write_jsonl
+from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
 from dali.models.audio_encoders import new_encoder, pretrained_encoder, save_encoder
 from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_encoder
 from dali.models.vision_tower import VisionTower
 from dali.progress import progress
-from dali.runs import CHECKPOINT, Stage, stage_main
+from dali.runs import Stage, stage_main
 from dali.stage_table import ALIGN
 from dali.stages.common import open_stage, print_config, start_stage
-from dali.training import NonFiniteGuard, epoch_share, resume_training, save_training
+from dali.training import Training, epoch_share
 
 
 def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
@@ -174,7 +174,6 @@ class Alignment:
     bad: list[dict] = dc_field(default_factory=list)  # unusable clips, listed in skipped.jsonl
     epoch: int = 1
     step_in_epoch: int = 0
-    global_step: int = 0
     best_val: float = math.inf
 
     @property
@@ -195,11 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.broadcast_parameters(run.encoder, *([run.scorers] if run.scorers is not None else []))
     data = prepare_data(run, train_clips, distributed.shard(val_clips, context))  # each rank validates its share
     optimisers = build_optimisers(run)
-    if config.resume:
-        resume(run, optimisers)
-    metrics = stage.metrics()
-    metrics.rewind(lambda r: r["step"] <= run.global_step if "step" in r else r["epoch"] < run.epoch)
-    loop = TrainingLoop(metrics, NonFiniteGuard(config.max_non_finite_steps, metrics), _autocast(config, run.device))
+    training = Training(stage, context, config, _trained(run, optimisers), config.epochs * data.steps_per_epoch)
+    resume(run, training)
+    loop = TrainingLoop(training, _autocast(config, run.device))
     # Batches have one shape (full batches only), so the compiled forward is built once; the weights stay
     # the encoder's own, so checkpoints and saved files do not change.
     loop.project = run.encoder.project
@@ -213,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(run.encoder, tmp))
         optimisers.scheduler.step()
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
-        checkpoint(run, optimisers)
+        checkpoint(run, training, force=True)
         distributed.barrier()
     run.bad = distributed.gather_records(run.bad)  # every process's unusable clips, in skipped.jsonl
     if context.is_main:
-        save_outputs(run, stage, loop.guard.count)
+        save_outputs(run, stage, training.guard.count)
     distributed.teardown()
     return 0
 
@@ -310,7 +307,7 @@ def build_optimisers(run: Alignment) -> Optimisers:
     return Optimisers(optimizer, scheduler, scorer_optimizer, params)
 
 
-POSITION = ("epoch", "step_in_epoch", "best_val", "global_step", "bad")
+POSITION = ("epoch", "step_in_epoch", "best_val", "bad")  # and the step (of all epochs): Training.step
 
 
 def _trained(run: Alignment, optimisers: Optimisers) -> dict:
@@ -323,26 +320,29 @@ def _trained(run: Alignment, optimisers: Optimisers) -> dict:
     }
 
 
-def checkpoint(run: Alignment, optimisers: Optimisers) -> None:
-    if run.context.is_main:
-        save_training(
-            run.out / CHECKPOINT, _trained(run, optimisers), **{name: getattr(run, name) for name in POSITION}
-        )
+def checkpoint(run: Alignment, training: Training, force: bool = False) -> None:
+    training.checkpoint(force, **{name: getattr(run, name) for name in POSITION})
 
 
-def resume(run: Alignment, optimisers: Optimisers) -> None:
-    state = resume_training(run.out / CHECKPOINT, _trained(run, optimisers))
-    if state is None:
-        return
+def _step_of(position: dict) -> int:
+    return position.get("step", position.get("global_step", 0))  # global_step: checkpoints before 2026-12
+
+
+def resume(run: Alignment, training: Training) -> None:
+    """The checkpoint's states and position (with --resume); the metrics keep the records before it."""
+    position = training.resume(
+        lambda r, position: r["step"] <= _step_of(position) if "step" in r else r["epoch"] < position.get("epoch", 1)
+    )
+    training.step = _step_of(position)
     for name in POSITION:
-        setattr(run, name, state[name])
-    log.info("resuming alignment at epoch %d step %d", run.epoch, run.step_in_epoch)
+        setattr(run, name, position.get(name, getattr(run, name)))
+    if position:
+        log.info("resuming alignment at epoch %d step %d", run.epoch, run.step_in_epoch)
 
 
 @dataclass
 class TrainingLoop:
-    metrics: MetricsLog
-    guard: NonFiniteGuard
+    training: Training
     autocast: Callable
     project: Callable | None = None  # the encoder's forward, compiled on a GPU
 
@@ -371,13 +371,13 @@ def train_epoch(run: Alignment, data: AlignmentData, optimisers: Optimisers, loo
         if len(batch["index"]) == 0:
             continue
         record = train_step(run, data, optimisers, loop, batch)
-        loop.metrics.log(**record)
+        loop.training.metrics.log(**record)
         run.step_in_epoch += 1
-        run.global_step += 1
+        loop.training.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        if run.global_step % config.checkpoint_every == 0:
-            checkpoint(run, optimisers)
+        if loop.training.step % config.checkpoint_every == 0:
+            checkpoint(run, loop.training, force=True)
     bar.close()
 
 
@@ -394,7 +394,7 @@ def train_step(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop
     optimisers.encoder.zero_grad(set_to_none=True)
     if optimisers.scorers is not None:
         optimisers.scorers.zero_grad(set_to_none=True)
-    if loop.guard.check(loss, run.global_step):
+    if loop.training.guard.check(loss, loop.training.step):
         # The encoder follows the criterion alone; the scorers follow criterion - lambda * entropy.
         # (The original let both backward passes add up in the encoder's gradients.)
         # Both backward passes run before any weight changes. The scorers' pass goes first and
@@ -410,7 +410,7 @@ def train_step(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop
             distributed.average_gradients(scorers.parameters())
             optimisers.scorers.step()
     record = {
-        "step": run.global_step + 1,
+        "step": loop.training.step + 1,
         "epoch": run.epoch,
         "loss": distributed.mean_across_ranks(float(loss.detach()), run.device),
         "lr": optimisers.encoder.param_groups[0]["lr"],
@@ -440,7 +440,7 @@ def validate(run: Alignment, data: AlignmentData, loop: TrainingLoop) -> float |
         log.warning("epoch %d: no validation clip could be scored (listed in %s)", run.epoch, SKIPPED_FILE)
         return None
     val_loss = float(total / count)
-    loop.metrics.log(epoch=run.epoch, val_loss=val_loss)
+    loop.training.metrics.log(epoch=run.epoch, val_loss=val_loss)
     log.info("epoch %d: validation %s %.4f", run.epoch, config.method, val_loss)
     return val_loss
 

@@ -25,10 +25,10 @@ from dali.models.captioner import Captioner
 from dali.models.projector import save_projector
 from dali.progress import progress
 from dali.run import Run
-from dali.runs import CHECKPOINT, stage_main
+from dali.runs import stage_main
 from dali.stage_table import ALIGN, DISTILL, PSEUDO_LABEL
 from dali.stages.common import open_stage, print_config, start_stage
-from dali.training import NonFiniteGuard, cosine_schedule, epoch_share, guarded_step, resume_training, save_training
+from dali.training import Training, cosine_schedule
 
 
 def held_out_split(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -172,67 +172,54 @@ def train_projector(config, captioner, projector, tokens, clips, train, held_out
 
     Returns the run's final metrics, and ``bad``: the clips that could not be read (each listed once).
     """
-    device = context.device
     params = list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(math.ceil(len(distributed.shard(train, context)) / config.batch_size), 1)
     total_steps = steps_per_epoch * config.epochs
     eval_every = config.eval_every or steps_per_epoch
     scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
-    step, bad, selection = 0, {record["id"]: record for record in tokens.bad}, Selection()
-    trained = {"projector": projector, "optimizer": optimizer, "scheduler": scheduler}
-    state = resume_training(stage.path / CHECKPOINT, trained) if config.resume else None
-    if state is not None:
-        step, bad, selection = state["step"], state["bad"], Selection(**state["selection"])
-        log.info("resuming distillation at step %d of %d", step, total_steps)
-    metrics = stage.metrics()
-    metrics.rewind(lambda record: record.get("step", 0) <= step)
-    guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
-
-    def checkpoint() -> None:
-        if context.is_main:
-            save_training(stage.path / CHECKPOINT, trained, step=step, bad=bad, selection=vars(selection))
-
-    bar = progress(total=total_steps, initial=step, desc="distillation", disable=not context.is_main)
-    last_loss, stopped_early = float("nan"), False
-    while step < total_steps and not stopped_early:
-        epoch, batch_index = divmod(step, steps_per_epoch)
-        order = epoch_share(train, config.seed, epoch, context)
-        remaining = order[batch_index * config.batch_size : steps_per_epoch * config.batch_size]
-        batches = [remaining[i : i + config.batch_size] for i in range(0, len(remaining), config.batch_size)]
+    training = Training(
+        stage, context, config, {"projector": projector, "optimizer": optimizer, "scheduler": scheduler}, total_steps
+    )
+    position = training.resume()
+    bad = position.get("bad", {record["id"]: record for record in tokens.bad})
+    selection = Selection(**position.get("selection", {}))
+    for epoch, batches in training.epochs(train, steps_per_epoch, "distillation"):
         for indices, audio, new_bad in tokens.batches(batches):
             bad.update((record["id"], record) for record in new_bad)
+            stepped = None
             if indices:
                 block = captioner.modality_block(audio_tokens=audio, audio_projector=projector)
                 loss = distributed.global_token_mean(
                     *captioner.caption_loss(block, [clips[i].captions[0] for i in indices], reduction="sum"), context
                 )
-                stepped = guarded_step(loss, optimizer, params, guard, step, config.max_grad_norm, device)
-                last_loss = last_loss if stepped is None else stepped
+                stepped = training.optimise(loss, optimizer, params)
             scheduler.step()
-            step += 1
-            record = {"step": step, "epoch": epoch + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}
-            if held_out and (step % eval_every == 0 or step == total_steps):
+            record = training.advance(stepped, epoch, scheduler.get_last_lr()[0])
+            if held_out and (training.step % eval_every == 0 or training.step == total_steps):
                 record["val_loss"] = held_out_loss(
                     captioner, projector, tokens, clips, held_out, config.batch_size, context
                 )
-                record["best"] = selection.update(record["val_loss"], step, projector)
-                stopped_early = bool(config.patience) and selection.stale >= config.patience
-            metrics.log(**record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-            if step % config.checkpoint_every == 0 or stopped_early:
-                checkpoint()
-            if stopped_early:
+                record["best"] = selection.update(record["val_loss"], training.step, projector)
+                training.stopped = bool(config.patience) and selection.stale >= config.patience
+            training.log(record)
+            training.checkpoint(bad=bad, selection=vars(selection))
+            if training.stopped:
                 log.info(
-                    "held-out loss has not improved for %d evaluations: stopping at step %d", selection.stale, step
+                    "held-out loss has not improved for %d evaluations: stopping at step %d",
+                    selection.stale,
+                    training.step,
                 )
                 break
-    bar.close()
-    result = {"final_loss": last_loss, "steps": step, "planned_steps": total_steps, "non_finite_steps": guard.count}
+    result = {
+        "final_loss": training.last_loss,
+        "steps": training.step,
+        "planned_steps": total_steps,
+        "non_finite_steps": training.guard.count,
+    }
     if held_out:
         projector.load_state_dict(selection.state)
-        result |= {"best_step": selection.step, "best_val_loss": selection.loss, "stopped_early": stopped_early}
+        result |= {"best_step": selection.step, "best_val_loss": selection.loss, "stopped_early": training.stopped}
         log.info("kept the projector of step %d (held-out loss %.4f)", selection.step, selection.loss)
     gathered = {record["id"]: record for record in distributed.gather_records(list(bad.values()))}
     return result | {"bad": list(gathered.values())}

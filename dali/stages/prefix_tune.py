@@ -19,11 +19,10 @@ from dali.files import atomic_write
 from dali.logs import log
 from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix
-from dali.progress import progress
-from dali.runs import CHECKPOINT, Stage, stage_main
+from dali.runs import Stage, stage_main
 from dali.stage_table import PREFIX
 from dali.stages.common import open_stage, print_config, start_stage
-from dali.training import NonFiniteGuard, cosine_schedule, epoch_share, guarded_step, resume_training, save_training
+from dali.training import Training, cosine_schedule
 
 
 @stage_main
@@ -73,30 +72,16 @@ def train_prefix(config, context, stage: Stage, captioner, prefix: Prefix, image
     total_steps = steps_per_epoch * config.epochs
     scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
     trained = {"prefix": prefix, "optimizer": optimizer, "scheduler": scheduler}
-    state = resume_training(stage.path / CHECKPOINT, trained) if config.resume else None
-    step = state["step"] if state is not None else 0
-    if state is not None:
-        log.info("resuming prefix tuning at step %d of %d", step, total_steps)
-    metrics = stage.metrics()
-    metrics.rewind(lambda record: record.get("step", 0) <= step)
-    guard = NonFiniteGuard(config.max_non_finite_steps, metrics)
-    last_loss, params = float("nan"), list(prefix.parameters())
-    bar = progress(total=total_steps, initial=step, desc="prefix tuning", disable=not context.is_main)
-    while step < total_steps:
-        epoch, batch_index = divmod(step, steps_per_epoch)
-        order = epoch_share(range(len(captions)), config.seed, epoch, context)
-        batch = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
-        block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
-        total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
-        loss = distributed.global_token_mean(total, count, context)
-        stepped = guarded_step(loss, optimizer, params, guard, step, config.max_grad_norm, context.device)
-        last_loss = last_loss if stepped is None else stepped
-        scheduler.step()
-        step += 1
-        metrics.log(step=step, epoch=epoch + 1, loss=last_loss, lr=scheduler.get_last_lr()[0])
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-        if context.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
-            save_training(stage.path / CHECKPOINT, trained, step=step)
-    bar.close()
-    return {"final_loss": last_loss, "steps": total_steps, "non_finite_steps": guard.count}
+    training = Training(stage, context, config, trained, total_steps)
+    training.resume()
+    params = list(prefix.parameters())
+    for epoch, batches in training.epochs(range(len(captions)), steps_per_epoch, "prefix tuning"):
+        for batch in batches:
+            block = captioner.modality_block(image_tokens=image_tokens[batch], prefix=prefix())
+            total, count = captioner.caption_loss(block, [captions[i] for i in batch], reduction="sum")
+            loss = distributed.global_token_mean(total, count, context)
+            stepped = training.optimise(loss, optimizer, params)
+            scheduler.step()
+            training.log(training.advance(stepped, epoch, scheduler.get_last_lr()[0]))
+            training.checkpoint()
+    return {"final_loss": training.last_loss, "steps": total_steps, "non_finite_steps": training.guard.count}
