@@ -182,6 +182,22 @@ class StaticDecoder:
             self.cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
 
     # -- decoding -----------------------------------------------------------------------------------
+    def _fit_rows(self, rows: torch.Tensor, length: int, max_new_tokens: int) -> torch.Tensor:
+        """The rows [B, T, H], checked to fit the model's positions at ``length``; padded (by repeating the first
+        row) to the compiled batch when a smaller one comes at the compiled length (the last batch of a run), so
+        that no other shape is compiled."""
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {length - max_new_tokens} positions + {max_new_tokens} new tokens exceeds the "
+                f"model's {self.config.max_position_embeddings} positions"
+            )
+        batch = rows.shape[0]
+        if self.compile and self._cache_shape is not None:
+            compiled_batch, compiled_length = self._cache_shape
+            if batch < compiled_batch and length == compiled_length:
+                rows = torch.cat([rows, rows[:1].expand(compiled_batch - batch, -1, -1)])
+        return rows
+
     @torch.no_grad()
     def generate(
         self,
@@ -208,17 +224,8 @@ class StaticDecoder:
         """
         batch = rows.shape[0]
         length = shared.shape[0] + rows.shape[1] + max_new_tokens
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt of {length - max_new_tokens} positions + {max_new_tokens} new tokens exceeds the "
-                f"model's {self.config.max_position_embeddings} positions"
-            )
-        width = batch
-        if self.compile and self._cache_shape is not None:
-            compiled_batch, compiled_length = self._cache_shape
-            if batch < compiled_batch and length == compiled_length:  # e.g. the last batch of a run
-                width = compiled_batch  # pad to the compiled batch instead of compiling another shape
-                rows = torch.cat([rows, rows[:1].expand(width - batch, -1, -1)])
+        rows = self._fit_rows(rows, length, max_new_tokens)
+        width = rows.shape[0]
         timings = DecodeTimings()
         clock = _Clock(profile, self.device)
         dtype = self.dtype
