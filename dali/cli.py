@@ -9,8 +9,8 @@ import importlib
 import sys
 from typing import Callable
 
-from dali.config import parse_config
 from dali.errors import DaliError
+from dali.flags import parse_config
 from dali.stage_table import COMMANDS, GROUPS
 
 

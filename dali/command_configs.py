@@ -1,4 +1,4 @@
-"""Every command's flags: small config dataclasses that double as the command-line schema (``dali.config``).
+"""Every command's flags: small config dataclasses that double as the command-line schema (``dali.flags``).
 
 They live apart from the stages, with nothing heavier than ``dali.constants`` imported, so that ``dali <command>
 --help`` parses and answers before torch or transformers load.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dali.config import ConfigError, field, require_at_least
 from dali.constants import (
     AUDIO_ENCODERS,
     CONV_MODES,
@@ -19,13 +18,14 @@ from dali.constants import (
     ON_ERROR_CHOICES,
     TARGET_FRAMES,
 )
+from dali.flags import ConfigError, field, require_at_least
 from dali.limits import DEFAULT_FILE_SECONDS
 from dali.logs import log
 
 
 @dataclass(kw_only=True)
 class RunFolder:
-    """The flags of every stage that writes a run folder, declared once (their help: ``config.COMMON_HELP``)."""
+    """The flags of every stage that writes a run folder, declared once (their help: ``flags.COMMON_HELP``)."""
 
     run: str = field("default")
     expe_dir: str = field("expe")
@@ -65,7 +65,7 @@ class DecodingFlags:
     temperature: float = field(0.2, group="decoding")
     num_beams: int = field(4, group="decoding")
     max_new_tokens: int = field(64, group="decoding")
-    seed: int = field(0)  # listed with the run folder and system flags (config.SYSTEM_FLAGS)
+    seed: int = field(0)  # listed with the run folder and system flags (flags.SYSTEM_FLAGS)
     engine: str = field(
         "dali",
         choices=DECODING_ENGINES,

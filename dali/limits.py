@@ -60,7 +60,7 @@ MAX_DESCRIBED_INTEGER = 10**7
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 # The bounds (inclusive) of every number a flag, preset or API option declares, by field name, for every
 # command: what real use needs with a wide margin (docs/reliability.md). A value outside them is a ConfigError
-# naming the flag before anything is allocated from it; a field may set its own (``dali.config.field(bounds=)``).
+# naming the flag before anything is allocated from it; a field may set its own (``dali.flags.field(bounds=)``).
 BOUNDS: dict[str, tuple[float, float]] = {
     "seed": (0, MAX_SEED),
     "seeds": (1, 100),

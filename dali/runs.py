@@ -159,11 +159,11 @@ class Stage:
     by :func:`stage_main`). The folder is locked while a process uses it.
     """
 
-    def __init__(self, path: str | Path, name: str, overwrite: bool = False, resume: bool = False, main: bool = True):
+    def __init__(self, path: str | Path, name: str, overwrite: bool = False, resume: bool = False, writer: bool = True):
         self.path = Path(path)
         self.name = name
         self.started = time.time()
-        self.main = main
+        self.writer = writer  # the one process that writes the folder (rank 0); the others only read it
         self.overwrite, self.resume = overwrite, resume
         self.inputs: dict[str, dict[str, Any]] = {}
         running = _RUNNING.get()
@@ -173,7 +173,7 @@ class Stage:
         self._opened = self._finished = self._replaced = False
         found = folder.state(self.path, name)
         self._created = found is folder.State.ABSENT
-        if not main:
+        if not writer:
             return
         if found is folder.State.FOREIGN:
             raise StageStateError(
@@ -229,7 +229,7 @@ class Stage:
 
     def _open(self) -> None:
         """First write: an overwrite moves the old run aside now, once the stage has got this far."""
-        if self._opened or not self.main:
+        if self._opened or not self.writer:
             return
         self._opened = True
         state, fresh = self.state, self.overwrite and not self.resume
@@ -244,7 +244,7 @@ class Stage:
 
     def save_config(self, config: dict[str, Any]) -> None:
         """Write ``config.yaml``; on --resume, refuse a config that changes what the run computes."""
-        if not self.main:
+        if not self.writer:
             return
         if self.resuming and (self.path / CONFIG).exists():
             try:
@@ -272,7 +272,7 @@ class Stage:
         refused, as a changed setting is; one inside this stage's own folder is refused (an overwrite removes it)."""
         flag = f"--{name.replace('_', '-')}"
         resolved, own = Path(path).resolve(), self.path.resolve()
-        if self.main and (resolved == own or own in resolved.parents):
+        if self.writer and (resolved == own or own in resolved.parents):
             raise StageStateError(
                 f"{flag} '{path}' is inside this stage's own folder '{self.path}': a stage never writes into its "
                 "inputs; choose another --out"
@@ -293,16 +293,16 @@ class Stage:
                 "would mix the two: resume with the same input, or pass --overwrite to start again"
             )
         self.inputs[name] = fingerprint
-        if self._opened and self.main:
+        if self._opened and self.writer:
             atomic_write_json(self.path / folder.INPUTS, self.inputs)
 
     def metrics(self) -> "MetricsLog":
         self._open()
-        return MetricsLog(self.path / METRICS, enabled=self.main)
+        return MetricsLog(self.path / METRICS, enabled=self.writer)
 
     def finish(self, metrics: dict[str, Any], outputs: list[str]) -> Path | None:
         """Write the manifest last: the stage is done once it exists. Then the replaced run goes."""
-        if not self.main:
+        if not self.writer:
             return None
         self._open()
         missing = [name for name in outputs if not (self.path / name).exists()]

@@ -64,9 +64,9 @@ def test_one_entry_point():
         if "dali.cli" in _imports(path) or '__name__ == "__main__"' in text:
             found.append(str(path.relative_to(PACKAGE.parent)))
     assert not found, found
-    import dali.config
+    import dali.flags
 
-    assert not hasattr(dali.config, "PROG")
+    assert not hasattr(dali.flags, "PROG")
 
 
 def test_every_command_row_names_a_module_with_main_and_a_config():

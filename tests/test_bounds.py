@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 from dali import limits
-from dali.config import ConfigError, _base_type, bounds_of, flag, parse_config
+from dali.flags import ConfigError, _base_type, bounds_of, flag, parse_config
 from dali.stage_table import COMMANDS
 
 

@@ -34,7 +34,7 @@ def test_checkpoint_every_zero_is_refused_by_every_training_stage(stage):
     """It was a ZeroDivisionError in align and distill; one shared check now names the flag in all three."""
     import importlib
 
-    from dali.config import ConfigError, parse_config
+    from dali.flags import ConfigError, parse_config
 
     module = importlib.import_module(f"dali.stages.{stage}")
     config_class = {"prefix_tune": "PrefixTuneConfig", "align": "AlignConfig", "distill": "DistillConfig"}[stage]
@@ -76,7 +76,7 @@ def test_the_tools_help_is_named_and_plain_text(command):
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_flag_has_help(command):
     from dali import command_configs
-    from dali.config import build_parser
+    from dali.flags import build_parser
 
     parser = build_parser(getattr(command_configs, COMMANDS[command].config))
     bare = [action.dest for action in parser._actions if not (action.help or "").strip()]

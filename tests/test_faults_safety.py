@@ -257,7 +257,7 @@ def test_a_clip_id_that_is_not_utf8_is_written_and_read_back(tmp_path):
 
 def test_presets_are_checked_like_flags(tmp_path):
     from dali.command_configs import InferConfig
-    from dali.config import ConfigError, parse_config
+    from dali.flags import ConfigError, parse_config
 
     for text, match in (("projector: distiled\n", "projector"), ("dtype: float64\n", "dtype")):
         (tmp_path / "p.yaml").write_text("llava: x\ntest_list: t.csv\n" + text)
@@ -267,7 +267,7 @@ def test_presets_are_checked_like_flags(tmp_path):
 
 def test_a_stages_own_config_is_a_valid_preset(tmp_path):
     from dali.command_configs import InferConfig
-    from dali.config import config_to_dict, parse_config
+    from dali.flags import config_to_dict, parse_config
 
     config = parse_config(InferConfig, ["--llava", "x", "--test-list", "t.csv", "--temperature", "0.5"])
     (tmp_path / CONFIG).write_text(yaml.safe_dump(config_to_dict(config)))
@@ -357,7 +357,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_prepare_finds_duplicate_ids_among_200000_files(tmp_path):
-    from dali.config import ConfigError
+    from dali.flags import ConfigError
     from dali.tools import prepare
 
     listing = tmp_path / "list.txt"  # the quadratic check took about 15 minutes on this list; a linear one, a second

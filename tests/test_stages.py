@@ -340,7 +340,7 @@ def _distill_flags(pipeline, pseudo, out):
 
 
 def test_image_modality_needs_frames(pipeline):
-    from dali.config import ConfigError
+    from dali.flags import ConfigError
 
     world, llava, run = pipeline
     with pytest.raises(ConfigError, match="--frames-dir"):

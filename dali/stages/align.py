@@ -19,9 +19,9 @@ from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
 from dali.captioning import DTYPES
 from dali.command_configs import AlignConfig
-from dali.config import ConfigError, config_to_dict
 from dali.data import Clip, ClipDataset, collate, read_cavmae_json
 from dali.files import atomic_write
+from dali.flags import ConfigError, config_to_dict
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.losses import AttentiveTokenWeights, mmd_loss, ot_loss
@@ -186,35 +186,35 @@ def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(AlignConfig, argv)
     stage = open_stage(config, context, ALIGN)
     out = stage.path
-    run = Alignment(config, context, out, *load_models(config, context.device))
+    alignment = Alignment(config, context, out, *load_models(config, context.device))
     train_clips = read_cavmae_json(config.train_list, config.data_root)
     val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
     if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
         record_inputs(stage, config)
-    distributed.broadcast_parameters(run.encoder, *([run.scorers] if run.scorers is not None else []))
-    data = prepare_data(run, train_clips, distributed.shard(val_clips, context))  # each rank validates its share
-    optimisers = build_optimisers(run)
-    training = Training(stage, context, config, _trained(run, optimisers), config.epochs * data.steps_per_epoch)
-    resume(run, training)
-    loop = TrainingLoop(training, _autocast(config, run.device))
+    distributed.broadcast_parameters(alignment.encoder, *([alignment.scorers] if alignment.scorers is not None else []))
+    data = prepare_data(alignment, train_clips, distributed.shard(val_clips, context))  # each rank validates its share
+    optimisers = build_optimisers(alignment)
+    training = Training(stage, context, config, _trained(alignment, optimisers), config.epochs * data.steps_per_epoch)
+    resume(alignment, training)
+    loop = TrainingLoop(training, _autocast(config, alignment.device))
     # Batches have one shape (full batches only), so the compiled forward is built once; the weights stay
     # the encoder's own, so checkpoints and saved files do not change.
-    loop.project = run.encoder.project
-    if config.compile and run.device.type == "cuda":
-        loop.project = torch.compile(run.encoder.project, dynamic=False)
-    while run.epoch <= config.epochs:
-        train_epoch(run, data, optimisers, loop)
-        val_loss = validate(run, data, loop)
-        if context.is_main and (val_loss is None or val_loss < run.best_val):  # keep the best epoch's encoder
-            run.best_val = val_loss if val_loss is not None else run.best_val
-            atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(run.encoder, tmp))
+    loop.project = alignment.encoder.project
+    if config.compile and alignment.device.type == "cuda":
+        loop.project = torch.compile(alignment.encoder.project, dynamic=False)
+    while alignment.epoch <= config.epochs:
+        train_epoch(alignment, data, optimisers, loop)
+        val_loss = validate(alignment, data, loop)
+        if context.is_main and (val_loss is None or val_loss < alignment.best_val):  # keep the best epoch's encoder
+            alignment.best_val = val_loss if val_loss is not None else alignment.best_val
+            atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(alignment.encoder, tmp))
         optimisers.scheduler.step()
-        run.epoch, run.step_in_epoch = run.epoch + 1, 0
-        checkpoint(run, training, force=True)
+        alignment.epoch, alignment.step_in_epoch = alignment.epoch + 1, 0
+        checkpoint(alignment, training, force=True)
         distributed.barrier()
-    run.bad = distributed.gather_records(run.bad)  # every process's unusable clips, in skipped.jsonl
+    alignment.bad = distributed.gather_records(alignment.bad)  # every process's unusable clips, in skipped.jsonl
     if context.is_main:
-        save_outputs(run, stage, training.guard.count)
+        save_outputs(alignment, stage, training.guard.count)
     distributed.teardown()
     return 0
 
@@ -248,34 +248,36 @@ class AlignmentData:
     steps_per_epoch: int
 
 
-def clip_dataset(run: Alignment, clips: list[Clip], augment: bool, vision: VisionTokenSource) -> ClipDataset:
-    config = run.config
+def clip_dataset(alignment: Alignment, clips: list[Clip], augment: bool, vision: VisionTokenSource) -> ClipDataset:
+    config = alignment.config
     clip_set = ClipDataset(
         clips,
         need_audio=True,
         need_image=not config.cache_vision_tokens,
-        image_transform=run.tower.preprocess_images,
+        image_transform=alignment.tower.preprocess_images,
         frame_index=config.frame_index,
         target_frames=config.target_frames,
         augment=augment,
         on_error=config.on_error,
         seed=config.seed,
-        front_end=run.encoder.front_end,
+        front_end=alignment.encoder.front_end,
     )
     clip_set.image_tokens = vision.cache  # None without --cache-vision-tokens: pixels go to the tower
     return clip_set
 
 
-def prepare_data(run: Alignment, train_clips: list[Clip], val_clips: list[Clip]) -> AlignmentData:
-    """CLIP tokens (cached) and fbanks (preloaded) of the clips; unusable ones go to ``run.bad``."""
-    config = run.config
-    train_vision = VisionTokenSource(run.tower, train_clips, config, run.device, run.bad)
-    val_vision = VisionTokenSource(run.tower, val_clips, config, run.device, run.bad) if val_clips else None
-    train_set = clip_dataset(run, train_clips, config.noise, train_vision)
+def prepare_data(alignment: Alignment, train_clips: list[Clip], val_clips: list[Clip]) -> AlignmentData:
+    """CLIP tokens (cached) and fbanks (preloaded) of the clips; unusable ones go to ``alignment.bad``."""
+    config = alignment.config
+    train_vision = VisionTokenSource(alignment.tower, train_clips, config, alignment.device, alignment.bad)
+    val_vision = (
+        VisionTokenSource(alignment.tower, val_clips, config, alignment.device, alignment.bad) if val_clips else None
+    )
+    train_set = clip_dataset(alignment, train_clips, config.noise, train_vision)
     if config.cache_audio_features:
-        run.bad.extend(train_set.preload_audio())
+        alignment.bad.extend(train_set.preload_audio())
     usable = [i for i in range(len(train_clips)) if train_vision.usable(i) and train_set.usable(i)]
-    my_count = len(distributed.shard(usable, run.context))
+    my_count = len(distributed.shard(usable, alignment.context))
     steps_per_epoch = my_count // config.batch_size if my_count >= config.batch_size else 1
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -290,19 +292,19 @@ class Optimisers:
     encoder_params: list[torch.nn.Parameter]
 
 
-def build_optimisers(run: Alignment) -> Optimisers:
+def build_optimisers(alignment: Alignment) -> Optimisers:
     """Adam with step decay for the encoder; the scorers have their own Adam and no decay, as in the original."""
-    config = run.config
-    params = [p for p in run.encoder.parameters() if p.requires_grad]
+    config = alignment.config
+    params = [p for p in alignment.encoder.parameters() if p.requires_grad]
     betas = (config.beta1, config.beta2)
-    fused = run.device.type == "cuda"  # one kernel for all parameters instead of several per tensor
+    fused = alignment.device.type == "cuda"  # one kernel for all parameters instead of several per tensor
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused)
     milestones = list(range(config.lr_decay_start, 10_000, config.lr_decay_every))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_decay)
     scorer_optimizer = None
-    if run.scorers is not None:
+    if alignment.scorers is not None:
         scorer_optimizer = torch.optim.Adam(
-            run.scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
+            alignment.scorers.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=betas, fused=fused
         )
     return Optimisers(optimizer, scheduler, scorer_optimizer, params)
 
@@ -310,34 +312,34 @@ def build_optimisers(run: Alignment) -> Optimisers:
 POSITION = ("epoch", "step_in_epoch", "best_val", "bad")  # and the step (of all epochs): Training.step
 
 
-def _trained(run: Alignment, optimisers: Optimisers) -> dict:
+def _trained(alignment: Alignment, optimisers: Optimisers) -> dict:
     return {
-        "encoder": run.encoder,
+        "encoder": alignment.encoder,
         "optimizer": optimisers.encoder,
         "scheduler": optimisers.scheduler,
-        "scorers": run.scorers,
+        "scorers": alignment.scorers,
         "scorer_optimizer": optimisers.scorers,
     }
 
 
-def checkpoint(run: Alignment, training: Training, force: bool = False) -> None:
-    training.checkpoint(force, **{name: getattr(run, name) for name in POSITION})
+def checkpoint(alignment: Alignment, training: Training, force: bool = False) -> None:
+    training.checkpoint(force, **{name: getattr(alignment, name) for name in POSITION})
 
 
 def _step_of(position: dict) -> int:
     return position.get("step", position.get("global_step", 0))  # global_step: checkpoints before 2026-12
 
 
-def resume(run: Alignment, training: Training) -> None:
+def resume(alignment: Alignment, training: Training) -> None:
     """The checkpoint's states and position (with --resume); the metrics keep the records before it."""
     position = training.resume(
         lambda r, position: r["step"] <= _step_of(position) if "step" in r else r["epoch"] < position.get("epoch", 1)
     )
     training.step = _step_of(position)
     for name in POSITION:
-        setattr(run, name, position.get(name, getattr(run, name)))
+        setattr(alignment, name, position.get(name, getattr(alignment, name)))
     if position:
-        log.info("resuming alignment at epoch %d step %d", run.epoch, run.step_in_epoch)
+        log.info("resuming alignment at epoch %d step %d", alignment.epoch, alignment.step_in_epoch)
 
 
 @dataclass
@@ -347,48 +349,50 @@ class TrainingLoop:
     project: Callable | None = None  # the encoder's forward, compiled on a GPU
 
 
-def train_epoch(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop) -> None:
-    config = run.config
-    data.train_set.epoch = run.epoch
-    mine = epoch_share(data.usable, config.seed, run.epoch, run.context)[: data.steps_per_epoch * config.batch_size]
+def train_epoch(alignment: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop) -> None:
+    config = alignment.config
+    data.train_set.epoch = alignment.epoch
+    mine = epoch_share(data.usable, config.seed, alignment.epoch, alignment.context)[
+        : data.steps_per_epoch * config.batch_size
+    ]
     loader = torch.utils.data.DataLoader(
         data.train_set,
         batch_size=config.batch_size,
-        sampler=OrderedSampler(mine[run.step_in_epoch * config.batch_size :]),
+        sampler=OrderedSampler(mine[alignment.step_in_epoch * config.batch_size :]),
         num_workers=config.num_workers,
         collate_fn=collate,
         persistent_workers=False,
-        pin_memory=run.device.type == "cuda",
+        pin_memory=alignment.device.type == "cuda",
     )
     bar = progress(
         total=data.steps_per_epoch,
-        initial=run.step_in_epoch,
-        desc=f"align epoch {run.epoch}/{config.epochs}",
-        disable=not run.context.is_main,
+        initial=alignment.step_in_epoch,
+        desc=f"align epoch {alignment.epoch}/{config.epochs}",
+        disable=not alignment.context.is_main,
     )
     for batch in loader:
-        run.bad.extend(item.as_record() for item in batch["bad"])
+        alignment.bad.extend(item.as_record() for item in batch["bad"])
         if len(batch["index"]) == 0:
             continue
-        record = train_step(run, data, optimisers, loop, batch)
+        record = train_step(alignment, data, optimisers, loop, batch)
         loop.training.metrics.log(**record)
-        run.step_in_epoch += 1
+        alignment.step_in_epoch += 1
         loop.training.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if loop.training.step % config.checkpoint_every == 0:
-            checkpoint(run, loop.training, force=True)
+            checkpoint(alignment, loop.training, force=True)
     bar.close()
 
 
-def train_step(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop, batch) -> dict:
+def train_step(alignment: Alignment, data: AlignmentData, optimisers: Optimisers, loop: TrainingLoop, batch) -> dict:
     """One guarded step of the encoder (and of the scorers after their frozen epochs); returns its record."""
-    config, scorers = run.config, run.scorers
-    entropy_weight = config.entropy_weight(run.epoch)
-    scorers_train = scorers is not None and run.epoch > config.scorer_freeze_epochs
+    config, scorers = alignment.config, alignment.scorers
+    entropy_weight = config.entropy_weight(alignment.epoch)
+    scorers_train = scorers is not None and alignment.epoch > config.scorer_freeze_epochs
     image = data.train_vision.tokens(batch)  # [B, M, D]
     with loop.autocast():
-        audio = loop.project(batch["fbank"].to(run.device, non_blocking=True)).float()  # [B, N, D]
+        audio = loop.project(batch["fbank"].to(alignment.device, non_blocking=True)).float()  # [B, N, D]
         weights = scorers(audio, image) if scorers is not None else None
     loss = alignment_loss(config, audio, image, weights)
     optimisers.encoder.zero_grad(set_to_none=True)
@@ -411,8 +415,8 @@ def train_step(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop
             optimisers.scorers.step()
     record = {
         "step": loop.training.step + 1,
-        "epoch": run.epoch,
-        "loss": distributed.mean_across_ranks(float(loss.detach()), run.device),
+        "epoch": alignment.epoch,
+        "loss": distributed.mean_across_ranks(float(loss.detach()), alignment.device),
         "lr": optimisers.encoder.param_groups[0]["lr"],
     }
     if weights is not None:
@@ -421,52 +425,56 @@ def train_step(run: Alignment, data: AlignmentData, optimisers: Optimisers, loop
     return record
 
 
-def validate(run: Alignment, data: AlignmentData, loop: TrainingLoop) -> float | None:
+def validate(alignment: Alignment, data: AlignmentData, loop: TrainingLoop) -> float | None:
     """The epoch's validation loss over every rank's share (None without a validation list or a scored clip)."""
     if data.val_vision is None:
         return None
-    config = run.config
+    config = alignment.config
     val_loader = torch.utils.data.DataLoader(
-        clip_dataset(run, data.val_clips, augment=False, vision=data.val_vision),
+        clip_dataset(alignment, data.val_clips, augment=False, vision=data.val_vision),
         # a clip whose frame could not be cached has no tokens to compare with: it is listed, not scored
         sampler=OrderedSampler([i for i in range(len(data.val_clips)) if data.val_vision.usable(i)]),
         batch_size=config.batch_size,
         num_workers=config.num_workers,
         collate_fn=collate,
     )
-    total, count = validation_loss(config, run.encoder, data.val_vision, val_loader, run.device, loop.autocast)
-    total, count = distributed.sum_across_ranks(torch.tensor([total, count], dtype=torch.float64, device=run.device))
+    total, count = validation_loss(
+        config, alignment.encoder, data.val_vision, val_loader, alignment.device, loop.autocast
+    )
+    total, count = distributed.sum_across_ranks(
+        torch.tensor([total, count], dtype=torch.float64, device=alignment.device)
+    )
     if count == 0:  # no score to pick an epoch by: keep the latest encoder, as without --val-list
-        log.warning("epoch %d: no validation clip could be scored (listed in %s)", run.epoch, SKIPPED_FILE)
+        log.warning("epoch %d: no validation clip could be scored (listed in %s)", alignment.epoch, SKIPPED_FILE)
         return None
     val_loss = float(total / count)
-    loop.training.metrics.log(epoch=run.epoch, val_loss=val_loss)
-    log.info("epoch %d: validation %s %.4f", run.epoch, config.method, val_loss)
+    loop.training.metrics.log(epoch=alignment.epoch, val_loss=val_loss)
+    log.info("epoch %d: validation %s %.4f", alignment.epoch, config.method, val_loss)
     return val_loss
 
 
-def save_outputs(run: Alignment, stage: Stage, non_finite_steps: int) -> None:
+def save_outputs(alignment: Alignment, stage: Stage, non_finite_steps: int) -> None:
     """The encoder (the initial one with --epochs 0), the scorers, the skipped list, then the manifest."""
-    config, out = run.config, run.out
+    config, out = alignment.config, alignment.out
     if not (out / ENCODER_FILE).exists():  # --epochs 0: the initial (unaligned) encoder
-        atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(run.encoder, tmp))
+        atomic_write(out / ENCODER_FILE, lambda tmp: save_encoder(alignment.encoder, tmp))
     outputs = [ENCODER_FILE, SKIPPED_FILE]
-    skipped = _unique(run.bad)
+    skipped = _unique(alignment.bad)
     atomic_write_jsonl(out / SKIPPED_FILE, skipped)
-    if run.scorers is not None:
+    if alignment.scorers is not None:
         from safetensors.torch import save_file
 
-        weights = {k: v.detach().cpu().contiguous() for k, v in run.scorers.state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in alignment.scorers.state_dict().items()}
         atomic_write(out / TOKEN_WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
         outputs.append(TOKEN_WEIGHTS_FILE)
     metrics = {
-        "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
+        "best_val_loss": None if math.isinf(alignment.best_val) else alignment.best_val,
         "epochs": config.epochs,
         "method": config.method,
         "ot_solver": config.ot_solver,
         "skipped_clips": len(skipped),
         "non_finite_steps": non_finite_steps,
-        "audio_encoder": run.encoder.describe(),  # its family and config: what the later stages rebuild
+        "audio_encoder": alignment.encoder.describe(),  # its family and config: what the later stages rebuild
     }
     stage.finish(metrics, outputs=outputs)
     log.info("aligned encoder written to %s", out / ENCODER_FILE)

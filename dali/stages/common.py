@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 from dali import distributed
-from dali.config import config_to_dict, parse_config
+from dali.flags import config_to_dict, parse_config
 from dali.logs import log, setup_logging
 from dali.run import Run
 from dali.runs import Stage
@@ -66,7 +66,7 @@ def open_stage(config: Any, context: distributed.Context, row: StageRow, folder:
     """The stage's folder (``--out``, or ``<expe-dir>/<run>/<its folder>``), opened for this run on every
     process."""
     out = Path(config.out) if config.out else Run.of(config).at(folder or row.folder)
-    stage = Stage(out, row.name, overwrite=config.overwrite, resume=config.resume, main=context.is_main)
+    stage = Stage(out, row.name, overwrite=config.overwrite, resume=config.resume, writer=context.is_main)
     distributed.barrier()
     return stage
 

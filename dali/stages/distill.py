@@ -16,9 +16,9 @@ from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
 from dali.captioning import DTYPES
 from dali.command_configs import DistillConfig
-from dali.config import ConfigError, config_to_dict
 from dali.data import Clip, ClipDataset, collate
 from dali.files import atomic_write
+from dali.flags import ConfigError, config_to_dict
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.models.captioner import Captioner

@@ -6,10 +6,10 @@ from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
 from dali.clip_captioning import caption_clips, remove_parts, split_skipped
 from dali.command_configs import InferConfig
-from dali.config import config_to_dict
 from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
 from dali.evaluation import prediction_map, score_predictions
+from dali.flags import config_to_dict
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.run import Run

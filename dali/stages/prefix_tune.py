@@ -13,9 +13,9 @@ from dali import distributed
 from dali.artifacts import PREFIX_FILE
 from dali.captioning import DTYPES
 from dali.command_configs import PrefixTuneConfig
-from dali.config import ConfigError, config_to_dict
 from dali.data import ClipError, load_frame, read_prefix_pairs
 from dali.files import atomic_write
+from dali.flags import ConfigError, config_to_dict
 from dali.logs import log
 from dali.models.captioner import Captioner
 from dali.models.prefix import Prefix, save_prefix

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from dali.command_configs import WorldCommandConfig
-from dali.config import parse_config
+from dali.flags import parse_config
 from dali.logs import log, setup_logging
 from dali.synthetic.captioner import CaptionerTraining, train_captioner
 from dali.synthetic.world import REDUCED, WorldConfig, generate_world

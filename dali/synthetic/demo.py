@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from dali.command_configs import DemoConfig
-from dali.config import parse_config
 from dali.evaluation import TABLE_METRICS, markdown_table
 from dali.files import atomic_write_json, atomic_write_text
+from dali.flags import parse_config
 from dali.jsonl import read_jsonl
 from dali.logs import log, setup_logging
 from dali.runs import MANIFEST, check_run_name, read_manifest

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import AppConfig
-from dali.config import parse_config
 from dali.errors import DaliError
+from dali.flags import parse_config
 from dali.logs import log, setup_logging
 from dali.media import MEDIA_EXTENSIONS
 from dali.models.decoding import DecodingOptions

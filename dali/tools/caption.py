@@ -15,8 +15,8 @@ import torch
 
 from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import CaptionConfig
-from dali.config import parse_config
 from dali.files import atomic_write_json
+from dali.flags import parse_config
 from dali.logs import log, setup_logging
 from dali.media import MediaError
 from dali.progress import progress

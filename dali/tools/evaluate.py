@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 
 from dali.command_configs import EvaluateConfig
-from dali.config import ConfigError, parse_config
 from dali.data import read_caption_csv
 from dali.evaluation import read_predictions, score_predictions, scores_markdown
+from dali.flags import ConfigError, parse_config
 from dali.logs import setup_logging
 from dali.runs import MANIFEST
 

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
 from dali.command_configs import ImportOriginalConfig
-from dali.config import ConfigError, parse_config
 from dali.files import atomic_write
+from dali.flags import ConfigError, parse_config
 from dali.logs import log, setup_logging
 from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix

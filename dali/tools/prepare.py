@@ -12,10 +12,10 @@ import soundfile
 
 from dali.audio import samples_for_frames
 from dali.command_configs import PrepareConfig
-from dali.config import ConfigError, parse_config
 from dali.constants import NUM_FRAMES, SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
 from dali.files import atomic_write, atomic_write_json, read_json_object
+from dali.flags import ConfigError, parse_config
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log, setup_logging
 from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop

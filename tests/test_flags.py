@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from dali.config import ConfigError, field, parse_config
+from dali.flags import ConfigError, field, parse_config
 
 
 @dataclasses.dataclass
