@@ -20,7 +20,7 @@ import torch
 
 from dali.audio import WINDOW_SHIFT, WaveformError, audio_to_features, samples_for_frames, waveform_to_mono
 from dali.captioning import DTYPES, CaptioningModels
-from dali.constants import SAMPLE_RATE
+from dali.constants import PROJECTORS, RENAMED_PROJECTORS, SAMPLE_RATE
 from dali.distributed import pick_device
 from dali.errors import DaliError
 from dali.limits import DEFAULT_FILE_SECONDS
@@ -109,12 +109,17 @@ class AudioCaptioner:
         allow_modified: bool = False,
     ) -> "AudioCaptioner":
         """Load a run: its aligned encoder, and its distilled projector when it has one (``projector="distilled"``,
-        no prefix, as the original's inference); otherwise LLaVA's projector with the run's prefix. ``llava`` and
-        ``conv_mode`` default to what the run recorded. Each trained file is checked against the sha256 its
-        manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only warns)."""
+        no prefix, as the original's inference); otherwise LLaVA's projector (``projector="llava"``) with the run's
+        prefix. ``llava`` and ``conv_mode`` default to what the run recorded. Each trained file is checked against
+        the sha256 its manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only
+        warns)."""
         found = Run.find(run, expe_dir)
-        projector = projector or ("distilled" if found.finished(DISTILL) else "original")
-        use_prefix = projector == "original" if use_prefix is None else use_prefix
+        projector = RENAMED_PROJECTORS.get(projector, projector) or (
+            "distilled" if found.finished(DISTILL) else "llava"
+        )
+        if projector not in PROJECTORS:
+            raise DaliError(f"projector must be one of {PROJECTORS}, got '{projector}'")
+        use_prefix = projector == "llava" if use_prefix is None else use_prefix
         uses = [ALIGN, *([PREFIX] if use_prefix else []), *([DISTILL] if projector == "distilled" else [])]
         models = CaptioningModels.load(
             found,

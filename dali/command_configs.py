@@ -16,6 +16,8 @@ from dali.constants import (
     DTYPE_NAMES,
     MODALITIES,
     ON_ERROR_CHOICES,
+    PROJECTORS,
+    RENAMED_PROJECTORS,
     TARGET_FRAMES,
 )
 from dali.flags import ConfigError, field, require_at_least
@@ -289,8 +291,9 @@ class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags)
     use_prefix: bool = field(False, help="append the stage-1a prefix")
     projector: str = field(
         "distilled",
-        choices=("distilled", "original"),
+        choices=PROJECTORS,
         help="projector for every modality: the distilled copy (the original's --use_mlp true) or LLaVA's own",
+        renamed=RENAMED_PROJECTORS,
     )
     frame_index: int = field(DEFAULT_FRAME_INDEX)
     batch_size: int = field(32)
@@ -324,7 +327,10 @@ class CaptionConfig(FinishedRun, DecodingFlags):
     files: tuple[str, ...] = field((), help="audio or video files", positional=True)
     modality: str = field("audio", choices=("audio", "audio_vis"))
     projector: str | None = field(
-        None, choices=("distilled", "original"), help="default: distilled when the run has one, else LLaVA's own"
+        None,
+        choices=PROJECTORS,
+        help="default: distilled when the run has one, else LLaVA's own",
+        renamed=RENAMED_PROJECTORS,
     )
     use_prefix: bool | None = field(None, help="default: with LLaVA's own projector only")
     first_window_only: bool = field(False, help="caption only the first 10 s of each file")

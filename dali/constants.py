@@ -7,6 +7,10 @@ NUM_FRAMES = 10  # frames kept per clip (frame_0 .. frame_9), as CAV-MAE's prepr
 DEFAULT_FRAME_INDEX = 5  # the middle of those 10 frames; one index for every stage
 ON_ERROR_CHOICES = ("skip", "stop")
 MODALITIES = ("image", "audio", "audio_vis")
+# the projector captions go through: the distilled copy (stage 2b), or LLaVA's own ("original" before 2026-12: the
+# word means the paper's code everywhere else)
+PROJECTORS = ("distilled", "llava")
+RENAMED_PROJECTORS = {"original": "llava"}
 AUDIO_ENCODERS = ("cav-mae", "ast", "whisper", "clap", "hubert", "wav2vec2")  # dali.models.audio_encoders
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DECODING_ENGINES = ("dali", "generate", "generate-static")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from dali.errors import DaliError, shown
 from dali.files import read_plain_yaml
@@ -162,6 +163,7 @@ def load_preset(cls: type[T], path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"--config: preset '{path}' has unknown keys {unknown}; known keys: {sorted(fields)}")
     values = {key: _coerce(key, hints[key], value, f"preset '{path}'") for key, value in data.items()}
+    values = {key: _renamed(fields[key], value) for key, value in values.items()}
     for key, value in values.items():  # a preset's value must pass what the flag would
         choices = fields[key].metadata.get("choices")
         if choices and value is not None and value not in choices:
@@ -207,6 +209,8 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
             kwargs["action"] = "store_true" if switch else argparse.BooleanOptionalAction
         else:
             kwargs |= {"type": _converter(base, optional), "choices": field.metadata.get("choices")}
+            if field.metadata.get("renamed"):  # an old spelling becomes the name now before the choices are checked
+                kwargs["type"] = functools.partial(_renamed_text, field, kwargs["type"])
         if positional:
             groups["settings"].add_argument(field.name, **kwargs)
             continue
@@ -262,6 +266,16 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {field.name: plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
 
 
+def _renamed(field: dataclasses.Field, value: Any) -> Any:
+    """A choice given by its old name, as its name now."""
+    renamed = field.metadata.get("renamed") or {}
+    return renamed.get(value, value) if isinstance(value, str) else value
+
+
+def _renamed_text(field: dataclasses.Field, convert: Callable[[str], Any], text: str) -> Any:
+    return _renamed(field, convert(text))
+
+
 def field(
     default: Any = dataclasses.MISSING,
     help: str = "",
@@ -269,10 +283,12 @@ def field(
     positional: bool = False,
     group: str = "settings",
     bounds: tuple[float, float] | None = None,
+    renamed: dict[str, str] | None = None,
 ) -> Any:
     """A dataclass field with CLI help (and choices); ``positional`` for a value (or a sequence) given without a flag;
-    ``group="decoding"`` lists it under decoding in --help; ``bounds`` (inclusive) in place of :data:`BOUNDS`'."""
-    metadata = {"help": help, "positional": positional, "group": group, "bounds": bounds}
+    ``group="decoding"`` lists it under decoding in --help; ``bounds`` (inclusive) in place of :data:`BOUNDS`';
+    ``renamed``: a choice's old spelling -> its name now (the old one is still taken, as the new)."""
+    metadata = {"help": help, "positional": positional, "group": group, "bounds": bounds, "renamed": renamed or {}}
     if choices:
         metadata["choices"] = choices
     if isinstance(default, (list, dict, set)):

@@ -93,3 +93,19 @@ def test_paper_presets_and_the_config_defaults_agree():
                 continue
             default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
             assert value == default, f"configs/paper/{name}.yaml: {key} = {value}, default {default}"
+
+
+def test_a_renamed_choice_keeps_its_old_spelling(tmp_path):
+    """``--projector original`` meant LLaVA's own projector; it is ``llava`` now, and the old word still works, as a
+    flag and in a preset, and means the same."""
+    from dali.command_configs import CaptionConfig, InferConfig
+
+    required = ["--llava", "x", "--test-list", "t.csv"]
+    assert parse_config(InferConfig, [*required, "--projector", "original"]).projector == "llava"
+    assert parse_config(InferConfig, [*required, "--projector", "llava"]).projector == "llava"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("projector: original\n")
+    assert parse_config(InferConfig, [*required, "--config", str(preset)]).projector == "llava"
+    assert parse_config(CaptionConfig, ["--run", "r", "a.wav", "--projector", "original"]).projector == "llava"
+    with pytest.raises(SystemExit):
+        parse_config(InferConfig, [*required, "--projector", "mine"])

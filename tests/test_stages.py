@@ -210,7 +210,7 @@ def test_pseudo_labels_distillation_and_inference(pipeline):
                     str(world / "frames"),
                     "--use-prefix",
                     "--projector",
-                    "original",
+                    "llava",
                     "--limit",
                     "4",
                 ]

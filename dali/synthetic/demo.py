@@ -216,7 +216,7 @@ def infer_flags(world: Path, folder: Path, row: Row, common: list[str], prefix_d
     if row.distilled:
         flags += ["--projector", "distilled", "--no-use-prefix", "--distill-dir", str(folder / DISTILL.folder)]
     else:
-        flags += ["--projector", "original", "--use-prefix"]
+        flags += ["--projector", "llava", "--use-prefix"]
     return flags + (["--align-dir", str(folder / ALIGN.folder)] if row.modality != "image" else [])
 
 
