@@ -22,6 +22,7 @@ from dali.jsonl import iter_jsonl_lines
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("bleu_4", "meteor", "rouge_l", "cider_d", "sbert_sim")
+EMPTY = "<empty>"  # what an empty prediction is scored as (one unknown word): no word of its vocabulary
 SBERT_NAME = "SBERT-sim (all-MiniLM-L6-v2)"
 
 
@@ -137,6 +138,7 @@ def evaluate_captions(
     ids, predictions, references = _normalised(predictions, references)
     gts_tok, res_tok = _tokenized(ids, predictions, references)
     scores, per_clip = _clip_independent_scores(ids, gts_tok, res_tok)
+    scores |= vocabulary([res_tok[key][0] for key in sorted(res_tok)], list(gts_tok.values()))
     unavailable: dict[str, str] = {}
     meteor = Meteor()  # a java subprocess, ended by the object's finaliser
     scores["meteor"] = float(meteor.compute_score(gts_tok, res_tok)[0])
@@ -155,6 +157,18 @@ def evaluate_captions(
     else:
         unavailable["sbert_sim"] = "disabled"
     return {"scores": scores, "unavailable": unavailable, "num_clips": len(ids), "per_clip": per_clip}
+
+
+def vocabulary(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """DCASE's vocabulary sizes (as aac-metrics' ``vocab``) of PTB-tokenised captions: the distinct words of the
+    predictions (``vocab``), of every reference (``vocab_references``), and their ratio."""
+    words = {word for caption in predictions if caption != EMPTY for word in caption.split()}
+    reference_words = {word for group in references for caption in group for word in caption.split()}
+    return {
+        "vocab": float(len(words)),
+        "vocab_references": float(len(reference_words)),
+        "vocab_ratio": len(words) / max(len(reference_words), 1),
+    }
 
 
 def per_clip_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
@@ -216,7 +230,7 @@ def _tokenized(ids: list, predictions: dict[str, str], references: dict[str, lis
     tokenizer = PTBTokenizer()
     gts_tok, res_tok = tokenizer.tokenize(gts), tokenizer.tokenize(res)
     # an empty prediction tokenises to '' which METEOR's jar rejects; score it as a lone unknown word
-    res_tok = {key: [value[0] if value[0].strip() else "<empty>"] for key, value in res_tok.items()}
+    res_tok = {key: [value[0] if value[0].strip() else EMPTY] for key, value in res_tok.items()}
     return gts_tok, res_tok
 
 

@@ -52,7 +52,7 @@ def test_scores_equal_aac_metrics_on_the_same_inputs(ours, tmp_path):
     theirs, _ = aac_metrics.evaluate(
         [CANDIDATES[i] for i in ids if CANDIDATES[i]],
         [REFERENCES[i] for i in ids if CANDIDATES[i]],
-        metrics=list(METRICS),
+        metrics=[*METRICS, "vocab"],
         cache_path=str(tmp_path),
     )
     subset = evaluate_captions(
@@ -62,7 +62,15 @@ def test_scores_equal_aac_metrics_on_the_same_inputs(ours, tmp_path):
     )
     for metric in METRICS:
         assert subset["scores"][metric] == pytest.approx(float(theirs[metric]), abs=1e-9), metric
+    # DCASE's vocabulary sizes: of the predictions, of every reference, and their ratio
+    for ours_name, their_name in (
+        ("vocab", "cands"),
+        ("vocab_references", "mrefs_full"),
+        ("vocab_ratio", "ratio_full"),
+    ):
+        assert subset["scores"][ours_name] == pytest.approx(float(theirs[f"vocab.{their_name}"]), abs=1e-9)
     assert ours["num_clips"] == 5  # an empty prediction is scored, not dropped
+    assert ours["scores"]["vocab"] == subset["scores"]["vocab"]  # an empty prediction adds no word
 
 
 def test_sbert_and_unavailable_metrics(ours):
