@@ -59,6 +59,12 @@ class Precision:
     dtype: str = field("float32", choices=DTYPE_NAMES)
 
 
+METRIC_MODELS_HELP = (
+    "folder holding FENSE's models (paraphrase-TinyBERT-L6-v2/, echecker_clotho_audiocaps_base.ckpt, "
+    "bert-base-uncased/; docs/evaluation.md); without it FENSE and the fluency-error rate are listed as unavailable"
+)
+
+
 @dataclass(kw_only=True)
 class DecodingFlags:
     """The decoding flags shared by the stages that caption (a stage may redeclare a field's default)."""
@@ -300,6 +306,7 @@ class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags)
     limit: int | None = field(None, help="caption only the first N clips")
     evaluate: bool = field(True, help="score the predictions against the list's references")
     sbert: bool = field(True)
+    metric_models: str | None = field(None, help=METRIC_MODELS_HELP)
 
     def validate(self) -> None:
         if self.modality != "audio" and not self.frames_dir:
@@ -358,6 +365,7 @@ class EvaluateConfig:
     )
     sbert: bool = field(True, help="compute SBERT-sim (all-MiniLM-L6-v2)")
     spice: bool = field(True, help="compute SPICE/SPIDEr when the CoreNLP jars are present")
+    metric_models: str | None = field(None, help=METRIC_MODELS_HELP)
     name: str = field("predictions", help="row name in the markdown table")
     allow_missing: bool = field(
         False, help="score the clips that have a prediction when some have none (the table and scores.json say so)"

@@ -18,6 +18,7 @@ from dali.artifacts import SCORES_JSON, SCORES_MD
 from dali.errors import DaliError
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import iter_jsonl_lines
+from dali.metric_models import SETTINGS, FenseModels, fense_scores, load_or_reason, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,11 @@ def evaluate_captions(
     references: Mapping[str, Sequence[str]],
     use_sbert: bool = True,
     use_spice: bool = True,
+    fense_models: FenseModels | str | None = None,
 ) -> dict:
     """Corpus scores of one caption per clip against its references, both sides normalised by
     :func:`normalise_caption` (a caption empty after it is scored as one unknown word: zero on every n-gram metric).
+    With ``fense_models`` (loaded, or the reason they are not), DCASE's FENSE and fluency-error rate too.
 
     Returns:
         {"scores": {metric: value}, "unavailable": {metric: reason}, "num_clips": n,
@@ -156,7 +159,25 @@ def evaluate_captions(
         scores["sbert_sim"] = sum(sims) / len(sims)
     else:
         unavailable["sbert_sim"] = "disabled"
-    return {"scores": scores, "unavailable": unavailable, "num_clips": len(ids), "per_clip": per_clip}
+    result = {"scores": scores, "unavailable": unavailable, "num_clips": len(ids), "per_clip": per_clip}
+    _add_fense(
+        result, fense_models, [res_tok[key][0] for key in sorted(res_tok)], [gts_tok[key] for key in sorted(gts_tok)]
+    )
+    return result
+
+
+def _add_fense(result: dict, models: FenseModels | str | None, predictions: list[str], references: list) -> None:
+    """FENSE (DCASE's: its settings beside the scores) on the PTB-tokenised captions, as aac-metrics' evaluate
+    scores them; or the reason it is unavailable."""
+    if not isinstance(models, FenseModels):
+        for name in ("fense", "fluency_error_rate"):
+            result["unavailable"][name] = models or unavailable_reason(None)
+        return
+    scores, per_clip = fense_scores(models, [text if text != EMPTY else "" for text in predictions], references)
+    result["scores"] |= scores
+    result["metric_settings"] = {"fense": SETTINGS}
+    for clip_scores, clip_id in zip(per_clip, result["per_clip"]):
+        result["per_clip"][clip_id] |= clip_scores
 
 
 def vocabulary(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -254,6 +275,7 @@ def score_predictions(
     spice: bool = True,
     allow_missing: bool = False,
     source: str = "predictions",
+    metric_models: str | None = None,
 ) -> dict:
     """Evaluate checked predictions (:func:`prediction_map`), then write scores.json and scores.md into ``out``;
     returns the result dict.
@@ -269,7 +291,8 @@ def score_predictions(
     evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
     if not evaluated:
         raise PredictionsError(f"{source}: no clip of the test list has a prediction")
-    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice)
+    fense = load_or_reason(metric_models)
+    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice, fense_models=fense)
     result["coverage"] = {"scored": len(evaluated), "of": len(references), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SCORES_JSON, result)

@@ -84,7 +84,10 @@ def finish(config, stage: Stage, clips, records) -> None:
         # the scores say how many of how many clips they cover
         scored = ((line, record) for line, record in enumerate(captions, 1) if record["id"] in references)
         predictions = prediction_map(scored, references.keys(), f"'{out / PREDICTIONS_FILE}'")
-        result = score_predictions(predictions, references, out, out.name, sbert=config.sbert, allow_missing=True)
+        result = score_predictions(
+            predictions, references, out, out.name, sbert=config.sbert, allow_missing=True,
+            metric_models=config.metric_models,
+        )  # fmt: skip
         final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
         outputs += [SCORES_JSON, SCORES_MD]
         log.info("scores: %s", {k: round(v, 4) for k, v in result["scores"].items()})

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         config.spice,
         allow_missing=config.allow_missing,
         source=source,
+        metric_models=config.metric_models,
     )
     print(scores_markdown(config.name, result))
     return 0

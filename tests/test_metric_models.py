@@ -1,0 +1,137 @@
+"""DCASE's model-based metrics (#44): FENSE and the fluency-error rate from a folder of models the user names, on tiny
+models of the real classes saved in the real formats; nothing from the network."""
+
+import pickle
+import socket
+import zipfile
+
+import pytest
+import torch
+
+from dali.evaluation import _normalised, _tokenized, evaluate_captions
+from dali.files import file_sha256
+from dali.metric_models import ECHECKER_FILE, FENSE_SBERT, MetricModelsError, load_fense_models, load_or_reason
+
+CANDIDATES = {"a": "a dog barks twice", "b": "a bell rings", "c": "water flows then a bird sings", "d": ""}
+REFERENCES = {
+    "a": ["a dog barks", "dog barking loudly"],
+    "b": ["a bell rings once", "bells ring"],
+    "c": ["a stream trickles then a bird chirps", "water flows and a bird sings"],
+    "d": ["wind blows"],
+}
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    """A --metric-models folder of tiny models: a BERT (the detector's encoder, with its tokenizer), the detector's
+    checkpoint as FENSE's authors save it, and a sentence-BERT in sentence-transformers' format."""
+    from aac_metrics.functional.fer import BERTFlatClassifier
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("metric_models")
+    encoder = folder / "bert-base-uncased"
+    words = sorted({w for text in [*CANDIDATES.values(), *sum(REFERENCES.values(), [])] for w in text.split()})
+    encoder.mkdir()
+    (encoder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(str(encoder / "vocab.txt")).save_pretrained(encoder)
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    BertModel(BertConfig(vocab_size=5 + len(words), **shape)).save_pretrained(encoder)
+    checker = BERTFlatClassifier(model_type=str(encoder), num_classes=6).eval()
+    with torch.no_grad():  # the 0.9 threshold of the "error" class placed amid the captions: half are penalised
+        batch = BertTokenizerFast.from_pretrained(encoder)(list(CANDIDATES.values()), padding=True, return_tensors="pt")
+        checker.clf.weight[5] *= 100.0  # a tiny random BERT's sentences differ little
+        logits = checker(**batch)[:, 5] - checker.clf.bias[5]
+        checker.clf.bias[5] = torch.log(torch.tensor(9.0)) - logits.median()
+    state = {"model_type": "bert-base-uncased", "num_classes": 6, "state_dict": checker.state_dict()}
+    torch.save(state, folder / ECHECKER_FILE)
+    word = models.Transformer(str(encoder))
+    SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension())]).save(str(folder / FENSE_SBERT))
+    return folder, {ECHECKER_FILE: file_sha256(folder / ECHECKER_FILE)}
+
+
+def test_fense_equals_aac_metrics_own_on_the_same_models(metric_models):
+    from aac_metrics.functional.fense import fense
+    from aac_metrics.functional.fer import BERTFlatClassifier
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    folder, checksums = metric_models
+    ours = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, fense_models=load_fense_models(folder, checksums)
+    )
+    # aac-metrics' own loading of the same files (its checkpoint reader, minus the download), on the same captions
+    checker = BERTFlatClassifier(model_type=str(folder / "bert-base-uncased"), num_classes=6)
+    weights = torch.load(folder / ECHECKER_FILE)["state_dict"]
+    weights.pop("encoder.embeddings.position_ids", None)
+    checker.load_state_dict(weights)
+    ids, predictions, references = _normalised(CANDIDATES, REFERENCES)
+    gts, res = _tokenized(ids, predictions, references)
+    candidates = [res[i][0] if res[i][0] != "<empty>" else "" for i in range(len(ids))]
+    theirs, clips = fense(
+        candidates,
+        [gts[i] for i in range(len(ids))],
+        sbert_model=SentenceTransformer(str(folder / FENSE_SBERT), device="cpu"),
+        echecker=checker.eval(),
+        echecker_tokenizer=AutoTokenizer.from_pretrained(str(folder / "bert-base-uncased")),
+        device="cpu",
+    )
+    assert ours["scores"]["fense"] == pytest.approx(float(theirs["fense"]), abs=1e-6)
+    assert ours["scores"]["fluency_error_rate"] == pytest.approx(float(theirs["fer"]), abs=1e-6)
+    assert ours["scores"]["fense_sbert_sim"] == pytest.approx(float(theirs["sbert_sim"]), abs=1e-6)
+    assert 0 < ours["scores"]["fluency_error_rate"] < 1  # the penalty is exercised on some captions, not all
+    per_clip = [ours["per_clip"][clip_id]["fense"] for clip_id in ids]
+    assert per_clip == pytest.approx(clips["fense"].tolist(), abs=1e-6)
+    settings = ours["metric_settings"]["fense"]
+    assert settings["sbert"] == FENSE_SBERT and settings["fluency_penalty"] == 0.9  # never a mislabelled FENSE
+    assert "fense" not in ours["unavailable"]
+
+
+def test_a_detector_that_is_not_the_published_file_is_refused(metric_models):
+    folder, _ = metric_models
+    with pytest.raises(MetricModelsError, match="not the published file"):
+        load_fense_models(folder)  # the published sha256 of the real checkpoint
+
+
+class Payload:
+    def __reduce__(self):
+        return (open, ("/tmp/dali_unpickled_marker", "w"))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(metric_models, tmp_path):
+    folder, _ = metric_models
+    bad = tmp_path / "models"
+    bad.mkdir()
+    for item in folder.iterdir():
+        (bad / item.name).symlink_to(item)
+    (bad / ECHECKER_FILE).unlink()
+    with zipfile.ZipFile(bad / ECHECKER_FILE, "w", zipfile.ZIP_STORED) as archive:  # torch's layout, a pickle inside
+        archive.writestr("archive/data.pkl", pickle.dumps({"model_type": Payload()}))
+        archive.writestr("archive/version", "3\n")
+    marker = "/tmp/dali_unpickled_marker"
+    with pytest.raises(MetricModelsError, match=ECHECKER_FILE):
+        load_fense_models(bad, {})
+    assert not __import__("os").path.exists(marker)
+
+
+def test_no_metric_model_opens_a_connection(metric_models, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a metric opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    folder, checksums = metric_models
+    result = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, fense_models=load_fense_models(folder, checksums)
+    )
+    assert "fense" in result["scores"]
+
+
+def test_without_the_folder_fense_is_unavailable_with_its_reason(tmp_path):
+    reason = load_or_reason(None)
+    assert isinstance(reason, str) and "--metric-models" in reason
+    assert "lacks" in load_or_reason(tmp_path)
+    result = evaluate_captions(CANDIDATES, REFERENCES, use_sbert=False, use_spice=False)
+    assert "bleu_4" in result["scores"] and "fense" not in result["scores"]
+    assert result["unavailable"]["fense"] == result["unavailable"]["fluency_error_rate"] == reason
