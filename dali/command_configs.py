@@ -356,8 +356,8 @@ class CaptionConfig(FinishedRun, DecodingFlags):
 class EvaluateConfig:
     """Score a predictions.jsonl against the references of a caption CSV."""
 
-    predictions: str = field(help="predictions.jsonl written by `dali infer` (id, caption, ...)")
-    test_list: str = field(help="AudioCaps- or Clotho-style CSV with the references")
+    predictions: str | None = field(None, help="predictions.jsonl written by `dali infer` (id, caption, ...); required")
+    test_list: str | None = field(None, help="AudioCaps- or Clotho-style CSV with the references; required")
     out: str | None = field(
         None,
         help="folder for scores.json / scores.md (default: the predictions' folder, or '<it>_rescored' beside it "
@@ -370,6 +370,15 @@ class EvaluateConfig:
     allow_missing: bool = field(
         False, help="score the clips that have a prediction when some have none (the table and scores.json say so)"
     )
+    list_metric_models: bool = field(
+        False, help="print the files --metric-models must hold (size, published sha256) and exit"
+    )
+
+    def validate(self) -> None:
+        given = {"--predictions": self.predictions, "--test-list": self.test_list}
+        missing = [flag for flag, value in given.items() if value is None]
+        if missing and not self.list_metric_models:
+            raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
 
 
 @dataclass

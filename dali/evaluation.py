@@ -18,7 +18,7 @@ from dali.artifacts import SCORES_JSON, SCORES_MD
 from dali.errors import DaliError
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import iter_jsonl_lines
-from dali.metric_models import SETTINGS, FenseModels, fense_scores, load_or_reason, unavailable_reason
+from dali.metric_models import FLUENCY_PENALTY, SETTINGS, FenseModels, fense_scores, load_or_reason, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,11 @@ def evaluate_captions(
     if reason is None:
         from pycocoevalcap.spice.spice import Spice
 
-        scores["spice"] = float(Spice().compute_score(gts_tok, res_tok)[0])
+        spice, spice_per_clip = Spice().compute_score(gts_tok, res_tok)
+        scores["spice"] = float(spice)
         scores["spider"] = (scores["cider_d"] + scores["spice"]) / 2
+        for clip_id, clip_spice in zip(per_clip, spice_per_clip):  # per clip, for SPIDEr-FL
+            per_clip[clip_id]["spider"] = (per_clip[clip_id]["cider_d"] + float(clip_spice["All"]["f"])) / 2
     else:
         unavailable["spice"] = unavailable["spider"] = reason
     if use_sbert:
@@ -170,7 +173,7 @@ def _add_fense(result: dict, models: FenseModels | str | None, predictions: list
     """FENSE (DCASE's: its settings beside the scores) on the PTB-tokenised captions, as aac-metrics' evaluate
     scores them; or the reason it is unavailable."""
     if not isinstance(models, FenseModels):
-        for name in ("fense", "fluency_error_rate"):
+        for name in ("fense", "fluency_error_rate", "spider_fl"):
             result["unavailable"][name] = models or unavailable_reason(None)
         return
     scores, per_clip = fense_scores(models, [text if text != EMPTY else "" for text in predictions], references)
@@ -178,6 +181,18 @@ def _add_fense(result: dict, models: FenseModels | str | None, predictions: list
     result["metric_settings"] = {"fense": SETTINGS}
     for clip_scores, clip_id in zip(per_clip, result["per_clip"]):
         result["per_clip"][clip_id] |= clip_scores
+    clips = list(result["per_clip"].values())
+    if "spider" in result["scores"]:  # DCASE 2023's: each clip's SPIDEr, penalised when the clip is disfluent
+        result["scores"]["spider_fl"] = spider_fl(
+            [c["spider"] for c in clips], [c["fluency_error_rate"] for c in clips]
+        )
+    else:
+        result["unavailable"]["spider_fl"] = f"SPIDEr is unavailable ({result['unavailable'].get('spider')})"
+
+
+def spider_fl(spider: Sequence[float], disfluent: Sequence[float], penalty: float = FLUENCY_PENALTY) -> float:
+    """SPIDEr-FL: the mean over clips of SPIDEr x (1 - penalty x disfluent), as aac-metrics (DCASE 2023)."""
+    return sum(s * (1.0 - penalty * d) for s, d in zip(spider, disfluent)) / len(spider)
 
 
 def vocabulary(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:

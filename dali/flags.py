@@ -24,7 +24,10 @@ from dali.stage_table import command_of
 T = TypeVar("T")
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
-SWITCHES = frozenset({"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified"})
+SWITCHES = frozenset(
+    {"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified"}
+    | {"list_metric_models"}
+)
 # Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.
 SYSTEM_FLAGS = frozenset(
     {"run", "expe_dir", "out", "overwrite", "resume", "allow_modified", "device", "dtype", "vision_dtype"}

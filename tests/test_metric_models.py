@@ -135,3 +135,43 @@ def test_without_the_folder_fense_is_unavailable_with_its_reason(tmp_path):
     result = evaluate_captions(CANDIDATES, REFERENCES, use_sbert=False, use_spice=False)
     assert "bleu_4" in result["scores"] and "fense" not in result["scores"]
     assert result["unavailable"]["fense"] == result["unavailable"]["fluency_error_rate"] == reason
+
+
+def test_spider_fl_is_aac_metrics_formula():
+    """DCASE 2023's SPIDEr-FL from each clip's SPIDEr and fluency verdict, as aac-metrics combines them."""
+    from aac_metrics.functional.spider_fl import _spider_fl_from_outputs
+
+    from dali.evaluation import spider_fl
+
+    generator = torch.Generator().manual_seed(0)
+    spider = torch.rand(7, generator=generator, dtype=torch.float64)
+    disfluent = (torch.rand(7, generator=generator) > 0.5).double()
+    theirs, _ = _spider_fl_from_outputs(({}, {"spider": spider}), ({}, {"fer": disfluent}))
+    assert spider_fl(spider.tolist(), disfluent.tolist()) == pytest.approx(float(theirs["spider_fl"]), abs=1e-12)
+
+
+def test_spider_fl_is_scored_where_spice_runs_else_says_why(metric_models):
+    from dali.evaluation import spice_unavailable_reason
+
+    folder, checksums = metric_models
+    result = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=True, fense_models=load_fense_models(folder, checksums)
+    )
+    if spice_unavailable_reason() is None:
+        clips = result["per_clip"].values()
+        expected = sum(c["spider"] * (1 - 0.9 * c["fluency_error_rate"]) for c in clips) / len(clips)
+        assert result["scores"]["spider_fl"] == pytest.approx(expected)
+    else:
+        assert "spider_fl" not in result["scores"] and "SPIDEr is unavailable" in result["unavailable"]["spider_fl"]
+
+
+def test_evaluate_lists_the_metric_models_and_checks_a_folder(metric_models, capsys):
+    from dali.tools import evaluate
+
+    folder, _ = metric_models
+    assert evaluate.main(["--list-metric-models", "--metric-models", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert ECHECKER_FILE in text and FENSE_SBERT in text and "bert-base-uncased/" in text
+    assert "MISSING" not in text and "sha256 " in text  # the published hash of the detector
+    assert evaluate.main(["--list-metric-models", "--metric-models", str(folder / "nowhere")]) == 0
+    assert capsys.readouterr().out.count("MISSING") == 3

@@ -11,12 +11,16 @@ from dali.data import read_caption_csv
 from dali.evaluation import read_predictions, score_predictions, scores_markdown
 from dali.flags import ConfigError, parse_config
 from dali.logs import setup_logging
+from dali.metric_models import needed_files
 from dali.runs import MANIFEST
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(EvaluateConfig, argv)
+    if config.list_metric_models:
+        print(metric_models_listing(config.metric_models))
+        return 0
     predictions_path = Path(config.predictions)
     if not predictions_path.is_file():
         raise ConfigError(f"--predictions: '{predictions_path}' does not exist")
@@ -43,6 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(scores_markdown(config.name, result))
     return 0
+
+
+def metric_models_listing(folder: str | None) -> str:
+    """Each file --metric-models must hold: what it is, its published sha256 where there is one, and, with a
+    folder, whether it is there (and its size)."""
+    lines = ["--metric-models DIR holds (docs/evaluation.md says where each comes from):"]
+    for name, what, sha256 in needed_files():
+        lines.append(f"  {name:<40} {what}" + (f"\n  {'':<40} sha256 {sha256}" if sha256 else ""))
+        if folder:
+            path = Path(folder) / name
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else None
+            size = path.stat().st_size if path.is_file() else size
+            lines.append(f"  {'':<40} " + (f"present, {size:,} bytes" if path.exists() else "MISSING"))
+    return "\n".join(lines)
 
 
 def writable_folder(out: Path) -> None:
