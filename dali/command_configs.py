@@ -370,6 +370,9 @@ class EvaluateConfig:
     allow_missing: bool = field(
         False, help="score the clips that have a prediction when some have none (the table and scores.json say so)"
     )
+    audio_dir: str | None = field(
+        None, help="the test list's audio folder: CLAP-sim compares each clip with its caption"
+    )
     list_metric_models: bool = field(
         False, help="print the files --metric-models must hold (size, published sha256) and exit"
     )

@@ -18,7 +18,17 @@ from dali.artifacts import SCORES_JSON, SCORES_MD
 from dali.errors import DaliError
 from dali.files import atomic_write_json, atomic_write_text
 from dali.jsonl import iter_jsonl_lines
-from dali.metric_models import FLUENCY_PENALTY, SETTINGS, FenseModels, fense_scores, load_or_reason, unavailable_reason
+from dali.metric_models import (
+    FLUENCY_PENALTY,
+    SETTINGS,
+    ClapModels,
+    FenseModels,
+    clap_similarity,
+    fense_scores,
+    load_clap,
+    load_or_reason,
+    unavailable_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +135,13 @@ def evaluate_captions(
     use_sbert: bool = True,
     use_spice: bool = True,
     fense_models: FenseModels | str | None = None,
+    clap: ClapModels | str | None = None,
+    audio: Mapping[str, Path] | None = None,
 ) -> dict:
     """Corpus scores of one caption per clip against its references, both sides normalised by
     :func:`normalise_caption` (a caption empty after it is scored as one unknown word: zero on every n-gram metric).
-    With ``fense_models`` (loaded, or the reason they are not), DCASE's FENSE and fluency-error rate too.
+    With ``fense_models`` (loaded, or the reason they are not), DCASE's FENSE and fluency-error rate too; with
+    ``clap`` and each clip's ``audio`` file, CLAP-sim.
 
     Returns:
         {"scores": {metric: value}, "unavailable": {metric: reason}, "num_clips": n,
@@ -166,7 +179,32 @@ def evaluate_captions(
     _add_fense(
         result, fense_models, [res_tok[key][0] for key in sorted(res_tok)], [gts_tok[key] for key in sorted(gts_tok)]
     )
+    _add_clap(result, clap, audio, ids, predictions)
     return result
+
+
+def _add_clap(result: dict, clap, audio: Mapping[str, Path] | None, ids: list, predictions: dict[str, str]) -> None:
+    """CLAP-sim of each clip whose audio reads (those that do not are listed), and their mean; or why not."""
+    from dali.media import MediaError, decode_audio
+
+    if not isinstance(clap, ClapModels) or not audio:
+        result["unavailable"]["clap_sim"] = clap if isinstance(clap, str) else "no audio files given (--audio-dir)"
+        return
+    waves, scored, unread = [], [], []
+    for clip_id in ids:
+        try:
+            waves.append(decode_audio(audio[clip_id]))
+            scored.append(clip_id)
+        except (KeyError, MediaError, OSError) as error:
+            unread.append({"id": clip_id, "reason": str(error)[:200]})
+    sims = [s for start in range(0, len(scored), 16) for s in clap_similarity(
+        clap, waves[start : start + 16], [predictions[clip_id] for clip_id in scored[start : start + 16]]
+    )]  # fmt: skip
+    for clip_id, value in zip(scored, sims):
+        result["per_clip"][clip_id]["clap_sim"] = value
+    if sims:
+        result["scores"]["clap_sim"] = sum(sims) / len(sims)
+    result["clap_sim_unread"] = unread
 
 
 def _add_fense(result: dict, models: FenseModels | str | None, predictions: list[str], references: list) -> None:
@@ -291,6 +329,7 @@ def score_predictions(
     allow_missing: bool = False,
     source: str = "predictions",
     metric_models: str | None = None,
+    audio: Mapping[str, Path] | None = None,
 ) -> dict:
     """Evaluate checked predictions (:func:`prediction_map`), then write scores.json and scores.md into ``out``;
     returns the result dict.
@@ -306,8 +345,8 @@ def score_predictions(
     evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
     if not evaluated:
         raise PredictionsError(f"{source}: no clip of the test list has a prediction")
-    fense = load_or_reason(metric_models)
-    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice, fense_models=fense)
+    models = {"fense_models": load_or_reason(metric_models), "clap": load_clap(metric_models), "audio": audio}
+    result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice, **models)
     result["coverage"] = {"scored": len(evaluated), "of": len(references), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SCORES_JSON, result)

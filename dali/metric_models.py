@@ -5,6 +5,7 @@ names and never from the network. ``--metric-models DIR`` holds::
     DIR/echecker_clotho_audiocaps_base.ckpt     the fluency-error detector's weights, as FENSE's authors release them
     DIR/bert-base-uncased/                      the detector's encoder (config, weights, tokenizer), the folder its
                                                 checkpoint names (aac-metrics would fetch it from the Hub)
+    DIR/clap/                                   a CLAP (``ClapModel`` with its processor's files): CLAP-sim
 
 aac-metrics computes the metrics (its own formulas, DCASE's defaults); it is handed these models as objects, so it
 opens no connection. The checkpoint is checked against the sha256 its publisher gives and read as weights only.
@@ -46,6 +47,7 @@ def needed_files() -> list[tuple[str, str, str | None]]:
         (f"{FENSE_SBERT}/", "FENSE's sentence-BERT (sentence-transformers format)", None),
         (ECHECKER_FILE, "FENSE's fluency-error detector (released by FENSE's authors)", checksums[ECHECKER_FILE]),
         ("bert-base-uncased/", "the detector's encoder: config, weights and tokenizer (transformers format)", None),
+        (f"{CLAP}/", "CLAP-sim's ClapModel, feature extractor and tokenizer (transformers format)", None),
     ]
 
 
@@ -130,3 +132,55 @@ def fense_scores(
 
 SETTINGS = {"sbert": FENSE_SBERT, "error_detector": ECHECKER, "error_threshold": ERROR_THRESHOLD}
 SETTINGS |= {"fluency_penalty": FLUENCY_PENALTY}  # what "fense" means in scores.json: DCASE's FENSE
+
+
+CLAP = "clap"  # DIR/clap/: a ClapModel with its feature extractor and tokenizer (transformers format)
+CLAP_RATE = 48_000
+
+
+@dataclass
+class ClapModels:
+    model: Any  # transformers.ClapModel
+    extractor: Any  # its ClapFeatureExtractor
+    tokenizer: Any
+
+
+def load_clap(folder: str | Path | None) -> ClapModels | str:
+    """CLAP from ``--metric-models``'s ``clap/`` folder (bounded and loaded strictly, as every model here), else why
+    not (CLAP-sim is then listed as unavailable)."""
+    clap = Path(folder) / CLAP if folder else None
+    if clap is None or not (clap / "config.json").is_file():
+        return f"no CLAP model: --metric-models {'DIR' if folder is None else repr(str(folder))} lacks clap/"
+    from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+
+    from dali.limits import MAX_ENCODER_PARAMETERS
+    from dali.models.checkpoints import check_folder_fits, strict_from_pretrained
+
+    check_folder_fits(ClapModel, clap, "the CLAP model of CLAP-sim", MAX_ENCODER_PARAMETERS)
+    model = strict_from_pretrained(ClapModel, clap, "the CLAP model of CLAP-sim").eval()
+    extractor = ClapFeatureExtractor.from_pretrained(str(clap))
+    if not model.config.audio_config.enable_fusion:  # the fused front end needs a model built for it
+        extractor.truncation = "rand_trunc"  # (never a random crop here: waves are cut to the window first)
+    return ClapModels(model, extractor, AutoTokenizer.from_pretrained(str(clap)))
+
+
+def clap_similarity(clap: ClapModels, waves: Sequence[Any], captions: Sequence[str]) -> list[float]:
+    """Each clip's cosine similarity of CLAP's audio embedding (its 16 kHz wave, at 48 kHz, cut to the model's
+    window so no random crop is taken) and its caption's text embedding."""
+    import torch
+
+    from dali.audio import resample
+    from dali.constants import SAMPLE_RATE
+
+    window = clap.extractor.nb_max_samples
+    audio = [resample(wave, SAMPLE_RATE, CLAP_RATE)[:window] for wave in waves]
+    with torch.no_grad():
+        features = clap.extractor(audio, sampling_rate=CLAP_RATE, return_tensors="pt")
+        audio_embedding = _embedding(clap.model.get_audio_features(**features))
+        text = clap.tokenizer(list(captions), padding=True, return_tensors="pt")
+        text_embedding = _embedding(clap.model.get_text_features(**text))
+    return torch.nn.functional.cosine_similarity(audio_embedding, text_embedding).tolist()
+
+
+def _embedding(output: Any):
+    return output.pooler_output if hasattr(output, "pooler_output") else output

@@ -172,6 +172,86 @@ def test_evaluate_lists_the_metric_models_and_checks_a_folder(metric_models, cap
     assert evaluate.main(["--list-metric-models", "--metric-models", str(folder)]) == 0
     text = capsys.readouterr().out
     assert ECHECKER_FILE in text and FENSE_SBERT in text and "bert-base-uncased/" in text
-    assert "MISSING" not in text and "sha256 " in text  # the published hash of the detector
+    assert text.count("MISSING") == 1 and "sha256 " in text  # FENSE's files there (not CLAP); the detector's hash
     assert evaluate.main(["--list-metric-models", "--metric-models", str(folder / "nowhere")]) == 0
-    assert capsys.readouterr().out.count("MISSING") == 3
+    assert capsys.readouterr().out.count("MISSING") == 4
+
+
+@pytest.fixture(scope="module")
+def clap_folder(tmp_path_factory):
+    """--metric-models with clap/: a tiny random ClapModel, its feature extractor and a byte-level BPE tokenizer
+    (RoBERTa's kind, as CLAP's), saved by transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizerFast
+
+    from dali.models.audio_encoders import new_encoder
+
+    folder = tmp_path_factory.mktemp("clap_models")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([*CANDIDATES.values(), *sum(REFERENCES.values(), [])], trainer)
+    tokenizer = RobertaTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    torch.manual_seed(2)
+    audio = new_encoder("clap", 16, 32, 2, 2).model.config
+    text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    config = ClapConfig(
+        audio_config=audio.to_dict(), text_config=text | {"vocab_size": len(tokenizer)}, projection_dim=16
+    )
+    ClapModel(config).save_pretrained(folder / "clap")
+    ClapFeatureExtractor().save_pretrained(folder / "clap")
+    tokenizer.save_pretrained(folder / "clap")
+    return folder
+
+
+def test_clap_sim_equals_a_direct_computation_with_transformers(clap_folder, write_wav, tmp_path):
+    import soundfile
+    from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+
+    from dali.audio import resample
+    from dali.metric_models import load_clap
+
+    audio = {clip_id: write_wav(f"{clip_id}.wav", seconds=1.0 + i) for i, clip_id in enumerate(CANDIDATES)}
+    result = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(clap_folder), audio=audio
+    )
+    model = ClapModel.from_pretrained(clap_folder / "clap").eval()
+    extractor = ClapFeatureExtractor.from_pretrained(clap_folder / "clap")
+    tokenizer = AutoTokenizer.from_pretrained(clap_folder / "clap")
+    expected = []
+    for clip_id, caption in CANDIDATES.items():
+        wave, rate = soundfile.read(audio[clip_id], dtype="float32")
+        with torch.no_grad():
+            features = extractor(
+                [resample(wave, rate, 48_000)], sampling_rate=48_000, return_tensors="pt", truncation="rand_trunc"
+            )
+            sound = model.get_audio_features(**features).pooler_output
+            words = model.get_text_features(**tokenizer([caption], return_tensors="pt")).pooler_output
+        expected.append(float(torch.nn.functional.cosine_similarity(sound, words)[0]))
+    ours = [result["per_clip"][clip_id]["clap_sim"] for clip_id in CANDIDATES]
+    assert ours == pytest.approx(expected, abs=1e-5)
+    assert result["scores"]["clap_sim"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+def test_clap_sim_lists_unread_audio_and_is_unavailable_without_model_or_audio(clap_folder, write_wav, tmp_path):
+    from dali.metric_models import load_clap
+
+    audio = {"a": write_wav("a.wav"), "b": tmp_path / "missing.wav", "c": write_wav("c.wav"), "d": write_wav("d.wav")}
+    result = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(clap_folder), audio=audio
+    )
+    assert [entry["id"] for entry in result["clap_sim_unread"]] == ["b"] and "clap_sim" not in result["per_clip"]["b"]
+    without = evaluate_captions(CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(tmp_path))
+    assert "lacks clap/" in without["unavailable"]["clap_sim"]
+    no_audio = evaluate_captions(CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(clap_folder))
+    assert "--audio-dir" in no_audio["unavailable"]["clap_sim"]

@@ -86,7 +86,7 @@ def finish(config, stage: Stage, clips, records) -> None:
         predictions = prediction_map(scored, references.keys(), f"'{out / PREDICTIONS_FILE}'")
         result = score_predictions(
             predictions, references, out, out.name, sbert=config.sbert, allow_missing=True,
-            metric_models=config.metric_models,
+            metric_models=config.metric_models, audio={clip.id: clip.audio for clip in clips if clip.audio},
         )  # fmt: skip
         final |= {"scores": result["scores"], "unavailable": result["unavailable"]}
         outputs += [SCORES_JSON, SCORES_MD]

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     predictions_path = Path(config.predictions)
     if not predictions_path.is_file():
         raise ConfigError(f"--predictions: '{predictions_path}' does not exist")
-    references = {clip.id: clip.captions for clip in read_caption_csv(config.test_list)}
+    clips = read_caption_csv(config.test_list, config.audio_dir)
+    references = {clip.id: clip.captions for clip in clips}
     folder = predictions_path.absolute().parent  # a bare file name's parent is '.', which has no name
     out = Path(config.out) if config.out else folder.with_name(folder.name + "_rescored")
     if not config.out and not (folder / MANIFEST).exists():
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_missing=config.allow_missing,
         source=source,
         metric_models=config.metric_models,
+        audio={clip.id: clip.audio for clip in clips} if config.audio_dir else None,
     )
     print(scores_markdown(config.name, result))
     return 0
