@@ -33,6 +33,8 @@ from dali.metric_models import (
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("bleu_4", "meteor", "rouge_l", "cider_d", "sbert_sim")
+# what DCASE ranks by today (2023: SPIDEr-FL; 2024: FENSE), beside METEOR, the vocabulary and CLAP-sim
+DCASE_METRICS = ("meteor", "spider_fl", "fense", "fluency_error_rate", "vocab", "clap_sim")
 EMPTY = "<empty>"  # what an empty prediction is scored as (one unknown word): no word of its vocabulary
 SBERT_NAME = "SBERT-sim (all-MiniLM-L6-v2)"
 
@@ -308,13 +310,19 @@ def _tokenized(ids: list, predictions: dict[str, str], references: dict[str, lis
     return gts_tok, res_tok
 
 
+def _cell(metric: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if metric in ("vocab", "vocab_references") else f"{value:.3f}"  # a count of words
+
+
 def markdown_table(
     rows: Sequence[tuple[str, Mapping[str, float | None]]], metrics: Sequence[str] = TABLE_METRICS
 ) -> str:
     header = "| system | " + " | ".join(SBERT_NAME if m == "sbert_sim" else m for m in metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
     for name, scores in rows:
-        cells = [("n/a" if scores.get(m) is None else f"{scores[m]:.3f}") for m in metrics]
+        cells = [_cell(m, scores.get(m)) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -360,7 +368,8 @@ def scores_markdown(name: str, result: dict) -> str:
     if coverage["missing"]:
         name = f"{name} ({coverage['scored']} of {coverage['of']} clips)"
     notes = "".join(f"\n- {metric}: unavailable ({reason})" for metric, reason in result["unavailable"].items())
-    text = markdown_table([(name, result["scores"])]) + (f"\nNot computed:{notes}\n" if notes else "")
+    text = markdown_table([(name, result["scores"])]) + "\nDCASE's set:\n\n"
+    text += markdown_table([(name, result["scores"])], DCASE_METRICS) + (f"\nNot computed:{notes}\n" if notes else "")
     if coverage["missing"]:
         text += (
             f"\n{len(coverage['missing'])} clips have no prediction and are not scored: {coverage['missing'][:10]}\n"

@@ -230,6 +230,9 @@ def test_dali_evaluate_scores_integer_ids_and_reports_missing_clips_when_allowed
         "bleu_1"
     ] == pytest.approx(1)
     assert "(1 of 2 clips)" in done.stdout
+    # without --metric-models, the legacy set is printed and DCASE's model-based metrics are named as unavailable
+    assert "| bleu_4 |" in done.stdout and "| spider_fl | fense |" in done.stdout
+    assert "- fense: unavailable (no --metric-models folder" in done.stdout and "- clap_sim: unavailable" in done.stdout
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
