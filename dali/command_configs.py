@@ -326,6 +326,11 @@ class FinishedRun(ReadsStages, Precision):
     llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
     device: str = field("auto")
 
+    def loading(self) -> dict:
+        """How ``AudioCaptioner.from_run`` loads the run: these flags, as its keywords."""
+        names = ("llava", "dtype", "device", "expe_dir", "allow_modified")
+        return {name: getattr(self, name) for name in names}
+
 
 @dataclass(kw_only=True)
 class CaptionConfig(FinishedRun, DecodingFlags):

@@ -194,14 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = str(uploads)
         import gradio as gr  # after the environment above: analytics off, uploads in the scratch folder
 
-        captioner = AudioCaptioner.from_run(
-            config.run,
-            llava=config.llava,
-            dtype=config.dtype,
-            device=config.device,
-            expe_dir=config.expe_dir,
-            allow_modified=config.allow_modified,
-        )
+        captioner = AudioCaptioner.from_run(config.run, **config.loading())
         run_folder = Run.find(config.run, config.expe_dir).folder
         identity = public_identity(captioner, run_folder)
         service = ClipCaptioner(captioner, config, outputs, identity)

@@ -29,16 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(CaptionConfig, argv)
     captioner = AudioCaptioner.from_run(
         config.run,
-        llava=config.llava,
+        **config.loading(),
         projector=config.projector,
         use_prefix=config.use_prefix,
         modality=config.modality,
         decoding=config.decoding(),
-        dtype=config.dtype,
-        device=config.device,
         conv_mode=config.conv_mode,
-        expe_dir=config.expe_dir,
-        allow_modified=config.allow_modified,
     )
     results, failures = [], []
     bar = progress(total=len(config.files), desc="captioning", unit="file")
