@@ -137,13 +137,13 @@ def evaluate_captions(
     use_sbert: bool = True,
     use_spice: bool = True,
     fense_models: FenseModels | str | None = None,
-    clap: ClapModels | str | None = None,
+    clap_models: ClapModels | str | None = None,
     audio: Mapping[str, Path] | None = None,
 ) -> dict:
     """Corpus scores of one caption per clip against its references, both sides normalised by
     :func:`normalise_caption` (a caption empty after it is scored as one unknown word: zero on every n-gram metric).
     With ``fense_models`` (loaded, or the reason they are not), DCASE's FENSE and fluency-error rate too; with
-    ``clap`` and each clip's ``audio`` file, CLAP-sim.
+    ``clap_models`` and each clip's ``audio`` file, CLAP-sim.
 
     Returns:
         {"scores": {metric: value}, "unavailable": {metric: reason}, "num_clips": n,
@@ -181,7 +181,7 @@ def evaluate_captions(
     _add_fense(
         result, fense_models, [res_tok[key][0] for key in sorted(res_tok)], [gts_tok[key] for key in sorted(gts_tok)]
     )
-    _add_clap(result, clap, audio, ids, predictions)
+    _add_clap(result, clap_models, audio, ids, predictions)
     return result
 
 
@@ -353,7 +353,7 @@ def score_predictions(
     evaluated = {clip_id: refs for clip_id, refs in references.items() if clip_id in predictions}
     if not evaluated:
         raise PredictionsError(f"{source}: no clip of the test list has a prediction")
-    models = {"fense_models": load_or_reason(metric_models), "clap": load_clap(metric_models), "audio": audio}
+    models = {"fense_models": load_or_reason(metric_models), "clap_models": load_clap(metric_models), "audio": audio}
     result = evaluate_captions(predictions, evaluated, use_sbert=sbert, use_spice=spice, **models)
     result["coverage"] = {"scored": len(evaluated), "of": len(references), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ names and never from the network. ``--metric-models DIR`` holds::
     DIR/echecker_clotho_audiocaps_base.ckpt     the fluency-error detector's weights, as FENSE's authors release them
     DIR/bert-base-uncased/                      the detector's encoder (config, weights, tokenizer), the folder its
                                                 checkpoint names (aac-metrics would fetch it from the Hub)
-    DIR/clap/                                   a CLAP (``ClapModel`` with its processor's files): CLAP-sim
+    DIR/clap_sim/                               a CLAP (``ClapModel`` with its processor's files): CLAP-sim
 
 aac-metrics computes the metrics (its own formulas, DCASE's defaults); it is handed these models as objects, so it
 opens no connection. The checkpoint is checked against the sha256 its publisher gives and read as weights only.
@@ -134,7 +134,7 @@ SETTINGS = {"sbert": FENSE_SBERT, "error_detector": ECHECKER, "error_threshold":
 SETTINGS |= {"fluency_penalty": FLUENCY_PENALTY}  # what "fense" means in scores.json: DCASE's FENSE
 
 
-CLAP = "clap"  # DIR/clap/: a ClapModel with its feature extractor and tokenizer (transformers format)
+CLAP = "clap_sim"  # DIR/clap_sim/: CLAP-sim's ClapModel with its feature extractor and tokenizer (transformers format)
 CLAP_RATE = 48_000
 
 
@@ -146,11 +146,11 @@ class ClapModels:
 
 
 def load_clap(folder: str | Path | None) -> ClapModels | str:
-    """CLAP from ``--metric-models``'s ``clap/`` folder (bounded and loaded strictly, as every model here), else why
+    """CLAP from ``--metric-models``'s ``clap_sim/`` folder (bounded and loaded strictly, as every model here), else why
     not (CLAP-sim is then listed as unavailable)."""
     clap = Path(folder) / CLAP if folder else None
     if clap is None or not (clap / "config.json").is_file():
-        return f"no CLAP model: --metric-models {'DIR' if folder is None else repr(str(folder))} lacks clap/"
+        return f"no CLAP model: --metric-models {'DIR' if folder is None else repr(str(folder))} lacks {CLAP}/"
     from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
     from dali.limits import MAX_ENCODER_PARAMETERS

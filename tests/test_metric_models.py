@@ -179,7 +179,7 @@ def test_evaluate_lists_the_metric_models_and_checks_a_folder(metric_models, cap
 
 @pytest.fixture(scope="module")
 def clap_folder(tmp_path_factory):
-    """--metric-models with clap/: a tiny random ClapModel, its feature extractor and a byte-level BPE tokenizer
+    """--metric-models with clap_sim/: a tiny random ClapModel, its feature extractor and a byte-level BPE tokenizer
     (RoBERTa's kind, as CLAP's), saved by transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizerFast
@@ -208,9 +208,9 @@ def clap_folder(tmp_path_factory):
     config = ClapConfig(
         audio_config=audio.to_dict(), text_config=text | {"vocab_size": len(tokenizer)}, projection_dim=16
     )
-    ClapModel(config).save_pretrained(folder / "clap")
-    ClapFeatureExtractor().save_pretrained(folder / "clap")
-    tokenizer.save_pretrained(folder / "clap")
+    ClapModel(config).save_pretrained(folder / "clap_sim")
+    ClapFeatureExtractor().save_pretrained(folder / "clap_sim")
+    tokenizer.save_pretrained(folder / "clap_sim")
     return folder
 
 
@@ -223,11 +223,11 @@ def test_clap_sim_equals_a_direct_computation_with_transformers(clap_folder, wri
 
     audio = {clip_id: write_wav(f"{clip_id}.wav", seconds=1.0 + i) for i, clip_id in enumerate(CANDIDATES)}
     result = evaluate_captions(
-        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(clap_folder), audio=audio
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap_models=load_clap(clap_folder), audio=audio
     )
-    model = ClapModel.from_pretrained(clap_folder / "clap").eval()
-    extractor = ClapFeatureExtractor.from_pretrained(clap_folder / "clap")
-    tokenizer = AutoTokenizer.from_pretrained(clap_folder / "clap")
+    model = ClapModel.from_pretrained(clap_folder / "clap_sim").eval()
+    extractor = ClapFeatureExtractor.from_pretrained(clap_folder / "clap_sim")
+    tokenizer = AutoTokenizer.from_pretrained(clap_folder / "clap_sim")
     expected = []
     for clip_id, caption in CANDIDATES.items():
         wave, rate = soundfile.read(audio[clip_id], dtype="float32")
@@ -248,10 +248,14 @@ def test_clap_sim_lists_unread_audio_and_is_unavailable_without_model_or_audio(c
 
     audio = {"a": write_wav("a.wav"), "b": tmp_path / "missing.wav", "c": write_wav("c.wav"), "d": write_wav("d.wav")}
     result = evaluate_captions(
-        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(clap_folder), audio=audio
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap_models=load_clap(clap_folder), audio=audio
     )
     assert [entry["id"] for entry in result["clap_sim_unread"]] == ["b"] and "clap_sim" not in result["per_clip"]["b"]
-    without = evaluate_captions(CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(tmp_path))
-    assert "lacks clap/" in without["unavailable"]["clap_sim"]
-    no_audio = evaluate_captions(CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap=load_clap(clap_folder))
+    without = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap_models=load_clap(tmp_path)
+    )
+    assert "lacks clap_sim/" in without["unavailable"]["clap_sim"]
+    no_audio = evaluate_captions(
+        CANDIDATES, REFERENCES, use_sbert=False, use_spice=False, clap_models=load_clap(clap_folder)
+    )
     assert "--audio-dir" in no_audio["unavailable"]["clap_sim"]
