@@ -18,38 +18,40 @@ class CommandRow:
 
 
 @dataclass(frozen=True)
-class StageRow:
+class StageRow(CommandRow):
+    """A command that is a stage of the method: what its run folder holds, beside the command's own row."""
+
     name: str  # what its manifest and marker record
-    command: str  # ``dali <command>``
     folder: str  # its folder in a run: ``<expe-dir>/<run>/<folder>``
-    module: str  # its ``main``
-    config: str  # its config class in ``dali.command_configs``
     outputs: tuple[str, ...]  # the trained or written files later stages load
-    help: str  # its line in ``dali --help``
     flag: str | None = None  # the config field by which a later stage names this folder (``--align-dir``)
 
 
 STAGES = (
     StageRow(
-        "prefix_tune", "prefix-tune", "prefix", "dali.stages.prefix_tune", "PrefixTuneConfig",
-        ("prefix.safetensors",), "1a: learn the prefix that makes LLaVA describe a frame's sounds", "prefix_dir",
+        "prefix-tune", "dali.stages.prefix_tune", "PrefixTuneConfig",
+        "1a: learn the prefix that makes LLaVA describe a frame's sounds",
+        name="prefix_tune", folder="prefix", outputs=("prefix.safetensors",), flag="prefix_dir",
     ),
     StageRow(
-        "align", "align", "align", "dali.stages.align", "AlignConfig",
-        ("audio_encoder.safetensors",), "1b: align an audio encoder's tokens with CLIP's (MMD, OT, OT-Att)",
-        "align_dir",
+        "align", "dali.stages.align", "AlignConfig",
+        "1b: align an audio encoder's tokens with CLIP's (MMD, OT, OT-Att)",
+        name="align", folder="align", outputs=("audio_encoder.safetensors",), flag="align_dir",
     ),
     StageRow(
-        "pseudo_label", "pseudo-label", "pseudo_label", "dali.stages.pseudo_label", "PseudoLabelConfig",
-        ("pseudo_captions.jsonl",), "2a: caption clips from image + audio tokens + prefix", "pseudo_dir",
+        "pseudo-label", "dali.stages.pseudo_label", "PseudoLabelConfig",
+        "2a: caption clips from image + audio tokens + prefix",
+        name="pseudo_label", folder="pseudo_label", outputs=("pseudo_captions.jsonl",), flag="pseudo_dir",
     ),
     StageRow(
-        "distill", "distill", "distill", "dali.stages.distill", "DistillConfig",
-        ("projector.safetensors",), "2b: train a projector copy on those captions, audio only", "distill_dir",
+        "distill", "dali.stages.distill", "DistillConfig",
+        "2b: train a projector copy on those captions, audio only",
+        name="distill", folder="distill", outputs=("projector.safetensors",), flag="distill_dir",
     ),
     StageRow(
-        "infer", "infer", "infer", "dali.stages.infer", "InferConfig",
-        ("predictions.jsonl",), "caption a test list (audio, audio + image, image) and score it",
+        "infer", "dali.stages.infer", "InferConfig",
+        "caption a test list (audio, audio + image, image) and score it",
+        name="infer", folder="infer", outputs=("predictions.jsonl",),
     ),
 )  # fmt: skip
 PREFIX, ALIGN, PSEUDO_LABEL, DISTILL, INFER = STAGES
