@@ -34,7 +34,7 @@ Source = str | Path | np.ndarray | torch.Tensor
 
 @dataclass
 class Window:
-    """One 10.24 s window of a file or waveform: its place in it, its fbank and (audio + image) its middle frame."""
+    """One 10.24 s window of a file or waveform: its place in it, its features and (audio + image) its middle frame."""
 
     file: str
     start: float
@@ -131,6 +131,12 @@ class AudioCaptioner:
             allow_modified=allow_modified,
         )
         return cls(models, decoding, modality)
+
+    def describe(self) -> dict:
+        """What makes the captions besides the run's trained files: LLaVA's source, the prompt, dtype and device."""
+        llava = self.models.captioner
+        dtype = str(llava.dtype).removeprefix("torch.")
+        return {"llava": llava.source, "conv_mode": llava.conv_mode, "dtype": dtype, "device": str(llava.device)}
 
     def windows(
         self,

@@ -62,15 +62,15 @@ class CaptioningModels:
         return self.captioner.device
 
     @torch.no_grad()
-    def block(self, fbank: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
+    def block(self, features: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """The modality block [B, K, hidden]: [image tokens?, audio tokens?, prefix?].
 
         Args:
-            fbank: [B, frames, mel] audio features (needs the encoder).
+            features: [B, frames, bins] audio features (needs the encoder).
             pixels: [B, 3, S, S] preprocessed frames.
         """
         image = self.captioner.image_tokens(pixels) if pixels is not None else None
-        audio = self.encoder.project(fbank.to(self.device)) if fbank is not None else None
+        audio = self.encoder.project(features.to(self.device)) if features is not None else None
         prefix = self.prefix() if self.prefix is not None else None
         return self.captioner.modality_block(
             image, audio, prefix=prefix, audio_projector=self.projector, image_projector=self.projector

@@ -163,7 +163,7 @@ class AlignConfig(RunFolder, ClipLoading):
     encoder_depth: int = field(11, help="audio-specific blocks of a new encoder (11: CAV-MAE's), plus one shared block")
     encoder_heads: int = field(12, help="attention heads of a new encoder")
     encoder_patch_time: int | None = field(None, help="time extent of a patch (default 16, square as CAV-MAE)")
-    target_frames: int = field(TARGET_FRAMES, help="fbank frames per clip")
+    target_frames: int = field(TARGET_FRAMES, help="audio feature frames per clip")
     method: str = field(
         "ot_att",
         choices=METHODS,
@@ -191,7 +191,7 @@ class AlignConfig(RunFolder, ClipLoading):
     noise: bool = field(True, help="the original's fbank noise + time-roll augmentation")
     frame_index: int = field(DEFAULT_FRAME_INDEX, help="frame used for every clip (the original forced 0 here)")
     cache_vision_tokens: bool = field(False, help="run the vision tower once per clip and keep its tokens in memory")
-    cache_audio_features: bool = field(False, help="keep every clip's fbank in memory (augmented per step)")
+    cache_audio_features: bool = field(False, help="keep every clip's audio features in memory (augmented per step)")
     autocast: str = field(
         "bfloat16",
         choices=("none", "bfloat16"),

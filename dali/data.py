@@ -370,14 +370,14 @@ def loader_audio(device: torch.device, encoder: AudioEncoder | None = None) -> s
     """What a captioning loader yields for audio: waves for a GPU to turn into CAV-MAE's fbanks (the workers then
     only decode files), fbanks on a CPU or for another encoder's front end (computed in the workers, in parallel)."""
     front_end = encoder.front_end if encoder is not None else None
-    return "wave" if device.type == "cuda" and front_end is None else "fbank"
+    return "wave" if device.type == "cuda" and front_end is None else "features"
 
 
 def batch_features(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
-    """The batch's encoder input [B, frames, 128] on ``device``: the loader's fbank, or the fbank of its waves
+    """The batch's encoder input [B, frames, 128] on ``device``: the loader's features, or the fbank of its waves
     computed there (frames past a short clip's end zeroed before normalising, as :func:`pad_or_crop` pads)."""
-    if "fbank" in batch:
-        return batch["fbank"].to(device, non_blocking=True)
+    if "features" in batch:
+        return batch["features"].to(device, non_blocking=True)
     if "wave" not in batch:
         return None
     fbank = kaldi_fbank(batch["wave"].to(device, non_blocking=True))  # [B, frames, 128]
@@ -385,13 +385,13 @@ def batch_features(batch: dict[str, Any], device: torch.device) -> torch.Tensor 
     return normalize_fbank(fbank * real[..., None])
 
 
-def augment_fbank(fbank: torch.Tensor, generator: random.Random) -> torch.Tensor:
+def augment_features(features: torch.Tensor, generator: random.Random) -> torch.Tensor:
     """The original's training noise: + U[0,1) * r / 10 per bin (r ~ U[0,1) per clip), then a circular time roll."""
     scale = generator.random() / 10
-    noise = torch.from_numpy(np.random.default_rng(generator.getrandbits(32)).random(fbank.shape, dtype=np.float32))
-    fbank = fbank + noise * scale
-    frames = fbank.shape[0]
-    return torch.roll(fbank, generator.randint(-frames, frames), dims=0)
+    noise = torch.from_numpy(np.random.default_rng(generator.getrandbits(32)).random(features.shape, dtype=np.float32))
+    features = features + noise * scale
+    frames = features.shape[0]
+    return torch.roll(features, generator.randint(-frames, frames), dims=0)
 
 
 @dataclass
@@ -408,7 +408,7 @@ class BadClip:
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Features of clips for the stages: fbank and/or frame pixels, or a :class:`BadClip` marker.
+    """Features of clips for the stages: audio features and/or frame pixels, or a :class:`BadClip` marker.
 
     Args:
         clips: the list.
@@ -416,10 +416,10 @@ class ClipDataset(torch.utils.data.Dataset):
         image_transform: PIL image -> tensor (the captioner's preprocessing).
         frame_index: which of the 10 frames.
         augment: the original's noise + time roll (alignment training only).
-        audio_as: 'fbank' (computed in the loader) or 'wave' (the waveform, for :func:`batch_features` to turn
+        audio_as: 'features' (computed in the loader) or 'wave' (the waveform, for :func:`batch_features` to turn
             into the fbank on the GPU: loader workers then only decode files).
         front_end: another encoder's feature extractor (``audio_encoders.FrontEnd``), in place of CAV-MAE's fbank
-            (the item's ``fbank`` is then its output); the augmentation applies only to [frames, bins] features.
+            (the item's ``features`` are then its output); the augmentation applies only to [frames, bins] features.
         on_error: 'skip' yields a BadClip for the collate to drop and the stage to list; 'stop' raises.
     """
 
@@ -434,7 +434,7 @@ class ClipDataset(torch.utils.data.Dataset):
         augment: bool = False,
         on_error: str = "skip",
         seed: int = 0,
-        audio_as: str = "fbank",
+        audio_as: str = "features",
         front_end=None,
     ):
         if on_error not in ON_ERROR_CHOICES:
@@ -447,13 +447,13 @@ class ClipDataset(torch.utils.data.Dataset):
         self.audio_as, self.front_end = audio_as, front_end
         self.augment = augment and getattr(front_end, "time_major", True)
         self.epoch = 0
-        self.fbank_cache: dict[int, torch.Tensor] | None = None
+        self.feature_cache: dict[int, torch.Tensor] | None = None
         # Precomputed image tokens [len(clips), M, D] (alignment's vision-token cache): items carry their row,
         # so the gather and the pinning happen in the loader workers, not in the training process.
         self.image_tokens: torch.Tensor | None = None
 
     def preload_audio(self) -> list[dict[str, str]]:
-        """Compute every clip's un-augmented fbank once and keep it (float16) in memory; returns the bad clips.
+        """Compute every clip's un-augmented features once and keep it (float16) in memory; returns the bad clips.
 
         Loader workers started afterwards share the cache copy-on-write.
         """
@@ -467,12 +467,12 @@ class ClipDataset(torch.utils.data.Dataset):
                 if self.on_error == "stop":
                     raise
                 bad.append(BadClip(error.clip_id, error.path, error.reason, index).as_record())
-        self.fbank_cache = cache
+        self.feature_cache = cache
         return bad
 
     def usable(self, index: int) -> bool:
         """False for a clip that already failed while preloading."""
-        return self.fbank_cache is None or index in self.fbank_cache
+        return self.feature_cache is None or index in self.feature_cache
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -484,14 +484,14 @@ class ClipDataset(torch.utils.data.Dataset):
             if self.need_audio and self.audio_as == "wave":
                 item["wave"], item["frames"] = clip_wave(clip, self.target_frames)
             elif self.need_audio:
-                cached = self.fbank_cache.get(index) if self.fbank_cache is not None else None
+                cached = self.feature_cache.get(index) if self.feature_cache is not None else None
                 if cached is not None:
-                    fbank = cached.float()
+                    features = cached.float()
                 else:
-                    fbank = clip_features(clip, self.target_frames, self.front_end)
+                    features = clip_features(clip, self.target_frames, self.front_end)
                 if self.augment:
-                    fbank = augment_fbank(fbank, random.Random(hash((self.seed, self.epoch, index))))
-                item["fbank"] = fbank
+                    features = augment_features(features, random.Random(hash((self.seed, self.epoch, index))))
+                item["features"] = features
             if self.image_tokens is not None:
                 item["image_tokens"] = self.image_tokens[index]
             if self.need_image:
@@ -514,7 +514,7 @@ def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     batch: dict[str, Any] = {"bad": [item for item in items if isinstance(item, BadClip)]}
     batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["id"] = [item["id"] for item in good]
-    for key in ("fbank", "wave", "pixels", "image_tokens"):
+    for key in ("features", "wave", "pixels", "image_tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])
     if good and "frames" in good[0]:

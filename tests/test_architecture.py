@@ -152,3 +152,17 @@ def test_benchmarks_never_import_stages():
 def test_losses_and_audio_never_import_models(path):
     wrong = sorted(name for name in _imports(path) if name.startswith("dali.models"))
     assert not wrong, f"{path.relative_to(PACKAGE.parent)} imports {wrong}"
+
+
+def test_one_word_per_concept():
+    """An encoder's input is its ``features`` (``fbank`` is only CAV-MAE's Kaldi front end, in dali/audio.py and the
+    encoder that reads it); a file captioner says what made its captions through ``describe()``, not by reaching
+    through ``captioner.models.captioner``."""
+    import re
+
+    wrong = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py")]
+        if re.search(r"""["']fbank["']|fbank_cache|captioner\.models\.captioner""", path.read_text())
+    ]
+    assert not wrong, wrong

@@ -130,7 +130,9 @@ def test_fbank_from_loader_waves_equals_the_loaders_fbank(write_wav, seconds):
     from dali.data import Clip, ClipDataset, batch_features, collate
 
     clips = [Clip("a", write_wav("a.wav", seconds=seconds)), Clip("b", write_wav("b.wav", seconds=3.0))]
-    fbanks, waves = (ClipDataset(clips, need_audio=True, need_image=False, audio_as=kind) for kind in ("fbank", "wave"))
+    fbanks, waves = (
+        ClipDataset(clips, need_audio=True, need_image=False, audio_as=kind) for kind in ("features", "wave")
+    )
     from_fbanks = batch_features(collate([fbanks[0], fbanks[1]]), torch.device("cpu"))
     from_waves = batch_features(collate([waves[0], waves[1]]), torch.device("cpu"))
     assert from_waves.shape == from_fbanks.shape == (2, 1024, 128)

@@ -239,4 +239,5 @@ def test_the_prompt_and_llava_are_inputs_and_runs_that_kept_them_as_metrics_stil
     found = Run.find(old)
     assert found.llava() == str(llava) and found.conv_mode() == "llava_v1"
     captioner = AudioCaptioner.from_run(old, device="cpu")
-    assert captioner.models.captioner.conv_mode == "llava_v1" and captioner.models.captioner.source == str(llava)
+    described = captioner.describe()
+    assert described["conv_mode"] == "llava_v1" and described["llava"] == str(llava)

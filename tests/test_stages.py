@@ -389,7 +389,7 @@ def test_cached_image_tokens_travel_with_the_batch(write_wav):
     batch = collate([dataset[i] for i in (2, 0)])
     assert batch["image_tokens"].dtype == torch.float16
     assert torch.equal(batch["image_tokens"], dataset.image_tokens[[2, 0]])
-    assert batch["fbank"].shape == (2, 64, 128)
+    assert batch["features"].shape == (2, 64, 128)
 
 
 def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav, tmp_path):
@@ -401,7 +401,7 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
     clips = [Clip(f"c{i}", write_wav(f"c{i}.wav", seconds=0.5)) for i in range(7)]
     clips[3] = Clip("c3", tmp_path / "missing.wav")  # a corrupt clip is reported, not captioned
 
-    class EchoCaptioner:  # names each row after the fbank it got, so a caption can only come from its own clip
+    class EchoCaptioner:  # names each row after the features it got, so a caption can only come from its own clip
         def generate(self, block, options):
             return [f"{row.sum().item():.3f}" for row in block]
 
@@ -413,7 +413,7 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
             EchoCaptioner(),
             clips,
             dataset_for,
-            lambda batch: batch["fbank"],
+            lambda batch: batch["features"],
             DecodingOptions(),
             tmp_path,
             Context(rank=rank, world_size=2),
@@ -428,7 +428,7 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
     expected = dataset_for(clips)
     for record in captions:
         index = int(record["id"][1:])
-        assert record["caption"] == f"{expected[index]['fbank'].sum().item():.3f}"
+        assert record["caption"] == f"{expected[index]['features'].sum().item():.3f}"
 
 
 def test_every_process_takes_its_share_of_one_shuffle():

@@ -151,7 +151,7 @@ def validation_loss(
             if not len(batch["index"]):
                 continue
             with autocast():
-                audio = encoder.project(batch["fbank"].to(device)).float()
+                audio = encoder.project(batch["features"].to(device)).float()
             image = vision.tokens(batch)
             loss = alignment_loss(config, audio, image)
             if math.isfinite(float(loss)):
@@ -267,7 +267,7 @@ def clip_dataset(alignment: Alignment, clips: list[Clip], augment: bool, vision:
 
 
 def prepare_data(alignment: Alignment, train_clips: list[Clip], val_clips: list[Clip]) -> AlignmentData:
-    """CLIP tokens (cached) and fbanks (preloaded) of the clips; unusable ones go to ``alignment.bad``."""
+    """CLIP tokens (cached) and audio features (preloaded) of the clips; unusable ones go to ``alignment.bad``."""
     config = alignment.config
     train_vision = VisionTokenSource(alignment.tower, train_clips, config, alignment.device, alignment.bad)
     val_vision = (
@@ -392,7 +392,7 @@ def train_step(alignment: Alignment, data: AlignmentData, optimisers: Optimisers
     scorers_train = scorers is not None and alignment.epoch > config.scorer_freeze_epochs
     image = data.train_vision.tokens(batch)  # [B, M, D]
     with loop.autocast():
-        audio = loop.project(batch["fbank"].to(alignment.device, non_blocking=True)).float()  # [B, N, D]
+        audio = loop.project(batch["features"].to(alignment.device, non_blocking=True)).float()  # [B, N, D]
         weights = scorers(audio, image) if scorers is not None else None
     loss = alignment_loss(config, audio, image, weights)
     optimisers.encoder.zero_grad(set_to_none=True)

@@ -57,10 +57,10 @@ class AudioTokens:
         for start in progress(range(0, len(dataset.clips), 64), desc="encoding audio", leave=False):
             indices = [i for i in range(start, min(start + 64, len(dataset.clips))) if dataset.usable(i)]
             if indices:
-                fbank = torch.stack([dataset.fbank_cache[i].float() for i in indices]).to(self.device)
-                for i, tokens in zip(indices, self.encoder.project(fbank).cpu()):
+                features = torch.stack([dataset.feature_cache[i].float() for i in indices]).to(self.device)
+                for i, tokens in zip(indices, self.encoder.project(features).cpu()):
                     self.cache[i] = tokens
-        dataset.fbank_cache = None  # the tokens replace the features
+        dataset.feature_cache = None  # the tokens replace the features
 
     def usable(self, index: int) -> bool:
         return not self.config.cache_audio_tokens or index in self.cache
@@ -77,7 +77,7 @@ class AudioTokens:
         for batch in loader:
             indices = batch["index"].tolist()
             with torch.no_grad():
-                audio = self.encoder.project(batch["fbank"].to(self.device)) if indices else None
+                audio = self.encoder.project(batch["features"].to(self.device)) if indices else None
             yield indices, audio, [item.as_record() for item in batch["bad"]]
 
 

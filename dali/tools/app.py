@@ -113,7 +113,7 @@ def public_identity(captioner: AudioCaptioner, folder: Path) -> dict:
     """The run and its LLaVA as a visitor may see them: by name and content hash, never by a server path."""
     from dali.files import file_sha256
 
-    source = Path(captioner.models.captioner.source)
+    source = Path(captioner.describe()["llava"])
     llava = {"llava": source.name}
     if source.is_dir() and (source / "config.json").is_file():
         llava["llava_config_sha256"] = file_sha256(source / "config.json")[:16]
@@ -123,10 +123,11 @@ def public_identity(captioner: AudioCaptioner, folder: Path) -> dict:
 def run_identity(captioner: AudioCaptioner, folder: Path, shown: dict) -> str:
     """Markdown: the run and its LLaVA (``shown``: names and hashes, :func:`public_identity`) and each stage's key
     facts."""
+    described = captioner.describe()
     lines = [
         f"**Run** `{shown['run']}` (align manifest sha256 {shown['run_sha256']}) · **LLaVA** `{shown['llava']}`"
         + (f" (config sha256 {shown['llava_config_sha256']})" if "llava_config_sha256" in shown else "")
-        + f" · **prompt** {captioner.models.captioner.conv_mode} · **device** {captioner.models.captioner.device} · "
+        + f" · **prompt** {described['conv_mode']} · **device** {described['device']} · "
         f"**model loaded once**, requests queued",
         "",
         "| stage | finished | commit | key facts |",

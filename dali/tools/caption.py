@@ -65,14 +65,14 @@ def caption_report(
     decoding=None,
 ) -> dict:
     """The captions of ``dali caption --json`` (and the web page's download), with what made them."""
-    model = captioner.models.captioner
+    described = captioner.describe()
     return {
         "captions": results,
         "failed": failures,
         "modality": modality or captioner.modality,
         "decoding": (decoding or captioner.decoding).__dict__,
-        "conv_mode": model.conv_mode,
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "conv_mode": described["conv_mode"],
+        "dtype": described["dtype"],
         "run": str(run),
-        "llava": model.source,
+        "llava": described["llava"],
     }
