@@ -71,19 +71,47 @@ def load_fense_models(folder: str | Path, checksums: Mapping[str, str] | None = 
     another table, for tests) and hold only tensors, numbers and strings."""
     from aac_metrics.functional.fer import BERTFlatClassifier
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
+
+    from dali.limits import MAX_ENCODER_PARAMETERS
+    from dali.models.checkpoints import check_folder_fits
 
     folder = Path(folder)
     state = _checkpoint(folder / ECHECKER_FILE, published_checksums() if checksums is None else checksums)
     encoder = folder / Path(state["model_type"]).name  # a folder name only: the checkpoint names no path
     if not (encoder / "config.json").is_file():
         raise MetricModelsError(f"--metric-models: the error detector's encoder '{encoder}' is not a model folder")
+    check_folder_fits(AutoModel, encoder, "the fluency-error detector's encoder", MAX_ENCODER_PARAMETERS)
+    for transformer in _sbert_transformers(folder / FENSE_SBERT):
+        check_folder_fits(AutoModel, transformer, "FENSE's sentence-BERT", MAX_ENCODER_PARAMETERS)
     echecker = BERTFlatClassifier(model_type=str(encoder), num_classes=int(state["num_classes"]))
     weights = dict(state["state_dict"])
     weights.pop("encoder.embeddings.position_ids", None)  # a buffer older transformers saved, as aac-metrics drops it
     echecker.load_state_dict(weights)
     sbert = SentenceTransformer(str(folder / FENSE_SBERT), device="cpu")
     return FenseModels(sbert, echecker.eval(), AutoTokenizer.from_pretrained(str(encoder)))
+
+
+def _sbert_transformers(folder: Path) -> list[Path]:
+    """The folders of a sentence-transformers model's transformer modules, as its ``modules.json`` lists them (each
+    is checked before sentence-transformers builds it)."""
+    import json
+
+    listing = folder / "modules.json"
+    try:
+        if listing.stat().st_size > 1 << 20:  # a list of a few modules
+            raise ValueError("over 1 MiB")
+        modules = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MetricModelsError(f"--metric-models: '{listing}' is unreadable ({str(error)[:200]})") from None
+    listed = isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("path"), str) for m in modules)
+    if not listed:
+        raise MetricModelsError(f"--metric-models: '{listing}' is not a sentence-transformers module list")
+    found = [folder / m["path"] for m in modules if str(m.get("type", "")).endswith(".Transformer")]
+    outside = [str(path) for path in found if not path.resolve().is_relative_to(folder.resolve())]
+    if outside or not found:
+        raise MetricModelsError(f"--metric-models: '{listing}' names no transformer inside its folder")
+    return found
 
 
 def load_or_reason(folder: str | Path | None) -> FenseModels | str:

@@ -94,6 +94,48 @@ def test_a_detector_that_is_not_the_published_file_is_refused(metric_models):
         load_fense_models(folder)  # the published sha256 of the real checkpoint
 
 
+@pytest.mark.parametrize("model", ["bert-base-uncased", FENSE_SBERT])
+def test_a_metric_model_folder_whose_config_declares_a_huge_model_is_refused_before_it_is_built(
+    metric_models, tmp_path, model
+):
+    """Both transformers folders (the detector's encoder, sentence-BERT's transformer) are bounded as every model
+    folder is (#40): what config.json declares is checked on the meta device against the weights and the bound."""
+    import json
+    import shutil
+
+    from test_bounds import _probe
+
+    folder, checksums = metric_models
+    copy = tmp_path / "metric_models"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / model / "config.json").read_text())
+    config.update(hidden_size=8_192, num_hidden_layers=128, intermediate_size=32_768, num_attention_heads=64)
+    (copy / model / "config.json").write_text(json.dumps(config))
+    printed, peak = _probe(
+        f"from dali.metric_models import load_fense_models; load_fense_models({str(copy)!r}, {checksums!r})"
+    )
+    assert printed.startswith("CheckpointError") and "parameters; its weight files hold" in printed, printed
+    assert f"{model}/config.json" in printed
+    assert peak < 2_000, peak
+
+
+def test_a_sentence_bert_whose_module_list_points_outside_its_folder_is_refused(metric_models, tmp_path):
+    import json
+    import shutil
+
+    folder, checksums = metric_models
+    copy = tmp_path / "metric_models"
+    shutil.copytree(folder, copy)
+    listing = copy / FENSE_SBERT / "modules.json"
+    modules = json.loads(listing.read_text())
+    listing.write_text(json.dumps([dict(m, path="../bert-base-uncased") if m["path"] == "" else m for m in modules]))
+    with pytest.raises(MetricModelsError, match="names no transformer inside its folder"):
+        load_fense_models(copy, checksums)
+    listing.write_text("[{")
+    with pytest.raises(MetricModelsError, match="modules.json' is unreadable"):
+        load_fense_models(copy, checksums)
+
+
 class Payload:
     def __reduce__(self):
         return (open, ("/tmp/dali_unpickled_marker", "w"))

@@ -148,14 +148,18 @@ def check_torch_archive(path: str | Path) -> None:
 
 
 def check_folder_fits(model_class, folder: str | Path, what: str, max_parameters: float) -> None:
-    """Before ``from_pretrained`` allocates what a folder's ``config.json`` describes: that model, built on the meta
-    device (no memory), may have at most ``max_parameters`` and no more parameters than the folder's weight files
-    hold (elements in safetensors headers; for other files, one per byte at most)."""
+    """Before ``from_pretrained`` allocates what a folder's ``config.json`` describes: that model (``model_class`` may
+    be ``AutoModel``), built on the meta device (no memory), may have at most ``max_parameters`` and no more
+    parameters than the folder's weight files hold (elements in safetensors headers; for other files, one per byte at
+    most)."""
+    from transformers import AutoConfig
+
     folder = Path(folder)
-    config = model_class.config_class.from_pretrained(str(folder))
+    auto = getattr(model_class, "config_class", None) is None  # AutoModel: the config names the architecture
+    config = (AutoConfig if auto else model_class.config_class).from_pretrained(str(folder))
     check_described_structure(config.to_dict(), f"{folder}/config.json")
     with torch.device("meta"):
-        described = model_class(config)
+        described = model_class.from_config(config) if auto else model_class(config)
     count = sum(parameter.numel() for parameter in described.parameters())
     held = 0
     for file in folder.iterdir():
