@@ -316,6 +316,53 @@ class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags)
 
 
 @dataclass(kw_only=True)
+class ReproduceConfig(ReadsStages, ClipLoading, Precision, DecodingFlags):
+    """dali reproduce: the paper's evaluation of a finished run, over sampling seeds, with the clips it scored.
+
+    Rows: AudioCaps from audio, audio + image and image (each --seeds times when decoding samples), and the
+    cross-domain row, Clotho from audio. Each row-and-seed is a `dali infer` folder of the run
+    (infer_<modality>_<set>_seed<k>), reused when finished with the same settings and inputs. Writes
+    <run>/reproduce/: results.md and results.json (mean ± std over seeds; the clips found, missing and scored, with a
+    hash of the list scored) and per_clip.jsonl.
+    """
+
+    run: str = field(help="a finished run (trained here or made by import-original): its folder or its name")
+    expe_dir: str = field("expe", help="where run names are looked up")
+    out: str | None = field(None, help="the results folder (default <run>/reproduce)")
+    overwrite: bool = field(False, help="redo the results, and every infer folder made with other settings")
+    resume: bool = field(False, help="continue an interrupted reproduce (finished infer folders are always reused)")
+    device: str = field("auto")
+    audiocaps: str = field(
+        "data/audiocaps",
+        help="AudioCaps' test set: DIR/test.csv (its CSV), DIR/audio/<id>.wav, DIR/frames/frame_<k>/<id>.jpg "
+        "(dali prepare writes audio/ and frames/)",
+    )
+    clotho: str | None = field(
+        None, help="Clotho's evaluation set for the cross-domain row: DIR/test.csv (its captions CSV), DIR/audio/"
+    )
+    seeds: int = field(3, help="sampling seeds --seed .. --seed+N-1 per row (greedy and beam rows run once)")
+    modalities: tuple[str, ...] = field(MODALITIES, help="AudioCaps' rows (Clotho has no frames: audio only)")
+    projector: str | None = field(
+        None,
+        choices=PROJECTORS,
+        help="the audio rows' projector (default: the distilled one when the run has it, as inference.sh; else "
+        "LLaVA's with the run's prefix); the rows that see the frame use LLaVA's projector with the prefix",
+    )
+    prefix_dir: str | None = field(None, help="stage 1a folder (default <run>/prefix)")
+    llava: str | None = field(None, help="LLaVA-1.5 (default: the one the run's stages recorded)")
+    frame_index: int = field(DEFAULT_FRAME_INDEX)
+    batch_size: int = field(32)
+    limit: int | None = field(None, help="caption only the first N clips of each set")
+    sbert: bool = field(True)
+    metric_models: str | None = field(None, help=METRIC_MODELS_HELP)
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.modalities) - set(MODALITIES))
+        if unknown or not self.modalities:
+            raise ConfigError(f"--modalities: choose among {', '.join(MODALITIES)} (got {' '.join(unknown)})")
+
+
+@dataclass(kw_only=True)
 class FinishedRun(ReadsStages, Precision):
     """The flags of the commands that caption with a finished run (caption, app), declared once."""
 

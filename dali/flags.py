@@ -297,3 +297,20 @@ def field(
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def argv_of(config: Any) -> list[str]:
+    """The flags that make ``config`` again through :func:`parse_config` (a command that runs another in-process
+    builds its config, then hands it over as a command line: the one the run's manifest records)."""
+    argv: list[str] = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.metadata.get("positional"):
+            argv += [str(item) for item in value] if isinstance(value, tuple) else [str(value)]
+        elif isinstance(value, bool):
+            argv += [flag(field.name)] if value else [] if field.name in SWITCHES else [f"--no-{flag(field.name)[2:]}"]
+        elif isinstance(value, tuple):
+            argv += [flag(field.name), *map(str, value)]
+        elif value is not None:
+            argv += [flag(field.name), str(value)]
+    return argv

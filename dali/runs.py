@@ -251,15 +251,8 @@ class Stage:
                 saved = read_plain_yaml(self.path / CONFIG) or {}
             except (OSError, UnicodeDecodeError, ValueError) as error:
                 raise StageStateError(f"--resume: cannot read the run's config: {error}") from None
-            changed = sorted(
-                key
-                for key in set(saved) | set(config)
-                if key not in RESUME_FREE_KEYS and saved.get(key) != config.get(key)
-            )
-            if changed:
-                details = "; ".join(
-                    f"--{k.replace('_', '-')}: {shown(saved.get(k))} -> {shown(config.get(k))}" for k in changed[:10]
-                )
+            details = changed_settings(saved, config)
+            if details:
                 raise StageStateError(
                     f"--resume: '{self.path}' was started with other settings ({details}); "
                     "resume with the same flags, or pass --overwrite to start again"
@@ -335,6 +328,39 @@ class Stage:
             folder.put_back(self.path)
         lock, self._lock = self._lock, None
         folder.release_lock(self.path, lock, remove_folder=self._created)
+
+
+def changed_settings(saved: dict[str, Any], config: dict[str, Any], free: frozenset = RESUME_FREE_KEYS) -> str | None:
+    """The settings (outside ``free``) that differ between a stage's saved config and ``config``, as flags, or
+    None."""
+    changed = sorted(key for key in set(saved) | set(config) if key not in free and saved.get(key) != config.get(key))
+    details = (f"--{k.replace('_', '-')}: {shown(saved.get(k))} -> {shown(config.get(k))}" for k in changed[:10])
+    return "; ".join(details) or None
+
+
+PLACE_KEYS = frozenset({"out", "run", "expe_dir"})  # where a stage wrote, not what it computed
+
+
+def finished_differs(path: str | Path, config: dict[str, Any]) -> str | None:
+    """Why the finished stage folder ``path`` is not what ``config`` would compute now, or None: a setting that
+    differs (beyond those free on --resume, and where it was written), or an input recorded by content that has
+    changed since (an upstream stage redone, a list edited). A caller reuses the folder only on None."""
+    path = Path(path)
+    try:
+        saved = read_plain_yaml(path / CONFIG) or {}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"its {CONFIG} is unreadable ({shown(str(error), 200)})"
+    if not isinstance(saved, dict):
+        return f"its {CONFIG} is not a mapping"
+    details = changed_settings(saved, config, RESUME_FREE_KEYS | PLACE_KEYS)
+    if details:
+        return f"it was made with other settings ({details})"
+    for name, recorded in (read_json_object(path / folder.INPUTS) or {}).items():
+        if isinstance(recorded, dict) and "value" not in recorded and isinstance(recorded.get("path"), str):
+            change = identity_change(recorded, input_fingerprint(recorded["path"]))
+            if change:
+                return f"its input --{name.replace('_', '-')} '{recorded['path']}' changed since ({change})"
+    return None
 
 
 @dataclasses.dataclass

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from dali.files import atomic_write_json, read_json_object, read_plain_yaml
 from dali.logs import log
+from dali.stage_table import STAGES
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -58,6 +59,7 @@ RUN_FILES = (
     "scores.json",
     "scores.md",
     ".*.tmp",
+    *(name for row in STAGES for name in row.outputs),  # each stage's own (reproduce's results.md)
 )
 MARKER_FORMAT = 1
 

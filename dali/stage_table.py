@@ -53,8 +53,13 @@ STAGES = (
         "caption a test list (audio, audio + image, image) and score it",
         name="infer", folder="infer", outputs=("predictions.jsonl",),
     ),
+    StageRow(
+        "reproduce", "dali.stages.reproduce", "ReproduceConfig",
+        "the paper's evaluation of a finished run over seeds, and exactly which clips it scored",
+        name="reproduce", folder="reproduce", outputs=("results.json", "results.md", "per_clip.jsonl"),
+    ),
 )  # fmt: skip
-PREFIX, ALIGN, PSEUDO_LABEL, DISTILL, INFER = STAGES
+PREFIX, ALIGN, PSEUDO_LABEL, DISTILL, INFER, REPRODUCE = STAGES
 TRAINED = (PREFIX, ALIGN, DISTILL)  # the stages whose files a finished run captions with
 
 

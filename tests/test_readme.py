@@ -60,6 +60,7 @@ def test_demo_then_caption_your_own_file(sandbox):
     }
     assert {claim["claim"] for claim in results["claims"]} >= {"distillation helps OT-Att"}
     _another_encoders_rows_beside_cav_maes(sandbox, results)
+    _make_reproduce_repeats_the_demos_rows_at_seed_0(sandbox, results)
     wave = 0.1 * np.random.default_rng(0).standard_normal(16_000 * 12)
     soundfile.write(sandbox / "my_clip.wav", wave, 16_000)
     printed = run(sandbox, ".venv/bin/dali caption --run expe/demo/ot_att my_clip.wav")
@@ -75,6 +76,25 @@ def test_demo_then_caption_your_own_file(sandbox):
     windows = eval(done.stdout.decode().strip().splitlines()[-1])
     assert [(start, end) for start, end, _ in windows] == [(0.0, 10.24), (10.24, 12.0)]
     _make_app_serves_the_demo_and_captions_as_the_api_does(sandbox, windows)
+
+
+def _make_reproduce_repeats_the_demos_rows_at_seed_0(sandbox: Path, demo: dict) -> None:
+    """`make reproduce` on the demo's run: seed 0 of each AudioCaps row is the demo's row of the same captioning,
+    computed again in its own infer folder; the world's second test set is scored as Clotho."""
+    run(sandbox, "make reproduce", replace={"make reproduce": 'make reproduce ARGS="--seeds 2"'})
+    results = json.loads((sandbox / "expe" / "demo" / "ot_att" / "reproduce" / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    same = {
+        "AudioCaps, audio": "DALI-OT-Att + distillation",
+        "AudioCaps, audio + image": "DALI-OT-Att (audio + image)",
+        "AudioCaps, image": "Image captioner on images (*)",
+    }
+    demo_rows = {row["name"]: row["metrics"] for row in demo["rows"]}
+    for ours, theirs in same.items():
+        assert rows[ours]["per_seed"]["0"]["cider_d"] == demo_rows[theirs]["cider_d"], ours
+        assert rows[ours]["seeds"] == [0, 1] and rows[ours]["std"]["cider_d"] is not None
+    clotho = rows["Clotho (cross-domain), audio"]
+    assert clotho["set"] == "clotho" and len(clotho["scored"]) == results["clips"]["clotho"]["listed"]
 
 
 def _another_encoders_rows_beside_cav_maes(sandbox: Path, paper: dict) -> None:

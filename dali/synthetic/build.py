@@ -10,14 +10,16 @@ from dali.command_configs import WorldCommandConfig
 from dali.flags import parse_config
 from dali.logs import log, setup_logging
 from dali.synthetic.captioner import CaptionerTraining, train_captioner
-from dali.synthetic.world import REDUCED, WorldConfig, generate_world
+from dali.synthetic.world import REDUCED, WorldConfig, generate_far_test_set, generate_world
 
 CAPTIONER_FOLDER = "captioner_model"
 
 
 def build_world(data: Path, reduced: bool = False, captioner_epochs: int | None = None, seed: int = 0) -> Path:
     """Generate (or reuse) the world under ``data`` and train (or reuse) its image captioner; returns the latter."""
-    world = generate_world(data, dataclasses.replace(REDUCED if reduced else WorldConfig(), seed=seed))
+    config = dataclasses.replace(REDUCED if reduced else WorldConfig(), seed=seed)
+    world = generate_world(data, config)
+    generate_far_test_set(world, config)  # the test set that plays Clotho for `dali reproduce`
     epochs = captioner_epochs if captioner_epochs is not None else 1 if reduced else CaptionerTraining.epochs
     return train_captioner(world, world / CAPTIONER_FOLDER, CaptionerTraining(epochs=epochs, seed=seed))
 

@@ -302,9 +302,10 @@ def render_frame(scene: Scene, frame: int, size: int = FRAME_SIZE) -> Image.Imag
     return image
 
 
-def render_audio(scene: Scene) -> np.ndarray:
+def render_audio(scene: Scene, background: float = 0.004) -> np.ndarray:
+    """The scene's sound: its events at their loudness over a background noise of gain ``background``."""
     rng = np.random.default_rng(scene.seed)
-    out = 0.004 * sounds.background(rng, DURATION_S)
+    out = background * sounds.background(rng, DURATION_S)
     for event in scene.events:
         signal = getattr(sounds, SOURCES[event.source].synth)(rng, event.duration)
         begin = int(event.start * sounds.RATE)
@@ -419,3 +420,33 @@ def _write_lists(root: Path, scenes: dict, config: WorldConfig, rng: np.random.G
 def _write_csv(path: Path, rows: list[list[str]]) -> None:
     with open(path, "w", newline="") as stream:
         csv.writer(stream).writerows(rows)
+
+
+# -- a second test set, across a domain shift: the world's Clotho ---------------------------------------------
+FAR_FOLDER = "clotho"
+FAR_BACKGROUND = 0.04  # 20 dB above the world's background noise: the same sources, recorded elsewhere
+FAR_SEED_OFFSET = 7_919  # its scenes come from their own stream: the world's files are never drawn differently
+
+
+def generate_far_test_set(root: str | Path, config: WorldConfig = WorldConfig()) -> Path:
+    """``root/clotho``: a test set that plays Clotho beside the AudioCaps-like test.csv (idempotent). Audio only
+    (Clotho has no video), five references per clip in Clotho's wide CSV layout (file_name, caption_1..5), and a
+    domain shift: the background noise 20 dB louder. Its own random stream leaves the world's files unchanged."""
+    folder = Path(root) / FAR_FOLDER
+    marker = folder / "split.json"
+    digest = hashlib.sha256(f"{config.digest()}:{FAR_BACKGROUND}:{FAR_SEED_OFFSET}".encode()).hexdigest()[:16]
+    if marker.exists() and json.loads(marker.read_text()).get("digest") == digest:
+        return folder
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed + FAR_SEED_OFFSET)
+    lines = [["file_name", *(f"caption_{k}" for k in range(1, config.references + 1))]]
+    for index in range(config.test_clips):
+        scene = sample_scene(rng, f"far{index:05d}")
+        soundfile.write(
+            folder / "audio" / f"{scene.id}.wav", render_audio(scene, FAR_BACKGROUND), sounds.RATE, "PCM_16"
+        )
+        captions = [audio_caption(scene, rng) for _ in range(config.references)]  # repeats allowed, as in Clotho
+        lines.append([f"{scene.id}.wav", *captions])
+    atomic_write(folder / "test.csv", lambda tmp: _write_csv(tmp, lines))
+    atomic_write_json(marker, {"digest": digest, "clips": config.test_clips, "background": FAR_BACKGROUND})
+    return folder
