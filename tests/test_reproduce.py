@@ -34,10 +34,10 @@ def test_sets(synthetic, tmp_path_factory):
     return audiocaps, generate_far_test_set(root, REDUCED), lost
 
 
-def _flags(pipeline, test_sets, *more):
+def _flags(pipeline, test_sets, *more, clotho=True):
     world, llava, run = pipeline
-    audiocaps, clotho, _ = test_sets
-    flags = ["--run", str(run), "--audiocaps", str(audiocaps), "--clotho", str(clotho), "--seeds", "2"]
+    flags = ["--run", str(run), "--audiocaps", str(test_sets[0]), "--seeds", "2"]
+    flags += ["--clotho", str(test_sets[1])] if clotho else []
     return ["reproduce", *flags, "--limit", str(LIMIT), "--no-sbert", "--batch-size", "4", *more]
 
 
@@ -107,6 +107,14 @@ def test_finished_infer_folders_are_reused_only_when_made_with_the_same_settings
     assert "infer_audio_audiocaps_seed0' is finished but it was made with other settings" in error
     assert "--temperature: 0.2 -> 0.5" in error and "pass --overwrite" in error
     assert predictions.stat().st_mtime_ns == before[0]
+    scores = run / "infer_image_audiocaps_seed1" / "scores.json"
+    kept = scores.read_bytes()
+    scores.write_text(json.dumps(dict(json.loads(kept), scores={"cider_d": 9.0})))  # a table must not print this
+    try:
+        assert dali(_flags(pipeline, test_sets, "--overwrite")) == 2
+        assert "scores.json' is not the file its stage wrote" in capsys.readouterr().err
+    finally:
+        scores.write_bytes(kept)
 
 
 def test_greedy_rows_run_once_whatever_the_seeds(pipeline):
@@ -130,3 +138,33 @@ def test_the_worlds_clotho_is_another_domain_and_leaves_the_world_as_it_was(synt
     assert not (first / "frames").exists()  # audio only, as Clotho
     assert {clip.id for clip in clips}.isdisjoint(c.id for c in read_caption_csv(world / "test.csv"))
     assert {path.name: path.read_bytes() for path in (world / "test.csv", world / "scenes.json")} == before
+
+
+def test_a_reproduce_stopped_half_way_resumes_reusing_the_rows_it_finished(pipeline, test_sets, tmp_path, monkeypatch):
+    """Stopped during its third infer run (as a kill would), `--resume` finishes it: the infer folders finished
+    before the stop are reused as they are, the interrupted one resumes."""
+    from dali.stages import infer, reproduce
+
+    world, llava, run = pipeline
+    out = tmp_path / "results"
+    flags = _flags(pipeline, test_sets, "--modalities", "audio", "--out", str(out), "--seed", "7", clotho=False)
+    real, calls = infer.main, []
+
+    def stopped_on_the_third(argv):
+        calls.append(argv)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(argv)
+
+    monkeypatch.setattr(reproduce.infer, "main", stopped_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(flags[1:] + ["--seeds", "3"])
+    finished = run / "infer_audio_audiocaps_seed7"
+    written = (finished / "predictions.jsonl").stat().st_mtime_ns
+    assert not (out / "manifest.json").exists()
+    assert dali(flags + ["--seeds", "3"]) == 2  # an unfinished run is not silently continued
+    monkeypatch.setattr(reproduce.infer, "main", real)
+    assert dali(flags + ["--seeds", "3", "--resume"]) == 0
+    assert (finished / "predictions.jsonl").stat().st_mtime_ns == written
+    results = json.loads((out / "results.json").read_text())
+    assert [row["seeds"] for row in results["rows"]] == [[7, 8, 9]]

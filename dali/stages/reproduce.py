@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,12 @@ from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON
 from dali.command_configs import InferConfig, ReproduceConfig
 from dali.data import read_caption_csv
 from dali.evaluation import DCASE_METRICS, TABLE_METRICS
-from dali.files import atomic_write_json, atomic_write_text, read_json_object
+from dali.files import atomic_write_json, atomic_write_text
 from dali.flags import argv_of, config_to_dict, parse_config
 from dali.jsonl import atomic_write_jsonl, read_jsonl
 from dali.logs import log, setup_logging
 from dali.run import Run
-from dali.runs import MANIFEST, Stage, StageStateError, finished_differs, stage_main
+from dali.runs import MANIFEST, Stage, StageStateError, finished_differs, require_finished, stage_main
 from dali.stage_table import ALIGN, DISTILL, PREFIX, REPRODUCE, infer_folder
 from dali.stages import infer
 
@@ -144,23 +145,24 @@ def list_sha256(ids) -> str:
     return hashlib.sha256("".join(f"{clip_id}\n" for clip_id in sorted(ids)).encode()).hexdigest()
 
 
-def row_result(row: Row, folders: dict[int, Path]) -> tuple[dict, list[dict]]:
-    """A row's scores over its seeds (mean, standard deviation, each seed's) and the clips it scored; and its
-    per-clip lines (each seed's caption and scores of each clip)."""
+def row_result(row: Row, folders: dict[int, Path], allow_modified: bool) -> tuple[dict, list[dict]]:
+    """A row's scores over its seeds (mean, standard deviation, each seed's; a metric some seed lacks is not
+    averaged) and the clips every seed scored; and its per-clip lines (each seed's caption and scores of each clip).
+    Each file read is the one its infer folder's manifest records."""
     per_seed, lines, scored = {}, [], None
     for seed, folder in folders.items():
-        result = read_json_object(folder / SCORES_JSON)
-        if result is None:
-            raise StageStateError(f"'{folder}' has no {SCORES_JSON}: no clip of {row.test_set.test_list} was captioned")
+        require_finished(folder, "infer", f"{row.name}, seed {seed}", (PREDICTIONS_FILE, SCORES_JSON), allow_modified)
+        result = json.loads((folder / SCORES_JSON).read_text(encoding="utf-8"))
         captions = {record["id"]: record["caption"] for record in read_jsonl(folder / PREDICTIONS_FILE)}
         per_seed[seed] = result
         clips = set(result["per_clip"])
         scored = clips if scored is None else scored & clips
         base = {"set": row.test_set.name, "row": row.name, "modality": row.modality, "seed": seed}
         lines += [base | {"id": i, "caption": captions.get(i), "scores": s} for i, s in result["per_clip"].items()]
-    metrics = sorted({metric for result in per_seed.values() for metric in result["scores"]})
-    values = {m: [r["scores"][m] for r in per_seed.values() if m in r["scores"]] for m in metrics}
+    metrics = sorted(set.intersection(*(set(result["scores"]) for result in per_seed.values())))
+    values = {m: [r["scores"][m] for r in per_seed.values()] for m in metrics}
     unavailable = {m: why for r in per_seed.values() for m, why in r["unavailable"].items() if m not in metrics}
+    unavailable |= {m: "not scored under every seed" for r in per_seed.values() for m in r["scores"] if m not in values}
     summary = {
         "name": row.name,
         "set": row.test_set.name,
@@ -259,9 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries, lines = [], []
     for row in rows:
         stage.add_input(f"{row.test_set.name}_list", row.test_set.test_list)
-        summary, clip_lines = row_result(
-            row, {seed: run_infer(config, stage, run, row, seed) for seed in seeds_of(config)}
-        )
+        folders = {seed: run_infer(config, stage, run, row, seed) for seed in seeds_of(config)}
+        summary, clip_lines = row_result(row, folders, config.allow_modified)
         summaries.append(summary)
         lines += clip_lines
     results = {
