@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from dali import model_folder
 from dali.audio import WINDOW_SHIFT, WaveformError, audio_to_features, samples_for_frames, waveform_to_mono
 from dali.captioning import DTYPES, CaptioningModels
 from dali.constants import PROJECTORS, RENAMED_PROJECTORS, SAMPLE_RATE
@@ -124,6 +125,33 @@ class AudioCaptioner:
         models = CaptioningModels.load(
             found,
             uses,
+            llava=llava,
+            conv_mode=conv_mode,
+            dtype=DTYPES[dtype],
+            device=pick_device(device),
+            allow_modified=allow_modified,
+        )
+        return cls(models, decoding, modality)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_folder: str | Path,
+        *,
+        llava: str | None = None,
+        modality: str = "audio",
+        decoding: DecodingOptions | None = None,
+        dtype: str = "float32",
+        device: str | torch.device = "auto",
+        conv_mode: str | None = None,
+        allow_modified: bool = False,
+    ) -> "AudioCaptioner":
+        """Load a model folder written by ``dali export`` (:mod:`dali.model_folder`): a local folder, or a Hub name
+        through huggingface_hub (its cache first; ``HF_HUB_OFFLINE=1`` stays offline). ``llava`` and ``conv_mode``
+        default to those the folder names; its weights must have the sha256 its config records."""
+        folder = model_folder.resolve(name_or_folder)
+        models = CaptioningModels.from_folder(
+            folder,
             llava=llava,
             conv_mode=conv_mode,
             dtype=DTYPES[dtype],

@@ -5,15 +5,18 @@ and ``dali caption`` all caption through it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from dali import model_folder
 from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
 from dali.constants import DTYPE_NAMES
 from dali.models.captioner import Captioner
 from dali.run import Run
+from dali.runs import check_llava
 from dali.stage_table import ALIGN, DISTILL, PREFIX, StageRow
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -56,6 +59,45 @@ class CaptioningModels:
             if row in uses
         }
         return cls(captioner, parts.get(ALIGN), parts.get(PREFIX), parts.get(DISTILL))
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: Path,
+        *,
+        llava: str | None = None,
+        conv_mode: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        allow_modified: bool = False,
+    ) -> "CaptioningModels":
+        """The models of an exported model folder (:mod:`dali.model_folder`): its LLaVA (``llava``, else the one it
+        names, checked against the fingerprint it records when it is a local folder) and its trained parts, read
+        from weights whose sha256 is the config's."""
+        from dali.models.audio_encoders import encoder_from_state
+        from dali.models.prefix import prefix_from_state
+        from dali.models.projector import projector_from_state
+
+        config = model_folder.read_config(folder)
+        source = llava or config["llava"]
+        check_llava(source, config.get("llava_fingerprint"), allow_modified, "this model was exported with")
+        captioner = Captioner.from_pretrained(
+            source, dtype=dtype, device=device, conv_mode=conv_mode or config["conv_mode"]
+        )
+        parts = model_folder.read_parts(folder, config)
+        where = str(folder / model_folder.WEIGHTS_FILE)
+        encoder = encoder_from_state(*parts["audio_encoder"], where).requires_grad_(False)
+        prefix = prefix_from_state(parts["prefix"][0], where, captioner.hidden_size) if "prefix" in parts else None
+        projector = (
+            projector_from_state(parts["projector"][0], where, captioner.projector) if "projector" in parts else None
+        )
+        if encoder.output_dim != captioner.vision_dim:
+            raise model_folder.ModelFolderError(
+                f"'{where}': its encoder makes {encoder.output_dim}-d tokens but the LLaVA's vision tower is "
+                f"{captioner.vision_dim}-d"
+            )
+        moved = [part.to(device, dtype) if part is not None else None for part in (encoder, prefix, projector)]
+        return cls(captioner, *moved)
 
     @property
     def device(self) -> torch.device:

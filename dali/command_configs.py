@@ -363,6 +363,24 @@ class ReproduceConfig(ReadsStages, ClipLoading, Precision, DecodingFlags):
 
 
 @dataclass(kw_only=True)
+class ExportConfig(ReadsStages):
+    """dali export --run RUN OUT: a finished run -> a model folder to share (config.json, model.safetensors with the
+    trained parts only, README.md the model card); LLaVA is named, never copied. Load it with
+    AudioCaptioner.from_pretrained(OUT) or dali caption --model OUT; --push-to-hub uploads it."""
+
+    out: str = field(help="the model folder to write (outside the run)", positional=True)
+    run: str = field(help="a finished run: its folder or its name under --expe-dir")
+    expe_dir: str = field("expe", help="where run names are looked up")
+    projector: str | None = field(
+        None, choices=PROJECTORS, help="the projector to export (default: the distilled one when the run has it)"
+    )
+    use_prefix: bool | None = field(None, help="export the prefix (default: with LLaVA's projector)")
+    llava: str | None = field(None, help="the LLaVA the folder names (default: the one the run recorded)")
+    overwrite: bool = field(False, help="replace OUT when it is a model folder dali exported")
+    push_to_hub: str | None = field(None, help="then upload the folder to this Hub repository (user/name)")
+
+
+@dataclass(kw_only=True)
 class FinishedRun(ReadsStages, Precision):
     """The flags of the commands that caption with a finished run (caption, app), declared once."""
 
@@ -384,6 +402,10 @@ class CaptionConfig(FinishedRun, DecodingFlags):
     """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
 
     files: tuple[str, ...] = field((), help="audio or video files", positional=True)
+    run: str | None = field(
+        None, help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
+    )
+    model: str | None = field(None, help="in place of --run: a model folder from dali export, or its Hub name")
     modality: str = field("audio", choices=("audio", "audio_vis"))
     projector: str | None = field(
         None,
@@ -402,6 +424,10 @@ class CaptionConfig(FinishedRun, DecodingFlags):
     def validate(self) -> None:
         if not self.files:
             raise ConfigError("FILE: give at least one audio or video file")
+        if (self.run is None) == (self.model is None):
+            raise ConfigError("give --run (a run folder) or --model (an exported model), one of them")
+        if self.model is not None and (self.projector is not None or self.use_prefix is not None):
+            raise ConfigError("--projector and --use-prefix choose among a run's files: an exported model has its own")
 
 
 @dataclass

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dali.errors import DaliError, ModelLoadError
-from dali.logs import log
-from dali.runs import MANIFEST, IntegrityError, check_run_name, identity_change, model_fingerprint, read_manifest
+from dali.runs import MANIFEST, check_llava, check_run_name, read_manifest
 from dali.stage_table import ALIGN, DISTILL, PREFIX, STAGES, StageRow
 
 RECORDED_ORDER = (ALIGN, DISTILL, PREFIX)  # whose records of the LLaVA and the prompt count first
@@ -84,13 +83,7 @@ class Run:
             raise ModelLoadError(
                 f"the LLaVA this run was made with, '{llava}', is not there (from '{Path.cwd()}'); pass --llava"
             )
-        if recorded.get("config_sha256") and Path(llava).is_dir():
-            change = identity_change(recorded, model_fingerprint(Path(llava)))
-            if change:
-                message = f"--llava '{llava}' is not the LLaVA this run was made with ({change})"
-                if not allow_modified:
-                    raise IntegrityError(message + "; pass --allow-modified to use it anyway")
-                log.warning("%s; used anyway (--allow-modified)", message)
+        check_llava(llava, recorded, allow_modified, "this run was made with")
         return llava
 
     def conv_mode(self, rows: Iterable[StageRow] = RECORDED_ORDER) -> str:

@@ -83,6 +83,19 @@ def identity_change(recorded: dict[str, Any], current: dict[str, Any]) -> str | 
     return None
 
 
+def check_llava(llava: str, recorded: dict[str, Any] | None, allow_modified: bool, made: str) -> None:
+    """A local LLaVA folder must be the one recorded (its config's sha256 and weight files' headers: ``recorded``,
+    a :func:`model_fingerprint`); ``allow_modified``: a difference only warns. A hub id is taken by name."""
+    if not (recorded and recorded.get("config_sha256")) or not Path(llava).is_dir():
+        return
+    change = identity_change(recorded, model_fingerprint(Path(llava)))
+    if change:
+        message = f"--llava '{llava}' is not the LLaVA {made} ({change})"
+        if not allow_modified:
+            raise IntegrityError(message + "; pass --allow-modified to use it anyway")
+        log.warning("%s; used anyway (--allow-modified)", message)
+
+
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent

@@ -81,6 +81,9 @@ TOOLS = (
         "import-original", "dali.tools.import_original", "ImportOriginalConfig",
         "the released DALI weights -> a run folder",
     ),
+    CommandRow(
+        "export", "dali.tools.export", "ExportConfig", "a finished run -> a model folder to share and load by name"
+    ),
 )  # fmt: skip
 WORLD = (
     CommandRow(

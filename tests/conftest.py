@@ -92,3 +92,25 @@ def pipeline(synthetic, tmp_path_factory):
     assert prefix_tune.main([*prefix_flags(world, llava, 4), "--out", str(run / "prefix")]) == 0
     assert align.main(align_flags(world, llava) + ["--out", str(run / "align")]) == 0
     return world, llava, run
+
+
+@pytest.fixture(scope="session")
+def original_weights(tiny_llava_dir, tmp_path_factory):
+    """Files in the layouts of the released DALI weights, for the tiny captioner (hidden 32, vision 32)."""
+    from helpers import original_layout
+
+    from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
+
+    source = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    encoder = CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=32, depth_audio=1, num_heads=2, patch_time=128, proj_dim=32))
+    torch.save(original_layout(encoder, with_extras=True), source / "audio_backbone.pth")
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(32, 32) * 0.1,
+        "model.mm_projector.0.bias": torch.zeros(32),
+        "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1,
+        "model.mm_projector.2.bias": torch.zeros(32),
+    }
+    torch.save(projector, source / "prefixMLP.bin")
+    torch.save({"model.audio_tower.prefix": torch.randn(16, 32) * 1e-4}, source / "prefix.bin")
+    return source, encoder

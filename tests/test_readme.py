@@ -65,6 +65,8 @@ def test_demo_then_caption_your_own_file(sandbox):
     soundfile.write(sandbox / "my_clip.wav", wave, 16_000)
     printed = run(sandbox, ".venv/bin/dali caption --run expe/demo/ot_att my_clip.wav")
     assert printed.count("my_clip.wav [") == 2  # two windows of 10.24 s
+    run(sandbox, ".venv/bin/dali export --run expe/demo/ot_att models/demo")
+    assert run(sandbox, ".venv/bin/dali caption --model models/demo my_clip.wav") == printed  # the same captions
     api = (
         "from dali import AudioCaptioner"
         + README.split("```python\nfrom dali import AudioCaptioner")[1].split("```")[0]

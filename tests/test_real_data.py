@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import original_layout, write_mp4
+from helpers import write_mp4
 
 from dali.jsonl import read_jsonl
-from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
 from dali.models.checkpoints import CheckpointError
 from dali.runs import StageStateError, read_manifest
 from dali.stages import infer
@@ -65,24 +64,6 @@ def test_prepare_resumes_without_redoing(media, prepared):
     assert prepare.main([str(media), str(prepared), "--workers", "1"]) == 0
     assert (prepared / "audio" / "mono8k.wav").stat().st_mtime_ns == before
     assert all(r.get("reused") for r in read_jsonl(prepared / "prepare_report.jsonl") if r["status"] == "ok")
-
-
-@pytest.fixture(scope="module")
-def original_weights(tiny_llava_dir, tmp_path_factory):
-    """Files in the layouts of the released DALI weights, for the tiny captioner (hidden 32, vision 32)."""
-    source = tmp_path_factory.mktemp("released")
-    torch.manual_seed(0)
-    encoder = CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=32, depth_audio=1, num_heads=2, patch_time=128, proj_dim=32))
-    torch.save(original_layout(encoder, with_extras=True), source / "audio_backbone.pth")
-    projector = {
-        "model.mm_projector.0.weight": torch.randn(32, 32) * 0.1,
-        "model.mm_projector.0.bias": torch.zeros(32),
-        "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1,
-        "model.mm_projector.2.bias": torch.zeros(32),
-    }
-    torch.save(projector, source / "prefixMLP.bin")
-    torch.save({"model.audio_tower.prefix": torch.randn(16, 32) * 1e-4}, source / "prefix.bin")
-    return source, encoder
 
 
 def test_import_then_caption_files_and_evaluate_clotho(tiny_llava_dir, original_weights, prepared, media, tmp_path):

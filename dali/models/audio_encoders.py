@@ -37,7 +37,7 @@ from torch import nn
 from dali.audio import SAMPLE_RATE, fit_wave, resample, samples_for_frames
 from dali.constants import AUDIO_ENCODERS, TARGET_FRAMES
 from dali.limits import MAX_ENCODER_PARAMETERS
-from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
+from dali.models.cav_mae import audio_encoder_from_state, load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import (
     CheckpointError,
     check_described_model,
@@ -302,17 +302,31 @@ def load_encoder(path: str | Path) -> AudioEncoder:
     metadata = read_metadata(path)  # the header alone: a CAV-MAE file is read once
     if ENCODER_METADATA_KEY not in metadata:
         return load_audio_encoder(path)
+    return _encoder_described(metadata, header_shapes(path), lambda: read_state_dict(path)[0], str(path))
+
+
+def encoder_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> AudioEncoder:
+    """:func:`load_encoder` on tensors already read, with their file's metadata (``source`` names it)."""
+    if ENCODER_METADATA_KEY not in metadata:
+        return audio_encoder_from_state(state, metadata, source)
+    shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    return _encoder_described(metadata, shapes, lambda: state, source)
+
+
+def _encoder_described(metadata: dict[str, str], shapes: dict, tensors, source: str) -> AudioEncoder:
+    """The encoder the metadata describes, checked on the meta device against the tensors' ``shapes`` before it is
+    built, then filled with ``tensors()``, strictly."""
     try:
         described = json.loads(metadata[ENCODER_METADATA_KEY])
         with torch.device("meta"):  # what the metadata describes, checked against the tensors before it is built
-            check_described_structure(described["config"], str(path))
-            check_described_model(_described_encoder(described), header_shapes(path), str(path))
+            check_described_structure(described["config"], source)
+            check_described_model(_described_encoder(described), shapes, source)
         encoder = _described_encoder(described)
-        encoder.load_state_dict(read_state_dict(path)[0], strict=True)
+        encoder.load_state_dict(tensors(), strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         if isinstance(error, CheckpointError):
             raise
-        raise CheckpointError(f"'{path}' is not a valid audio encoder file: {error}") from None
+        raise CheckpointError(f"'{source}' is not a valid audio encoder file: {error}") from None
     return encoder.eval()
 
 

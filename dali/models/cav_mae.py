@@ -282,6 +282,17 @@ def load_audio_encoder(
     file without ``proj`` (layout a) a freshly initialised one, as stage 1b starts from CAV-MAE.
     """
     state, metadata = read_state_dict(path)
+    return audio_encoder_from_state(state, metadata, str(path), num_heads, new_proj_dim)
+
+
+def audio_encoder_from_state(
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    path: str,
+    num_heads: int | None = None,
+    new_proj_dim: int | None = None,
+) -> CAVMAEAudioEncoder:
+    """:func:`load_audio_encoder` on tensors already read (``path`` names their file in messages)."""
     state = strip_prefix(state)
     config = infer_config(state, num_heads)
     if CONFIG_METADATA_KEY in metadata:

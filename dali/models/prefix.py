@@ -33,7 +33,11 @@ def save_prefix(prefix: Prefix, path: str | Path) -> None:
 
 def load_prefix(path: str | Path, hidden_size: int | None = None) -> Prefix:
     """Read a prefix written by stage 1a or an original ``prefix.bin``/``prefixMLP.bin``; checks the width."""
-    state, _ = read_state_dict(path)
+    return prefix_from_state(read_state_dict(path)[0], str(path), hidden_size)
+
+
+def prefix_from_state(state: dict[str, torch.Tensor], path: str, hidden_size: int | None = None) -> Prefix:
+    """:func:`load_prefix` on tensors already read (``path`` names their file in messages)."""
     tensor = state.get(PREFIX_KEY, state.get(ORIGINAL_PREFIX_KEY))
     if tensor is None:
         raise CheckpointError(f"'{path}' holds no prefix (expected key '{PREFIX_KEY}' or '{ORIGINAL_PREFIX_KEY}')")

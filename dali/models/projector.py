@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from dali.models.checkpoints import CheckpointError, read_state_dict
@@ -30,9 +31,13 @@ def load_projector(path: str | Path, template: nn.Module) -> nn.Module:
 
     Accepts our layout (``linear_1.*``, ``linear_2.*``) and the original's (``model.mm_projector.{0,2}.*``).
     """
+    return projector_from_state(read_state_dict(path)[0], str(path), template)
+
+
+def projector_from_state(state: dict[str, torch.Tensor], path: str, template: nn.Module) -> nn.Module:
+    """:func:`load_projector` on tensors already read (``path`` names their file in messages)."""
     import copy
 
-    state, _ = read_state_dict(path)
     if any(key in state for key in ORIGINAL_PROJECTOR_KEYS):
         state = {ORIGINAL_PROJECTOR_KEYS[key]: value for key, value in state.items() if key in ORIGINAL_PROJECTOR_KEYS}
     projector = copy.deepcopy(template).float()

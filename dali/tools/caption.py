@@ -27,15 +27,7 @@ from dali.runs import stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(CaptionConfig, argv)
-    captioner = AudioCaptioner.from_run(
-        config.run,
-        **config.loading(),
-        projector=config.projector,
-        use_prefix=config.use_prefix,
-        modality=config.modality,
-        decoding=config.decoding(),
-        conv_mode=config.conv_mode,
-    )
+    captioner = load_captioner(config)
     results, failures = [], []
     bar = progress(total=len(config.files), desc="captioning", unit="file")
     for name in config.files:  # one file at a time: decoded, cut and captioned before the next is read
@@ -52,8 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
     bar.close()
     if config.json:
-        atomic_write_json(config.json, caption_report(results, failures, captioner, config.run))
+        atomic_write_json(config.json, caption_report(results, failures, captioner, config.run or config.model))
     return 1 if failures and not results else 0
+
+
+def load_captioner(config: CaptionConfig) -> AudioCaptioner:
+    """The run's captioner (``--run``), or an exported model's (``--model``), with the command's settings."""
+    settings = {"modality": config.modality, "decoding": config.decoding(), "conv_mode": config.conv_mode}
+    if config.model is not None:
+        loading = {name: getattr(config, name) for name in ("llava", "dtype", "device", "allow_modified")}
+        return AudioCaptioner.from_pretrained(config.model, **loading, **settings)
+    chosen = {"projector": config.projector, "use_prefix": config.use_prefix}
+    return AudioCaptioner.from_run(config.run, **config.loading(), **chosen, **settings)
 
 
 def caption_report(
