@@ -217,3 +217,15 @@ class AudioCaptioner:
         10.24 s window."""
         windows = self.windows(source, first_window_only, min_window, sample_rate=sample_rate)
         return [(*w.span, caption) for w, caption in self.iter_captions(windows, batch_size)]
+
+    def record(self, window: Window, caption: str) -> dict:
+        """A window's caption as ``dali caption`` writes it (:mod:`dali.caption_formats`): file, span, caption and the
+        modality it was captioned from."""
+        start, end = window.span
+        return {"file": window.file, "start": start, "end": end, "caption": caption, "modality": self.modality}
+
+    def records(self, source: Source, first_window_only: bool = False, min_window: float = 1.0, batch_size: int = 16,
+                sample_rate: int | None = None) -> list[dict]:  # fmt: skip
+        """:meth:`caption` as records, for :func:`dali.caption_formats.render` (txt, json, srt, vtt, tsv)."""
+        windows = self.windows(source, first_window_only, min_window, sample_rate=sample_rate)
+        return [self.record(window, caption) for window, caption in self.iter_captions(windows, batch_size)]

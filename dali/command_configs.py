@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from dali.constants import (
     AUDIO_ENCODERS,
+    CAPTION_FORMATS,
     CONV_MODES,
     DECODING_ENGINES,
     DEFAULT_FRAME_INDEX,
@@ -384,12 +385,17 @@ class ExportConfig(ReadsStages):
 class FinishedRun(ReadsStages, Precision):
     """The flags of the commands that caption with a finished run (caption, app), declared once."""
 
-    run: str = field(
-        help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
+    run: str | None = field(
+        None, help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
     )
+    model: str | None = field(None, help="in place of --run: a model folder from dali export, or its Hub name")
     expe_dir: str = field("expe", help="where run names are looked up")
     llava: str | None = field(None, help="LLaVA-1.5 (default: the one recorded in the run's align manifest)")
     device: str = field("auto")
+
+    def check_source(self) -> None:
+        if (self.run is None) == (self.model is None):
+            raise ConfigError("give --run (a run folder) or --model (an exported model), one of them")
 
     def loading(self) -> dict:
         """How ``AudioCaptioner.from_run`` loads the run: these flags, as its keywords."""
@@ -402,10 +408,6 @@ class CaptionConfig(FinishedRun, DecodingFlags):
     """Caption audio/video files with a run's aligned encoder (and distilled projector)."""
 
     files: tuple[str, ...] = field((), help="audio or video files", positional=True)
-    run: str | None = field(
-        None, help="a finished run: its folder (with align/, and distill/ or prefix/) or its name under --expe-dir"
-    )
-    model: str | None = field(None, help="in place of --run: a model folder from dali export, or its Hub name")
     modality: str = field("audio", choices=("audio", "audio_vis"))
     projector: str | None = field(
         None,
@@ -420,12 +422,18 @@ class CaptionConfig(FinishedRun, DecodingFlags):
     batch_size: int = field(16)
     strategy: str = field("greedy", choices=("greedy", "beam", "sample"))
     json: str | None = field(None, help="also write the captions to this JSON file")
+    output_dir: str | None = field(
+        None, help="write each file's captions here (<name>.<format>; a folder's files keep their subfolders)"
+    )
+    output_format: str = field("txt", choices=(*CAPTION_FORMATS, "all"), help="with --output-dir")
+    recursive: bool = field(False, help="a FILE that is a folder: its subfolders' files too")
+    glob: str | None = field(None, help="a FILE that is a folder: only the names matching this pattern (e.g. '*.wav')")
+    overwrite: bool = field(False, help="caption again the files whose --output-dir outputs exist (else skipped)")
 
     def validate(self) -> None:
         if not self.files:
-            raise ConfigError("FILE: give at least one audio or video file")
-        if (self.run is None) == (self.model is None):
-            raise ConfigError("give --run (a run folder) or --model (an exported model), one of them")
+            raise ConfigError("FILE: give at least one audio or video file, or a folder of them")
+        self.check_source()
         if self.model is not None and (self.projector is not None or self.use_prefix is not None):
             raise ConfigError("--projector and --use-prefix choose among a run's files: an exported model has its own")
 
@@ -494,7 +502,15 @@ class ImportOriginalConfig:
     source: str = field(help="folder with audio_backbone.pth [prefixMLP.bin] [prefix.bin]", positional=True)
     run: str = field(help="run folder to create (e.g. expe/DALI_OT_ATT)", positional=True)
     llava: str | None = field(None, help="LLaVA-1.5 config to check the shapes against (hub id or folder)")
-    overwrite: bool = field(False, help="replace stage folders the run already has")
+    overwrite: bool = field(False, help="replace stage folders the run already has (and --export's folder)")
+    export: str | None = field(
+        None,
+        help="also write the run as a model folder here (as dali export; needs --llava), to share and load by name",
+    )
+
+    def validate(self) -> None:
+        if self.export and not self.llava:
+            raise ConfigError("--export needs --llava: the model folder names the LLaVA it captions with")
 
 
 @dataclass
@@ -545,7 +561,8 @@ class DemoConfig:
 
 @dataclass(kw_only=True)
 class AppConfig(FinishedRun):
-    """dali app --run RUN: a web page to caption a clip (upload a file or record one) with a finished run.
+    """dali app --run RUN (or --model MODEL): a web page to caption a clip (upload a file or record one) with a finished
+    run or an exported model.
 
     The model loads once; requests wait in a queue. The page is served on 127.0.0.1 unless --host says otherwise,
     never shared publicly, with Gradio's analytics off and nothing fetched from outside. Uploads and results go
@@ -568,6 +585,7 @@ class AppConfig(FinishedRun):
     batch_size: int = field(16, help="windows captioned at once")
 
     def validate(self) -> None:
+        self.check_source()
         require_at_least(self, 1, "port", "max_upload_mb", "batch_size")
         if self.max_scratch_mb < 2 * self.max_upload_mb:
             raise ConfigError(

@@ -24,3 +24,4 @@ CONV_MODES = {
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions.",
 }
+CAPTION_FORMATS = ("txt", "json", "srt", "vtt", "tsv")  # dali caption --output-format (dali.caption_formats)

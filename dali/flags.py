@@ -25,7 +25,7 @@ T = TypeVar("T")
 # Booleans whose negative means nothing (no preset turns them on): plain switches. Every other boolean keeps its
 # --no-... form, since a preset may set it.
 SWITCHES = frozenset(
-    {"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified"}
+    {"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified", "recursive"}
     | {"list_metric_models"}
 )
 # Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.

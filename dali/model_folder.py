@@ -110,16 +110,29 @@ def read_parts(folder: Path, config: dict[str, Any]) -> dict[str, tuple[dict, di
 
 
 # -- writing: dali export ------------------------------------------------------------------------------------------
-def export(run, out: Path, *, projector: str, use_prefix: bool, llava: str | None = None, allow_modified=False) -> dict:
-    """Write ``out`` (absent, or a model folder of ours to replace) from a finished run: the parts that captioning
-    with ``projector`` (and the prefix) loads, each checked against its stage's manifest; written beside ``out``
-    first and renamed into place, so ``out`` is never half-written. Returns the config."""
+def export(
+    run,
+    out: Path,
+    *,
+    projector: str | None = None,
+    use_prefix: bool | None = None,
+    llava: str | None = None,
+    overwrite: bool = False,
+    allow_modified: bool = False,
+) -> dict:
+    """Write ``out`` (absent, or with ``overwrite`` a model folder of ours) from a finished run: what captioning with
+    ``projector`` (default: the distilled one when the run has it) and the prefix (default: with LLaVA's projector)
+    loads, each part checked against its stage's manifest; written beside ``out`` first and renamed into place, so
+    ``out`` is never half-written. Returns the config."""
     from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE
     from dali.models.audio_encoders import load_encoder
     from dali.models.checkpoints import read_state_dict
     from dali.runs import model_fingerprint, require_finished
     from dali.stage_table import ALIGN, DISTILL, PREFIX
 
+    check_destination(out, run.folder, overwrite)
+    projector = projector or ("distilled" if run.finished(DISTILL) else "llava")
+    use_prefix = projector == "llava" and run.finished(PREFIX) if use_prefix is None else use_prefix
     parts = {
         ALIGN: ("audio_encoder", ENCODER_FILE),
         PREFIX: ("prefix", PREFIX_FILE),

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,8 +66,10 @@ def test_an_exported_run_is_a_model_folder_that_captions_as_the_run(pipeline, ex
 def test_an_imported_release_exports_and_captions_as_its_run(tiny_llava_dir, original_weights, long_clip, tmp_path):
     source, _ = original_weights
     run = tmp_path / "DALI_OT_ATT"
-    assert dali(["import-original", str(source), str(run), "--llava", str(tiny_llava_dir)]) == 0
-    assert dali(["export", "--run", str(run), str(tmp_path / "released")]) == 0
+    argv = ["import-original", str(source), str(run), "--llava", str(tiny_llava_dir)]
+    assert dali([*argv, "--export", str(run / "model")]) == 2  # checked before anything is imported
+    assert not run.exists()
+    assert dali([*argv, "--export", str(tmp_path / "released")]) == 0  # the release, as a model folder
     config = json.loads((tmp_path / "released" / "config.json").read_text())
     assert config["projector"] == "distilled" and config["conv_mode"] == "llava_v1"  # the original's inference prompt
     ours = AudioCaptioner.from_pretrained(tmp_path / "released", decoding=GREEDY, device="cpu").caption(long_clip)
@@ -161,3 +164,40 @@ def test_push_to_hub_uploads_the_exported_folder(pipeline, tmp_path, monkeypatch
         ("upload_folder", "someone/tiny-dali"),
     ]
     assert calls[1][2]["folder_path"] == str(tmp_path / "out")
+
+
+def test_the_web_page_serves_an_exported_model_and_shows_no_path(exported, pipeline, tmp_path):
+    """`dali app --model`: the page captions as from_pretrained does; the page and its JSON name the model, never
+    the server's folders."""
+    httpx = pytest.importorskip("httpx")
+    from helpers import free_port
+    from test_app_http import caption, upload, wav_bytes
+
+    world, llava, run = pipeline
+    port = free_port()
+    log = open(tmp_path / "app.log", "w")
+    command = [sys.executable, "-m", "dali.cli", "app", "--model", str(exported), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert server.poll() is None, (tmp_path / "app.log").read_text()
+                time.sleep(0.5)
+        data = wav_bytes(tmp_path, seconds=4.0, seed=2)
+        outputs = caption(url, upload(url, "clip.wav", data))
+        page = httpx.get(url + "config", timeout=30).text
+        report = httpx.get(url + f"gradio_api/file={outputs[4]['path']}", timeout=30)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    direct = AudioCaptioner.from_pretrained(exported, decoding=GREEDY, device="cpu").caption(tmp_path / "clip2.wav")
+    assert [row[2] for row in outputs[0]["data"]] == [text for _, _, text in direct]
+    for text in (page, report.text):
+        assert str(exported.parent) not in text and str(llava) not in text and str(run) not in text
+    record = report.json()
+    assert record["model"] == exported.name and len(record["model_sha256"]) == 16 and "run" not in record
+    assert f"**Model** `{exported.name}`" in page

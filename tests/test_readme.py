@@ -65,6 +65,14 @@ def test_demo_then_caption_your_own_file(sandbox):
     soundfile.write(sandbox / "my_clip.wav", wave, 16_000)
     printed = run(sandbox, ".venv/bin/dali caption --run expe/demo/ot_att my_clip.wav")
     assert printed.count("my_clip.wav [") == 2  # two windows of 10.24 s
+    walk = ".venv/bin/dali caption --run expe/demo/ot_att data/synthetic/audio --glob 'test0000*' --output-dir captions"
+    walk += " --output-format all"
+    run(sandbox, walk)
+    srt = sorted((sandbox / "captions").glob("*.srt"))
+    assert [path.stem for path in srt] == [
+        f"test0000{i}" for i in range(10) if (sandbox / "data" / "synthetic" / "audio" / f"test0000{i}.wav").exists()
+    ]
+    assert all(len(list((sandbox / "captions").glob(f"{path.stem}.*"))) == 5 for path in srt)
     run(sandbox, ".venv/bin/dali export --run expe/demo/ot_att models/demo")
     assert run(sandbox, ".venv/bin/dali caption --model models/demo my_clip.wav") == printed  # the same captions
     api = (

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dali import model_folder
 from dali.audio_captioner import AudioCaptioner
 from dali.command_configs import AppConfig
 from dali.errors import DaliError
@@ -24,7 +25,7 @@ from dali.models.decoding import DecodingOptions
 from dali.run import Run
 from dali.runs import MANIFEST, read_manifest
 from dali.stage_table import ALIGN, TRAINED
-from dali.tools.caption import caption_report
+from dali.tools.caption import caption_report, open_captioner
 
 MODALITIES = {"audio": "audio", "audio + image (videos)": "audio_vis"}
 DECODINGS = ("greedy", "seeded sampling")
@@ -77,7 +78,8 @@ class ClipCaptioner:
         if seconds >= config.max_seconds - 0.01:
             message += f" The file is longer: only its first {config.max_seconds:g} s were captioned (--max-seconds)."
         captions = [{"file": path.name, "start": s, "end": e, "caption": c} for s, e, c in rows]
-        report = caption_report(captions, [], self.captioner, config.run, modality, options) | self.identity
+        report = caption_report(captions, [], self.captioner, "", modality, options)
+        report = {key: value for key, value in report.items() if key != "run"} | self.identity  # names, no path
         json_path = Path(tempfile.mkdtemp(dir=self.outputs)) / f"{path.stem}.captions.json"
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         frames = [(w.frame, "{:.2f} - {:.2f} s".format(*w.span)) for w, _ in pairs if w.frame is not None]
@@ -109,30 +111,54 @@ def spectrogram_image(windows: list):
     return Image.open(buffer).convert("RGB")
 
 
-def public_identity(captioner: AudioCaptioner, folder: Path) -> dict:
-    """The run and its LLaVA as a visitor may see them: by name and content hash, never by a server path."""
+def public_identity(captioner: AudioCaptioner, config: AppConfig) -> dict:
+    """The run (or exported model) and its LLaVA as a visitor may see them: by name and content hash, never by a
+    server path."""
     from dali.files import file_sha256
 
     source = Path(captioner.describe()["llava"])
     llava = {"llava": source.name}
     if source.is_dir() and (source / "config.json").is_file():
         llava["llava_config_sha256"] = file_sha256(source / "config.json")[:16]
+    if config.model is not None:
+        folder = model_folder.resolve(config.model)
+        name = folder.name if Path(config.model).exists() else config.model  # a Hub name, or the folder's own
+        return {"model": name, "model_sha256": file_sha256(folder / model_folder.CONFIG_FILE)[:16], **llava}
+    folder = Run.find(config.run, config.expe_dir).folder
     return {"run": folder.name, "run_sha256": file_sha256(folder / ALIGN.folder / MANIFEST)[:16], **llava}
 
 
-def run_identity(captioner: AudioCaptioner, folder: Path, shown: dict) -> str:
-    """Markdown: the run and its LLaVA (``shown``: names and hashes, :func:`public_identity`) and each stage's key
-    facts."""
+def run_identity(captioner: AudioCaptioner, config: AppConfig, shown: dict) -> str:
+    """Markdown: the run or model and its LLaVA (``shown``: names and hashes, :func:`public_identity`), and each
+    stage's key facts (a model: its config's)."""
     described = captioner.describe()
+    served = (
+        f"**Model** `{shown['model']}` (config sha256 {shown['model_sha256']})"
+        if "model" in shown
+        else f"**Run** `{shown['run']}` (align manifest sha256 {shown['run_sha256']})"
+    )
     lines = [
-        f"**Run** `{shown['run']}` (align manifest sha256 {shown['run_sha256']}) · **LLaVA** `{shown['llava']}`"
+        served
+        + f" · **LLaVA** `{shown['llava']}`"
         + (f" (config sha256 {shown['llava_config_sha256']})" if "llava_config_sha256" in shown else "")
         + f" · **prompt** {described['conv_mode']} · **device** {described['device']} · "
         f"**model loaded once**, requests queued",
         "",
-        "| stage | finished | commit | key facts |",
-        "|---|---|---|---|",
     ]
+    if config.model is not None:
+        return "\n".join(lines + _model_facts(model_folder.resolve(config.model)))
+    return "\n".join(lines + _stage_facts(Run.find(config.run, config.expe_dir).folder))
+
+
+def _model_facts(folder: Path) -> list[str]:
+    made = model_folder.read_config(folder)
+    family = made["audio_encoder"]["family"]
+    projector = made["projector"] + (" + prefix" if made["prefix"] else "")
+    return [f"exported by dali {made['dali_version']}: {family} encoder, {projector} projector, run `{made['run']}`"]
+
+
+def _stage_facts(folder: Path) -> list[str]:
+    lines = ["| stage | finished | commit | key facts |", "|---|---|---|---|"]
     for row in TRAINED:
         if (folder / row.folder / MANIFEST).is_file():
             manifest = read_manifest(folder / row.folder)
@@ -144,7 +170,7 @@ def run_identity(captioner: AudioCaptioner, folder: Path, shown: dict) -> str:
             facts = ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in list(metrics.items())[:6])
             commit = str(manifest.get("git_commit") or "")[:10]
             lines.append(f"| {row.folder} | {manifest.get('finished', '')} | {commit} | {facts} |")
-    return "\n".join(lines)
+    return lines
 
 
 def build_page(gr, service: ClipCaptioner, identity: str, limits: str = ""):
@@ -195,11 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = str(uploads)
         import gradio as gr  # after the environment above: analytics off, uploads in the scratch folder
 
-        captioner = AudioCaptioner.from_run(config.run, **config.loading())
-        run_folder = Run.find(config.run, config.expe_dir).folder
-        identity = public_identity(captioner, run_folder)
+        captioner = open_captioner(config)
+        identity = public_identity(captioner, config)
         service = ClipCaptioner(captioner, config, outputs, identity)
-        page, theme = build_page(gr, service, run_identity(captioner, run_folder, identity), page_limits(config))
+        page, theme = build_page(gr, service, run_identity(captioner, config, identity), page_limits(config))
         page.queue(default_concurrency_limit=1, max_size=32)
         keep_s = config.keep_minutes * 60
         caps = config.max_scratch_mb * 2**20, config.max_scratch_files
@@ -209,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             BodyLimit.wrap(config.max_upload_mb), page, path="", max_file_size=f"{config.max_upload_mb}mb",
             theme=theme, ssr_mode=False, footer_links=[], show_error=False,
         )  # fmt: skip
-        log.info("serving %s on http://%s:%d", config.run, config.host, config.port)
+        log.info("serving %s on http://%s:%d", config.run or config.model, config.host, config.port)
         serve_until_stopped(app, config.host, config.port)
         janitor.stop()
     return 0

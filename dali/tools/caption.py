@@ -9,16 +9,19 @@ their timestamps and captioned before the next is read; the last partial window 
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 
+from dali import caption_formats
 from dali.audio_captioner import AudioCaptioner
-from dali.command_configs import CaptionConfig
-from dali.files import atomic_write_json
-from dali.flags import parse_config
+from dali.command_configs import CaptionConfig, FinishedRun
+from dali.files import atomic_write_json, atomic_write_text
+from dali.flags import ConfigError, parse_config
+from dali.jsonl import atomic_write_jsonl
 from dali.logs import log, setup_logging
-from dali.media import MediaError
+from dali.media import MEDIA_EXTENSIONS, MediaError
 from dali.progress import progress
 from dali.runs import stage_main
 
@@ -27,35 +30,100 @@ from dali.runs import stage_main
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(CaptionConfig, argv)
+    inputs = list_inputs(config)
+    out = Path(config.output_dir) if config.output_dir else None
+    formats = caption_formats.chosen(config.output_format)
+    todo = [(path, name) for path, name in inputs if out is None or config.overwrite or not done(out, name, formats)]
+    if len(todo) < len(inputs):
+        log.info(
+            "%d of %d files already have their outputs in %s: skipped (--overwrite)",
+            len(inputs) - len(todo),
+            len(inputs),
+            out,
+        )
     captioner = load_captioner(config)
     results, failures = [], []
-    bar = progress(total=len(config.files), desc="captioning", unit="file")
-    for name in config.files:  # one file at a time: decoded, cut and captioned before the next is read
+    bar = progress(total=len(todo), desc="captioning", unit="file")
+    for path, name in todo:  # one file at a time: decoded, cut and captioned before the next is read
         try:
-            windows = captioner.windows(Path(name), config.first_window_only, config.min_window, config.max_seconds)
-            for window, caption in captioner.iter_captions(windows, config.batch_size):
-                start, end = window.span
-                results.append({"file": window.file, "start": start, "end": end, "caption": caption})
-                print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
+            records = caption_file(captioner, path, config)
+            results += records
+            if out is not None:
+                write_outputs(
+                    out, name, formats, records, caption_report([], [], captioner, config.run or config.model)
+                )
         except (MediaError, MemoryError, torch.OutOfMemoryError) as error:  # that file's line, not the command's end
             reason = error.reason if isinstance(error, MediaError) else "out of memory while captioning it"
-            failures.append({"file": name, "error": reason})
-            log.error("%s: %s", name, reason)
+            failures.append({"file": str(path), "error": reason})
+            log.error("%s: %s", path, reason)
         bar.update(1)
     bar.close()
+    if out is not None:  # this walk's failures (a rerun tries them again: they have no outputs)
+        atomic_write_jsonl(out / REPORT, failures)
     if config.json:
         atomic_write_json(config.json, caption_report(results, failures, captioner, config.run or config.model))
     return 1 if failures and not results else 0
 
 
+REPORT = "caption_report.jsonl"  # in --output-dir: a line per file the last walk could not caption
+
+
+def caption_file(captioner: AudioCaptioner, path: Path, config: CaptionConfig) -> list[dict]:
+    """One file's captions, window by window (printed as they come): its records."""
+    records = []
+    windows = captioner.windows(path, config.first_window_only, config.min_window, config.max_seconds)
+    for window, caption in captioner.iter_captions(windows, config.batch_size):
+        records.append(captioner.record(window, caption))
+        print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
+    return records
+
+
+def list_inputs(config: CaptionConfig) -> list[tuple[Path, Path]]:
+    """(file, its output name without suffix): a FILE as given, a folder's media files (``--recursive``: its
+    subfolders' too; ``--glob``: the names that match) under their path in it. Two inputs may not share an output."""
+    found = []
+    for given in map(Path, config.files):
+        if not given.is_dir():
+            found.append((given, Path(given.name).with_suffix("")))
+            continue
+        walk = given.rglob("*") if config.recursive else given.glob("*")
+        pattern = config.glob or "*"
+        media = sorted(p for p in walk if p.suffix.lower() in MEDIA_EXTENSIONS and fnmatch(p.name, pattern))
+        media = [p for p in media if p.is_file()]
+        found += [(path, path.relative_to(given).with_suffix("")) for path in media]
+    names: dict[Path, Path] = {}
+    for path, name in found:
+        if names.setdefault(name, path) != path and config.output_dir:
+            raise ConfigError(f"--output-dir: '{names[name]}' and '{path}' would both write '{name}.*'")
+    return found
+
+
+def done(out: Path, name: Path, formats: tuple[str, ...]) -> bool:
+    return all((out / f"{name}.{fmt}").is_file() for fmt in formats)
+
+
+def write_outputs(out: Path, name: Path, formats: tuple[str, ...], records: list[dict], source: dict) -> None:
+    """Each format's file, written atomically (a killed walk leaves whole files, and reruns skip them)."""
+    made = {key: source[key] for key in ("modality", "decoding", "conv_mode", "dtype", "run", "llava") if key in source}
+    for fmt in formats:
+        text = caption_formats.render(records, fmt, made)
+        atomic_write_text(out / f"{name}.{fmt}", text)
+
+
 def load_captioner(config: CaptionConfig) -> AudioCaptioner:
-    """The run's captioner (``--run``), or an exported model's (``--model``), with the command's settings."""
+    """The command's captioner: the run's (``--run``, with its projector choice) or an exported model's."""
     settings = {"modality": config.modality, "decoding": config.decoding(), "conv_mode": config.conv_mode}
+    if config.run is not None:
+        settings |= {"projector": config.projector, "use_prefix": config.use_prefix}
+    return open_captioner(config, **settings)
+
+
+def open_captioner(config: FinishedRun, **settings) -> AudioCaptioner:
+    """A finished run's captioner (``--run``) or an exported model's (``--model``), loaded as the flags say."""
     if config.model is not None:
         loading = {name: getattr(config, name) for name in ("llava", "dtype", "device", "allow_modified")}
         return AudioCaptioner.from_pretrained(config.model, **loading, **settings)
-    chosen = {"projector": config.projector, "use_prefix": config.use_prefix}
-    return AudioCaptioner.from_run(config.run, **config.loading(), **chosen, **settings)
+    return AudioCaptioner.from_run(config.run, **config.loading(), **settings)
 
 
 def caption_report(

@@ -10,7 +10,6 @@ from dali.command_configs import ExportConfig
 from dali.flags import parse_config
 from dali.logs import log, setup_logging
 from dali.run import Run
-from dali.stage_table import DISTILL, PREFIX
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,14 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(ExportConfig, argv)
     run = Run.find(config.run, config.expe_dir)
     out = Path(config.out)
-    model_folder.check_destination(out, run.folder, config.overwrite)
-    projector = config.projector or ("distilled" if run.finished(DISTILL) else "llava")
-    use_prefix = projector == "llava" and run.finished(PREFIX) if config.use_prefix is None else config.use_prefix
     written = model_folder.export(
-        run, out, projector=projector, use_prefix=use_prefix, llava=config.llava, allow_modified=config.allow_modified
+        run,
+        out,
+        projector=config.projector,
+        use_prefix=config.use_prefix,
+        llava=config.llava,
+        overwrite=config.overwrite,
+        allow_modified=config.allow_modified,
     )
-    log.info("exported %s (%s projector%s) to %s", run.folder, projector, " + prefix" if use_prefix else "", out)
-    print(f"{out}: {written['audio_encoder']['family']} encoder, {projector} projector, LLaVA {written['llava']}")
+    parts = f"{written['projector']} projector" + (" + prefix" if written["prefix"] else "")
+    log.info("exported %s (%s) to %s", run.folder, parts, out)
+    print(f"{out}: {written['audio_encoder']['family']} encoder, {parts}, LLaVA {written['llava']}")
     if config.push_to_hub:
         url = push_to_hub(out, config.push_to_hub)
         print(f"uploaded to {url}")

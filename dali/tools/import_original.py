@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dali import model_folder
 from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE, TOKEN_WEIGHTS_FILE
 from dali.command_configs import ImportOriginalConfig
 from dali.files import atomic_write
@@ -17,7 +18,7 @@ from dali.models.cav_mae import load_audio_encoder, save_audio_encoder
 from dali.models.checkpoints import CheckpointError, read_state_dict, strip_prefix
 from dali.models.prefix import ORIGINAL_PREFIX_KEY, load_prefix, save_prefix
 from dali.models.projector import ORIGINAL_PROJECTOR_KEYS
-from dali.run import IMPORTED_CONV_MODE
+from dali.run import IMPORTED_CONV_MODE, Run
 from dali.runs import Stage, stage_main
 from dali.stage_table import ALIGN, DISTILL, PREFIX
 
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     backbone = source / "audio_backbone.pth"
     if not backbone.is_file():
         raise ConfigError(f"SOURCE_DIR: '{backbone}' does not exist")
+    if args.export:  # before anything is written: a destination that cannot be written stops the import too
+        model_folder.check_destination(Path(args.export), run, args.overwrite)
     hidden, vision_dim = llava_shapes(args.llava)
     projector = source / "prefixMLP.bin"
     # each file is read once: the keys decide what it is, then the same tensors are imported
@@ -130,4 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         done |= import_prefix(prefix_file, stages[PREFIX], hidden)
     for stage, folder in done.items():
         log.info("imported %s -> %s", stage, folder)
+    if args.export:  # the released weights as a model folder like any other
+        model_folder.export(Run.find(run), Path(args.export), overwrite=args.overwrite)
+        log.info("exported %s -> %s", run, args.export)
     return 0
