@@ -84,6 +84,17 @@ def file_windows(
     return windows
 
 
+def _loading(llava: str | None, conv_mode: str | None, dtype: str, device, allow_modified: bool) -> dict:
+    """The API's loading keywords as :class:`CaptioningModels`' loaders take them."""
+    return {
+        "llava": llava,
+        "conv_mode": conv_mode,
+        "dtype": DTYPES[dtype],
+        "device": pick_device(device),
+        "allow_modified": allow_modified,
+    }
+
+
 class AudioCaptioner:
     """A run's captioning models, loaded once; :meth:`caption` takes files or waveforms, in batches."""
 
@@ -122,15 +133,7 @@ class AudioCaptioner:
             raise DaliError(f"projector must be one of {PROJECTORS}, got '{projector}'")
         use_prefix = projector == "llava" if use_prefix is None else use_prefix
         uses = [ALIGN, *([PREFIX] if use_prefix else []), *([DISTILL] if projector == "distilled" else [])]
-        models = CaptioningModels.load(
-            found,
-            uses,
-            llava=llava,
-            conv_mode=conv_mode,
-            dtype=DTYPES[dtype],
-            device=pick_device(device),
-            allow_modified=allow_modified,
-        )
+        models = CaptioningModels.load(found, uses, **_loading(llava, conv_mode, dtype, device, allow_modified))
         return cls(models, decoding, modality)
 
     @classmethod
@@ -150,14 +153,7 @@ class AudioCaptioner:
         through huggingface_hub (its cache first; ``HF_HUB_OFFLINE=1`` stays offline). ``llava`` and ``conv_mode``
         default to those the folder names; its weights must have the sha256 its config records."""
         folder = model_folder.resolve(name_or_folder)
-        models = CaptioningModels.from_folder(
-            folder,
-            llava=llava,
-            conv_mode=conv_mode,
-            dtype=DTYPES[dtype],
-            device=pick_device(device),
-            allow_modified=allow_modified,
-        )
+        models = CaptioningModels.from_folder(folder, **_loading(llava, conv_mode, dtype, device, allow_modified))
         return cls(models, decoding, modality)
 
     def describe(self) -> dict:

@@ -426,7 +426,7 @@ class CaptionConfig(FinishedRun, DecodingFlags):
         None, help="write each file's captions here (<name>.<format>; a folder's files keep their subfolders)"
     )
     output_format: str = field("txt", choices=(*CAPTION_FORMATS, "all"), help="with --output-dir")
-    recursive: bool = field(False, help="a FILE that is a folder: its subfolders' files too")
+    recursive: bool = field(False, help="a FILE that is a folder: its subfolders' files too", short="-r")
     glob: str | None = field(None, help="a FILE that is a folder: only the names matching this pattern (e.g. '*.wav')")
     overwrite: bool = field(False, help="caption again the files whose --output-dir outputs exist (else skipped)")
 

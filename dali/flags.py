@@ -218,7 +218,8 @@ def build_parser(cls: type, description: str = "", defaults: dict[str, Any] | No
             groups["settings"].add_argument(field.name, **kwargs)
             continue
         group = "system" if field.name in SYSTEM_FLAGS else field.metadata.get("group", "settings")
-        groups[group].add_argument(flag(field.name), dest=field.name, required=required, **kwargs)
+        names = [flag(field.name), *([field.metadata["short"]] if field.metadata.get("short") else [])]
+        groups[group].add_argument(*names, dest=field.name, required=required, **kwargs)
     return parser
 
 
@@ -287,11 +288,14 @@ def field(
     group: str = "settings",
     bounds: tuple[float, float] | None = None,
     renamed: dict[str, str] | None = None,
+    short: str | None = None,
 ) -> Any:
     """A dataclass field with CLI help (and choices); ``positional`` for a value (or a sequence) given without a flag;
     ``group="decoding"`` lists it under decoding in --help; ``bounds`` (inclusive) in place of :data:`BOUNDS`';
-    ``renamed``: a choice's old spelling -> its name now (the old one is still taken, as the new)."""
+    ``renamed``: a choice's old spelling -> its name now (the old one is still taken, as the new); ``short``: a
+    one-letter spelling too."""
     metadata = {"help": help, "positional": positional, "group": group, "bounds": bounds, "renamed": renamed or {}}
+    metadata["short"] = short  # a one-letter spelling beside the flag (``-r``)
     if choices:
         metadata["choices"] = choices
     if isinstance(default, (list, dict, set)):

@@ -93,7 +93,7 @@ def folder(tmp_path):
 def test_a_folder_walk_writes_every_format_reports_bad_files_and_resumes_after_a_kill(pipeline, folder, tmp_path):
     run = pipeline[2]
     out = tmp_path / "captions"
-    command = [sys.executable, "-m", "dali.cli", "caption", "--run", str(run), str(folder), "--recursive"]
+    command = [sys.executable, "-m", "dali.cli", "caption", "--run", str(run), str(folder), "-r"]
     command += ["--output-dir", str(out), "--output-format", "all"]
     walk = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 600

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dali import caption_formats
-from dali.audio_captioner import AudioCaptioner
+from dali.audio_captioner import AudioCaptioner, Window
 from dali.command_configs import CaptionConfig, FinishedRun
 from dali.files import atomic_write_json, atomic_write_text
 from dali.flags import ConfigError, parse_config
@@ -44,19 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     captioner = load_captioner(config)
     results, failures = [], []
     bar = progress(total=len(todo), desc="captioning", unit="file")
-    for path, name in todo:  # one file at a time: decoded, cut and captioned before the next is read
-        try:
-            records = caption_file(captioner, path, config)
-            results += records
-            if out is not None:
-                write_outputs(
-                    out, name, formats, records, caption_report([], [], captioner, config.run or config.model)
-                )
-        except (MediaError, MemoryError, torch.OutOfMemoryError) as error:  # that file's line, not the command's end
-            reason = error.reason if isinstance(error, MediaError) else "out of memory while captioning it"
-            failures.append({"file": str(path), "error": reason})
-            log.error("%s: %s", path, reason)
+
+    def finished(index: int, records: list[dict]) -> None:
+        results.extend(records)
+        if out is not None:
+            source = caption_report([], [], captioner, config.run or config.model)
+            write_outputs(out, todo[index][1], formats, records, source)
         bar.update(1)
+
+    def failed(index: int, error: BaseException) -> None:
+        path = todo[index][0]
+        reason = error.reason if isinstance(error, MediaError) else "out of memory while captioning it"
+        failures.append({"file": str(path), "error": reason})
+        log.error("%s: %s", path, reason)
+        bar.update(1)
+
+    caption_files(captioner, [path for path, _ in todo], config, finished, failed)
     bar.close()
     if out is not None:  # this walk's failures (a rerun tries them again: they have no outputs)
         atomic_write_jsonl(out / REPORT, failures)
@@ -68,14 +71,50 @@ def main(argv: list[str] | None = None) -> int:
 REPORT = "caption_report.jsonl"  # in --output-dir: a line per file the last walk could not caption
 
 
-def caption_file(captioner: AudioCaptioner, path: Path, config: CaptionConfig) -> list[dict]:
-    """One file's captions, window by window (printed as they come): its records."""
-    records = []
-    windows = captioner.windows(path, config.first_window_only, config.min_window, config.max_seconds)
-    for window, caption in captioner.iter_captions(windows, config.batch_size):
-        records.append(captioner.record(window, caption))
-        print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {caption}")
-    return records
+FAILURES = (MediaError, MemoryError, torch.OutOfMemoryError)  # a file's own line in the report, not the end
+
+
+def caption_files(captioner: AudioCaptioner, paths: list[Path], config: CaptionConfig, finished, failed) -> None:
+    """Each file's windows, captioned ``--batch-size`` at a time across files (one file's short last window beside
+    the next file's first ones), printed as they come; ``finished(index, records)`` once a file's windows are all
+    captioned, ``failed(index, error)`` for a file that does not decode or a batch that runs out of memory (each of
+    its files). Only a batch's windows and the decoded file are held."""
+    queue: list[tuple[int, Window]] = []
+    pending: dict[int, list] = {}  # file -> its records so far, while some of its windows wait
+
+    def caption(batch: list[tuple[int, Window]]) -> None:
+        files = list(dict.fromkeys(index for index, _ in batch))
+        try:
+            captions = [text for _, text in captioner.iter_captions([w for _, w in batch], len(batch))]
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            for index in files:
+                if pending.pop(index, None) is not None:
+                    failed(index, error)
+            return
+        for (index, window), text in zip(batch, captions):
+            if index in pending:
+                pending[index].append(captioner.record(window, text))
+                print(f"{window.file} [{window.start:7.2f}s - {window.end:7.2f}s] {text}")
+        for index in files:  # a file is done when none of its windows waits any longer
+            if index in pending and all(i != index for i, _ in queue):
+                finished(index, pending.pop(index))
+
+    for index, path in enumerate(paths):
+        try:
+            windows = captioner.windows(path, config.first_window_only, config.min_window, config.max_seconds)
+        except FAILURES as error:
+            failed(index, error)
+            continue
+        pending[index] = []
+        queue += [(index, window) for window in windows]
+        if not windows:
+            finished(index, pending.pop(index))
+        while len(queue) >= config.batch_size:
+            batch, queue = queue[: config.batch_size], queue[config.batch_size :]
+            caption(batch)
+    if queue:
+        batch, queue = queue, []
+        caption(batch)
 
 
 def list_inputs(config: CaptionConfig) -> list[tuple[Path, Path]]:
