@@ -124,25 +124,48 @@ def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> ClipLi
 
 MAX_JSON_DEPTH = 64  # deeper than any list file; a deeper one is refused before the parser's memory grows with it
 MAX_DIGITS = 1_000  # no id or path holds a run of 1000 digits; Python converts at most 4300 to an int
+_DIGITS = b"0123456789"
 _DIGIT_MARKS = bytes(57 if 48 <= byte <= 57 else 32 for byte in range(256))  # a digit -> b"9", anything else -> b" "
 
 
 class _NoLongDigitRuns:
     """A binary stream that refuses a run of :data:`MAX_DIGITS` digits before the parser sees it: ijson's C backend
-    crashes the process (SystemError, then a segmentation fault) on an integer past Python's 4300-digit limit. A
-    pass of ``bytes.translate`` and a substring search per chunk: linear, and fast beside the parse."""
+    crashes the process (SystemError, then a segmentation fault) on an integer past Python's 4300-digit limit.
+
+    Linear and cheap (written here: no library checks this): the runs at a chunk's ends are measured and carried
+    across chunks; inside it, a run of ``MAX_DIGITS`` digits covers a position that is a multiple of ``MAX_DIGITS``
+    from the first non-digit, so only the digits found at those positions are looked at, and only a run not closed
+    within 32 bytes on both sides is measured whole."""
 
     def __init__(self, stream, path: Path):
         self.stream, self.path, self.run = stream, path, 0
 
     def read(self, size: int = -1) -> bytes:
         chunk = self.stream.read(size)
-        marks = chunk.translate(_DIGIT_MARKS)
-        lead = len(marks) - len(marks.lstrip(b"9"))
-        if self.run + lead >= MAX_DIGITS or b"9" * MAX_DIGITS in marks:
+        lead = len(chunk) - len(chunk.lstrip(_DIGITS))
+        if lead == len(chunk):  # all digits (or the end): the run goes on
+            self.run += lead
+            long = self.run >= MAX_DIGITS
+        else:
+            tail = len(chunk) - len(chunk.rstrip(_DIGITS))
+            long = self.run + lead >= MAX_DIGITS or tail >= MAX_DIGITS or self._inner_run(chunk, lead)
+            self.run = tail
+        if long:
             raise DataError(f"'{self.path}' holds a run of {MAX_DIGITS} digits or more: not a clip list")
-        self.run = self.run + lead if lead == len(marks) else len(marks) - len(marks.rstrip(b"9"))
         return chunk
+
+    @staticmethod
+    def _inner_run(chunk: bytes, lead: int) -> bool:
+        samples = chunk[lead::MAX_DIGITS].translate(_DIGIT_MARKS)
+        at = samples.find(b"9")
+        while at != -1:
+            p = lead + at * MAX_DIGITS
+            if not (chunk[p : p + 32].lstrip(_DIGITS) and chunk[max(lead, p - 32) : p].rstrip(_DIGITS)):
+                after, before = chunk[p : p + MAX_DIGITS], chunk[max(0, p - MAX_DIGITS) : p]
+                if len(after) - len(after.lstrip(_DIGITS)) + len(before) - len(before.rstrip(_DIGITS)) >= MAX_DIGITS:
+                    return True
+            at = samples.find(b"9", at + 1)
+        return False
 
 
 def _cavmae_records(path: Path) -> Iterator[Any]:

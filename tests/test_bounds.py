@@ -12,6 +12,8 @@ import typing
 import numpy as np
 import pytest
 import soundfile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dali import limits
 from dali.flags import ConfigError, _base_type, bounds_of, flag, parse_config
@@ -467,3 +469,28 @@ def test_dali_caption_keeps_memory_flat_over_many_long_files(pipeline, tmp_path,
         assert "Error" not in printed, printed
         peaks.append(peak)
     assert peaks[1] < peaks[0] + 60, peaks  # 18 more minutes of audio: no more memory
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    runs=st.lists(st.tuples(st.integers(0, 2500), st.sampled_from([b"a", b",", b"a,\n"])), min_size=1, max_size=12),
+    size=st.sampled_from([1, 7, 999, 1000, 1001, 4096, 65536, -1]),
+)
+def test_the_digit_run_guard_finds_a_long_run_wherever_the_chunks_cut(runs, size):
+    """The guard looks at a sample of each chunk's bytes: it must refuse exactly the streams that hold a run of
+    MAX_DIGITS digits, however the reads cut them."""
+    import io
+    import re
+    from pathlib import Path
+
+    from dali.data import MAX_DIGITS, DataError, _NoLongDigitRuns
+
+    blob = b"".join(b"5" * count + sep for count, sep in runs)
+    stream = _NoLongDigitRuns(io.BytesIO(blob), Path("list.json"))
+    try:
+        while stream.read(size):
+            pass
+        refused = False
+    except DataError:
+        refused = True
+    assert refused == (re.search(rb"[0-9]{%d}" % MAX_DIGITS, blob) is not None)
