@@ -166,3 +166,22 @@ def test_the_api_gives_the_records_the_command_writes(pipeline, tmp_path):
     assert len(records) == 2 and records == json.loads((tmp_path / "out" / "a.json").read_text())["captions"]
     for fmt in ("srt", "vtt", "tsv", "txt"):
         assert render(records, fmt) == (tmp_path / "out" / f"a.{fmt}").read_text()
+
+
+def test_a_file_that_dali_did_not_write_is_never_written_over_without_overwrite(pipeline, tmp_path):
+    """An output name taken by the user's own file is refused (a report line); a set a killed walk left
+    half-written (its JSON ours, written first) is completed."""
+    for index, name in enumerate(("notes", "half")):
+        _wav(tmp_path / "in" / f"{name}.wav", 1.5, index)
+    out = tmp_path / "out"
+    argv = ["caption", "--run", str(pipeline[2]), str(tmp_path / "in"), "--output-dir", str(out)]
+    assert dali([*argv, "--output-format", "all", "--glob", "half*"]) == 0
+    (out / "half.srt").unlink()  # as a kill between two of its files leaves it
+    (out / "notes.txt").write_text("my own notes\n")
+    assert dali([*argv, "--output-format", "all"]) == 0
+    assert (out / "notes.txt").read_text() == "my own notes\n" and not (out / "notes.srt").exists()
+    report = [json.loads(line) for line in (out / "caption_report.jsonl").read_text().splitlines()]
+    assert [r["file"].rsplit("/", 1)[-1] for r in report] == ["notes.wav"] and "--overwrite" in report[0]["error"]
+    assert (out / "half.srt").is_file()
+    assert dali([*argv, "--output-format", "all", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() != "my own notes\n"  # asked for

@@ -17,7 +17,7 @@ import torch
 from dali import caption_formats
 from dali.audio_captioner import AudioCaptioner, Window
 from dali.command_configs import CaptionConfig, FinishedRun
-from dali.files import atomic_write_json, atomic_write_text
+from dali.files import atomic_write_json, atomic_write_text, read_json_object
 from dali.flags import ConfigError, parse_config
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log, setup_logging
@@ -33,22 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     inputs = list_inputs(config)
     out = Path(config.output_dir) if config.output_dir else None
     formats = caption_formats.chosen(config.output_format)
-    todo = [(path, name) for path, name in inputs if out is None or config.overwrite or not done(out, name, formats)]
-    if len(todo) < len(inputs):
-        log.info(
-            "%d of %d files already have their outputs in %s: skipped (--overwrite)",
-            len(inputs) - len(todo),
-            len(inputs),
-            out,
-        )
+    todo, failures = outputs_to_write(inputs, out, formats, config.overwrite)
     captioner = load_captioner(config)
-    results, failures = [], []
+    results = []
     bar = progress(total=len(todo), desc="captioning", unit="file")
+    source = caption_report([], [], captioner, config.run or config.model)  # what made the captions, once
 
     def finished(index: int, records: list[dict]) -> None:
         results.extend(records)
         if out is not None:
-            source = caption_report([], [], captioner, config.run or config.model)
             write_outputs(out, todo[index][1], formats, records, source)
         bar.update(1)
 
@@ -61,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     caption_files(captioner, [path for path, _ in todo], config, finished, failed)
     bar.close()
-    if out is not None:  # this walk's failures (a rerun tries them again: they have no outputs)
+    if out is not None:  # this walk's failures and refusals (a rerun tries the failed ones again)
         atomic_write_jsonl(out / REPORT, failures)
     if config.json:
         atomic_write_json(config.json, caption_report(results, failures, captioner, config.run or config.model))
@@ -137,14 +130,49 @@ def list_inputs(config: CaptionConfig) -> list[tuple[Path, Path]]:
     return found
 
 
-def done(out: Path, name: Path, formats: tuple[str, ...]) -> bool:
-    return all((out / f"{name}.{fmt}").is_file() for fmt in formats)
+def outputs_to_write(
+    inputs: list[tuple[Path, Path]], out: Path | None, formats: tuple[str, ...], overwrite: bool
+) -> tuple[list[tuple[Path, Path]], list[dict]]:
+    """The files to caption, and those refused: without --overwrite, a file whose outputs all exist is skipped
+    (done by an earlier walk); one with only some of them is redone when the JSON among them is ours (written
+    first, it marks a set a killed walk left half-written), else refused, its line in the report (a file of that
+    name may be the user's: dali caption never writes over what it did not make)."""
+    if out is None or overwrite:
+        return inputs, []
+    todo, refused, skipped = [], [], 0
+    for path, name in inputs:
+        existing = [fmt for fmt in formats if (out / f"{name}.{fmt}").exists()]
+        if len(existing) == len(formats):
+            skipped += 1
+        elif existing and ours(out / f"{name}.json"):  # a walk killed while writing its set: redone
+            todo.append((path, name))
+        elif existing:
+            shown = ", ".join(f"{name}.{fmt}" for fmt in existing)
+            refused.append({"file": str(path), "error": f"{shown} already in --output-dir; --overwrite replaces it"})
+        else:
+            todo.append((path, name))
+    if skipped:
+        log.info("%d of %d files already have their outputs in %s: skipped (--overwrite)", skipped, len(inputs), out)
+    for record in refused:
+        log.error("%s: %s", record["file"], record["error"])
+    return todo, refused
+
+
+def ours(path: Path) -> bool:
+    """Whether ``path`` is a JSON of captions that dali caption wrote (bounded: a caption file is a few MB)."""
+    try:
+        if path.is_symlink() or path.stat().st_size > 64 << 20:
+            return False
+    except OSError:
+        return False
+    found = read_json_object(path)
+    return found is not None and isinstance(found.get("captions"), list) and "decoding" in found
 
 
 def write_outputs(out: Path, name: Path, formats: tuple[str, ...], records: list[dict], source: dict) -> None:
     """Each format's file, written atomically (a killed walk leaves whole files, and reruns skip them)."""
     made = {key: source[key] for key in ("modality", "decoding", "conv_mode", "dtype", "run", "llava") if key in source}
-    for fmt in formats:
+    for fmt in sorted(formats, key=lambda fmt: fmt != "json"):  # the JSON first: it marks the set as ours
         text = caption_formats.render(records, fmt, made)
         atomic_write_text(out / f"{name}.{fmt}", text)
 
