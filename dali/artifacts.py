@@ -37,11 +37,15 @@ def load_align_stage(
     """The aligned encoder of stage 1b (or an imported one), of whichever family it was made with; its tokens must
     have the vision tower's width."""
     folder = require_finished(folder, "alignment (1b)", flag_name, (ENCODER_FILE,), allow_modified)
-    encoder = load_encoder(folder / ENCODER_FILE)
+    return fitted_encoder(load_encoder(folder / ENCODER_FILE), vision_dim, f"{flag_name}: the encoder in '{folder}'")
+
+
+def fitted_encoder(encoder: AudioEncoder, vision_dim: int, what: str) -> AudioEncoder:
+    """An aligned encoder for captioning, frozen: its tokens must have the vision tower's width (``what`` names it
+    in the error)."""
     if encoder.output_dim != vision_dim:
         raise CheckpointError(
-            f"{flag_name}: the encoder in '{folder}' makes {encoder.output_dim}-d tokens but the captioner's "
-            f"vision tower is {vision_dim}-d"
+            f"{what} makes {encoder.output_dim}-d tokens but the captioner's vision tower is {vision_dim}-d"
         )
     return encoder.requires_grad_(False)
 

@@ -27,8 +27,7 @@ from dali.errors import DaliError
 from dali.limits import DEFAULT_FILE_SECONDS
 from dali.media import decode_audio, decode_frames
 from dali.models.decoding import DecodingOptions
-from dali.run import Run
-from dali.stage_table import ALIGN, DISTILL, PREFIX
+from dali.run import Run, captioning_stages
 
 Source = str | Path | np.ndarray | torch.Tensor
 
@@ -126,13 +125,11 @@ class AudioCaptioner:
         the sha256 its manifest records (:class:`dali.runs.IntegrityError`; ``allow_modified``: a changed file only
         warns)."""
         found = Run.find(run, expe_dir)
-        projector = RENAMED_PROJECTORS.get(projector, projector) or (
-            "distilled" if found.finished(DISTILL) else "llava"
-        )
+        projector = RENAMED_PROJECTORS.get(projector, projector) or found.default_projector()
         if projector not in PROJECTORS:
             raise DaliError(f"projector must be one of {PROJECTORS}, got '{projector}'")
         use_prefix = projector == "llava" if use_prefix is None else use_prefix
-        uses = [ALIGN, *([PREFIX] if use_prefix else []), *([DISTILL] if projector == "distilled" else [])]
+        uses = captioning_stages(projector, use_prefix)
         models = CaptioningModels.load(found, uses, **_loading(llava, conv_mode, dtype, device, allow_modified))
         return cls(models, decoding, modality)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dali import model_folder
-from dali.artifacts import load_align_stage, load_distill_stage, load_prefix_stage
+from dali.artifacts import fitted_encoder, load_align_stage, load_distill_stage, load_prefix_stage
 from dali.constants import DTYPE_NAMES
 from dali.models.captioner import Captioner
 from dali.run import Run
@@ -86,16 +86,11 @@ class CaptioningModels:
         )
         parts = model_folder.read_parts(folder, config)
         where = str(folder / model_folder.WEIGHTS_FILE)
-        encoder = encoder_from_state(*parts["audio_encoder"], where).requires_grad_(False)
+        encoder = fitted_encoder(encoder_from_state(*parts["audio_encoder"], where), captioner.vision_dim, f"'{where}'")
         prefix = prefix_from_state(parts["prefix"][0], where, captioner.hidden_size) if "prefix" in parts else None
         projector = (
             projector_from_state(parts["projector"][0], where, captioner.projector) if "projector" in parts else None
         )
-        if encoder.output_dim != captioner.vision_dim:
-            raise model_folder.ModelFolderError(
-                f"'{where}': its encoder makes {encoder.output_dim}-d tokens but the LLaVA's vision tower is "
-                f"{captioner.vision_dim}-d"
-            )
         moved = [part.to(device, dtype) if part is not None else None for part in (encoder, prefix, projector)]
         return cls(captioner, *moved)
 

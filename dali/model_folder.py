@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dali import __version__
 from dali.errors import DaliError, shown
 from dali.files import file_sha256
 
@@ -125,33 +126,36 @@ def export(
     loads, each part checked against its stage's manifest; written beside ``out`` first and renamed into place, so
     ``out`` is never half-written. Returns the config."""
     from dali.artifacts import ENCODER_FILE, PREFIX_FILE, PROJECTOR_FILE
-    from dali.models.audio_encoders import load_encoder
+    from dali.models.audio_encoders import encoder_from_state
     from dali.models.checkpoints import read_state_dict
+    from dali.run import captioning_stages
     from dali.runs import model_fingerprint, require_finished
     from dali.stage_table import ALIGN, DISTILL, PREFIX
 
     check_destination(out, run.folder, overwrite)
-    projector = projector or ("distilled" if run.finished(DISTILL) else "llava")
+    projector = projector or run.default_projector()
     use_prefix = projector == "llava" and run.finished(PREFIX) if use_prefix is None else use_prefix
     parts = {
         ALIGN: ("audio_encoder", ENCODER_FILE),
         PREFIX: ("prefix", PREFIX_FILE),
         DISTILL: ("projector", PROJECTOR_FILE),
     }
-    uses = [ALIGN] + [PREFIX] * use_prefix + [DISTILL] * (projector == "distilled")
-    tensors, metadata = {}, {}
+    uses = captioning_stages(projector, use_prefix)
+    tensors, metadata, read = {}, {}, {}
     for row in uses:
         name, file = parts[row]
         folder = require_finished(run.stage(row), row.name, run.flag(row), (file,), allow_modified)
-        state, meta = read_state_dict(folder / file)
+        state, meta = read[row] = read_state_dict(folder / file)
         tensors |= {f"{name}.{key}": value.contiguous() for key, value in state.items()}
         metadata |= {f"{name}.{key}": value for key, value in meta.items()}
-    encoder = load_encoder(run.stage(ALIGN) / ENCODER_FILE)
+    encoder = encoder_from_state(
+        *read[ALIGN], str(run.stage(ALIGN) / ENCODER_FILE)
+    )  # what it is, from the tensors read
     source = run.llava(llava, uses, allow_modified)
     local = Path(source).is_dir()
     config = {
         "dali_model_format": FORMAT,
-        "dali_version": _version(),
+        "dali_version": __version__,
         "llava": str(Path(source).resolve()) if local else source,
         "llava_fingerprint": model_fingerprint(Path(source)) if local else None,
         "conv_mode": run.conv_mode(uses),
@@ -164,12 +168,6 @@ def export(
     }
     _write_folder(out, tensors, metadata, config, lambda folder: model_card(run, config))
     return config
-
-
-def _version() -> str:
-    from dali import __version__
-
-    return __version__
 
 
 def _write_folder(out: Path, tensors: dict, metadata: dict, config: dict, card) -> None:

@@ -14,6 +14,14 @@ from dali.runs import MANIFEST, check_llava, check_run_name, read_manifest
 from dali.stage_table import ALIGN, DISTILL, PREFIX, STAGES, StageRow
 
 RECORDED_ORDER = (ALIGN, DISTILL, PREFIX)  # whose records of the LLaVA and the prompt count first
+
+
+def captioning_stages(projector: str, use_prefix: bool, audio: bool = True) -> list[StageRow]:
+    """The trained stages one way of captioning loads: the aligned encoder (when it hears audio), the prefix, and
+    the distilled projector (``projector="distilled"``)."""
+    return [ALIGN] * audio + [PREFIX] * use_prefix + [DISTILL] * (projector == "distilled")
+
+
 DEFAULT_CONV_MODE = "v1"  # the original's training prompt: what our stages train and caption with
 IMPORTED_CONV_MODE = "llava_v1"  # its inference prompt: what the released weights were scored with
 
@@ -63,6 +71,11 @@ class Run:
 
     def finished(self, row: StageRow) -> bool:
         return (self.stage(row) / MANIFEST).is_file()
+
+    def default_projector(self) -> str:
+        """What the run captions audio with by default: its distilled projector when it has one (inference.sh),
+        else LLaVA's own."""
+        return "distilled" if self.finished(DISTILL) else "llava"
 
     def manifests(self, rows: Iterable[StageRow]) -> list[tuple[Path, dict]]:
         """(folder, manifest) of each of these stages that finished, in :data:`RECORDED_ORDER` first."""

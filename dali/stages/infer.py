@@ -12,9 +12,9 @@ from dali.evaluation import prediction_map, score_predictions
 from dali.flags import config_to_dict
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
-from dali.run import Run
+from dali.run import Run, captioning_stages
 from dali.runs import Stage, check_run_name, stage_main
-from dali.stage_table import ALIGN, DISTILL, INFER, PREFIX, infer_folder
+from dali.stage_table import INFER, infer_folder
 from dali.stages.common import open_stage, start_captioning, start_stage
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     uses_audio = config.modality in ("audio", "audio_vis")
     uses_image = config.modality in ("image", "audio_vis")
 
-    uses = [ALIGN] * uses_audio + [PREFIX] * config.use_prefix + [DISTILL] * (config.projector == "distilled")
+    uses = captioning_stages(config.projector, config.use_prefix, audio=uses_audio)
     config, models = start_captioning(config, context, stage, Run.of(config), uses, test_list=config.test_list)
     captioner, encoder = models.captioner, models.encoder
 

@@ -16,9 +16,9 @@ from dali.command_configs import PseudoLabelConfig
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
-from dali.run import Run
+from dali.run import Run, captioning_stages
 from dali.runs import stage_main
-from dali.stage_table import ALIGN, PREFIX, PSEUDO_LABEL
+from dali.stage_table import PSEUDO_LABEL
 from dali.stages.common import open_stage, start_captioning, start_stage
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run.of(config)
     stage = open_stage(config, context, PSEUDO_LABEL)
     out = stage.path
-    uses = [ALIGN, *([PREFIX] if config.use_prefix else [])]
+    uses = captioning_stages("llava", config.use_prefix)  # LLaVA's projector: the teacher
     config, models = start_captioning(config, context, stage, run, uses, clips=config.clips)
     captioner, encoder = models.captioner, models.encoder
 

@@ -23,7 +23,7 @@ from dali.files import atomic_write_json, atomic_write_text
 from dali.flags import argv_of, config_to_dict, parse_config
 from dali.jsonl import atomic_write_jsonl, read_jsonl
 from dali.logs import log, setup_logging
-from dali.run import Run
+from dali.run import Run, captioning_stages
 from dali.runs import MANIFEST, Stage, StageStateError, finished_differs, require_finished, stage_main
 from dali.stage_table import ALIGN, DISTILL, PREFIX, REPRODUCE, infer_folder
 from dali.stages import infer
@@ -64,7 +64,7 @@ def table_rows(config: ReproduceConfig, run: Run) -> list[Row]:
     the rows that see the frame use LLaVA's projector with the prefix, as the pseudo-labelling teacher (audio +
     image) and the image captioner (image) do: the distilled projector learned audio tokens only."""
     has_prefix = run.finished(PREFIX)
-    projector = config.projector or ("distilled" if run.finished(DISTILL) else "llava")
+    projector = config.projector or run.default_projector()
     audio_prefix = projector == "llava" and has_prefix
     audiocaps = TestSet("audiocaps", "AudioCaps", Path(config.audiocaps))
     rows = [
@@ -91,7 +91,7 @@ def seeds_of(config: ReproduceConfig) -> list[int]:
 def infer_config(config: ReproduceConfig, run: Run, row: Row, seed: int) -> InferConfig:
     """The ``dali infer`` config of one row and seed: every path absolute and the LLaVA and prompt resolved, so a
     finished folder can be compared with it from anywhere."""
-    uses = [ALIGN] * (row.modality != "image") + [PREFIX] * row.use_prefix + [DISTILL] * (row.projector == "distilled")
+    uses = captioning_stages(row.projector, row.use_prefix, audio=row.modality != "image")
     folders = {row_.flag: str(run.stage(row_).resolve()) for row_ in uses}
     frames = row.test_set.folder / "frames"
     tag = f"{row.test_set.name}_seed{seed}"

@@ -4,6 +4,7 @@ windows and captions as ``dali caption`` gives for the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -111,9 +112,14 @@ def spectrogram_image(windows: list):
     return Image.open(buffer).convert("RGB")
 
 
-def public_identity(captioner: AudioCaptioner, config: AppConfig) -> dict:
-    """The run (or exported model) and its LLaVA as a visitor may see them: by name and content hash, never by a
-    server path."""
+def served_folder(config: AppConfig) -> Path:
+    """The run folder, or the exported model's folder (a Hub name resolved once, here)."""
+    return model_folder.resolve(config.model) if config.model else Run.find(config.run, config.expe_dir).folder
+
+
+def public_identity(captioner: AudioCaptioner, config: AppConfig, folder: Path) -> dict:
+    """The run (or exported model) in ``folder`` and its LLaVA as a visitor may see them: by name and content hash,
+    never by a server path."""
     from dali.files import file_sha256
 
     source = Path(captioner.describe()["llava"])
@@ -121,14 +127,12 @@ def public_identity(captioner: AudioCaptioner, config: AppConfig) -> dict:
     if source.is_dir() and (source / "config.json").is_file():
         llava["llava_config_sha256"] = file_sha256(source / "config.json")[:16]
     if config.model is not None:
-        folder = model_folder.resolve(config.model)
         name = folder.name if Path(config.model).exists() else config.model  # a Hub name, or the folder's own
         return {"model": name, "model_sha256": file_sha256(folder / model_folder.CONFIG_FILE)[:16], **llava}
-    folder = Run.find(config.run, config.expe_dir).folder
     return {"run": folder.name, "run_sha256": file_sha256(folder / ALIGN.folder / MANIFEST)[:16], **llava}
 
 
-def run_identity(captioner: AudioCaptioner, config: AppConfig, shown: dict) -> str:
+def run_identity(captioner: AudioCaptioner, config: AppConfig, folder: Path, shown: dict) -> str:
     """Markdown: the run or model and its LLaVA (``shown``: names and hashes, :func:`public_identity`), and each
     stage's key facts (a model: its config's)."""
     described = captioner.describe()
@@ -145,9 +149,7 @@ def run_identity(captioner: AudioCaptioner, config: AppConfig, shown: dict) -> s
         f"**model loaded once**, requests queued",
         "",
     ]
-    if config.model is not None:
-        return "\n".join(lines + _model_facts(model_folder.resolve(config.model)))
-    return "\n".join(lines + _stage_facts(Run.find(config.run, config.expe_dir).folder))
+    return "\n".join(lines + (_model_facts(folder) if config.model is not None else _stage_facts(folder)))
 
 
 def _model_facts(folder: Path) -> list[str]:
@@ -221,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = str(uploads)
         import gradio as gr  # after the environment above: analytics off, uploads in the scratch folder
 
-        captioner = open_captioner(config)
-        identity = public_identity(captioner, config)
+        served = served_folder(config)
+        captioner = open_captioner(dataclasses.replace(config, model=str(served)) if config.model else config)
+        identity = public_identity(captioner, config, served)
         service = ClipCaptioner(captioner, config, outputs, identity)
-        page, theme = build_page(gr, service, run_identity(captioner, config, identity), page_limits(config))
+        page, theme = build_page(gr, service, run_identity(captioner, config, served, identity), page_limits(config))
         page.queue(default_concurrency_limit=1, max_size=32)
         keep_s = config.keep_minutes * 60
         caps = config.max_scratch_mb * 2**20, config.max_scratch_files
