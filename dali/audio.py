@@ -7,6 +7,7 @@ on our CPU machines), batched and on any device so features can be computed on t
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -56,13 +57,17 @@ class AudioLoadError(DaliError, RuntimeError):
         super().__init__(f"cannot load audio '{self.path}': {reason}")
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_CLIP_SECONDS) -> torch.Tensor:
+def load_audio(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_CLIP_SECONDS, data: bytes | None = None
+) -> torch.Tensor:
     """Read the first ``max_seconds`` of a clip as float32 mono at ``sample_rate``, with their mean removed.
 
     Like CAV-MAE, only channel 0 is kept (no down-mix). Any input rate is resampled with a polyphase
     filter; the original computed the fbank with the file's rate instead (see docs/deviations.md). The rate and
     channels the file declares are checked against :mod:`dali.limits` before anything is read, and channel 0 is
     read in blocks, so a file costs what its first ``max_seconds`` of one channel do.
+
+    ``data``: the file's bytes (a shard's member), read in place of the file; ``path`` then only names it.
 
     Returns:
         Tensor [T] float32.
@@ -72,11 +77,10 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: fl
     """
     import soundfile
 
-    path = Path(path)
-    if not path.is_file():
+    if data is None and not Path(path).is_file():
         raise AudioLoadError(path, "no such file")
     try:
-        with soundfile.SoundFile(str(path)) as sound:
+        with soundfile.SoundFile(str(path) if data is None else io.BytesIO(data)) as sound:
             problem = rate_problem(sound.samplerate) or channels_problem(sound.channels)
             if problem:
                 raise AudioLoadError(path, problem)
@@ -97,6 +101,45 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: fl
     if wave.size == 0:
         raise AudioLoadError(path, "too short to resample")
     return torch.from_numpy(wave - wave.mean(dtype=np.float64).astype(np.float32))
+
+
+def flac_bytes(wave: np.ndarray) -> bytes:
+    """A 16 kHz float wave as 16-bit flac (what a shard holds), holding the samples ``dali prepare``'s 16-bit wav of
+    it holds: libsndfile scales float to 16 bits differently for the two formats, so the wav's quantisation is used."""
+    import soundfile
+
+    wav = io.BytesIO()
+    soundfile.write(wav, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    wav.seek(0)
+    samples, _ = soundfile.read(wav, dtype="int16")
+    return _int16_flac(samples)
+
+
+def _int16_flac(samples: np.ndarray) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+    return buffer.getvalue()
+
+
+def file_as_flac(path: str | Path) -> tuple[bytes, float]:
+    """A clip's audio file as a shard's flac and its seconds. A 16 kHz mono 16-bit file (what ``dali prepare`` and
+    CAV-MAE's preprocessing write) keeps its samples exactly, so a clip reads the same from either; any other is
+    read as the stages read it (:func:`load_audio`) and stored at 16 kHz. Raises :class:`AudioLoadError`."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+        exact = (info.samplerate, info.channels, info.subtype) == (SAMPLE_RATE, 1, "PCM_16")
+        if exact:
+            samples, _ = soundfile.read(str(path), frames=int(MAX_CLIP_SECONDS * SAMPLE_RATE), dtype="int16")
+    except Exception as error:  # soundfile raises several types for corrupt or foreign files
+        raise AudioLoadError(path, f"unreadable ({type(error).__name__}: {error})") from None
+    if exact and len(samples):
+        return _int16_flac(samples), len(samples) / SAMPLE_RATE
+    wave = load_audio(path).numpy()
+    return flac_bytes(np.clip(wave, -1.0, 1.0)), len(wave) / SAMPLE_RATE
 
 
 class WaveformError(DaliError, ValueError):

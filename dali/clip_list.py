@@ -27,6 +27,17 @@ class Clip:
     frames_root: Path | None = None
     image: Path | None = None  # an explicit frame file (prefix pairs), overrides frames_root
     captions: list[str] = field(default_factory=list)
+    labels: str | None = None  # AudioSet's label ids, as the list or the shard gives them
+    # A clip read from a shard (dali.shards): its members' bytes by extension ('flac', 'frame_5.jpg'), in place of
+    # files, and where it was read (the shard's URL and the sample's key)
+    media: dict[str, bytes] | None = None
+    shard: str | None = None
+    key: str | None = None
+
+    @property
+    def where(self) -> str:
+        """What names the clip's data in a message: its shard and key, or its audio file."""
+        return f"{self.shard}#{self.key}" if self.shard is not None else str(self.audio or "<none>")
 
     def frame_path(self, frame_index: int = DEFAULT_FRAME_INDEX) -> Path | None:
         if self.image is not None:
@@ -78,11 +89,13 @@ class ClipList(Sequence["Clip"]):
         self._frame_roots: list[str] = []
         self._frame_root_index: dict[str, int] = {}
         self._frame_of = array("l")  # index into _frame_roots, -1 for none
+        self._labels = PackedStrings()  # "" for none
         self._order: Sequence[int] = range(0)
 
-    def append(self, clip_id: str, audio: str, frames_root: str | None) -> None:
+    def append(self, clip_id: str, audio: str, frames_root: str | None, labels: str | None = None) -> None:
         self._ids.append(clip_id)
         self._audio.append(audio)
+        self._labels.append(labels or "")
         if frames_root:
             index = self._frame_root_index.setdefault(frames_root, len(self._frame_roots))
             if index == len(self._frame_roots):
@@ -106,6 +119,7 @@ class ClipList(Sequence["Clip"]):
             id=self._ids[stored],
             audio=resolve_path(self.root, self._audio[stored]),
             frames_root=resolve_path(self.root, self._frame_roots[frame]) if frame >= 0 else None,
+            labels=self._labels[stored] or None,
         )
 
     def _view(self, order: Sequence[int]) -> "ClipList":

@@ -16,6 +16,7 @@ from dali.constants import (
     DEFAULT_FRAME_INDEX,
     DTYPE_NAMES,
     MODALITIES,
+    NUM_FRAMES,
     ON_ERROR_CHOICES,
     PROJECTORS,
     RENAMED_PROJECTORS,
@@ -485,6 +486,28 @@ class PrepareConfig:
     max_seconds: float | None = field(
         None, help="decode and keep only this much of each file (default: the 10.255 s that give CAV-MAE's 1024 frames)"
     )
+    shards: bool = field(
+        False,
+        help="write WebDataset shards (shard-NNNNNN.tar) and their index shards.json in place of loose files, for "
+        "sets of many clips; INPUT may then also be a CAV-MAE list of clips already prepared (packed as they are)",
+    )
+    shard_mb: int = field(1024, help="shard size in MB (a shard closes once it holds this much)", bounds=(1, 1 << 20))
+    shard_frames: tuple[int, ...] = field(
+        tuple(range(NUM_FRAMES)),
+        help="the frames each sample keeps (the stages read --frame-index, 5 by default)",
+        bounds=(0, NUM_FRAMES - 1),
+    )
+    shard_base: str | None = field(
+        None,
+        help="where the stages will read the shards from, written in the index (a folder, or a URL prefix "
+        "WebDataset opens: https://host/set, 'pipe:aws s3 cp s3://bucket/set'); default: beside the index",
+    )
+
+    def validate(self) -> None:
+        if not self.shards and (self.shard_base or self.shard_mb != 1024 or len(self.shard_frames) != NUM_FRAMES):
+            raise ConfigError("--shard-mb, --shard-frames and --shard-base need --shards")
+        if len(set(self.shard_frames)) != len(self.shard_frames) or not self.shard_frames:
+            raise ConfigError("--shard-frames: give distinct frame numbers 0-9")
 
 
 @dataclass

@@ -13,6 +13,7 @@ Relative paths are resolved against a data root (by default the folder of the li
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -38,6 +39,7 @@ from dali.clip_list import Clip, ClipList, resolve_path
 from dali.constants import DEFAULT_FRAME_INDEX, ON_ERROR_CHOICES, TARGET_FRAMES
 from dali.errors import DaliError
 from dali.limits import MAX_IMAGE_PIXELS, frame_problem
+from dali.shards import AUDIO_EXTENSION
 
 if TYPE_CHECKING:
     from dali.models.audio_encoders import AudioEncoder
@@ -118,7 +120,8 @@ def read_cavmae_json(path: str | Path, root: str | Path | None = None) -> ClipLi
             log.warning("'%s' record %d: duplicate video_id '%s' ignored", path, number, clip_id)
             continue
         seen.add(clip_id)
-        clips.append(clip_id, wav, frames)
+        labels = record.get("labels")
+        clips.append(clip_id, wav, frames, labels if isinstance(labels, str) else None)
     return clips
 
 
@@ -344,13 +347,19 @@ def _load_json(path: Path) -> Any:
 
 # -- loading one clip -------------------------------------------------------------------------------------
 def load_frame(clip: Clip, frame_index: int = DEFAULT_FRAME_INDEX) -> Image.Image:
-    path = clip.frame_path(frame_index)
-    if path is None:
-        raise ClipError(clip.id, "<none>", "this clip has no frames (audio-only list)")
-    if not path.is_file():
-        raise ClipError(clip.id, path, "no such frame")
+    if clip.media is not None:
+        path, data = clip.where, clip.media.get(f"frame_{frame_index}.jpg")
+        if data is None:
+            raise ClipError(clip.id, path, f"the sample holds no frame {frame_index}")
+        source = io.BytesIO(data)
+    else:
+        path = source = clip.frame_path(frame_index)
+        if path is None:
+            raise ClipError(clip.id, "<none>", "this clip has no frames (audio-only list)")
+        if not path.is_file():
+            raise ClipError(clip.id, path, "no such frame")
     try:
-        with Image.open(path) as image:  # reads the header only: the declared size is checked before decoding
+        with Image.open(source) as image:  # reads the header only: the declared size is checked before decoding
             problem = frame_problem(*image.size)
             if problem is None and image.width * image.height > MAX_IMAGE_PIXELS:
                 problem = f"it declares {image.width}x{image.height} pixels, over {MAX_IMAGE_PIXELS} in all"
@@ -365,6 +374,14 @@ def load_frame(clip: Clip, frame_index: int = DEFAULT_FRAME_INDEX) -> Image.Imag
 
 
 def load_clip_audio(clip: Clip) -> torch.Tensor:
+    if clip.media is not None:
+        data = clip.media.get(AUDIO_EXTENSION)
+        if data is None:
+            raise ClipError(clip.id, clip.where, f"the sample holds no {AUDIO_EXTENSION} audio")
+        try:
+            return load_audio(clip.where, data=data)
+        except AudioLoadError as error:
+            raise ClipError(clip.id, clip.where, error.reason) from None
     if clip.audio is None:
         raise ClipError(clip.id, "<none>", "this clip has no audio")
     try:
@@ -527,8 +544,8 @@ class ClipDataset(torch.utils.data.Dataset):
             return BadClip(error.clip_id, error.path, error.reason, index)
         except MemoryError:  # whatever a clip costs, it is that clip's report line, never the stage's end
             if self.on_error == "stop":
-                raise ClipError(clip.id, clip.audio or "<none>", "out of memory while loading it") from None
-            return BadClip(clip.id, str(clip.audio or "<none>"), "out of memory while loading it", index)
+                raise ClipError(clip.id, clip.where, "out of memory while loading it") from None
+            return BadClip(clip.id, clip.where, "out of memory while loading it", index)
 
 
 def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:

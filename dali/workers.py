@@ -29,3 +29,17 @@ def worker_pool(workers: int, start_method: str | None = None) -> ProcessPoolExe
     """A process pool whose workers are killed with this process."""
     context = multiprocessing.get_context(start_method) if start_method else None
     return ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def ordered_map(pool: ProcessPoolExecutor, function, items, ahead: int):
+    """``pool.map(function, items)`` with at most ``ahead`` items submitted and not yet consumed: ``Executor.map``
+    submits every item at once, which for an AudioSet-size list is millions of futures held in memory."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from pathlib import Path
 
 import soundfile
@@ -15,33 +14,16 @@ from dali.command_configs import PrepareConfig
 from dali.constants import NUM_FRAMES, SAMPLE_RATE, TARGET_FRAMES
 from dali.data import Clip, write_cavmae_json
 from dali.files import atomic_write, atomic_write_json, read_json_object
-from dali.flags import ConfigError, parse_config
+from dali.flags import parse_config
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log, setup_logging
-from dali.media import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_frames, resize_center_crop
+from dali.media import VIDEO_EXTENSIONS, MediaError
 from dali.progress import progress
+from dali.tools.prepare_inputs import REPORT, WINDOW_S, check_unique_ids, decode_clip, list_inputs, save_frame
 from dali.workers import worker_pool
 
-WINDOW_S = 10.0
-REPORT = "prepare_report.jsonl"
 LIST = "clips.json"
 RECORDS = "made_from"  # <id>.json per clip: its source (path, size, mtime, hash) and settings, written last
-
-
-def list_inputs(source: Path, out: Path) -> list[Path]:
-    """Media files of a folder (recursively; none under ``out``, the outputs of an earlier run) or of a text file
-    with one path per line."""
-    if source.is_dir():
-        own = out.resolve()
-        return sorted(
-            p
-            for p in source.rglob("*")
-            if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file() and own not in p.resolve().parents
-        )
-    if source.is_file() and source.suffix == ".txt":
-        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
-        return [Path(line) if Path(line).is_absolute() else source.parent / line for line in lines]
-    raise ConfigError(f"INPUT '{source}' must be a folder of media files or a .txt list of paths")
 
 
 def outputs_of(out: Path, clip_id: str, video: bool) -> list[Path]:
@@ -65,19 +47,13 @@ def prepare_one(path: Path, out: Path, max_seconds: float) -> dict:
     if stale is None:
         return record | {"status": "ok", "reused": True}
     try:
-        wave = decode_audio(path, max_seconds=max_seconds)
+        wave, frames = decode_clip(path, max_seconds)
         atomic_write(
             out / "audio" / f"{clip_id}.wav",
             lambda tmp: soundfile.write(str(tmp), wave, SAMPLE_RATE, subtype="PCM_16", format="WAV"),
         )
-        if video:
-            duration = min(len(wave) / SAMPLE_RATE, WINDOW_S)
-            times = [duration * k / NUM_FRAMES for k in range(NUM_FRAMES)]
-            for k, frame in enumerate(decode_frames(path, times, resize_center_crop)):
-                atomic_write(
-                    out / "frames" / f"frame_{k}" / f"{clip_id}.jpg",
-                    lambda tmp, f=frame: f.save(tmp, format="JPEG", quality=95),
-                )
+        for k, frame in enumerate(frames):
+            atomic_write(out / "frames" / f"frame_{k}" / f"{clip_id}.jpg", lambda tmp, f=frame: save_frame(f, tmp))
     except MediaError as error:
         return record | {"status": "failed", "reason": error.reason}
     atomic_write_json(out / RECORDS / f"{clip_id}.json", made_from)
@@ -139,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(PrepareConfig, argv)
     setup_logging()
     out = Path(args.output)
+    if args.shards:
+        from dali.tools.prepare_shards import write_shards
+
+        return write_shards(args, out)
     inputs = list_inputs(Path(args.input), out)
-    duplicates = sorted(clip_id for clip_id, count in Counter(p.stem for p in inputs).items() if count > 1)
-    if duplicates:
-        raise ConfigError(
-            f"INPUT: several files share the ids {duplicates[:10]} (ids are file names without extension)"
-        )
+    check_unique_ids(inputs)
     for k in range(NUM_FRAMES):
         (out / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
