@@ -13,12 +13,14 @@ import torch
 from dali import distributed
 from dali.clip_list import clip_ids
 from dali.data import Clip, ClipDataset, collate
-from dali.jsonl import JsonlWriter, MetricsLog, atomic_write_jsonl, iter_jsonl
+from dali.jsonl import JsonlWriter, MetricsLog, atomic_write_jsonl, iter_jsonl, repair_jsonl
 from dali.logs import log
 from dali.models.captioner import Captioner
 from dali.models.decoding import DecodingOptions
 from dali.progress import progress
 from dali.runs import METRICS, StageStateError
+from dali.shard_reading import Piece, PieceBatches, rank_pieces
+from dali.shards import ShardIndex
 
 
 def part_file(out: Path, rank: int) -> Path:
@@ -51,6 +53,10 @@ def caption_clips(
     # may read or write a part before that, or its part would be moved aside with the old run.
     distributed.barrier()
     mine = distributed.shard(clips, context)  # interleaved: mine[i] is clips[rank + i * world_size]
+
+    def position(index: int) -> int:
+        return context.rank + index * context.world_size
+
     chunks = [range(start, min(start + batch_size, len(mine))) for start in range(0, len(mine), batch_size)]
     part = part_file(out, context.rank)
     done = _complete_chunks(part, clip_ids(mine), chunks)
@@ -65,7 +71,9 @@ def caption_clips(
         for number, chunk in enumerate(todo, start=len(done) + 1):
             batch = next(batches)  # the time waited here is the loader's share
             started = time.perf_counter()
-            records = _chunk_records(captioner, mine, chunk, batch, make_block, options, context, extra)
+            records = _batch_records(
+                captioner, batch, make_block, options, extra, position, chunk.start, lambda index, row: mine[index]
+            )
             captioned = time.perf_counter()
             writer.write(records)
             if number == len(done) + 1:  # every rank's start, to see a straggler
@@ -87,6 +95,108 @@ def caption_clips(
     return merged_records(out, context.world_size) if context.is_main else iter(())
 
 
+def caption_shards(
+    captioner: Captioner,
+    index: ShardIndex,
+    dataset: ClipDataset,
+    make_block: Callable[[dict], torch.Tensor],
+    options: DecodingOptions,
+    out: Path,
+    context: distributed.Context,
+    batch_size: int,
+    num_workers: int,
+    extra: Callable[[Clip], dict] = lambda clip: {},
+    limit: int | None = None,
+) -> Iterator[dict]:
+    """:func:`caption_clips` for a set in shards (its first ``limit`` samples): this rank's pieces of it
+    (``dali.shard_reading``), each captioned into its own file (``piece-<shard>-<start>-<stop>.jsonl``), batch by
+    batch.
+
+    A killed run resumes each piece after its last complete batch, with the same batches and seeds; a piece
+    already whole is not read again. ``dataset`` builds each sample's item (:meth:`ClipDataset.item`).
+
+    Returns:
+        on rank 0, every sample's record in set order, streamed from the pieces' files; nothing on other ranks.
+    """
+    distributed.barrier()  # rank 0 has opened the stage folder (see caption_clips)
+    pieces = rank_pieces(index, context.rank, context.world_size, limit)
+    todo = [(piece, done) for piece in pieces if (done := _piece_done(out / piece.name, piece)) < piece.size]
+    batches_of = [-(-(piece.size - done) // batch_size) for piece, done in todo]
+    if len(todo) < len(pieces) or any(done for _, done in todo):
+        log.info(
+            "rank %d: resuming, %d of %d pieces of shards whole", context.rank, len(pieces) - len(todo), len(pieces)
+        )
+    reader = PieceBatches(index, todo, batch_size, dataset.item)
+    loader = torch.utils.data.DataLoader(
+        reader,
+        batch_size=None,
+        num_workers=min(num_workers, len(todo)),
+        pin_memory=context.device.type == "cuda",
+        prefetch_factor=4 if num_workers and todo else None,
+    )
+    metrics = MetricsLog(out / METRICS, enabled=context.is_main)
+    writers: dict[Piece, JsonlWriter] = {}
+    bar = progress(total=sum(batches_of), unit="batch", desc=f"captioning shards (rank {context.rank})")
+    waited = time.perf_counter()
+    for number, batch in enumerate(loader, start=1):
+        piece, started = batch["piece"], time.perf_counter()
+        records = _batch_records(
+            captioner, batch, make_block, options, extra, piece.position, batch["start"], _sample_clip(batch)
+        )
+        captioned = time.perf_counter()
+        writer = writers.get(piece) or writers.setdefault(piece, JsonlWriter(out / piece.name))
+        writer.write(records)
+        if batch["end"]:
+            writers.pop(piece).close()
+        metrics.log(
+            batch=number,
+            clips=len(records),
+            shard=piece.shard,
+            loader_wait_s=round(started - waited, 4),
+            caption_s=round(captioned - started, 4),
+            write_s=round(time.perf_counter() - captioned, 4),
+        )
+        waited = time.perf_counter()
+        bar.update(1)
+    bar.close()
+    for writer in writers.values():
+        writer.close()
+    distributed.barrier()
+    return merged_pieces(out, index, context.world_size, limit) if context.is_main else iter(())
+
+
+def _sample_clip(batch: dict) -> Callable[[int, int], Clip]:
+    """The batch's row as a clip naming where it was read (what a record's ``extra`` needs)."""
+    return lambda index, row: Clip(id=batch["id"][row], shard=batch["shard"][row], key=batch["key"][row])
+
+
+def _piece_done(part: Path, piece: Piece) -> int:
+    """How many of the piece's samples ``part`` holds, in order from its first (a killed run wrote them a batch
+    at a time; a torn last line is dropped). A file that is not such a prefix is started again."""
+    if not part.exists():
+        return 0
+    repair_jsonl(part)
+    count = 0
+    for count, record in enumerate(iter_jsonl(part), start=1):
+        if record.get("position") != piece.position(count - 1) or count > piece.size:
+            log.warning("'%s' does not hold the piece's samples in order: captioning the piece again", part)
+            part.unlink()
+            return 0
+    return count
+
+
+def merged_pieces(out: Path, index: ShardIndex, world_size: int, limit: int | None = None) -> Iterator[dict]:
+    """Every rank's pieces' records in set order, streamed; a piece not whole is an error naming its file."""
+    for rank in range(world_size):
+        for piece in rank_pieces(index, rank, world_size, limit):
+            count = 0
+            for count, record in enumerate(iter_jsonl(out / piece.name), start=1):
+                del record["position"]
+                yield record
+            if count != piece.size:
+                raise StageStateError(f"'{out / piece.name}' holds {count} of its {piece.size} samples")
+
+
 def _loader(dataset: ClipDataset, chunks: list[range], workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset,
@@ -98,21 +208,18 @@ def _loader(dataset: ClipDataset, chunks: list[range], workers: int, device: tor
     )
 
 
-def _chunk_records(captioner, mine, chunk: range, batch: dict, make_block, options, context, extra) -> list[dict]:
-    """One chunk's records, in input order, each with its position in the whole list (for the merge)."""
-
-    def position(index: int) -> int:
-        return context.rank + index * context.world_size
-
+def _batch_records(captioner, batch: dict, make_block, options, extra, position, first: int, clip_at) -> list[dict]:
+    """A batch's records, in input order, each with its position in the whole list or set (for the merge); the
+    batch's seed is its first position's (``first``), so a resumed run samples as an uninterrupted one."""
     records = [item.as_record() | {"skipped": True, "position": position(item.index)} for item in batch["bad"]]
     for item in batch["bad"]:
         log.warning("skipped clip %s: %s (%s)", item.id, item.reason, item.path)
     if len(batch["index"]):
         with torch.no_grad():
             block = make_block(batch)
-        captions = captioner.generate(block, dataclasses.replace(options, seed=options.seed + position(chunk.start)))
-        for index, caption in zip(batch["index"].tolist(), captions):
-            clip = mine[index]
+        captions = captioner.generate(block, dataclasses.replace(options, seed=options.seed + position(first)))
+        for row, (index, caption) in enumerate(zip(batch["index"].tolist(), captions)):
+            clip = clip_at(index, row)
             records.append({"id": clip.id, "caption": caption, **extra(clip), "position": position(index)})
     return sorted(records, key=lambda record: record["position"])
 
@@ -167,8 +274,11 @@ def split_skipped(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def remove_parts(out: Path, world_size: int) -> None:
+    """The per-rank and per-piece files, once merged."""
     for rank in range(world_size):
         part_file(out, rank).unlink(missing_ok=True)
+    for part in out.glob("piece-*.jsonl"):
+        part.unlink()
 
 
 def _complete_chunks(part: Path, ids: Sequence[str], chunks: list[range]) -> set[int]:

@@ -288,9 +288,14 @@ class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags)
     """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
-    test_list: str = field(help="AudioCaps- or Clotho-style CSV (ids and reference captions)")
+    test_list: str = field(
+        help="AudioCaps- or Clotho-style CSV (ids and reference captions), or a shard index (dali prepare --shards: "
+        "captioned without references; score with dali evaluate)"
+    )
     audio_dir: str | None = field(None, help="folder of <id>.wav (default: the list's folder)")
-    frames_dir: str | None = field(None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis)")
+    frames_dir: str | None = field(
+        None, help="folder holding frame_<k>/<id>.jpg (needed for image, audio_vis from a CSV)"
+    )
     modality: str = field("audio", choices=MODALITIES)
     tag: str | None = field(None, help="suffix of the output folder, to keep several settings apart")
     align_dir: str | None = field(None, help="stage 1b folder (default <expe-dir>/<run>/align)")
@@ -311,7 +316,9 @@ class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags)
     metric_models: str | None = field(None, help=METRIC_MODELS_HELP)
 
     def validate(self) -> None:
-        if self.modality != "audio" and not self.frames_dir:
+        from dali.shards import is_shard_index
+
+        if self.modality != "audio" and not self.frames_dir and not is_shard_index(self.test_list):
             raise ConfigError(f"--modality {self.modality} needs --frames-dir")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
@@ -492,6 +499,12 @@ class PrepareConfig:
         "sets of many clips; INPUT may then also be a CAV-MAE list of clips already prepared (packed as they are)",
     )
     shard_mb: int = field(1024, help="shard size in MB (a shard closes once it holds this much)", bounds=(1, 1 << 20))
+    shard_samples: int | None = field(
+        None,
+        help="also close a shard at this many samples (a multiple of the stages' --batch-size keeps their batches, and "
+        "so their sampled captions, those of the same clips as a list)",
+        bounds=(1, 10_000_000),
+    )
     shard_frames: tuple[int, ...] = field(
         tuple(range(NUM_FRAMES)),
         help="the frames each sample keeps (the stages read --frame-index, 5 by default)",
@@ -504,8 +517,11 @@ class PrepareConfig:
     )
 
     def validate(self) -> None:
-        if not self.shards and (self.shard_base or self.shard_mb != 1024 or len(self.shard_frames) != NUM_FRAMES):
-            raise ConfigError("--shard-mb, --shard-frames and --shard-base need --shards")
+        shard_flags = (
+            self.shard_base or self.shard_mb != 1024 or self.shard_samples or len(self.shard_frames) < NUM_FRAMES
+        )
+        if not self.shards and shard_flags:
+            raise ConfigError("--shard-mb, --shard-samples, --shard-frames and --shard-base need --shards")
         if len(set(self.shard_frames)) != len(self.shard_frames) or not self.shard_frames:
             raise ConfigError("--shard-frames: give distinct frame numbers 0-9")
 

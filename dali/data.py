@@ -442,9 +442,12 @@ class BadClip:
     path: str
     reason: str
     index: int = -1  # its index in the dataset
+    shard: str | None = None  # where a shard's sample was read: the shard and the sample's key
+    key: str | None = None
 
-    def as_record(self) -> dict[str, str]:
-        return {"id": self.id, "path": self.path, "reason": self.reason}
+    def as_record(self) -> dict[str, str | None]:
+        where = {"shard": self.shard, "key": self.key} if self.shard is not None else {}
+        return {"id": self.id, "path": self.path, "reason": self.reason, **where}
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -518,9 +521,14 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadClip:
-        clip = self.clips[index]
+        return self.item(self.clips[index], index)
+
+    def item(self, clip: Clip, index: int) -> dict[str, Any] | BadClip:
+        """What the loader yields for ``clip`` (of this list or read from a shard) at ``index``."""
         try:
             item: dict[str, Any] = {"index": index, "id": clip.id}
+            if clip.shard is not None:
+                item |= {"shard": clip.shard, "key": clip.key}
             if self.need_audio and self.audio_as == "wave":
                 item["wave"], item["frames"] = clip_wave(clip, self.target_frames)
             elif self.need_audio:
@@ -541,11 +549,11 @@ class ClipDataset(torch.utils.data.Dataset):
         except ClipError as error:
             if self.on_error == "stop":
                 raise
-            return BadClip(error.clip_id, error.path, error.reason, index)
+            return BadClip(error.clip_id, error.path, error.reason, index, clip.shard, clip.key)
         except MemoryError:  # whatever a clip costs, it is that clip's report line, never the stage's end
             if self.on_error == "stop":
                 raise ClipError(clip.id, clip.where, "out of memory while loading it") from None
-            return BadClip(clip.id, clip.where, "out of memory while loading it", index)
+            return BadClip(clip.id, clip.where, "out of memory while loading it", index, clip.shard, clip.key)
 
 
 def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
@@ -554,6 +562,8 @@ def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     batch: dict[str, Any] = {"bad": [item for item in items if isinstance(item, BadClip)]}
     batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["id"] = [item["id"] for item in good]
+    if good and "key" in good[0]:  # a shard's samples: where each was read
+        batch["shard"], batch["key"] = [item["shard"] for item in good], [item["key"] for item in good]
     for key in ("features", "wave", "pixels", "image_tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])

@@ -177,10 +177,12 @@ class ShardSample:
     frames: dict[int, bytes]
 
 
-def write_shard(path: Path, samples: Iterator[ShardSample], first_position: int, max_bytes: int) -> Shard | None:
-    """Write samples taken from ``samples`` into one tar at ``path`` until it holds ``max_bytes`` (or ``samples``
-    ends), keyed by position from ``first_position``; None when ``samples`` is already empty. Atomic: a killed
-    write leaves no shard under the name."""
+def write_shard(
+    path: Path, samples: Iterator[ShardSample], first_position: int, max_bytes: int, max_samples: int | None = None
+) -> Shard | None:
+    """Write samples taken from ``samples`` into one tar at ``path`` until it holds ``max_bytes`` or ``max_samples``
+    (or ``samples`` ends), keyed by position from ``first_position``; None when ``samples`` is already empty.
+    Atomic: a killed write leaves no shard under the name."""
     import webdataset
 
     from dali.files import atomic_write
@@ -199,7 +201,7 @@ def write_shard(path: Path, samples: Iterator[ShardSample], first_position: int,
                 for sample in itertools.chain([first], samples):
                     tar.write(_members(sample, first_position + count))
                     count += 1
-                    if stream.size >= max_bytes:
+                    if stream.size >= max_bytes or count == max_samples:
                         break
             written.update(samples=count, bytes=stream.size, sha256=stream.digest.hexdigest())
 

@@ -204,6 +204,24 @@ def sweep_temporaries(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+_HELD_LOCKS: set[int] = set()  # the lock descriptors this process holds
+
+
+def _close_inherited_locks() -> None:
+    """In a child just forked (a loader worker, a pool's process): close the lock descriptors it inherited. A
+    ``flock`` belongs to the open file, which a fork shares: a child keeping it would hold the folder after the
+    stage is killed, until the child notices (a loader worker polls every 5 s), and refuse a ``--resume``."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def take_lock(path: Path) -> int | None:
     """A kernel lock on ``.lock`` (released when the process dies), opened without following a link, or None
     when another process holds it. The lock file is removed only by a holder (:func:`release_lock`), so the file
@@ -224,6 +242,7 @@ def take_lock(path: Path) -> int | None:
         if same:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
+            _HELD_LOCKS.add(fd)
             return fd
         os.close(fd)  # its holder removed it as we opened it: lock the folder's current file instead
     raise OSError(errno.EAGAIN, f"could not lock '{path / LOCK}'")
@@ -249,6 +268,7 @@ def release_lock(path: Path, fd: int, remove_folder: bool) -> None:
     except OSError:  # another process is already waiting on a new lock file: the folder is its own now
         pass
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
 
 

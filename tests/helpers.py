@@ -1,5 +1,11 @@
-"""Files made in the tests: media written with PyAV, checkpoints written in the original DALI key layouts."""
+"""Files made in the tests: media written with PyAV, checkpoints written in the original DALI key layouts; commands
+run in a process of their own (and killed)."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +122,30 @@ def align_flags(world, llava, method="ot_att"):
         "--scorer-heads",
         "2",
     ]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(argv: list[str], kill_when=None, timeout: float = 240) -> int | None:
+    """Run a stage in a subprocess; with ``kill_when``, SIGKILL it once that predicate holds."""
+    env = dict(os.environ, DALI_PROGRESS="0", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dali.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if kill_when is not None and kill_when():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return None
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.kill()
+        raise TimeoutError(" ".join(argv))
+    assert process.returncode == 0, process.stderr.read()[-3000:]
+    return process.returncode
+
+
+def cli_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0

@@ -46,6 +46,7 @@ def test_the_list_reads_as_the_json_says_and_shards_and_shuffles_as_a_list(tmp_p
             (tmp_path / r["video_path"] if not r["video_path"].startswith("/") else Path(r["video_path"]))
             if r.get("video_path")
             else None,
+            labels=r.get("labels"),  # kept: a set packed into shards carries them
         )
         for r in records[:-1]
     ]

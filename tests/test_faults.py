@@ -1,19 +1,15 @@
 """The fault suite: bad inputs, bad checkpoints, non-finite losses, and processes killed then resumed."""
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import prefix_flags, tiny_encoder_flags
+from helpers import cli_lines as _lines
+from helpers import prefix_flags, run_cli, tiny_encoder_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,8 +21,6 @@ from dali.models.cav_mae import load_audio_encoder
 from dali.models.checkpoints import CheckpointError
 from dali.models.prefix import load_prefix
 from dali.training import NonFiniteGuard
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- audio inputs -------------------------------------------------------------------------------------------
@@ -255,30 +249,6 @@ def test_alignment_skips_nan_steps_and_stops_past_the_limit(synthetic, tmp_path,
 
 
 # -- killed and resumed -------------------------------------------------------------------------------------
-def _run(argv: list[str], kill_when=None, timeout: float = 240) -> int | None:
-    """Run a stage in a subprocess; with ``kill_when``, SIGKILL it once that predicate holds."""
-    env = dict(os.environ, DALI_PROGRESS="0", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dali.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline:
-        if kill_when is not None and kill_when():
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return None
-        time.sleep(0.05)
-    if process.poll() is None:
-        process.kill()
-        raise TimeoutError(" ".join(argv))
-    assert process.returncode == 0, process.stderr.read()[-3000:]
-    return process.returncode
-
-
-def _lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
-
-
 @pytest.mark.slow
 def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_path):
     world, llava = synthetic
@@ -309,12 +279,12 @@ def test_killed_pseudo_captioning_resumes_to_identical_captions(synthetic, tmp_p
         "--temperature",
         "1.0",
     ]  # sampling: resumption must reuse the same seeds
-    _run(base + ["--out", str(tmp_path / "whole")])
+    run_cli(base + ["--out", str(tmp_path / "whole")])
     part = tmp_path / "killed" / "part-000.jsonl"
     threshold = random.Random(0).randint(4, 20)
-    assert _run(base + ["--out", str(tmp_path / "killed")], kill_when=lambda: _lines(part) >= threshold) is None
+    assert run_cli(base + ["--out", str(tmp_path / "killed")], kill_when=lambda: _lines(part) >= threshold) is None
     assert not (tmp_path / "killed" / "manifest.json").exists()
-    _run(base + ["--out", str(tmp_path / "killed"), "--resume"])
+    run_cli(base + ["--out", str(tmp_path / "killed"), "--resume"])
     whole = read_jsonl(tmp_path / "whole" / "pseudo_captions.jsonl")
     resumed = read_jsonl(tmp_path / "killed" / "pseudo_captions.jsonl")
     assert resumed == whole and len({r["id"] for r in resumed}) == len(resumed)
@@ -399,11 +369,11 @@ def test_killed_training_resumes_and_its_loss_curve_continues(synthetic, tmp_pat
             "2",
         ]
         output = "audio_encoder.safetensors"
-    _run(base + ["--out", str(tmp_path / "whole")])
+    run_cli(base + ["--out", str(tmp_path / "whole")])
     metrics = tmp_path / "killed" / "metrics.jsonl"
     threshold = random.Random(1).randint(7, 15)
-    assert _run(base + ["--out", str(tmp_path / "killed")], kill_when=lambda: _lines(metrics) >= threshold) is None
-    _run(base + ["--out", str(tmp_path / "killed"), "--resume"])
+    assert run_cli(base + ["--out", str(tmp_path / "killed")], kill_when=lambda: _lines(metrics) >= threshold) is None
+    run_cli(base + ["--out", str(tmp_path / "killed"), "--resume"])
     whole = [r for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
     resumed = [r for r in read_jsonl(metrics) if "loss" in r]
     assert [r["step"] for r in resumed] == [r["step"] for r in whole]  # no step lost or repeated

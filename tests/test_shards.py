@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_mp4
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dali.data import ClipError, load_clip_audio, load_frame, read_cavmae_json
 from dali.files import file_sha256
@@ -20,8 +22,8 @@ from dali.shards import SampleProblem, ShardError, read_samples, read_shard_inde
 from dali.tools import prepare
 
 
-def _pack(world, out, *flags):
-    assert prepare.main([str(world / "pseudo.json"), str(out), "--shards", "--workers", "2", *flags]) == 0
+def _pack(world, out, *flags, clips="pseudo.json"):
+    assert prepare.main([str(world / clips), str(out), "--shards", "--workers", "2", *flags]) == 0
     return read_shard_index(out / "shards.json")
 
 
@@ -128,3 +130,122 @@ def test_bad_samples_and_truncated_shards_are_named_by_key(tmp_path, write_wav):
     shard.write_bytes(data[: len(data) * 3 // 4])  # cut inside the last sample
     *_, end = read_samples(str(shard))
     assert isinstance(end, SampleProblem) and end.key is None and "ends early" in end.reason
+
+
+# -- stages reading shards --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(synthetic, tmp_path_factory):
+    """An unaligned tiny encoder and a prefix to caption with (made in-process, quickly): (world, flags)."""
+    from helpers import prefix_flags, tiny_encoder_flags
+
+    from dali.stages import align, prefix_tune
+
+    world, llava = synthetic
+    folder = tmp_path_factory.mktemp("quick_run")
+    align_flags = [*tiny_encoder_flags(world, llava), "--epochs", "0", "--num-workers", "0"]
+    assert align.main([*align_flags, "--out", str(folder / "align")]) == 0
+    assert prefix_tune.main([*prefix_flags(world, llava, 1), "--out", str(folder / "prefix")]) == 0
+    flags = ["--llava", str(llava), "--align-dir", str(folder / "align"), "--prefix-dir", str(folder / "prefix")]
+    # sampled: equal captions then need equal batches and seeds, not only equal inputs
+    flags += ["--batch-size", "4", "--max-new-tokens", "8", "--temperature", "1.0", "--num-beams", "1"]
+    return world, flags
+
+
+def _pseudo_label(flags, clips, out, *more):
+    from dali.stages import pseudo_label
+
+    assert pseudo_label.main([*flags, "--clips", str(clips), "--out", str(out), *more]) == 0
+    return read_jsonl(out / "pseudo_captions.jsonl"), read_jsonl(out / "skipped.jsonl")
+
+
+def test_pseudo_labelling_captions_shards_as_it_captions_the_list(quick_run, tmp_path):
+    world, flags = quick_run
+    index = _pack(world, tmp_path / "shards", "--shard-samples", "8")  # a multiple of --batch-size
+    listed, _ = _pseudo_label(flags, world / "pseudo.json", tmp_path / "list", "--limit", "30", "--num-workers", "0")
+    sharded, skipped = _pseudo_label(flags, index.path, tmp_path / "sharded", "--limit", "30", "--num-workers", "2")
+    assert [(r["id"], r["caption"]) for r in sharded] == [(r["id"], r["caption"]) for r in listed] and not skipped
+    assert sharded[9]["shard"] == index.url(1) and sharded[9]["key"] == "000000009"
+    assert not list((tmp_path / "sharded").glob("piece-*"))  # merged, then removed
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped_by_shard_and_key(quick_run, tmp_path):
+    world, flags = quick_run
+    index = _pack(world, tmp_path / "shards", "--shard-samples", "6", "--shard-frames", "5")
+    first, second = (tmp_path / "shards" / shard.name for shard in index.shards[:2])
+    data = bytearray(first.read_bytes())
+    flac = data.find(b"fLaC", data.find(b"000000002.flac"))
+    data[flac : flac + 64] = bytes(64)  # sample 2's audio, corrupt
+    first.write_bytes(bytes(data))
+    second.write_bytes(second.read_bytes()[: second.stat().st_size // 2])  # cut inside its samples
+    captions, skipped = _pseudo_label(flags, index.path, tmp_path / "out", "--limit", "12", "--num-workers", "0")
+    by_key = {record["key"]: record for record in skipped}
+    assert by_key["000000002"]["shard"] == str(first) and "unreadable" in by_key["000000002"]["reason"]
+    lost = [record for record in skipped if record["key"] is None]
+    assert lost and all(r["shard"] == str(second) and "ends early" in r["reason"] for r in lost)
+    assert len(captions) + len(skipped) == 12 and {r["key"] for r in captions}.isdisjoint(by_key)
+    with pytest.raises(ConfigError, match="hold frames \\[5\\]"):
+        _pseudo_label(flags, index.path, tmp_path / "frame3", "--frame-index", "3")
+    with pytest.raises(ConfigError, match="--shuffle"):
+        _pseudo_label(flags, index.path, tmp_path / "shuffled", "--shuffle")
+
+
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12), world_size=st.integers(1, 9))
+def test_ranks_split_a_set_into_equal_contiguous_pieces_whatever_the_shard_count(tmp_path_factory, sizes, world_size):
+    from dali.shard_reading import rank_pieces
+    from dali.shards import Shard, ShardIndex
+
+    index = ShardIndex(
+        tmp_path_factory.getbasetemp() / "shards.json", [Shard(f"{n}", k, 0, "") for n, k in enumerate(sizes)]
+    )
+    shares = [rank_pieces(index, rank, world_size) for rank in range(world_size)]
+    positions = [[piece.position(i) for piece in share for i in range(piece.size)] for share in shares]
+    assert sum(positions, []) == list(range(sum(sizes)))  # every sample once, in order
+    assert max(map(len, positions)) - min(map(len, positions)) <= 1
+    assert all(0 <= p.start < p.stop <= sizes[p.shard] for share in shares for p in share)
+
+
+def test_inference_captions_shards_as_it_captions_the_test_list(quick_run, tmp_path):
+    from dali.data import Clip, write_cavmae_json
+    from dali.stages import infer
+
+    world, flags = quick_run
+    ids = [f"test{n:05d}" for n in range(12)]
+    clips = [Clip(i, audio=world / "audio" / f"{i}.wav", frames_root=world / "frames") for i in ids]
+    write_cavmae_json(clips, tmp_path / "test.json")
+    prepare.main([str(tmp_path / "test.json"), str(tmp_path / "shards"), "--shards", "--shard-samples", "4"])
+    common = [*flags, "--modality", "audio_vis", "--projector", "llava", "--use-prefix", "--limit", "12"]
+    csv = [
+        "--test-list",
+        str(world / "test.csv"),
+        "--frames-dir",
+        str(world / "frames"),
+        "--audio-dir",
+        str(world / "audio"),
+    ]
+    assert infer.main([*common, *csv, "--num-workers", "0", "--out", str(tmp_path / "csv")]) == 0
+    sharded = ["--test-list", str(tmp_path / "shards" / "shards.json"), "--num-workers", "2"]
+    assert infer.main([*common, *sharded, "--out", str(tmp_path / "sharded")]) == 0
+    listed, read = (read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("csv", "sharded"))
+    assert [(r["id"], r["caption"]) for r in read] == [(r["id"], r["caption"]) for r in listed]
+    assert [r["id"] for r in read] == ids and (tmp_path / "csv" / "scores.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_sharded_pseudo_labelling_resumes_to_each_sample_captioned_once(quick_run, tmp_path):
+    import random
+
+    from helpers import cli_lines, run_cli
+
+    world, flags = quick_run
+    index = _pack(world, tmp_path / "shards", "--shard-samples", "8", "--shard-frames", "5", clips="align.json")
+    base = ["pseudo-label", *flags, "--clips", str(index.path), "--num-workers", "2"]
+    run_cli([*base, "--out", str(tmp_path / "whole")])
+    killed = tmp_path / "killed"
+    threshold = random.Random().randint(1, index.samples - 8)  # a random point: any piece, any batch
+    written = lambda: sum(cli_lines(part) for part in killed.glob("piece-*.jsonl"))  # noqa: E731
+    assert run_cli([*base, "--out", str(killed)], kill_when=lambda: written() >= threshold) is None
+    assert not (killed / "manifest.json").exists()
+    run_cli([*base, "--out", str(killed), "--resume"])
+    whole, resumed = (read_jsonl(folder / "pseudo_captions.jsonl") for folder in (tmp_path / "whole", killed))
+    keys = [f"{n:09d}" for n in range(index.samples)]  # the index's samples, each once
+    assert [r["key"] for r in resumed] == keys and resumed == whole, f"killed after {threshold} records"

@@ -374,3 +374,18 @@ def test_prepare_never_reads_its_own_outputs_back(tmp_path, write_wav):
         assert prepare.main([str(source), str(source / "prepared"), "--workers", "1"]) == 0
     report = [json.loads(line) for line in (source / "prepared" / "prepare_report.jsonl").read_text().splitlines()]
     assert [record["id"] for record in report] == ["clip"]
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_folder_locked(tmp_path):
+    """A stage's loader workers are forked while it holds its folder; killed, it must not leave them holding it."""
+    holder = (
+        "import os, signal, sys, time\nfrom pathlib import Path\nfrom dali import stage_folder\n"
+        "assert stage_folder.take_lock(Path(sys.argv[1])) is not None\n"
+        "if os.fork() == 0:\n    time.sleep(20)\n    os._exit(0)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    subprocess.run([sys.executable, "-c", holder, str(tmp_path)], env=env, timeout=60)
+    fd = folder.take_lock(tmp_path)  # its child still sleeps
+    assert fd is not None
+    folder.release_lock(tmp_path, fd, remove_folder=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
-from dali.clip_captioning import caption_clips, remove_parts, split_skipped
+from dali.clip_captioning import caption_clips, caption_shards, remove_parts, split_skipped
 from dali.command_configs import InferConfig
 from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
@@ -15,12 +15,13 @@ from dali.logs import log
 from dali.run import Run, captioning_stages
 from dali.runs import Stage, check_run_name, stage_main
 from dali.stage_table import INFER, infer_folder
-from dali.stages.common import open_stage, start_captioning, start_stage
+from dali.stages.common import open_stage, read_stage_shards, start_captioning, start_stage
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(InferConfig, argv)
+    index = read_stage_shards(config.test_list, config.frame_index)  # None: a CSV test list
     tag = check_run_name(config.tag, "--tag") if config.tag else None
     stage = open_stage(config, context, INFER, infer_folder(config.modality, tag))
     out = stage.path
@@ -31,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     config, models = start_captioning(config, context, stage, Run.of(config), uses, test_list=config.test_list)
     captioner, encoder = models.captioner, models.encoder
 
-    clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
-    if config.limit is not None:
-        clips = clips[: config.limit]
+    clips = []
+    if index is None:
+        clips = read_caption_csv(config.test_list, config.audio_dir, config.frames_dir if uses_image else None)
+        clips = clips[: config.limit] if config.limit is not None else clips
     target_frames = encoder.target_frames if encoder is not None else TARGET_FRAMES
 
     def dataset_for(mine):
@@ -51,18 +53,18 @@ def main(argv: list[str] | None = None) -> int:
 
     options = config.decoding()
     decoding = config_to_dict(options)
-    records = caption_clips(
-        captioner,
-        clips,
-        dataset_for,
-        lambda batch: models.block(batch_features(batch, context.device), batch.get("pixels")),
-        options,
-        out,
-        context,
-        config.batch_size,
-        config.num_workers,
-        extra=lambda clip: {"modality": config.modality, "decoding": decoding},
-    )
+
+    def make_block(batch):
+        return models.block(batch_features(batch, context.device), batch.get("pixels"))
+
+    def extra(clip):
+        return {"modality": config.modality, "decoding": decoding}
+
+    work = (make_block, options, out, context, config.batch_size, config.num_workers, extra)
+    if index is not None:
+        records = caption_shards(captioner, index, dataset_for(()), *work, limit=config.limit)
+    else:
+        records = caption_clips(captioner, clips, dataset_for, *work)
     if context.is_main:
         finish(config, stage, clips, records)
         remove_parts(out, context.world_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
-from dali.clip_captioning import caption_clips, remove_parts, write_captions
+from dali.clip_captioning import caption_clips, caption_shards, remove_parts, write_captions
 from dali.command_configs import PseudoLabelConfig
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
@@ -19,12 +19,13 @@ from dali.logs import log
 from dali.run import Run, captioning_stages
 from dali.runs import stage_main
 from dali.stage_table import PSEUDO_LABEL
-from dali.stages.common import open_stage, start_captioning, start_stage
+from dali.stages.common import open_stage, read_stage_shards, start_captioning, start_stage
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(PseudoLabelConfig, argv)
+    index = read_stage_shards(config.clips, config.frame_index, config.shuffle)  # None: a clip list
     run = Run.of(config)
     stage = open_stage(config, context, PSEUDO_LABEL)
     out = stage.path
@@ -32,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     config, models = start_captioning(config, context, stage, run, uses, clips=config.clips)
     captioner, encoder = models.captioner, models.encoder
 
-    clips = read_cavmae_json(config.clips, config.data_root)
-    if config.shuffle:
-        clips = clips.shuffled(config.seed)
-    if config.limit is not None:
-        clips = clips[: config.limit]
+    if index is None:
+        clips = read_cavmae_json(config.clips, config.data_root)
+        if config.shuffle:
+            clips = clips.shuffled(config.seed)
+        if config.limit is not None:
+            clips = clips[: config.limit]
 
     def dataset_for(mine):
         return ClipDataset(
@@ -51,19 +53,20 @@ def main(argv: list[str] | None = None) -> int:
             front_end=encoder.front_end,
         )
 
-    records = caption_clips(
-        captioner,
-        clips,
-        dataset_for,
-        lambda batch: models.block(batch_features(batch, context.device), batch["pixels"]),
-        config.decoding(),
-        out,
-        context,
-        config.batch_size,
-        config.num_workers,
+    def make_block(batch):
+        return models.block(batch_features(batch, context.device), batch["pixels"])
+
+    def extra(clip):
+        if clip.shard is not None:  # where distillation reads it
+            return {"shard": clip.shard, "key": clip.key}
         # absolute: the records are read from wherever distillation runs
-        extra=lambda clip: {"audio": _absolute(clip.audio), "image": _absolute(clip.frame_path(config.frame_index))},
-    )
+        return {"audio": _absolute(clip.audio), "image": _absolute(clip.frame_path(config.frame_index))}
+
+    work = (make_block, config.decoding(), out, context, config.batch_size, config.num_workers, extra)
+    if index is not None:
+        records = caption_shards(captioner, index, dataset_for(()), *work, limit=config.limit)
+    else:
+        records = caption_clips(captioner, clips, dataset_for, *work)
 
     if context.is_main:
         skipped: list[dict] = []  # unusable clips and empty captions, beside the captions streamed to disk

@@ -46,7 +46,7 @@ def jobs_of(args: PrepareConfig, out: Path) -> list[tuple]:
 
 def inputs_key(jobs: list[tuple], args: PrepareConfig, seconds: float) -> str:
     """What a shard was made from: the inputs in order and every setting that shapes a sample."""
-    digest = hashlib.sha256(json.dumps([seconds, list(args.shard_frames), args.shard_mb]).encode())
+    digest = hashlib.sha256(json.dumps([seconds, list(args.shard_frames), args.shard_mb, args.shard_samples]).encode())
     for kind, item in jobs:
         digest.update(f"{kind}\0{item.id + chr(0) + str(item.audio) if kind == 'clip' else item}\n".encode())
     return digest.hexdigest()
@@ -106,7 +106,7 @@ def write_shards(args: PrepareConfig, out: Path) -> int:
         stream = _samples(bar, state)
         while True:
             position = sum(line["shard"]["samples"] for line in done if line["shard"])
-            shard = write_shard(out / shard_name(len(done)), stream, position, args.shard_mb << 20)
+            shard = write_shard(out / shard_name(len(done)), stream, position, args.shard_mb << 20, args.shard_samples)
             if shard is None and not state["failed"]:
                 break
             line = {"inputs": key, "shard": vars(shard) if shard else None, "next_input": state["consumed"]}

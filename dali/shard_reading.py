@@ -1,0 +1,111 @@
+"""Reading an indexed set of shards in a stage: its samples split among processes and loader workers, in batches
+of fixed positions (so that work resumes batch by batch and sampled captions keep their seeds).
+
+Each process takes one contiguous range of the set's positions, equal to within a sample whatever the shard count,
+cut at shard boundaries into :class:`Piece` s: whole shards, and at most two partial ones at the range's ends (read
+from their start, the samples before the range skipped unread). Its loader workers take its pieces in turn, so a
+worker reads whole shards, sequentially, as WebDataset is meant to be read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from dali.data import BadClip, collate
+from dali.shards import SampleProblem, ShardIndex, read_samples
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``start`` to ``stop`` (excluded) of shard ``shard``, at set positions ``offset + start`` on."""
+
+    shard: int
+    start: int
+    stop: int
+    offset: int  # the shard's first position in the set
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        """The name of the file of its results: the same piece has the same name in a resumed run."""
+        return f"piece-{self.shard:06d}-{self.start:07d}-{self.stop:07d}.jsonl"
+
+    def position(self, index: int) -> int:
+        """The set position of the piece's ``index``-th sample."""
+        return self.offset + self.start + index
+
+
+def rank_pieces(index: ShardIndex, rank: int, world_size: int, limit: int | None = None) -> list[Piece]:
+    """This rank's pieces: positions ``[rank * N / W, (rank + 1) * N / W)`` of the set's first ``N`` (``limit``)."""
+    total = index.samples if limit is None else min(limit, index.samples)
+    first, last = rank * total // world_size, (rank + 1) * total // world_size
+    pieces = []
+    for number, (shard, offset) in enumerate(zip(index.shards, index.offsets)):
+        start, stop = max(first, offset), min(last, offset + shard.samples)
+        if start < stop:
+            pieces.append(Piece(number, start - offset, stop - offset, offset))
+    return pieces
+
+
+class PieceBatches(torch.utils.data.IterableDataset):
+    """Collated batches of pieces' samples, each ``batch_size`` positions of one piece from where it resumes
+    (``todo``: (piece, samples already done)); loader worker ``w`` of ``n`` reads pieces ``w, w + n, ...``.
+
+    ``make_item(clip, index)`` builds a sample's item (``ClipDataset.item``). A sample its shard cannot give (a
+    corrupt member, a truncated tar: :class:`SampleProblem`) is a :class:`BadClip` naming its shard and key. Each
+    batch carries ``piece``, ``start`` (its first index in the piece) and ``end`` (whether it is the piece's last).
+    """
+
+    def __init__(self, index: ShardIndex, todo: list[tuple[Piece, int]], batch_size: int, make_item: Callable):
+        self.index, self.todo, self.batch_size, self.make_item = index, todo, batch_size, make_item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for piece, done in self.todo[worker::workers]:
+            yield from self._batches(piece, done)
+
+    def _batches(self, piece: Piece, done: int) -> Iterator[dict[str, Any]]:
+        items, start = [], done
+        for index, item in self._items(piece, done):
+            items.append(item)
+            if len(items) == self.batch_size or index == piece.size - 1:
+                batch = collate(items)
+                yield batch | {"piece": piece, "start": start, "end": index == piece.size - 1}
+                items, start = [], index + 1
+
+    def _items(self, piece: Piece, done: int) -> Iterator[tuple[int, Any]]:
+        """(index in the piece, item) for each sample from ``done`` on; every index gets one."""
+        url = self.index.url(piece.shard)
+        samples = read_samples(url)
+        index, ended = done, None
+        for number, sample in enumerate(samples):
+            if isinstance(sample, SampleProblem) and sample.key is None:
+                ended = sample.reason  # the shard ends here: the rest are missing
+                break
+            if number >= piece.stop:
+                break
+            if number < piece.start + done:
+                continue  # before the range, or done before a kill: skipped unread
+            index = number - piece.start
+            if isinstance(sample, SampleProblem):
+                yield index, self._bad(url, sample.key, sample.reason, index)
+            else:
+                yield index, self.make_item(sample, index)
+            index += 1
+        else:
+            ended = "the shard holds fewer samples than its index says"
+        samples.close()
+        for missing in range(index, piece.size):
+            yield missing, self._bad(url, None, ended or "", missing)
+
+    @staticmethod
+    def _bad(url: str, key: str | None, reason: str, index: int) -> BadClip:
+        where = f"{url}#{key}" if key is not None else url
+        return BadClip(id=key or "", path=where, reason=reason, index=index, shard=url, key=key)
