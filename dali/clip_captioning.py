@@ -126,7 +126,7 @@ def caption_shards(
         log.info(
             "rank %d: resuming, %d of %d pieces of shards whole", context.rank, len(pieces) - len(todo), len(pieces)
         )
-    reader = PieceBatches(index, todo, batch_size, dataset.item)
+    reader = PieceBatches(index, todo, batch_size, dataset)
     loader = torch.utils.data.DataLoader(
         reader,
         batch_size=None,

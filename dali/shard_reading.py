@@ -10,11 +10,11 @@ worker reads whole shards, sequentially, as WebDataset is meant to be read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from dali.data import BadClip, collate
+from dali.data import BadClip, ClipDataset, ClipError, collate
 from dali.shards import SampleProblem, ShardIndex, read_samples
 
 
@@ -57,13 +57,14 @@ class PieceBatches(torch.utils.data.IterableDataset):
     """Collated batches of pieces' samples, each ``batch_size`` positions of one piece from where it resumes
     (``todo``: (piece, samples already done)); loader worker ``w`` of ``n`` reads pieces ``w, w + n, ...``.
 
-    ``make_item(clip, index)`` builds a sample's item (``ClipDataset.item``). A sample its shard cannot give (a
-    corrupt member, a truncated tar: :class:`SampleProblem`) is a :class:`BadClip` naming its shard and key. Each
-    batch carries ``piece``, ``start`` (its first index in the piece) and ``end`` (whether it is the piece's last).
+    ``dataset`` builds a sample's item (:meth:`ClipDataset.item`). A sample its shard cannot give (a corrupt member,
+    a truncated tar: :class:`SampleProblem`) is a :class:`BadClip` naming its shard and key, or stops the reading
+    with a :class:`ClipError` under the dataset's ``on_error="stop"``. Each batch carries ``piece``, ``start`` (its
+    first index in the piece) and ``end`` (whether it is the piece's last).
     """
 
-    def __init__(self, index: ShardIndex, todo: list[tuple[Piece, int]], batch_size: int, make_item: Callable):
-        self.index, self.todo, self.batch_size, self.make_item = index, todo, batch_size, make_item
+    def __init__(self, index: ShardIndex, todo: list[tuple[Piece, int]], batch_size: int, dataset: ClipDataset):
+        self.index, self.todo, self.batch_size, self.dataset = index, todo, batch_size, dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -97,7 +98,7 @@ class PieceBatches(torch.utils.data.IterableDataset):
             if isinstance(sample, SampleProblem):
                 yield index, self._bad(url, sample.key, sample.reason, index)
             else:
-                yield index, self.make_item(sample, index)
+                yield index, self.dataset.item(sample, index)
             index += 1
         else:
             ended = "the shard holds fewer samples than its index says"
@@ -105,7 +106,8 @@ class PieceBatches(torch.utils.data.IterableDataset):
         for missing in range(index, piece.size):
             yield missing, self._bad(url, None, ended or "", missing)
 
-    @staticmethod
-    def _bad(url: str, key: str | None, reason: str, index: int) -> BadClip:
+    def _bad(self, url: str, key: str | None, reason: str, index: int) -> BadClip:
         where = f"{url}#{key}" if key is not None else url
+        if self.dataset.on_error == "stop":
+            raise ClipError(key or "", where, reason)
         return BadClip(id=key or "", path=where, reason=reason, index=index, shard=url, key=key)

@@ -183,6 +183,8 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_by_shard_and_key(quick
     lost = [record for record in skipped if record["key"] is None]
     assert lost and all(r["shard"] == str(second) and "ends early" in r["reason"] for r in lost)
     assert len(captions) + len(skipped) == 12 and {r["key"] for r in captions}.isdisjoint(by_key)
+    with pytest.raises(ClipError, match="000000002"):
+        _pseudo_label(flags, index.path, tmp_path / "stop", "--limit", "12", "--num-workers", "0", "--on-error", "stop")
     with pytest.raises(ConfigError, match="hold frames \\[5\\]"):
         _pseudo_label(flags, index.path, tmp_path / "frame3", "--frame-index", "3")
     with pytest.raises(ConfigError, match="--shuffle"):
