@@ -13,6 +13,7 @@ Relative paths are resolved against a data root (by default the folder of the li
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -347,6 +348,8 @@ def _load_json(path: Path) -> Any:
 
 # -- loading one clip -------------------------------------------------------------------------------------
 def load_frame(clip: Clip, frame_index: int = DEFAULT_FRAME_INDEX) -> Image.Image:
+    if clip.shard is not None and clip.media is None:
+        clip = read_shard_clip(clip)
     if clip.media is not None:
         path, data = clip.where, clip.media.get(f"frame_{frame_index}.jpg")
         if data is None:
@@ -374,6 +377,8 @@ def load_frame(clip: Clip, frame_index: int = DEFAULT_FRAME_INDEX) -> Image.Imag
 
 
 def load_clip_audio(clip: Clip) -> torch.Tensor:
+    if clip.shard is not None and clip.media is None:
+        clip = read_shard_clip(clip)
     if clip.media is not None:
         data = clip.media.get(AUDIO_EXTENSION)
         if data is None:
@@ -388,6 +393,22 @@ def load_clip_audio(clip: Clip) -> torch.Tensor:
         return load_audio(clip.audio)
     except AudioLoadError as error:
         raise ClipError(clip.id, clip.audio, error.reason) from None
+
+
+_LOCATOR = None  # this process's SampleLocator (a loader worker forked from the stage starts with its copy)
+
+
+def read_shard_clip(clip: Clip) -> Clip:
+    """A clip that names its shard and key (a set's sample taken in any order, a pseudo-caption read from a set),
+    with its members read where its sample starts. Raises ClipError."""
+    from dali.shards import SampleLocator, SampleProblem
+
+    global _LOCATOR
+    _LOCATOR = _LOCATOR or SampleLocator()
+    sample = _LOCATOR.read(clip.shard, clip.key)
+    if isinstance(sample, SampleProblem):
+        raise ClipError(clip.id, clip.where, sample.reason)
+    return dataclasses.replace(sample, captions=clip.captions)
 
 
 def clip_features(clip: Clip, target_frames: int, front_end=None) -> torch.Tensor:
@@ -526,6 +547,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def item(self, clip: Clip, index: int) -> dict[str, Any] | BadClip:
         """What the loader yields for ``clip`` (of this list or read from a shard) at ``index``."""
         try:
+            if clip.shard is not None and clip.media is None:
+                clip = read_shard_clip(clip)
             item: dict[str, Any] = {"index": index, "id": clip.id}
             if clip.shard is not None:
                 item |= {"shard": clip.shard, "key": clip.key}

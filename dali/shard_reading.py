@@ -9,13 +9,18 @@ worker reads whole shards, sequentially, as WebDataset is meant to be read.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from dali.data import BadClip, ClipDataset, ClipError, collate
-from dali.shards import SampleProblem, ShardIndex, read_samples
+from dali.clip_list import Clip
+from dali.data import BadClip, ClipDataset, ClipError, collate, read_cavmae_json
+from dali.flags import ConfigError
+from dali.shards import SampleProblem, ShardIndex, is_shard_index, read_samples, read_shard_index, sample_key
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,43 @@ class PieceBatches(torch.utils.data.IterableDataset):
         if self.dataset.on_error == "stop":
             raise ClipError(key or "", where, reason)
         return BadClip(id=key or "", path=where, reason=reason, index=index, shard=url, key=key)
+
+
+class ShardedClips(Sequence[Clip]):
+    """A set in shards as a list of clips, for the stages that take clips in any order (the training stages): clip
+    ``i`` names the shard and key of position ``i``, and its members are read when a loader asks for it, where its
+    sample starts (:func:`dali.data.read_shard_clip`). Slices are views, as a :class:`ClipList`'s."""
+
+    def __init__(self, index: ShardIndex, positions: Sequence[int] | None = None):
+        self.index = index
+        self._positions = range(index.samples) if positions is None else positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, item):  # type: ignore[override]
+        if isinstance(item, slice):
+            return ShardedClips(self.index, self._positions[item])
+        position = self._positions[item]
+        shard = bisect.bisect_right(self.index.offsets, position) - 1
+        key = sample_key(position)
+        return Clip(id=key, shard=self.index.url(shard), key=key)
+
+
+def read_clip_source(path: str | Path, root: str | Path | None, frame_index: int | None) -> Sequence[Clip]:
+    """The clips a training stage's list flag names: a CAV-MAE list, or a set in shards (its frame checked)."""
+    index = read_stage_shards(str(path), frame_index)
+    return ShardedClips(index) if index is not None else read_cavmae_json(path, root)
+
+
+def read_stage_shards(path: str, frame_index: int | None, shuffle: bool = False) -> ShardIndex | None:
+    """The shard index a stage's clip list flag names (None for a clip list), checked against the stage's flags:
+    a frame the samples hold, and no --shuffle (a set in shards is read in its order, shard by shard)."""
+    if not is_shard_index(path):
+        return None
+    index = read_shard_index(path)
+    if shuffle:
+        raise ConfigError(f"--shuffle reorders a clip list; '{path}' is a set in shards, read in its order")
+    if frame_index is not None and frame_index not in index.frames:
+        raise ConfigError(f"--frame-index {frame_index}: the samples of '{path}' hold frames {list(index.frames)}")
+    return index

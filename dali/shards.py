@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from dali.clip_list import Clip
 from dali.constants import NUM_FRAMES
 from dali.errors import DaliError
@@ -250,16 +252,25 @@ def read_samples(url: str) -> Iterator[Clip | SampleProblem]:
     tar ends the shard with one problem naming the last key read.
     """
     from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext
 
     try:
         stream = gopen(url, "rb")
     except Exception as error:
         yield SampleProblem(None, f"cannot open the shard ({type(error).__name__}: {error})")
         return
+    try:
+        yield from _samples_in(stream, url, "r|*")
+    finally:
+        stream.close()
+
+
+def _samples_in(stream, url: str, mode: str) -> Iterator[Clip | SampleProblem]:
+    """The samples of a tar stream from where it stands (see :func:`read_samples`)."""
+    from webdataset.tariterators import base_plus_ext
+
     key, members, problem, last = None, {}, None, None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode=mode) as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -280,8 +291,61 @@ def read_samples(url: str) -> Iterator[Clip | SampleProblem]:
     except (tarfile.TarError, OSError, EOFError) as error:
         after = f" after sample {last}" if last is not None else ""
         yield SampleProblem(None, f"the shard ends early or is corrupt{after}: {type(error).__name__}: {error}")
-    finally:
-        stream.close()
+
+
+# -- reading one sample where it starts ---------------------------------------------------------------------
+class SampleLocator:
+    """Where each sample of a shard starts, for the stages that read samples in any order (training): found once
+    per shard and process by a walk over the tar's headers (no member is read), kept as two arrays (8 bytes a
+    sample each). A shard must then be a file (a path on a shared filesystem), not a stream."""
+
+    def __init__(self):
+        self._shards: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def read(self, url: str, key: str) -> Clip | SampleProblem:
+        """The sample ``key`` of shard ``url``, read where it starts."""
+        keys, starts = self._shards.get(url) or self._shards.setdefault(url, _sample_starts(url))
+        number = _key_number(key)
+        found = int(np.searchsorted(keys, number)) if number is not None else len(keys)
+        if found == len(keys) or keys[found] != number:
+            return SampleProblem(key, f"the shard holds no sample '{key}'")
+        with open(url, "rb") as stream:
+            stream.seek(int(starts[found]))
+            sample = next(_samples_in(stream, url, "r|"), None)
+        if isinstance(sample, Clip) and sample.key != key:
+            return SampleProblem(key, f"the shard changed since it was read: sample '{sample.key}' is where it was")
+        return sample if sample is not None else SampleProblem(key, "the shard ends before it")
+
+
+def _key_number(key: str) -> int | None:
+    return int(key) if key.isascii() and key.isdigit() and len(key) < 19 else None
+
+
+def _sample_starts(url: str) -> tuple[np.ndarray, np.ndarray]:
+    """(keys as numbers, ascending; the byte offset of each one's first member) of a shard that is a file."""
+    from webdataset.tariterators import base_plus_ext
+
+    if "://" in url or url.startswith("pipe:"):
+        raise ShardError(
+            f"'{url}': samples are read where they start only from a file (copy the shards to a filesystem)"
+        )
+    keys, starts, last = [], [], None
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for info in tar:
+                prefix, _ = base_plus_ext(info.name)
+                if prefix is not None and prefix != last:
+                    number = _key_number(prefix)
+                    if number is None or (keys and number <= keys[-1]) or len(keys) >= MAX_SHARD_SAMPLES:
+                        raise ShardError(f"'{url}' is not a shard of dali prepare (sample key '{prefix}')")
+                    keys.append(number)
+                    starts.append(info.offset)
+                    last = prefix
+                tar.members = []  # the walk keeps nothing it has passed
+    except (tarfile.TarError, OSError, EOFError) as error:
+        if not keys:
+            raise ShardError(f"cannot read shard '{url}': {type(error).__name__}: {error}") from None
+    return np.asarray(keys, dtype=np.int64), np.asarray(starts, dtype=np.int64)
 
 
 def _sample(key: str, members: dict[str, bytes], url: str) -> Clip | SampleProblem:

@@ -251,3 +251,55 @@ def test_killed_sharded_pseudo_labelling_resumes_to_each_sample_captioned_once(q
     whole, resumed = (read_jsonl(folder / "pseudo_captions.jsonl") for folder in (tmp_path / "whole", killed))
     keys = [f"{n:09d}" for n in range(index.samples)]  # the index's samples, each once
     assert [r["key"] for r in resumed] == keys and resumed == whole, f"killed after {threshold} records"
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_alignment_and_distillation_train_from_shards_as_from_the_lists(quick_run, synthetic, tmp_path):
+    """The training stages take samples in any order: each is read where it starts in its shard."""
+    from helpers import tiny_encoder_flags
+
+    from dali.stages import align, distill
+
+    world, flags = quick_run
+    _, llava = synthetic
+    shards = _pack(world, tmp_path / "align_shards", "--shard-samples", "10", clips="align.json")
+    base = [*tiny_encoder_flags(world, llava), "--epochs", "1", "--batch-size", "8", "--num-workers", "2"]
+    assert align.main([*base, "--out", str(tmp_path / "align_list")]) == 0
+    swapped = [str(shards.path) if arg == str(world / "align.json") else arg for arg in base]
+    assert align.main([*swapped, "--out", str(tmp_path / "align_shards_run")]) == 0
+    listed, sharded = (
+        _tensors(tmp_path / name / "audio_encoder.safetensors") for name in ("align_list", "align_shards_run")
+    )
+    assert listed.keys() == sharded.keys() and all(torch.equal(listed[k], sharded[k]) for k in listed)
+
+    index = _pack(world, tmp_path / "pseudo_shards", "--shard-samples", "4")
+    _pseudo_label(flags, world / "pseudo.json", tmp_path / "pseudo_list", "--num-workers", "0")
+    _pseudo_label(flags, index.path, tmp_path / "pseudo_shards_run", "--num-workers", "0")
+    align_dir = flags[flags.index("--align-dir") + 1]
+    common = [
+        "--llava",
+        str(llava),
+        "--align-dir",
+        align_dir,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "2",
+    ]
+    for name in ("list", "shards_run"):
+        assert (
+            distill.main(
+                [*common, "--pseudo-dir", str(tmp_path / f"pseudo_{name}"), "--out", str(tmp_path / f"d_{name}")]
+            )
+            == 0
+        )
+    listed, sharded = (_tensors(tmp_path / f"d_{name}" / "projector.safetensors") for name in ("list", "shards_run"))
+    assert all(torch.equal(listed[k], sharded[k]) for k in listed)
+    assert not read_jsonl(tmp_path / "d_shards_run" / "skipped.jsonl")

@@ -19,7 +19,7 @@ from dali import distributed
 from dali.artifacts import ENCODER_FILE, SKIPPED_FILE, TOKEN_WEIGHTS_FILE
 from dali.captioning import DTYPES
 from dali.command_configs import AlignConfig
-from dali.data import Clip, ClipDataset, collate, read_cavmae_json
+from dali.data import Clip, ClipDataset, collate
 from dali.files import atomic_write
 from dali.flags import ConfigError, config_to_dict
 from dali.jsonl import atomic_write_jsonl
@@ -30,6 +30,7 @@ from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig, load_audio_enc
 from dali.models.vision_tower import VisionTower
 from dali.progress import progress
 from dali.runs import Stage, stage_main
+from dali.shard_reading import read_clip_source
 from dali.stage_table import ALIGN
 from dali.stages.common import open_stage, print_config, start_stage
 from dali.training import Training, epoch_share
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = open_stage(config, context, ALIGN)
     out = stage.path
     alignment = Alignment(config, context, out, *load_models(config, context.device))
-    train_clips = read_cavmae_json(config.train_list, config.data_root)
-    val_clips = read_cavmae_json(config.val_list, config.data_root) if config.val_list else []
+    train_clips = read_clip_source(config.train_list, config.data_root, config.frame_index)  # a list, or shards
+    val_clips = read_clip_source(config.val_list, config.data_root, config.frame_index) if config.val_list else []
     if context.is_main:  # inputs and models loaded: only now may an --overwrite replace the old run
         record_inputs(stage, config)
     distributed.broadcast_parameters(alignment.encoder, *([alignment.scorers] if alignment.scorers is not None else []))

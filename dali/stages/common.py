@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 from dali import distributed
-from dali.flags import ConfigError, config_to_dict, parse_config
+from dali.flags import config_to_dict, parse_config
 from dali.logs import log, setup_logging
 from dali.run import Run
 from dali.runs import Stage
@@ -19,7 +19,6 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from dali.captioning import CaptioningModels
-    from dali.shards import ShardIndex
 
 
 def start_captioning(
@@ -75,18 +74,3 @@ def open_stage(config: Any, context: distributed.Context, row: StageRow, folder:
 def print_config(name: str, config: Any) -> None:
     lines = [f"{name} config:"] + [f"  {key}: {value}" for key, value in config_to_dict(config).items()]
     log.info("\n".join(lines))
-
-
-def read_stage_shards(path: str, frame_index: int | None, shuffle: bool = False) -> "ShardIndex | None":
-    """The shard index a stage's clip list flag names (None for a clip list), checked against the stage's flags:
-    a frame the samples hold, and no --shuffle (a set in shards is read in its order, shard by shard)."""
-    from dali.shards import is_shard_index, read_shard_index
-
-    if not is_shard_index(path):
-        return None
-    index = read_shard_index(path)
-    if shuffle:
-        raise ConfigError(f"--shuffle reorders a clip list; '{path}' is a set in shards, read in its order")
-    if frame_index is not None and frame_index not in index.frames:
-        raise ConfigError(f"--frame-index {frame_index}: the samples of '{path}' hold frames {list(index.frames)}")
-    return index

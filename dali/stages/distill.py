@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_setting("conv_mode", captioner.conv_mode)  # the prompt the projector learns to caption under
         stage.add_input("align_dir", align_dir)
         stage.add_input("pseudo_dir", pseudo_dir)
-    clips = [Clip(id=record["id"], audio=Path(record["audio"]), captions=[record["caption"]]) for record in records]
+    clips = [clip_of(record) for record in records]
     dataset = ClipDataset(
         clips,
         need_audio=True,
@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("distilled projector written to %s", out / PROJECTOR_FILE)
     distributed.teardown()
     return 0
+
+
+def clip_of(record: dict) -> Clip:
+    """A pseudo-caption's clip: its audio file, or its shard and key (a set in shards)."""
+    if "shard" in record:
+        return Clip(id=record["id"], shard=record["shard"], key=record["key"], captions=[record["caption"]])
+    return Clip(id=record["id"], audio=Path(record["audio"]), captions=[record["caption"]])
 
 
 def train_projector(config, captioner, projector, tokens, clips, train, held_out, stage, context) -> dict:

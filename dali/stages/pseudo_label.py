@@ -18,8 +18,9 @@ from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.run import Run, captioning_stages
 from dali.runs import stage_main
+from dali.shard_reading import read_stage_shards
 from dali.stage_table import PSEUDO_LABEL
-from dali.stages.common import open_stage, read_stage_shards, start_captioning, start_stage
+from dali.stages.common import open_stage, start_captioning, start_stage
 
 
 @stage_main
