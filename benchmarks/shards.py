@@ -6,16 +6,18 @@
 Each sample is what `dali prepare --shards` writes (1 s of 16 kHz flac, one 224 x 224 JPEG frame, its record); the
 clip count is AudioSet's order, the clips are short. The first two shards' clips are also written as loose files
 (wav + JPEG + a CAV-MAE list). Each figure comes from a fresh process:
-- the index: seconds to read it and the process's peak memory over a bare interpreter's with dali imported;
+- the index: seconds to read it and the memory a process holding it has over one with dali imported (resident,
+  after), for this set and for an index of AudioSet's 2,000,000 clips in 1 GB shards (1,000 entries);
 - time to the first batch of a stage's reader (index read, this rank's pieces, the first shard opened, one batch
   of fbank features and frame pixels), for rank 0 of 1 and of 32;
 - read rate per CPU core (one process, no loader workers), on the same clips: samples/s read as bytes (two shards'
-  clips), and read and turned into batches of the stages' inputs (the first 512: fbank + pixels), from the shards
-  and from loose files;
+  clips: in order, and in a random order as the training stages read them, each where it starts), and read and
+  turned into batches of the stages' inputs (the first 512: fbank + pixels), from the shards and from loose files;
 - after a kill half-way through pseudo-labelling (every piece's file written up to a random batch): the resumed
   run's bookkeeping (each piece's file checked, the batches left found), then the final merge of every piece into
-  pseudo_captions.jsonl; seconds and peak memory.
-The page cache is warm for every reader (the files were just written), as on a node that reads a set twice.
+  pseudo_captions.jsonl; seconds and memory.
+Memory is resident memory over the imports'. The page cache is warm for every reader (the files were just
+written), as on a node that reads a set twice.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import report  # noqa: E402
 
-PEAK = "import resource; peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
+# resident memory now (the peak would keep the imports' transient high-water mark)
+RSS = "rss = lambda: next(int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS'))"
 BATCH = 64
 
 
@@ -92,11 +95,20 @@ def write_loose(index_path: Path, folder: Path, shards: int) -> Path:
     return folder / "list.json"
 
 
+def audioset_index(path: Path, samples: int = 2_000_000, shards: int = 1_000) -> Path:
+    """An index (only) of AudioSet's size: ``shards`` entries of ``samples / shards`` samples."""
+    from dali.shards import Shard, ShardIndex
+
+    entries = [Shard(f"shard-{k:06d}.tar", samples // shards, 1 << 30, f"{k:064x}") for k in range(shards)]
+    path.write_text(json.dumps(ShardIndex(path, entries, (5,)).as_json()))
+    return path
+
+
 def measured(code: str, **values) -> dict:
     """Run ``code`` in a fresh interpreter (dali imported first); it sets ``result`` (a dict), printed back."""
     setup = "".join(f"{name} = {value!r}\n" for name, value in values.items())
-    script = f"{PEAK}\nimport json, time\nimport dali.data, dali.shard_reading, torch\nbase = peak()\n{setup}{code}\n"
-    script += "result['peak_mb_over_imports'] = round(peak() - base)\nprint(json.dumps(result))"
+    script = f"{RSS}\nimport json, time\nimport dali.data, dali.shard_reading, torch\nbase = rss()\n{setup}{code}\n"
+    script += "result['rss_mb_over_imports'] = round(rss() - base, 1)\nprint(json.dumps(result))"
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if output.returncode:
         raise SystemExit(output.stderr[-3000:])
@@ -134,6 +146,14 @@ result = {"samples": count}
 start = time.perf_counter()
 if WHAT == "shards, bytes":
     n = sum(1 for k in range(SHARDS) for _ in read_samples(index.url(k)))
+elif WHAT == "shards in any order, bytes":  # the training stages' reads: each sample where it starts
+    from dali.data import read_shard_clip
+    from dali.shard_reading import ShardedClips
+    import random
+    clips = ShardedClips(index)[: index.offsets[SHARDS]]
+    order = list(range(len(clips)))
+    random.Random(0).shuffle(order)
+    n = sum(read_shard_clip(clips[i]).media is not None for i in order)
 elif WHAT == "loose, bytes":
     n = sum(len(c.audio.read_bytes()) + len(c.frame_path(5).read_bytes()) > 0 for c in dataset.clips)
 elif WHAT == "shards, decoded":
@@ -163,6 +183,9 @@ if MERGE:
     result["merged"] = write_captions(merged_pieces(out, index, 1), out / "pseudo_captions.jsonl", [])
     result["merge_s"] = round(time.perf_counter() - start, 2)
 """
+
+
+READS = ("shards, bytes", "shards in any order, bytes", "loose, bytes", "shards, decoded", "loose, decoded")
 
 
 def killed_half_way(index_path: Path, out: Path, whole: bool) -> None:
@@ -202,6 +225,7 @@ def main() -> None:
         result = {"samples": args.samples, "per_shard": args.per_shard, "shards_gb": round(gigabytes, 2)}
         result["write_s"] = round(written, 1)
         result["index"] = measured(INDEX, PATH=str(index))
+        result["index_2m_clips"] = measured(INDEX, PATH=str(audioset_index(folder / "audioset.json")))
         pixels = PIXELS.replace("np.", "__import__('numpy').")
         common = {"PATH": str(index), "BATCH": BATCH}
         result["first_batch"] = {
@@ -209,7 +233,7 @@ def main() -> None:
         }
         result["read_rate_one_core"] = {
             what: measured(RATE.replace("PIXELS", pixels), WHAT=what, LIST=str(listed), SHARDS=2, DECODED=512, **common)
-            for what in ("shards, bytes", "loose, bytes", "shards, decoded", "loose, decoded")
+            for what in READS
         }
         killed_half_way(index, folder / "killed", whole=False)
         result["after_a_kill"] = measured(RESUME, OUT=str(folder / "killed"), MERGE=False, PATH=str(index))

@@ -27,17 +27,40 @@ def part_file(out: Path, rank: int) -> Path:
     return out / f"part-{rank:03d}.jsonl"
 
 
+@dataclasses.dataclass
+class CaptionJob:
+    """What the captioning stages caption with, and where: the captioner, the block a batch becomes, decoding, the
+    stage folder, this process, batches and loader workers, and what each record adds about its clip."""
+
+    captioner: Captioner
+    make_block: Callable[[dict], torch.Tensor]
+    options: DecodingOptions
+    out: Path
+    context: distributed.Context
+    batch_size: int
+    num_workers: int
+    extra: Callable[[Clip], dict] = lambda clip: {}
+
+    def records(self, batch: dict, position: Callable[[int], int], first: int, clip_at) -> list[dict]:
+        """A batch's records, in input order, each with its position in the whole list or set (for the merge);
+        the batch's seed is its first position's (``first``), so a resumed run samples as an uninterrupted one."""
+        records = [item.as_record() | {"skipped": True, "position": position(item.index)} for item in batch["bad"]]
+        for item in batch["bad"]:
+            log.warning("skipped clip %s: %s (%s)", item.id, item.reason, item.path)
+        if len(batch["index"]):
+            with torch.no_grad():
+                block = self.make_block(batch)
+            seeded = dataclasses.replace(self.options, seed=self.options.seed + position(first))
+            for row, (index, caption) in enumerate(
+                zip(batch["index"].tolist(), self.captioner.generate(block, seeded))
+            ):
+                clip = clip_at(index, row)
+                records.append({"id": clip.id, "caption": caption, **self.extra(clip), "position": position(index)})
+        return sorted(records, key=lambda record: record["position"])
+
+
 def caption_clips(
-    captioner: Captioner,
-    clips: Sequence[Clip],
-    dataset_for: Callable[[Sequence[Clip]], ClipDataset],
-    make_block: Callable[[dict], torch.Tensor],
-    options: DecodingOptions,
-    out: Path,
-    context: distributed.Context,
-    batch_size: int,
-    num_workers: int,
-    extra: Callable[[Clip], dict] = lambda clip: {},
+    job: CaptionJob, clips: Sequence[Clip], dataset_for: Callable[[Sequence[Clip]], ClipDataset]
 ) -> Iterator[dict]:
     """Caption this rank's share of ``clips``, appending to its part file; on rank 0, then merge every rank's part.
 
@@ -52,6 +75,7 @@ def caption_clips(
     # Rank 0 has opened the stage folder (an --overwrite moves the old run aside on its first write): no rank
     # may read or write a part before that, or its part would be moved aside with the old run.
     distributed.barrier()
+    out, context, batch_size = job.out, job.context, job.batch_size
     mine = distributed.shard(clips, context)  # interleaved: mine[i] is clips[rank + i * world_size]
 
     def position(index: int) -> int:
@@ -63,7 +87,7 @@ def caption_clips(
     todo = [chunk for chunk in chunks if chunk.start not in done]
     if done:
         log.info("rank %d: resuming, %d of %d batches already done", context.rank, len(done), len(chunks))
-    loader = _loader(dataset_for(mine), todo, num_workers, context.device)
+    loader = _loader(dataset_for(mine), todo, job.num_workers, context.device)
     metrics = MetricsLog(out / METRICS, enabled=context.is_main)
     with JsonlWriter(part) as writer:
         bar = progress(total=len(chunks), initial=len(done), unit="batch", desc=f"captioning (rank {context.rank})")
@@ -71,22 +95,11 @@ def caption_clips(
         for number, chunk in enumerate(todo, start=len(done) + 1):
             batch = next(batches)  # the time waited here is the loader's share
             started = time.perf_counter()
-            records = _batch_records(
-                captioner, batch, make_block, options, extra, position, chunk.start, lambda index, row: mine[index]
-            )
+            records = job.records(batch, position, chunk.start, lambda index, row: mine[index])
             captioned = time.perf_counter()
             writer.write(records)
-            if number == len(done) + 1:  # every rank's start, to see a straggler
-                log.info(
-                    "rank %d: first batch written: %.1f s waiting for the loader, %.1f s captioning (compiling)",
-                    *(context.rank, started - waited, captioned - started),
-                )
-            metrics.log(
-                batch=number,
-                clips=len(chunk),
-                loader_wait_s=round(started - waited, 4),
-                caption_s=round(captioned - started, 4),
-                write_s=round(time.perf_counter() - captioned, 4),
+            _log_batch(
+                metrics, context, number, number == len(done) + 1, (waited, started, captioned), clips=len(chunk)
             )
             waited = time.perf_counter()
             bar.update(1)
@@ -96,17 +109,7 @@ def caption_clips(
 
 
 def caption_shards(
-    captioner: Captioner,
-    index: ShardIndex,
-    dataset: ClipDataset,
-    make_block: Callable[[dict], torch.Tensor],
-    options: DecodingOptions,
-    out: Path,
-    context: distributed.Context,
-    batch_size: int,
-    num_workers: int,
-    extra: Callable[[Clip], dict] = lambda clip: {},
-    limit: int | None = None,
+    job: CaptionJob, index: ShardIndex, dataset: ClipDataset, limit: int | None = None
 ) -> Iterator[dict]:
     """:func:`caption_clips` for a set in shards (its first ``limit`` samples): this rank's pieces of it
     (``dali.shard_reading``), each captioned into its own file (``piece-<shard>-<start>-<stop>.jsonl``), batch by
@@ -119,6 +122,7 @@ def caption_shards(
         on rank 0, every sample's record in set order, streamed from the pieces' files; nothing on other ranks.
     """
     distributed.barrier()  # rank 0 has opened the stage folder (see caption_clips)
+    out, context, batch_size, num_workers = job.out, job.context, job.batch_size, job.num_workers
     pieces = rank_pieces(index, context.rank, context.world_size, limit)
     todo = [(piece, done) for piece in pieces if (done := _piece_done(out / piece.name, piece)) < piece.size]
     batches_of = [-(-(piece.size - done) // batch_size) for piece, done in todo]
@@ -140,21 +144,14 @@ def caption_shards(
     waited = time.perf_counter()
     for number, batch in enumerate(loader, start=1):
         piece, started = batch["piece"], time.perf_counter()
-        records = _batch_records(
-            captioner, batch, make_block, options, extra, piece.position, batch["start"], _sample_clip(batch)
-        )
+        records = job.records(batch, piece.position, batch["start"], _sample_clip(batch))
         captioned = time.perf_counter()
         writer = writers.get(piece) or writers.setdefault(piece, JsonlWriter(out / piece.name))
         writer.write(records)
         if batch["end"]:
             writers.pop(piece).close()
-        metrics.log(
-            batch=number,
-            clips=len(records),
-            shard=piece.shard,
-            loader_wait_s=round(started - waited, 4),
-            caption_s=round(captioned - started, 4),
-            write_s=round(time.perf_counter() - captioned, 4),
+        _log_batch(
+            metrics, context, number, number == 1, (waited, started, captioned), clips=len(records), shard=piece.shard
         )
         waited = time.perf_counter()
         bar.update(1)
@@ -197,6 +194,24 @@ def merged_pieces(out: Path, index: ShardIndex, world_size: int, limit: int | No
                 raise StageStateError(f"'{out / piece.name}' holds {count} of its {piece.size} samples")
 
 
+def _log_batch(metrics: MetricsLog, context, number: int, first: bool, times: tuple, **counts) -> None:
+    """A batch's metrics line: the time waited for the loader, spent captioning and writing (``times``: when the
+    wait began, captioning began and ended); a process's first batch is logged too, to see a straggler."""
+    waited, started, captioned = times
+    if first:
+        log.info(
+            "rank %d: first batch written: %.1f s waiting for the loader, %.1f s captioning (compiling)",
+            *(context.rank, started - waited, captioned - started),
+        )
+    metrics.log(
+        batch=number,
+        **counts,
+        loader_wait_s=round(started - waited, 4),
+        caption_s=round(captioned - started, 4),
+        write_s=round(time.perf_counter() - captioned, 4),
+    )
+
+
 def _loader(dataset: ClipDataset, chunks: list[range], workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset,
@@ -206,22 +221,6 @@ def _loader(dataset: ClipDataset, chunks: list[range], workers: int, device: tor
         pin_memory=device.type == "cuda",  # batches copied to the GPU without blocking the stage
         prefetch_factor=4 if workers else None,  # batches decoded ahead of the captioner
     )
-
-
-def _batch_records(captioner, batch: dict, make_block, options, extra, position, first: int, clip_at) -> list[dict]:
-    """A batch's records, in input order, each with its position in the whole list or set (for the merge); the
-    batch's seed is its first position's (``first``), so a resumed run samples as an uninterrupted one."""
-    records = [item.as_record() | {"skipped": True, "position": position(item.index)} for item in batch["bad"]]
-    for item in batch["bad"]:
-        log.warning("skipped clip %s: %s (%s)", item.id, item.reason, item.path)
-    if len(batch["index"]):
-        with torch.no_grad():
-            block = make_block(batch)
-        captions = captioner.generate(block, dataclasses.replace(options, seed=options.seed + position(first)))
-        for row, (index, caption) in enumerate(zip(batch["index"].tolist(), captions)):
-            clip = clip_at(index, row)
-            records.append({"id": clip.id, "caption": caption, **extra(clip), "position": position(index)})
-    return sorted(records, key=lambda record: record["position"])
 
 
 def merged_records(out: Path, world_size: int) -> Iterator[dict]:

@@ -289,6 +289,8 @@ def _samples_in(stream, url: str, mode: str) -> Iterator[Clip | SampleProblem]:
         if key is not None:
             yield _sample(key, members, url) if problem is None else SampleProblem(key, problem)
     except (tarfile.TarError, OSError, EOFError) as error:
+        if problem is not None:  # a member declaring more than the shard holds: its own reason first
+            yield SampleProblem(key, problem)
         after = f" after sample {last}" if last is not None else ""
         yield SampleProblem(None, f"the shard ends early or is corrupt{after}: {type(error).__name__}: {error}")
 

@@ -303,3 +303,17 @@ def test_alignment_and_distillation_train_from_shards_as_from_the_lists(quick_ru
     listed, sharded = (_tensors(tmp_path / f"d_{name}" / "projector.safetensors") for name in ("list", "shards_run"))
     assert all(torch.equal(listed[k], sharded[k]) for k in listed)
     assert not read_jsonl(tmp_path / "d_shards_run" / "skipped.jsonl")
+
+
+def test_a_member_declaring_any_size_costs_what_it_holds(tmp_path):
+    """A tar header may declare 100 GB for a few bytes: the sample is refused by its declared size, never read."""
+    header = tarfile.TarInfo("000000000.flac")
+    header.size = 100 << 30
+    record = tarfile.TarInfo("000000000.json")
+    body = json.dumps({"id": "huge"}).encode()
+    record.size = len(body)
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(header.tobuf() + b"x" * 512 + record.tobuf() + body.ljust(512, b"\0") + bytes(1024))
+    declared, end = read_samples(str(shard))
+    assert declared.key == "000000000" and "declares 107374182400 bytes, over" in declared.reason
+    assert end.key is None and "ends early" in end.reason

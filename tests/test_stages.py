@@ -394,7 +394,7 @@ def test_cached_image_tokens_travel_with_the_batch(write_wav):
 
 def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav, tmp_path):
     """Two ranks (run one after the other here) caption their strided shares; rank 0 merges in input order."""
-    from dali.clip_captioning import caption_clips, split_skipped
+    from dali.clip_captioning import CaptionJob, caption_clips, split_skipped
     from dali.data import Clip, ClipDataset
     from dali.distributed import Context
 
@@ -409,10 +409,8 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
         return ClipDataset(chunk, need_audio=True, need_image=False, target_frames=32)
 
     def run(rank: int):
-        return caption_clips(
+        job = CaptionJob(
             EchoCaptioner(),
-            clips,
-            dataset_for,
             lambda batch: batch["features"],
             DecodingOptions(),
             tmp_path,
@@ -420,6 +418,7 @@ def test_sharded_captioning_merges_every_ranks_captions_in_input_order(write_wav
             batch_size=2,
             num_workers=0,
         )
+        return caption_clips(job, clips, dataset_for)
 
     assert list(run(1)) == []  # a rank other than 0 writes its part and returns nothing
     captions, skipped = split_skipped(run(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dali import distributed
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON, SCORES_MD, SKIPPED_FILE
-from dali.clip_captioning import caption_clips, caption_shards, remove_parts, split_skipped
+from dali.clip_captioning import CaptionJob, caption_clips, caption_shards, remove_parts, split_skipped
 from dali.command_configs import InferConfig
 from dali.constants import TARGET_FRAMES
 from dali.data import ClipDataset, batch_features, loader_audio, read_caption_csv
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     def extra(clip):
         return {"modality": config.modality, "decoding": decoding}
 
-    work = (make_block, options, out, context, config.batch_size, config.num_workers, extra)
+    job = CaptionJob(captioner, make_block, options, out, context, config.batch_size, config.num_workers, extra)
     if index is not None:
-        records = caption_shards(captioner, index, dataset_for(()), *work, limit=config.limit)
+        records = caption_shards(job, index, dataset_for(()), limit=config.limit)
     else:
-        records = caption_clips(captioner, clips, dataset_for, *work)
+        records = caption_clips(job, clips, dataset_for)
     if context.is_main:
         finish(config, stage, clips, records)
         remove_parts(out, context.world_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dali import distributed
 from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
-from dali.clip_captioning import caption_clips, caption_shards, remove_parts, write_captions
+from dali.clip_captioning import CaptionJob, caption_clips, caption_shards, remove_parts, write_captions
 from dali.command_configs import PseudoLabelConfig
 from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
 from dali.jsonl import atomic_write_jsonl
@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         # absolute: the records are read from wherever distillation runs
         return {"audio": _absolute(clip.audio), "image": _absolute(clip.frame_path(config.frame_index))}
 
-    work = (make_block, config.decoding(), out, context, config.batch_size, config.num_workers, extra)
+    job = CaptionJob(
+        captioner, make_block, config.decoding(), out, context, config.batch_size, config.num_workers, extra
+    )
     if index is not None:
-        records = caption_shards(captioner, index, dataset_for(()), *work, limit=config.limit)
+        records = caption_shards(job, index, dataset_for(()), limit=config.limit)
     else:
-        records = caption_clips(captioner, clips, dataset_for, *work)
+        records = caption_clips(job, clips, dataset_for)
 
     if context.is_main:
         skipped: list[dict] = []  # unusable clips and empty captions, beside the captions streamed to disk
