@@ -20,7 +20,7 @@ import torch
 from dali.clip_list import Clip
 from dali.data import BadClip, ClipDataset, ClipError, collate, read_cavmae_json
 from dali.flags import ConfigError
-from dali.shards import SampleProblem, ShardIndex, is_shard_index, read_samples, read_shard_index, sample_key
+from dali.shards import SampleProblem, ShardIndex, is_shard_index, is_stream, read_samples, read_shard_index, sample_key
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,15 @@ class ShardedClips(Sequence[Clip]):
 def read_clip_source(path: str | Path, root: str | Path | None, frame_index: int | None) -> Sequence[Clip]:
     """The clips a training stage's list flag names: a CAV-MAE list, or a set in shards (its frame checked)."""
     index = read_stage_shards(str(path), frame_index)
-    return ShardedClips(index) if index is not None else read_cavmae_json(path, root)
+    if index is None:
+        return read_cavmae_json(path, root)
+    streamed = [index.url(k) for k in range(len(index.shards)) if is_stream(index.url(k))]
+    if streamed:
+        raise ConfigError(
+            f"'{path}': the training stages read samples in any order, from shards that are files; "
+            f"'{streamed[0]}' is a stream (copy the shards to a filesystem, or index them there)"
+        )
+    return ShardedClips(index)
 
 
 def read_stage_shards(path: str, frame_index: int | None, shuffle: bool = False) -> ShardIndex | None:

@@ -72,7 +72,7 @@ class ShardIndex:
     def url(self, number: int) -> str:
         """What WebDataset opens for shard ``number``: a URL as written, else the name under the base or folder."""
         name = self.shards[number].name
-        if "://" in name or name.startswith("pipe:") or Path(name).is_absolute():
+        if is_stream(name) or Path(name).is_absolute():
             return name
         if self.base:
             return self.base.rstrip("/") + "/" + name
@@ -319,6 +319,11 @@ class SampleLocator:
         return sample if sample is not None else SampleProblem(key, "the shard ends before it")
 
 
+def is_stream(url: str) -> bool:
+    """Whether a shard's URL is read as a stream (a URL, a command), not a file that can be sought in."""
+    return "://" in url or url.startswith("pipe:")
+
+
 def _key_number(key: str) -> int | None:
     return int(key) if key.isascii() and key.isdigit() and len(key) < 19 else None
 
@@ -327,7 +332,7 @@ def _sample_starts(url: str) -> tuple[np.ndarray, np.ndarray]:
     """(keys as numbers, ascending; the byte offset of each one's first member) of a shard that is a file."""
     from webdataset.tariterators import base_plus_ext
 
-    if "://" in url or url.startswith("pipe:"):
+    if is_stream(url):
         raise ShardError(
             f"'{url}': samples are read where they start only from a file (copy the shards to a filesystem)"
         )

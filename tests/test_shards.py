@@ -317,3 +317,20 @@ def test_a_member_declaring_any_size_costs_what_it_holds(tmp_path):
     declared, end = read_samples(str(shard))
     assert declared.key == "000000000" and "declares 107374182400 bytes, over" in declared.reason
     assert end.key is None and "ends early" in end.reason
+
+
+def test_shards_read_through_a_url_webdataset_opens(quick_run, tmp_path):
+    """--shard-base names where the stages read the shards: here a 'pipe:' command, as for an object store."""
+    from dali.shard_reading import ShardedClips, read_clip_source
+
+    world, flags = quick_run
+    folder = tmp_path / "shards"
+    index = _pack(world, folder, "--shard-samples", "8", "--shard-base", f"pipe:cat {folder}")
+    assert index.url(0) == f"pipe:cat {folder}/shard-000000.tar"
+    piped, _ = _pseudo_label(flags, index.path, tmp_path / "piped", "--limit", "12", "--num-workers", "0")
+    listed, _ = _pseudo_label(flags, world / "pseudo.json", tmp_path / "list", "--limit", "12", "--num-workers", "0")
+    assert [(r["id"], r["caption"]) for r in piped] == [(r["id"], r["caption"]) for r in listed]
+    with pytest.raises(ShardError, match="only from a file"):  # the training stages seek: they need files
+        load_clip_audio(ShardedClips(index)[3])
+    with pytest.raises(ConfigError, match="is a stream"):
+        read_clip_source(index.path, None, 5)
