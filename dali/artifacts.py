@@ -17,6 +17,7 @@ PREFIX_FILE = "prefix.safetensors"
 ENCODER_FILE = "audio_encoder.safetensors"
 TOKEN_WEIGHTS_FILE = "token_weights.safetensors"
 PSEUDO_CAPTIONS_FILE = "pseudo_captions.jsonl"
+QUALITY_JSON, QUALITY_MD = "quality.json", "quality.md"  # the pseudo-captions' quality report (dali.caption_quality)
 SKIPPED_FILE = "skipped.jsonl"
 PROJECTOR_FILE = "projector.safetensors"
 PREDICTIONS_FILE = "predictions.jsonl"

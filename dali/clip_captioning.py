@@ -164,7 +164,9 @@ def caption_shards(
 
 def _sample_clip(batch: dict) -> Callable[[int, int], Clip]:
     """The batch's row as a clip naming where it was read (what a record's ``extra`` needs)."""
-    return lambda index, row: Clip(id=batch["id"][row], shard=batch["shard"][row], key=batch["key"][row])
+    return lambda index, row: Clip(
+        id=batch["id"][row], shard=batch["shard"][row], key=batch["key"][row], labels=batch["labels"][row]
+    )
 
 
 def _piece_done(part: Path, piece: Piece) -> int:

@@ -240,6 +240,11 @@ class PseudoLabelConfig(RunFolder, ReadsStages, ClipLoading, Precision, Decoding
     batch_size: int = field(32)
     max_new_tokens: int = field(128)
     shuffle: bool = field(False, help="caption in a seeded random order (the original shuffled, unseeded)")
+    label_names: str | None = field(
+        None,
+        help="AudioSet's class_labels_indices.csv (mid, display_name): quality.json also flags captions that name "
+        "their clip's labels",
+    )
     limit: int | None = field(None, help="caption only the first N clips of the list")
 
     def validate(self) -> None:
@@ -269,6 +274,11 @@ class DistillConfig(RunFolder, ReadsStages, ClipLoading, Precision):
     eval_every: int = field(0, help="steps between held-out evaluations (0: at the end of every epoch)")
     patience: int = field(0, help="stop after this many held-out evaluations without a lower loss (0: never)")
     cache_audio_tokens: bool = field(False, help="encode each clip once and keep its tokens in memory")
+    filter: bool = field(
+        False,
+        help="leave out the pseudo-captions that quality.json flags (repetition, empty, one word, a number, a label); "
+        "the manifest says how many and why",
+    )
     seed: int = field(0)
     gradient_checkpointing: bool = field(
         False, help="recompute the frozen LLM's activations in backward (saves memory)"
@@ -527,6 +537,19 @@ class PrepareConfig:
 
 
 @dataclass
+class QualityConfig:
+    """dali quality PSEUDO: what is wrong with a pseudo-label folder's captions (the quality.json and quality.md that
+    dali pseudo-label writes), for a folder made before it did, or with --label-names. Prints the report."""
+
+    pseudo: str = field(
+        help="a finished pseudo-label folder, or a run (its folder or name) holding one", positional=True
+    )
+    expe_dir: str = field("expe", help="where run names are looked up")
+    label_names: str | None = field(None, help="AudioSet's class_labels_indices.csv: flag captions naming their labels")
+    json: str | None = field(None, help="also write the report as JSON to this file")
+
+
+@dataclass
 class ImportOriginalConfig:
     """dali import-original SOURCE_DIR RUN_DIR: the released DALI files -> a run folder inference.sh uses.
 
@@ -563,6 +586,9 @@ class WorldCommandConfig:
     out: str = field("data/synthetic", help="the world's folder")
     reduced: bool = field(False, help="a small world and a briefly trained captioner")
     captioner_epochs: int | None = field(None, help="epochs of the captioner's training (default: the preset's)")
+    captioner_lr: float | None = field(
+        None, help="learning rate of the captioner's training (default: the preset's, 2e-3; 1e-3 gives one that loops)"
+    )
     seed: int = field(0, help="seed of the world and of its captioner's training")
 
 
@@ -588,6 +614,9 @@ class DemoConfig:
         "rows beside CAV-MAE's",
     )
     captioner_epochs: int | None = field(None, help="epochs of the captioner's training (default: the preset's)")
+    captioner_lr: float | None = field(
+        None, help="learning rate of the captioner's training (default: the preset's, 2e-3; 1e-3 gives one that loops)"
+    )
     seeds: int = field(
         1,
         help="N > 1: world, captioner and stages under seeds 0..N-1 (seed 0 is the plain demo), MMD and OT "

@@ -314,6 +314,11 @@ def read_caption_csv(
     return list(clips.values())
 
 
+def read_label_names(path: str | Path) -> dict[str, str]:
+    """AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``): label id -> its name."""
+    return {row["mid"]: row["display_name"] for _, row in _csv_rows(Path(path), ("mid", "display_name"))}
+
+
 def _csv_rows(path: Path, required: Sequence[str] = ()):
     if not path.is_file():
         raise DataError(f"list file '{path}' does not exist")
@@ -551,7 +556,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 clip = read_shard_clip(clip)
             item: dict[str, Any] = {"index": index, "id": clip.id}
             if clip.shard is not None:
-                item |= {"shard": clip.shard, "key": clip.key}
+                item |= {"shard": clip.shard, "key": clip.key, "labels": clip.labels}
             if self.need_audio and self.audio_as == "wave":
                 item["wave"], item["frames"] = clip_wave(clip, self.target_frames)
             elif self.need_audio:
@@ -585,8 +590,9 @@ def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     batch: dict[str, Any] = {"bad": [item for item in items if isinstance(item, BadClip)]}
     batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["id"] = [item["id"] for item in good]
-    if good and "key" in good[0]:  # a shard's samples: where each was read
-        batch["shard"], batch["key"] = [item["shard"] for item in good], [item["key"] for item in good]
+    if good and "key" in good[0]:  # a shard's samples: where each was read, and their labels
+        for name in ("shard", "key", "labels"):
+            batch[name] = [item[name] for item in good]
     for key in ("features", "wave", "pixels", "image_tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])

@@ -26,7 +26,7 @@ T = TypeVar("T")
 # --no-... form, since a preset may set it.
 SWITCHES = frozenset(
     {"overwrite", "resume", "first_window_only", "reduced", "full", "allow_missing", "allow_modified", "recursive"}
-    | {"shards"}
+    | {"shards", "filter"}
     | {"list_metric_models"}
 )
 # Where a flag shows in --help: a command's inputs and settings first, then decoding (fields marked so), then these.

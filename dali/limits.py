@@ -75,6 +75,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "emd_workers": (0, 256),
     "epochs": (0, 100_000),
     "captioner_epochs": (1, 10_000),
+    "captioner_lr": (1e-6, 1.0),
     "scorer_freeze_epochs": (0, 100_000),
     "checkpoint_every": (1, 10**9),
     "max_non_finite_steps": (0, 10**9),

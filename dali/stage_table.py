@@ -41,7 +41,8 @@ STAGES = (
     StageRow(
         "pseudo-label", "dali.stages.pseudo_label", "PseudoLabelConfig",
         "2a: caption clips from image + audio tokens + prefix",
-        name="pseudo_label", folder="pseudo_label", outputs=("pseudo_captions.jsonl",), flag="pseudo_dir",
+        name="pseudo_label", folder="pseudo_label", outputs=("pseudo_captions.jsonl", "quality.json", "quality.md"),
+        flag="pseudo_dir",
     ),
     StageRow(
         "distill", "dali.stages.distill", "DistillConfig",
@@ -83,6 +84,10 @@ TOOLS = (
     ),
     CommandRow(
         "export", "dali.tools.export", "ExportConfig", "a finished run -> a model folder to share and load by name"
+    ),
+    CommandRow(
+        "quality", "dali.tools.quality", "QualityConfig",
+        "check a run's pseudo-captions (loops, empty, numbers, labels) before distilling",
     ),
 )  # fmt: skip
 WORLD = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from dali import distributed
 from dali.artifacts import PROJECTOR_FILE, SKIPPED_FILE, load_align_stage, load_pseudo_captions
+from dali.caption_quality import caption_flags
 from dali.captioning import DTYPES
 from dali.command_configs import DistillConfig
 from dali.data import Clip, ClipDataset, collate
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         captioner.enable_gradient_checkpointing()
     encoder = load_align_stage(align_dir, captioner.vision_dim, allow_modified=config.allow_modified).to(device)
     records = load_pseudo_captions(pseudo_dir, allow_modified=config.allow_modified)
+    records, dropped = filtered(records) if config.filter else (records, None)
     if not records:
-        raise ConfigError(f"--pseudo-dir: '{pseudo_dir}' holds no pseudo-captions")
+        raise ConfigError(f"--pseudo-dir: '{pseudo_dir}' holds no pseudo-captions" + (" unflagged" if dropped else ""))
     if context.is_main:
         print_config("distill", config)
         stage.save_config(config_to_dict(config))
@@ -161,10 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_projector(projector, tmp, source=config.llava))
         atomic_write_jsonl(out / SKIPPED_FILE, result.pop("bad"))
-        stage.finish(result | {"clips": len(train), "held_out": len(held_out)}, outputs=[PROJECTOR_FILE, SKIPPED_FILE])
+        result |= {"clips": len(train), "held_out": len(held_out)} | ({"filtered": dropped} if config.filter else {})
+        stage.finish(result, outputs=[PROJECTOR_FILE, SKIPPED_FILE])
         log.info("distilled projector written to %s", out / PROJECTOR_FILE)
     distributed.teardown()
     return 0
+
+
+def filtered(records: list[dict]) -> tuple[list[dict], dict]:
+    """(the records no quality flag was raised on, what was left out: how many, and how many per flag). The flags are
+    those pseudo-labelling recorded; a folder from before it did has them computed here (without label names)."""
+    kept, dropped = [], Counter()
+    for record in records:
+        flags = record["flags"] if isinstance(record.get("flags"), list) else caption_flags(record["caption"])
+        if flags:
+            dropped.update(flags)
+        else:
+            kept.append(record)
+    left_out = {"captions": len(records) - len(kept), "by_flag": dict(dropped)}
+    log.info("--filter: %d of %d pseudo-captions left out %s", left_out["captions"], len(records), dict(dropped))
+    return kept, left_out
 
 
 def clip_of(record: dict) -> Clip:

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from dali import distributed
-from dali.artifacts import PSEUDO_CAPTIONS_FILE, SKIPPED_FILE
+from dali.artifacts import PSEUDO_CAPTIONS_FILE, QUALITY_JSON, QUALITY_MD, SKIPPED_FILE
+from dali.caption_quality import QualityReport
 from dali.clip_captioning import CaptionJob, caption_clips, caption_shards, remove_parts, write_captions
 from dali.command_configs import PseudoLabelConfig
-from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json
+from dali.data import ClipDataset, batch_features, loader_audio, read_cavmae_json, read_label_names
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.run import Run, captioning_stages
@@ -58,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return models.block(batch_features(batch, context.device), batch["pixels"])
 
     def extra(clip):
+        labels = {"labels": clip.labels} if clip.labels else {}  # what the quality report checks a caption against
         if clip.shard is not None:  # where distillation reads it
-            return {"shard": clip.shard, "key": clip.key}
+            return {"shard": clip.shard, "key": clip.key, **labels}
         # absolute: the records are read from wherever distillation runs
-        return {"audio": _absolute(clip.audio), "image": _absolute(clip.frame_path(config.frame_index))}
+        return {"audio": _absolute(clip.audio), "image": _absolute(clip.frame_path(config.frame_index)), **labels}
 
     job = CaptionJob(
         captioner, make_block, config.decoding(), out, context, config.batch_size, config.num_workers, extra
@@ -73,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if context.is_main:
         skipped: list[dict] = []  # unusable clips and empty captions, beside the captions streamed to disk
-        counts = write_captions(records, out / PSEUDO_CAPTIONS_FILE, skipped)
+        report = QualityReport()
+        label_names = read_label_names(config.label_names) if config.label_names else {}
+        counts = write_captions(report.flagged(records, label_names), out / PSEUDO_CAPTIONS_FILE, skipped)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
-        stage.finish({"captions": counts, "skipped": len(skipped)}, outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE])
+        summary = report.write(out, PSEUDO_CAPTIONS_FILE)
+        final = {"captions": counts, "skipped": len(skipped), "flagged": summary["flagged"]}
+        stage.finish(final, outputs=[PSEUDO_CAPTIONS_FILE, SKIPPED_FILE, QUALITY_JSON, QUALITY_MD])
         remove_parts(out, context.world_size)
         log.info("%d pseudo-captions in %s (%d clips skipped)", counts, out / PSEUDO_CAPTIONS_FILE, len(skipped))
     distributed.teardown()

@@ -15,18 +15,25 @@ from dali.synthetic.world import REDUCED, WorldConfig, generate_far_test_set, ge
 CAPTIONER_FOLDER = "captioner_model"
 
 
-def build_world(data: Path, reduced: bool = False, captioner_epochs: int | None = None, seed: int = 0) -> Path:
+def build_world(
+    data: Path,
+    reduced: bool = False,
+    captioner_epochs: int | None = None,
+    seed: int = 0,
+    captioner_lr: float | None = None,
+) -> Path:
     """Generate (or reuse) the world under ``data`` and train (or reuse) its image captioner; returns the latter."""
     config = dataclasses.replace(REDUCED if reduced else WorldConfig(), seed=seed)
     world = generate_world(data, config)
     generate_far_test_set(world, config)  # the test set that plays Clotho for `dali reproduce`
     epochs = captioner_epochs if captioner_epochs is not None else 1 if reduced else CaptionerTraining.epochs
-    return train_captioner(world, world / CAPTIONER_FOLDER, CaptionerTraining(epochs=epochs, seed=seed))
+    lr = captioner_lr if captioner_lr is not None else CaptionerTraining.lr
+    return train_captioner(world, world / CAPTIONER_FOLDER, CaptionerTraining(epochs=epochs, seed=seed, lr=lr))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(WorldCommandConfig, argv)
     setup_logging()
-    folder = build_world(Path(args.out), args.reduced, args.captioner_epochs, args.seed)
+    folder = build_world(Path(args.out), args.reduced, args.captioner_epochs, args.seed, args.captioner_lr)
     log.info("synthetic world in %s, its image captioner in %s", args.out, folder)
     return 0

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
     """World, captioner and every stage of one seed; writes and returns ``<run>/results.json``."""
-    llava = build_world(world, args.reduced, args.captioner_epochs, seed)
+    llava = build_world(world, args.reduced, args.captioner_epochs, seed, args.captioner_lr)
     common = ["--llava", str(llava), "--seed", str(seed)]
     stage = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava))
     short = ["--epochs", "20"] if args.reduced else []
