@@ -128,3 +128,8 @@ def test_pseudo_labelling_writes_its_quality_report_and_each_captions_flags(synt
     summary = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert summary["captions"] == 8 and (tmp_path / "out" / "quality.md").read_text().startswith("# Pseudo-caption")
     assert read_manifest(tmp_path / "out")["metrics"]["flagged"] == summary["flagged"]
+    from dali.data import DataError
+
+    with pytest.raises(DataError, match="missing.csv"):  # before any captioning
+        pseudo_label.main([*flags, "--label-names", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad" / "part-000.jsonl").exists()

@@ -28,11 +28,13 @@ from dali.stages.common import open_stage, start_captioning, start_stage
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(PseudoLabelConfig, argv)
     index = read_stage_shards(config.clips, config.frame_index, config.shuffle)  # None: a clip list
+    label_names = read_label_names(config.label_names) if config.label_names else {}  # read before any captioning
     run = Run.of(config)
     stage = open_stage(config, context, PSEUDO_LABEL)
     out = stage.path
     uses = captioning_stages("llava", config.use_prefix)  # LLaVA's projector: the teacher
-    config, models = start_captioning(config, context, stage, run, uses, clips=config.clips)
+    named = {"label_names": config.label_names} if config.label_names else {}
+    config, models = start_captioning(config, context, stage, run, uses, clips=config.clips, **named)
     captioner, encoder = models.captioner, models.encoder
 
     if index is None:
@@ -76,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:
         skipped: list[dict] = []  # unusable clips and empty captions, beside the captions streamed to disk
         report = QualityReport()
-        label_names = read_label_names(config.label_names) if config.label_names else {}
         counts = write_captions(report.flagged(records, label_names), out / PSEUDO_CAPTIONS_FILE, skipped)
         atomic_write_jsonl(out / SKIPPED_FILE, skipped)
         summary = report.write(out, PSEUDO_CAPTIONS_FILE)
