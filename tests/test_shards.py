@@ -61,8 +61,10 @@ def test_a_killed_sharding_resumes_after_its_last_finished_shard(synthetic, tmp_
     (out / "shards.json").unlink()
     for name in sorted(p.name for p in out.glob("shard-*.tar"))[2:]:
         (out / name).unlink()
+    (out / ".shard-000002.tar.x1y2.tmp").write_bytes(b"half a shard")  # what the kill left of the third
     resumed = _pack(world, out, "--shard-mb", "1")
     assert [vars(s) for s in resumed.shards] == [vars(s) for s in whole.shards]  # same bytes, same hashes
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_media_files_shard_with_their_failures_reported(tmp_path):

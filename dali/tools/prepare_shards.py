@@ -94,6 +94,8 @@ def write_shards(args: PrepareConfig, out: Path) -> int:
     jobs = jobs_of(args, out)
     key = inputs_key(jobs, args, seconds)
     out.mkdir(parents=True, exist_ok=True)
+    for partial in out.glob(".shard-*.tmp"):  # a shard a killed run was writing (atomic_write's temporary name)
+        partial.unlink()
     done = _finished(out / PROGRESS, key)
     start = done[-1]["next_input"] if done else 0
     if done:
