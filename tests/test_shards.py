@@ -232,6 +232,13 @@ def test_inference_captions_shards_as_it_captions_the_test_list(quick_run, tmp_p
     listed, read = (read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("csv", "sharded"))
     assert [(r["id"], r["caption"]) for r in read] == [(r["id"], r["caption"]) for r in listed]
     assert [r["id"] for r in read] == ids and (tmp_path / "csv" / "scores.json").exists()
+    frame5 = tmp_path / "frame5"  # a set holding frame 5 only: from audio alone, --frame-index is not asked of it
+    prepare.main([str(tmp_path / "test.json"), str(frame5), "--shards", "--shard-frames", "5"])
+    audio_only = [*flags, "--projector", "llava", "--use-prefix", "--limit", "4", "--num-workers", "0"]
+    audio_only += ["--test-list", str(frame5 / "shards.json"), "--frame-index", "3"]
+    assert infer.main([*audio_only, "--modality", "audio", "--out", str(tmp_path / "audio")]) == 0
+    with pytest.raises(ConfigError, match="hold frames \\[5\\]"):
+        infer.main([*audio_only, "--modality", "audio_vis", "--out", str(tmp_path / "audio_vis")])
 
 
 @pytest.mark.slow

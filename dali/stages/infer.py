@@ -22,12 +22,13 @@ from dali.stages.common import open_stage, start_captioning, start_stage
 @stage_main
 def main(argv: list[str] | None = None) -> int:
     config, context = start_stage(InferConfig, argv)
-    index = read_stage_shards(config.test_list, config.frame_index)  # None: a CSV test list
+    uses_image = config.modality in ("image", "audio_vis")
+    # None: a CSV test list; the frame is checked only for a modality that sees it
+    index = read_stage_shards(config.test_list, config.frame_index if uses_image else None)
     tag = check_run_name(config.tag, "--tag") if config.tag else None
     stage = open_stage(config, context, INFER, infer_folder(config.modality, tag))
     out = stage.path
     uses_audio = config.modality in ("audio", "audio_vis")
-    uses_image = config.modality in ("image", "audio_vis")
 
     uses = captioning_stages(config.projector, config.use_prefix, audio=uses_audio)
     config, models = start_captioning(config, context, stage, Run.of(config), uses, test_list=config.test_list)
