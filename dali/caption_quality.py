@@ -10,7 +10,8 @@ A caption is flagged for each of:
 * ``label``: an AudioSet label id (``/m/09x0r``), or one of the clip's labels named as the ontology names it
   ("Speech", with ``label_names``): what pipelines that show the teacher the labels are known to leak.
 
-Pure functions; the report streams over the captions and keeps one count per distinct caption.
+The flags are pure functions; :class:`QualityReport` streams over the captions, keeping one count per distinct
+caption, and writes quality.json and quality.md.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from dali.constants import (
     CONV_MODES,
     DECODING_ENGINES,
     DEFAULT_FRAME_INDEX,
+    DEFAULT_SHARD_MB,
     DTYPE_NAMES,
     MODALITIES,
     NUM_FRAMES,
@@ -508,7 +509,9 @@ class PrepareConfig:
         help="write WebDataset shards (shard-NNNNNN.tar) and their index shards.json in place of loose files, for "
         "sets of many clips; INPUT may then also be a CAV-MAE list of clips already prepared (packed as they are)",
     )
-    shard_mb: int = field(1024, help="shard size in MB (a shard closes once it holds this much)", bounds=(1, 1 << 20))
+    shard_mb: int = field(
+        DEFAULT_SHARD_MB, help="shard size in MB (a shard closes once it holds this much)", bounds=(1, 1 << 20)
+    )
     shard_samples: int | None = field(
         None,
         help="also close a shard at this many samples (a multiple of the stages' --batch-size keeps their batches, and "
@@ -528,7 +531,10 @@ class PrepareConfig:
 
     def validate(self) -> None:
         shard_flags = (
-            self.shard_base or self.shard_mb != 1024 or self.shard_samples or len(self.shard_frames) < NUM_FRAMES
+            self.shard_base
+            or self.shard_mb != DEFAULT_SHARD_MB
+            or self.shard_samples
+            or len(self.shard_frames) < NUM_FRAMES
         )
         if not self.shards and shard_flags:
             raise ConfigError("--shard-mb, --shard-samples, --shard-frames and --shard-base need --shards")

@@ -24,4 +24,5 @@ CONV_MODES = {
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions.",
 }
+DEFAULT_SHARD_MB = 1024  # dali prepare --shards: a shard closes once it holds this much
 CAPTION_FORMATS = ("txt", "json", "srt", "vtt", "tsv")  # dali caption --output-format (dali.caption_formats)

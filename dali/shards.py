@@ -30,7 +30,6 @@ INDEX_FORMAT = "dali-shards"
 INDEX_VERSION = 1
 INDEX_FILE = "shards.json"
 AUDIO_EXTENSION = "flac"
-DEFAULT_SHARD_BYTES = 1 << 30
 MAX_INDEX_BYTES = 64 << 20  # 100k shards of 400 bytes each: far past AudioSet's 2M clips in 1 GB shards (~700)
 MAX_SHARDS = 100_000
 MAX_SHARD_SAMPLES = 10_000_000
@@ -118,9 +117,8 @@ def read_shard_index(path: str | Path) -> ShardIndex:
     shards, frames, base = data.get("shards"), data.get("frames", []), data.get("base")
     if not isinstance(shards, list) or not 0 < len(shards) <= MAX_SHARDS:
         raise ShardError(f"shard index '{path}': 'shards' must list 1-{MAX_SHARDS} shards")
-    if not isinstance(frames, list) or not all(isinstance(k, int) and 0 <= k < NUM_FRAMES for k in frames):
-        raise ShardError(f"shard index '{path}': 'frames' must list distinct frame numbers 0-{NUM_FRAMES - 1}")
-    if len(set(frames)) < len(frames):
+    numbers = isinstance(frames, list) and all(isinstance(k, int) and 0 <= k < NUM_FRAMES for k in frames)
+    if not numbers or len(set(frames)) < len(frames):
         raise ShardError(f"shard index '{path}': 'frames' must list distinct frame numbers 0-{NUM_FRAMES - 1}")
     if base is not None and not isinstance(base, str):
         raise ShardError(f"shard index '{path}': 'base' must be a string")
@@ -217,15 +215,15 @@ def _members(sample: ShardSample, position: int) -> dict[str, Any]:
     return members | {f"frame_{k}.jpg": data for k, data in sample.frames.items()}
 
 
-def sample_of_clip(clip: Clip, frames: Sequence[int], labels: Any = None) -> ShardSample:
+def sample_of_clip(clip: Clip, frames: Sequence[int]) -> ShardSample:
     """A prepared clip (a wav and frame files) as a sample: its audio re-encoded as 16 kHz flac, frames as they are."""
     from dali.audio import file_as_flac
 
     record = {"id": clip.id, "source": str(clip.audio)}
     audio, seconds = file_as_flac(clip.audio)
     record["seconds"] = seconds
-    if labels is not None:
-        record["labels"] = labels
+    if clip.labels is not None:
+        record["labels"] = clip.labels
     images = {}
     for k in frames:
         path = clip.frame_path(k)

@@ -20,7 +20,7 @@ from dali.logs import log, setup_logging
 from dali.media import VIDEO_EXTENSIONS, MediaError
 from dali.progress import progress
 from dali.tools.prepare_inputs import REPORT, WINDOW_S, check_unique_ids, decode_clip, list_inputs, save_frame
-from dali.workers import worker_pool
+from dali.workers import ordered_map, worker_pool
 
 LIST = "clips.json"
 RECORDS = "made_from"  # <id>.json per clip: its source (path, size, mtime, hash) and settings, written last
@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(str(p), str(out), seconds) for p in inputs]
     if args.workers > 1 and len(jobs) > 1:
         with worker_pool(args.workers) as pool:
-            records = list(progress(pool.map(_job, jobs, chunksize=4), total=len(jobs), desc="preparing"))
+            records = list(
+                progress(ordered_map(pool, _job, jobs, ahead=8 * args.workers), total=len(jobs), desc="preparing")
+            )
     else:
         records = [_job(job) for job in progress(jobs, desc="preparing")]
     atomic_write_jsonl(out / REPORT, records)

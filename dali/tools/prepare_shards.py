@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dali.command_configs import PrepareConfig
+from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 from dali.data import read_cavmae_json
 from dali.errors import DaliError
 from dali.files import atomic_write_json
@@ -58,7 +59,7 @@ def sample_job(job: tuple) -> tuple[dict, ShardSample | None]:
     source = item.audio if kind == "clip" else item
     try:
         if kind == "clip":
-            sample = sample_of_clip(item, frames, item.labels)
+            sample = sample_of_clip(item, frames)
             missing = [k for k in frames if k not in sample.frames and item.frames_root is not None]
             if missing:
                 return _failed(item.id, source, f"no frames {missing}"), None
@@ -77,7 +78,7 @@ def _media_sample(path: Path, seconds: float, frames: tuple[int, ...]) -> ShardS
     from dali.audio import flac_bytes
 
     wave, images = decode_clip(path, seconds)
-    record = {"id": path.stem, "source": str(path), "seconds": round(len(wave) / 16_000, 3)}
+    record = {"id": path.stem, "source": str(path), "seconds": round(len(wave) / SAMPLE_RATE, 3)}
     kept = {}
     for k in frames if images else ():
         buffer = io.BytesIO()
@@ -88,7 +89,6 @@ def _media_sample(path: Path, seconds: float, frames: tuple[int, ...]) -> ShardS
 
 def write_shards(args: PrepareConfig, out: Path) -> int:
     from dali.audio import samples_for_frames
-    from dali.constants import SAMPLE_RATE, TARGET_FRAMES
 
     seconds = samples_for_frames(TARGET_FRAMES) / SAMPLE_RATE if args.max_seconds is None else args.max_seconds
     jobs = jobs_of(args, out)
