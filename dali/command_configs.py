@@ -526,7 +526,8 @@ class PrepareConfig:
     shard_base: str | None = field(
         None,
         help="where the stages will read the shards from, written in the index (a folder, or a URL prefix "
-        "WebDataset opens: https://host/set, 'pipe:aws s3 cp s3://bucket/set'); default: beside the index",
+        "WebDataset opens: https://host/set, gs://bucket/set, or 'pipe:COMMAND' that writes the shard named last to "
+        "stdout); default: beside the index",
     )
 
     def validate(self) -> None:

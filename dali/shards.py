@@ -6,7 +6,8 @@ frames kept, and ``<key>.json`` (id, source, seconds, labels where the input had
 global position from it without opening a tar, so work is split, resumed and merged by position.
 
 Shards are named relative to the index's folder, or to the index's ``base`` (a URL prefix WebDataset opens:
-``https://...``, ``pipe:aws s3 cp s3://... -``) when set: the same index serves a shared filesystem or an object store.
+``https://...``, ``gs://...``, a ``pipe:`` command that writes the shard named last to stdout) when set: the same
+index serves a shared filesystem or an object store.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,9 @@ MAX_SHARD_SAMPLES = 10_000_000
 # before it is read (a tar header can declare any size).
 MAX_MEMBER_BYTES = 64 << 20
 MAX_RECORD_BYTES = 1 << 20
+# WebDataset runs a 'pipe:' URL as a shell command. An index is data, possibly from someone else: the commands it
+# names run only when the user says so in the environment.
+COMMANDS_CONSENT = "DALI_SHARD_COMMANDS"
 
 
 class ShardError(DaliError, ValueError):
@@ -122,7 +127,14 @@ def read_shard_index(path: str | Path) -> ShardIndex:
         raise ShardError(f"shard index '{path}': 'frames' must list distinct frame numbers 0-{NUM_FRAMES - 1}")
     if base is not None and not isinstance(base, str):
         raise ShardError(f"shard index '{path}': 'base' must be a string")
-    return ShardIndex(path, [_shard(entry, path, n) for n, entry in enumerate(shards)], tuple(frames), base)
+    index = ShardIndex(path, [_shard(entry, path, n) for n, entry in enumerate(shards)], tuple(frames), base)
+    commands = [url for url in map(index.url, range(len(index.shards))) if url.startswith("pipe:")]
+    if commands and os.environ.get(COMMANDS_CONSENT) != "1":
+        raise ShardError(
+            f"shard index '{path}' reads its shards through shell commands ('{commands[0][:80]}'); dali runs the "
+            f"commands an index names only with {COMMANDS_CONSENT}=1 in the environment"
+        )
+    return index
 
 
 def _shard(entry: Any, path: Path, number: int) -> Shard:

@@ -328,12 +328,19 @@ def test_a_member_declaring_any_size_costs_what_it_holds(tmp_path):
     assert end.key is None and "ends early" in end.reason
 
 
-def test_shards_read_through_a_url_webdataset_opens(quick_run, tmp_path):
-    """--shard-base names where the stages read the shards: here a 'pipe:' command, as for an object store."""
+def test_shards_read_through_a_url_webdataset_opens(quick_run, tmp_path, monkeypatch):
+    """--shard-base names where the stages read the shards: here a 'pipe:' command, as for an object store. An
+    index's commands run only when the environment allows them."""
     from dali.shard_reading import ShardedClips, read_clip_source
 
     world, flags = quick_run
     folder = tmp_path / "shards"
+    with pytest.raises(ShardError, match="DALI_SHARD_COMMANDS=1"):
+        _pack(world, folder, "--shard-samples", "8", "--shard-base", f"pipe:touch {tmp_path / 'ran'}; cat {folder}")
+    with pytest.raises(ShardError, match="through shell commands"):
+        _pseudo_label(flags, folder / "shards.json", tmp_path / "refused", "--limit", "4")
+    assert not (tmp_path / "ran").exists()
+    monkeypatch.setenv("DALI_SHARD_COMMANDS", "1")
     index = _pack(world, folder, "--shard-samples", "8", "--shard-base", f"pipe:cat {folder}")
     assert index.url(0) == f"pipe:cat {folder}/shard-000000.tar"
     piped, _ = _pseudo_label(flags, index.path, tmp_path / "piped", "--limit", "12", "--num-workers", "0")
