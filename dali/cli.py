@@ -9,6 +9,7 @@ import importlib
 import sys
 from typing import Callable
 
+from dali.cpu_kernels import PINNED_COMMANDS, pin_environment
 from dali.errors import DaliError
 from dali.flags import parse_config
 from dali.stage_table import COMMANDS, GROUPS
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     row = COMMANDS[command]
     if "-h" in rest or "--help" in rest:
         return run(command, functools.partial(_help, row.config), rest)
+    if command in PINNED_COMMANDS:  # before the command's module loads torch
+        pin_environment()
     return run(command, importlib.import_module(row.module).main, rest)
 
 

@@ -584,7 +584,8 @@ class ImportOriginalConfig:
 
 @dataclass
 class WorldCommandConfig:
-    """dali world: generate the synthetic world and train (or reuse) its image captioner.
+    """dali world: generate the synthetic world, train (or reuse) its image captioner and pretrain (or reuse) its
+    audio encoder (world/encoder_pretrained/audio_encoder.safetensors, for dali align --init-encoder).
 
     After it, the stage scripts run on the world with the configs/synthetic presets, e.g.
     ./prefix_tuning.sh --config configs/synthetic/prefix_tuning.yaml --run mine
@@ -623,6 +624,12 @@ class DemoConfig:
     captioner_epochs: int | None = field(None, help="epochs of the captioner's training (default: the preset's)")
     captioner_lr: float | None = field(
         None, help="learning rate of the captioner's training (default: the preset's, 2e-3; 1e-3 gives one that loops)"
+    )
+    encoder_start: str = field(
+        "pretrained",
+        choices=("pretrained", "random"),
+        help="where alignment starts: the world's self-supervised CAV-MAE-style pretraining (as the paper starts "
+        "from CAV-MAE), or random weights (earlier demos)",
     )
     seeds: int = field(
         1,

@@ -409,21 +409,31 @@ class _RecordingStage:
         return 0
 
 
-def test_the_demo_redoes_stages_made_with_another_captioner(tmp_path):
+def test_the_demo_redoes_stages_made_with_another_captioner_or_encoder_start(tmp_path):
     from dali.synthetic import demo
     from dali.synthetic.captioner import MARKER
+    from dali.synthetic.encoder_pretraining import ENCODER_FILE
+    from dali.synthetic.encoder_pretraining import MARKER as PRETRAINING_MARKER
 
     run, llava, stage = tmp_path / "run", tmp_path / "captioner", _RecordingStage()
     llava.mkdir()
     (llava / MARKER).write_text(json.dumps({"key": "first"}))
-    since = demo._made_since(run, llava)
+    since = demo._made_since(run, llava, None)
     demo.run_stage(stage, run / "prefix", [], since=since)
-    assert demo._made_since(run, llava) == since  # same captioner: the finished stage is reused
+    assert demo._made_since(run, llava, None) == since  # same captioner: the finished stage is reused
     demo.run_stage(stage, run / "prefix", [], since=since)
     assert len(stage.calls) == 1 and "--overwrite" not in stage.calls[0]
     time.sleep(0.01)
     (llava / MARKER).write_text(json.dumps({"key": "retrained"}))
-    since = demo._made_since(run, llava)  # another captioner: the old stage is redone, a new one is kept
+    since = demo._made_since(run, llava, None)  # another captioner: the old stage is redone, a new one is kept
     demo.run_stage(stage, run / "prefix", [], since=since)
     demo.run_stage(stage, run / "prefix", [], since=since)
     assert len(stage.calls) == 2 and "--overwrite" in stage.calls[1]
+    time.sleep(0.01)
+    pretrained = tmp_path / "encoder"
+    pretrained.mkdir()
+    (pretrained / PRETRAINING_MARKER).write_text(json.dumps({"key": "pretrained"}))
+    since = demo._made_since(run, llava, pretrained / ENCODER_FILE)  # a pretrained start, after a random one
+    demo.run_stage(stage, run / "prefix", [], since=since)
+    assert len(stage.calls) == 3 and "--overwrite" in stage.calls[2]
+    assert demo._made_since(run, llava, pretrained / ENCODER_FILE) == since

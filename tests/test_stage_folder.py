@@ -324,7 +324,7 @@ def test_the_demo_keeps_the_finished_stages_of_a_run_it_did_not_make(tmp_path, c
     (llava / CAPTIONER_MARKER).write_text(json.dumps({"key": "demo"}))
     finished_stage(run / "prefix", "the user's", name="prefix_tune")
     before = snapshot(run)
-    since = demo._made_since(run, llava)
+    since = demo._made_since(run, llava, None)
     calls = []
     demo.run_stage(type("Stage", (), {"main": staticmethod(calls.append)}), run / "prefix", [], since=since)
     assert calls == [] and snapshot(run) == before  # kept, and no made_by.json claims the run

@@ -178,9 +178,17 @@ class CAVMAEAudioEncoder(nn.Module):
         expected = (self.config.target_frames, self.config.num_mel_bins)
         if fbank.dim() != 3 or tuple(fbank.shape[1:]) != expected:
             raise ValueError(f"expected fbank [B, {expected[0]}, {expected[1]}], got {list(fbank.shape)}")
+        return self.encode(self.embed(fbank))
+
+    def embed(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with their positions, before any block: [B, frames, mel] -> [B, N, D]."""
         x = fbank.to(self.patch_embed_a.proj.weight.dtype).unsqueeze(1).transpose(2, 3)  # [B, 1, mel, time]
         x = self.patch_embed_a(x)  # [B, N, D], token index = freq_row * cols + time_col
-        x = x + self.pos_embed_a + self.modality_a
+        return x + self.pos_embed_a + self.modality_a
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks on any subset of :meth:`embed`'s tokens (a masked pretraining passes the visible ones):
+        [B, n, D] -> [B, n, D]."""
         for block in self.blocks_a:
             x = block(x)
         x = self.blocks_u[0](x, modality="a")

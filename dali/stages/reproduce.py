@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dali.artifacts import PREDICTIONS_FILE, SCORES_JSON
 from dali.command_configs import InferConfig, ReproduceConfig
+from dali.cpu_kernels import pin_torch
 from dali.data import read_caption_csv
 from dali.evaluation import DCASE_METRICS, TABLE_METRICS
 from dali.files import atomic_write_json, atomic_write_text
@@ -249,6 +250,7 @@ def results_markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(ReproduceConfig, argv)
+    pin_torch(threads=None)  # the demo's kernels (the `dali` entry pinned the rest): its rows repeat the demo's
     found = Run.find(config.run, config.expe_dir)
     run = Run(found.folder, {PREFIX.name: Path(config.prefix_dir)}) if config.prefix_dir else found
     rows = table_rows(config, run)

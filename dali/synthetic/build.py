@@ -1,5 +1,5 @@
-"""``dali world``: generate the synthetic world and train (or reuse) its image captioner (flags:
-``command_configs.WorldCommandConfig``)."""
+"""``dali world``: generate the synthetic world, train (or reuse) its image captioner and pretrain (or reuse) its
+audio encoder (flags: ``command_configs.WorldCommandConfig``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import dataclasses
 from pathlib import Path
 
 from dali.command_configs import WorldCommandConfig
+from dali.cpu_kernels import pin_torch
 from dali.flags import parse_config
 from dali.logs import log, setup_logging
 from dali.synthetic.captioner import CaptionerTraining, train_captioner
+from dali.synthetic.encoder_pretraining import ENCODER_FOLDER, EncoderPretraining, pretrain_encoder
 from dali.synthetic.world import REDUCED, WorldConfig, generate_far_test_set, generate_world
 
 CAPTIONER_FOLDER = "captioner_model"
@@ -31,9 +33,21 @@ def build_world(
     return train_captioner(world, world / CAPTIONER_FOLDER, CaptionerTraining(epochs=epochs, seed=seed, lr=lr))
 
 
+REDUCED_PRETRAINING = EncoderPretraining(clips=48, epochs=2, batch_size=16)
+
+
+def build_encoder(data: Path, reduced: bool = False, seed: int = 0) -> Path:
+    """Pretrain (or reuse) the world's audio encoder, self-supervised on its unlabeled clips (after
+    :func:`build_world`); returns its file, what ``dali align --init-encoder`` takes."""
+    training = dataclasses.replace(REDUCED_PRETRAINING if reduced else EncoderPretraining(), seed=seed)
+    return pretrain_encoder(data, data / ENCODER_FOLDER, training)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(WorldCommandConfig, argv)
     setup_logging()
+    pin_torch()  # the demo's kernels: the same world and models as `make demo` makes
     folder = build_world(Path(args.out), args.reduced, args.captioner_epochs, args.seed, args.captioner_lr)
-    log.info("synthetic world in %s, its image captioner in %s", args.out, folder)
+    encoder = build_encoder(Path(args.out), args.reduced, args.seed)
+    log.info("synthetic world in %s, its image captioner in %s, its pretrained encoder %s", args.out, folder, encoder)
     return 0

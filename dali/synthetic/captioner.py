@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dali.constants import SYSTEM_PROMPT
+from dali.cpu_kernels import kernels_key
 from dali.files import atomic_write_json
 from dali.logs import log
 from dali.models.captioner import QUESTION, Captioner
@@ -53,7 +54,7 @@ class CaptionerTraining:
     words_loss_weight: float = 1.0
 
     def digest(self, world_digest: str) -> str:
-        return json.dumps({"world": world_digest, **dataclasses.asdict(self)}, sort_keys=True)
+        return json.dumps({"world": world_digest, "kernels": kernels_key(), **dataclasses.asdict(self)}, sort_keys=True)
 
 
 def _batches(items: list, size: int, rng: random.Random) -> list[list]:
@@ -65,12 +66,12 @@ def _batches(items: list, size: int, rng: random.Random) -> list[list]:
 def train_captioner(world: str | Path, out: str | Path, training: CaptionerTraining = CaptionerTraining()) -> Path:
     """Train (or reuse, when ``out`` holds one trained on the same world with the same settings) the captioner."""
     world, out = Path(world), Path(out)
-    key = training.digest(json.loads((world / "world.json").read_text())["digest"])
+    if training.threads:
+        torch.set_num_threads(training.threads)
+    key = training.digest(json.loads((world / "world.json").read_text())["digest"])  # with the kernels in force
     if (out / MARKER).exists() and json.loads((out / MARKER).read_text()).get("key") == key:
         log.info("reusing the synthetic image captioner in %s", out)
         return out
-    if training.threads:
-        torch.set_num_threads(training.threads)
     started = time.time()
     records = json.loads((world / "captioner" / "captions.json").read_text())
     sentences = [line for line in (world / "captioner" / "text.txt").read_text().splitlines() if line.strip()]

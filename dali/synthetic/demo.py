@@ -9,9 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dali.command_configs import DemoConfig
+from dali.cpu_kernels import kernel_facts, pin_torch
 from dali.evaluation import TABLE_METRICS, markdown_table
 from dali.files import atomic_write_json, atomic_write_text
 from dali.flags import parse_config
@@ -20,8 +19,9 @@ from dali.logs import log, setup_logging
 from dali.runs import MANIFEST, check_run_name, read_manifest
 from dali.stage_table import ALIGN, DISTILL, PREFIX, PSEUDO_LABEL, infer_folder
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
-from dali.synthetic.build import build_world
+from dali.synthetic.build import build_encoder, build_world
 from dali.synthetic.captioner import MARKER as CAPTIONER_MARKER
+from dali.synthetic.encoder_pretraining import MARKER as PRETRAINING_MARKER
 from dali.synthetic.world import source_scores
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "synthetic"
@@ -58,7 +58,6 @@ class Row:
         return infer_folder(self.modality, "distilled" if self.distilled else None)
 
 
-DEMO_THREADS = 2
 MADE_BY = "made_by.json"  # the captioner the run's stages are made with, and since when
 DEFAULT_ROWS = (
     Row("image_captioner", False, "image"),
@@ -105,7 +104,7 @@ def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False, si
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(DemoConfig, argv)
     setup_logging()
-    torch.set_num_threads(DEMO_THREADS)  # the same reductions on every run of a host: the same table
+    pin_torch()  # with the environment the `dali` entry pinned: the same kernels on every host of our kind
     started = time.time()
     check_run_name(args.run)
     rows = FULL_ROWS if args.full else SEEDS_ROWS if args.seeds > 1 else DEFAULT_ROWS
@@ -132,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
     """World, captioner and every stage of one seed; writes and returns ``<run>/results.json``."""
     llava = build_world(world, args.reduced, args.captioner_epochs, seed, args.captioner_lr)
+    encoder = build_encoder(world, args.reduced, seed) if args.encoder_start == "pretrained" else None
     common = ["--llava", str(llava), "--seed", str(seed)]
-    stage = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava))
+    stage = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava, encoder))
     short = ["--epochs", "20"] if args.reduced else []
     pairs = ["--pairs", str(world / "prefix_pairs.json")]
     prefix_dir = stage(prefix_tune, run / PREFIX.folder, [*preset("prefix_tuning"), *common, *pairs, *short])
@@ -144,11 +144,12 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
     for group in ["image_captioner", *groups]:
         folder, group_rows = run / group, [r for r in rows if r.group == group]
         if group != "image_captioner":
-            train_variant(stage, world, folder, group_rows, common, prefix_dir, args.reduced)
+            train_variant(stage, world, folder, group_rows, common, prefix_dir, args.reduced, encoder)
         for row in group_rows:
             out = stage(infer, folder / row.folder, infer_flags(world, folder, row, common, prefix_dir))
             results.append(row_result(row, out, scenes))
-    report = {"rows": results, "claims": check_claims([{row["name"]: row for row in results}])}
+    claims = check_claims([{row["name"]: row for row in results}])
+    report = {"rows": results, "claims": claims, "encoder_start": args.encoder_start, "kernels": kernel_facts()}
     atomic_write_json(run / "results.json", report)
     atomic_write_text(
         run / "results.md",
@@ -162,19 +163,21 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
     return report
 
 
-def _made_since(run: Path, llava: Path) -> float:
-    """Since when the run's stages have been made with this captioner (whose key names its world and training).
+def _made_since(run: Path, llava: Path, encoder: Path | None) -> float:
+    """Since when the run's stages have been made with this captioner and this start of the audio encoder (their
+    keys name the world and the training; a random start has none).
 
-    A run the demo made with another captioner starts now: its older stages are redone, one by one, so an
-    interrupted redo resumes where it stopped and never reuses a stage of the old captioner. A run the demo did not
+    A run the demo made with another captioner or start starts now: its older stages are redone, one by one, so an
+    interrupted redo resumes where it stopped and never reuses a stage of the old ones. A run the demo did not
     make (no ``made_by.json``) is never redone without ``--overwrite``: its finished stages are kept.
     """
     key = json.loads((llava / CAPTIONER_MARKER).read_text())["key"]
+    start = json.loads((encoder.parent / PRETRAINING_MARKER).read_text())["key"] if encoder else "random"
     if (run / MADE_BY).exists():
         made_by = json.loads((run / MADE_BY).read_text())
-        if made_by["captioner"] == key:
+        if made_by["captioner"] == key and made_by.get("encoder") == start:
             return made_by["since"]
-        log.warning("%s was made with another world or image captioner: its stages are redone", run)
+        log.warning("%s was made with another world, image captioner or encoder start: its stages are redone", run)
     elif run.is_dir() and any(run.iterdir()):
         log.warning(
             "%s was not made by the demo (it has no %s): its finished stages are kept as they are, the others "
@@ -184,7 +187,7 @@ def _made_since(run: Path, llava: Path) -> float:
         )
         return 0.0
     since = time.time()
-    atomic_write_json(run / MADE_BY, {"captioner": key, "since": since})
+    atomic_write_json(run / MADE_BY, {"captioner": key, "encoder": start, "since": since})
     return since
 
 
@@ -192,10 +195,13 @@ def preset(name: str) -> list[str]:
     return ["--config", str(PRESETS / f"{name}.yaml")]
 
 
-def train_variant(stage, world: Path, folder: Path, rows: list[Row], common, prefix_dir, reduced) -> None:
-    """Stage 1b for one variant and encoder (the rows of one group), then pseudo-captions and distillation when a
+def train_variant(stage, world: Path, folder: Path, rows: list[Row], common, prefix_dir, reduced, start) -> None:
+    """Stage 1b for one variant and encoder (the rows of one group), from the pretrained CAV-MAE-shaped encoder
+    ``start`` (random weights when None, and for another family), then pseudo-captions and distillation when a
     distilled row needs them."""
     variant, encoder = rows[0].variant, ["--audio-encoder", rows[0].encoder]
+    if start is not None and rows[0].encoder == "cav-mae":
+        encoder += ["--init-encoder", str(start)]
     method = {"unaligned": ["--epochs", "0"]}.get(variant, ["--method", variant] + (["--epochs", "2"] * reduced))
     lists = ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
     stage(align, folder / ALIGN.folder, [*preset("alignment"), *common, *lists, *method, *encoder])

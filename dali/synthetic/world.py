@@ -338,7 +338,7 @@ REDUCED = WorldConfig(
 SPLITS = ("prefix", "align", "val", "pseudo", "test")
 
 
-def _write_clip(args: tuple[Scene, str]) -> None:
+def write_clip(args: tuple[Scene, str]) -> None:
     scene, root = args
     root_path = Path(root)
     soundfile.write(root_path / "audio" / f"{scene.id}.wav", render_audio(scene), sounds.RATE, subtype="PCM_16")
@@ -368,10 +368,10 @@ def generate_world(root: str | Path, config: WorldConfig = WorldConfig(), worker
     jobs = [(scene, str(root)) for split in SPLITS for scene in scenes[split]]
     if workers > 1:
         with worker_pool(workers) as pool:
-            list(pool.map(_write_clip, jobs, chunksize=16))
+            list(pool.map(write_clip, jobs, chunksize=16))
     else:
         for job in jobs:
-            _write_clip(job)
+            write_clip(job)
     _write_lists(root, scenes, config, rng)
     atomic_write_json(root / "scenes.json", {split: [dataclasses.asdict(s) for s in scenes[split]] for split in SPLITS})
     atomic_write_json(marker, {"digest": config.digest(), "config": dataclasses.asdict(config)})

@@ -1,0 +1,161 @@
+"""The world's audio encoder pretraining (dali/synthetic/encoder_pretraining.py) and the pinned CPU kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dali.cpu_kernels import NATIVE
+from dali.models.cav_mae import CAVMAEAudioEncoder, load_audio_encoder
+from dali.synthetic.encoder_pretraining import (
+    EncoderPretraining,
+    MaskedDecoder,
+    VisualBranch,
+    patchify,
+    pretraining_loss,
+)
+
+SMALL = EncoderPretraining(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=16, vision_depth=1)
+
+
+def test_patchify_gives_each_token_the_patch_the_encoder_embeds():
+    """Token k of patchify is the patch PatchEmbed turns into token k: a one-hot kernel reads back one value."""
+    encoder = CAVMAEAudioEncoder(SMALL.encoder_config())
+    fbank = torch.randn(2, 1024, 128)
+    target = patchify(fbank, encoder.config)
+    mel_patch, time_patch = encoder.config.patch_shape
+    for mel, frame in [(0, 0), (3, 77), (mel_patch - 1, time_patch - 1)]:
+        kernel = torch.zeros_like(encoder.patch_embed_a.proj.weight)
+        kernel[0, 0, mel, frame] = 1.0
+        with torch.no_grad():
+            encoder.patch_embed_a.proj.weight.copy_(kernel)
+            encoder.patch_embed_a.proj.bias.zero_()
+            embedded = encoder.patch_embed_a(fbank.unsqueeze(1).transpose(2, 3))[..., 0]  # [B, N]
+        assert torch.equal(embedded, target[..., mel * time_patch + frame])
+
+
+def _models(training):
+    encoder = CAVMAEAudioEncoder(training.encoder_config())
+    decoder = MaskedDecoder(encoder.config, training.decoder_dim, training.encoder_heads, training.time_bins)
+    return encoder, decoder, VisualBranch(training, 64)
+
+
+def test_both_objectives_learn_what_they_can_only_learn_from_the_data():
+    """A few steps on fbanks with structure (each clip one steady spectrum: a hidden patch is its row's visible
+    ones) and frames paired with them lower both the reconstruction and the contrast (the frame's brightness names
+    its clip), the latter from chance (log of the batch) to well under it."""
+    torch.manual_seed(0)
+    training = dataclasses.replace(SMALL, contrast_weight=1.0)  # both objectives at one weight: each is seen
+    models = torch.nn.ModuleList(_models(training))
+    fbank = torch.randn(8, 1, 128).expand(8, 1024, 128)  # each clip one spectral profile, steady in time
+    pixels = (torch.arange(8).float() * 30).view(8, 1, 1, 1).expand(8, 3, 64, 64)
+    optimizer = torch.optim.Adam(models.parameters(), lr=3e-3)
+
+    def losses():
+        return pretraining_loss(*models, fbank, pixels, training, torch.Generator().manual_seed(1))
+
+    _, first_reconstruction, first_contrast = losses()
+    for step in range(60):
+        loss, _, _ = pretraining_loss(*models, fbank, pixels, training, torch.Generator().manual_seed(step + 2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _, reconstruction, contrast = losses()
+    assert reconstruction < 0.75 * first_reconstruction
+    assert first_contrast > 0.75 * math.log(8) and contrast < 0.5 * math.log(8)  # chance is log(batch)
+
+
+def test_the_pretrained_encoder_is_cached_keyed_and_starts_alignment(synthetic):
+    from dali.synthetic.build import build_encoder
+    from dali.synthetic.encoder_pretraining import MARKER
+
+    world, _ = synthetic
+    untouched = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in world.glob("*.json")}
+    untouched[world / "test.csv"] = hashlib.sha256((world / "test.csv").read_bytes()).hexdigest()
+    path = build_encoder(world, reduced=True, seed=0)
+    marker = json.loads((path.parent / MARKER).read_text())
+    metrics = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == [1, 2] and marker["best_epoch"] in (1, 2)
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == digest for p, digest in untouched.items())
+    clips = json.loads((world / "pretrain" / "pretrain.json").read_text())["data"]
+    test_ids = {line.split(",")[0] for line in (world / "test.csv").read_text().splitlines()[1:]}
+    listed = {json.loads((world / f"{split}.json").read_text())["data"][0]["video_id"] for split in ("align", "val")}
+    assert clips and not {clip["video_id"] for clip in clips} & (test_ids | listed)
+    assert all((world / "pretrain" / clip["wav"]).exists() for clip in clips)
+    mtime = path.stat().st_mtime_ns
+    assert build_encoder(world, reduced=True, seed=0) == path and path.stat().st_mtime_ns == mtime  # reused
+    encoder = load_audio_encoder(path, new_proj_dim=48)  # what `dali align --init-encoder` does with it
+    assert encoder.config.proj_dim == 48 and encoder.project(torch.zeros(1, 1024, 128)).shape == (1, 64, 48)
+
+
+def test_the_dali_entry_pins_the_kernels_of_the_demo_and_keeps_what_the_user_set():
+    code = (
+        "import os; from dali import cli; cli.pin_environment(); import torch; "
+        "print(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'))"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", NATIVE)}
+    pinned = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2 " in flags:
+        assert pinned.stdout.split() == ["AVX2", "AVX2"]
+    mine = subprocess.run(
+        [sys.executable, "-c", code],
+        env=environment | {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert mine.stdout.split() == ["DEFAULT", "COMPATIBLE"]
+    native = subprocess.run(
+        [sys.executable, "-c", code], env=environment | {NATIVE: "1"}, capture_output=True, text=True, check=True
+    )
+    assert native.stdout.split()[1] == "None"  # nothing pinned
+
+
+_TRAIN = """
+import hashlib, sys
+from dali import cpu_kernels
+if sys.argv[1] == "pinned":
+    cpu_kernels.pin_environment()
+import torch
+if sys.argv[1] == "pinned":
+    cpu_kernels.pin_torch()
+else:
+    torch.set_num_threads(2)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 8, 8), torch.nn.Flatten(), torch.nn.Linear(64 * 64, 300),
+                            torch.nn.GELU(), torch.nn.Linear(300, 10))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+data, labels = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
+for _ in range(20):
+    loss = torch.nn.functional.cross_entropy(model(data), labels)
+    optimizer.zero_grad(); loss.backward(); optimizer.step()
+print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+"""
+AVX2_HOST = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.slow
+def test_pinned_training_is_the_same_on_an_emulated_avx2_host():
+    """Training with the pinned kernels gives the same weights on this host and on an emulated AVX2-only one
+    (ATen, MKL and oneDNN restricted to AVX2, as on an AMD EPYC of Zen 2 or 3), where unpinned training differs."""
+    base = {k: v for k, v in os.environ.items() if k not in {*AVX2_HOST, "MKL_CBWR", "OPENBLAS_CORETYPE"}}
+
+    def weights(mode: str, host: dict) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _TRAIN, mode], env=base | host, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    if weights("plain", {}) == weights("plain", AVX2_HOST):
+        pytest.skip("this host's unpinned kernels are those of an AVX2 host: nothing to pin here")
+    assert weights("pinned", {}) == weights("pinned", {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
