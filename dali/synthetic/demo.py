@@ -58,7 +58,7 @@ class Row:
         return infer_folder(self.modality, "distilled" if self.distilled else None)
 
 
-MADE_BY = "made_by.json"  # the captioner the run's stages are made with, and since when
+MADE_BY = "made_by.json"  # the captioner and encoder start the run's stages are made with, and since when
 DEFAULT_ROWS = (
     Row("image_captioner", False, "image"),
     Row("unaligned", False, "audio"),
