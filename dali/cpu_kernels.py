@@ -82,9 +82,7 @@ def kernel_facts() -> dict:
     return {
         "processor": processor(),
         "torch": torch.__version__,
-        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn_enabled": torch.backends.mkldnn.enabled,
-        "threads": torch.get_num_threads(),
+        **kernels_key(),
         "environment": {name: os.environ.get(name) for name in (*PINNED_ENVIRONMENT, NATIVE)},
         "pinned": all(os.environ.get(name) == value for name, value in PINNED_ENVIRONMENT.items()),
     }

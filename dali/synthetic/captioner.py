@@ -7,7 +7,6 @@ LM's stand-in for the text pretraining every real LLM has). No audio and no capt
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -18,12 +17,12 @@ import torch
 from PIL import Image
 
 from dali.constants import SYSTEM_PROMPT
-from dali.cpu_kernels import kernels_key
 from dali.files import atomic_write_json
 from dali.logs import log
 from dali.models.captioner import QUESTION, Captioner
 from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
 from dali.progress import progress
+from dali.synthetic.world import holds_trained, trained_key
 from dali.training import cosine_schedule
 
 IMAGE_QUESTIONS = ("Describe the image.", "What is in this picture?")
@@ -53,9 +52,6 @@ class CaptionerTraining:
     # pooled patch tokens): weak supervision from captions, as CLIP-style pretraining gives a real tower.
     words_loss_weight: float = 1.0
 
-    def digest(self, world_digest: str) -> str:
-        return json.dumps({"world": world_digest, "kernels": kernels_key(), **dataclasses.asdict(self)}, sort_keys=True)
-
 
 def _batches(items: list, size: int, rng: random.Random) -> list[list]:
     items = list(items)
@@ -68,8 +64,8 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
     world, out = Path(world), Path(out)
     if training.threads:
         torch.set_num_threads(training.threads)
-    key = training.digest(json.loads((world / "world.json").read_text())["digest"])  # with the kernels in force
-    if (out / MARKER).exists() and json.loads((out / MARKER).read_text()).get("key") == key:
+    key = trained_key(world, training)  # with the kernels in force
+    if holds_trained(out, MARKER, key):
         log.info("reusing the synthetic image captioner in %s", out)
         return out
     started = time.time()

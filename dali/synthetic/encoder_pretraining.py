@@ -26,14 +26,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from dali.audio import TARGET_FRAMES
-from dali.cpu_kernels import kernels_key
 from dali.data import clip_features, load_frame, read_cavmae_json
 from dali.files import atomic_write, atomic_write_json
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.models.cav_mae import Block, CAVMAEAudioEncoder, CAVMAEConfig, save_audio_encoder, sincos_pos_embed_2d
 from dali.progress import progress
-from dali.synthetic.world import NUM_FRAMES, sample_scene, write_clip
+from dali.synthetic.world import NUM_FRAMES, holds_trained, sample_scene, trained_key, write_clip
 from dali.training import cosine_schedule
 from dali.workers import worker_pool
 
@@ -75,16 +74,14 @@ class EncoderPretraining:
         shape = dict(embed_dim=self.encoder_dim, depth_audio=self.encoder_depth, num_heads=self.encoder_heads)
         return CAVMAEConfig(**shape, patch_time=self.patch_time, target_frames=TARGET_FRAMES, proj_dim=None)
 
-    def key(self, world_digest: str) -> str:
-        return json.dumps({"world": world_digest, "kernels": kernels_key(), **dataclasses.asdict(self)}, sort_keys=True)
-
 
 # -- the clips ------------------------------------------------------------------------------------------------
 def generate_pretraining_clips(world: Path, training: EncoderPretraining) -> Path:
     """``world/pretrain/``: ``training.clips`` unlabeled clips (a wav and 10 frames each) and their CAV-MAE list,
     ``pretrain.json`` (idempotent: kept when its marker names the same clips). ``training.seed`` is the world's."""
     folder = Path(world) / FOLDER
-    digest = hashlib.sha256(f"{training.seed}:{training.clips}:{SEED_OFFSET}".encode()).hexdigest()[:16]
+    world_digest = json.loads((Path(world) / "world.json").read_text())["digest"]  # its seed and render version
+    digest = hashlib.sha256(f"{world_digest}:{training.clips}:{SEED_OFFSET}".encode()).hexdigest()[:16]
     marker = folder / "split.json"
     if marker.exists() and json.loads(marker.read_text()).get("digest") == digest:
         return folder / "pretrain.json"
@@ -207,8 +204,8 @@ def pretrain_encoder(world: Path, out: Path, training: EncoderPretraining) -> Pa
     """Pretrain (or reuse, when ``out`` holds one made from the same world with the same settings) the encoder;
     returns its file."""
     world, out = Path(world), Path(out)
-    key = training.key(json.loads((world / "world.json").read_text())["digest"])
-    if (out / MARKER).exists() and json.loads((out / MARKER).read_text()).get("key") == key:
+    key = trained_key(world, training)
+    if holds_trained(out, MARKER, key):
         log.info("reusing the pretrained audio encoder in %s", out)
         return out / ENCODER_FILE
     started = time.time()

@@ -21,6 +21,7 @@ import soundfile
 from PIL import Image, ImageDraw
 
 from dali.constants import NUM_FRAMES
+from dali.cpu_kernels import kernels_key
 from dali.files import atomic_write, atomic_write_json, atomic_write_text
 from dali.synthetic import sounds
 from dali.workers import worker_pool
@@ -336,6 +337,18 @@ REDUCED = WorldConfig(
     captioner_scenes=400, text_sentences=400, align_clips=64, val_clips=16, pseudo_clips=32, test_clips=12
 )
 SPLITS = ("prefix", "align", "val", "pseudo", "test")
+
+
+def trained_key(world: Path, settings) -> str:
+    """The cache key of a model trained on ``world`` with ``settings`` (a dataclass) under the kernels in force:
+    a captioner or encoder is reused only when its marker names this key."""
+    digest = json.loads((Path(world) / "world.json").read_text())["digest"]
+    return json.dumps({"world": digest, "kernels": kernels_key(), **dataclasses.asdict(settings)}, sort_keys=True)
+
+
+def holds_trained(out: Path, marker: str, key: str) -> bool:
+    """Whether ``out`` holds a finished model made with ``key`` (its marker, written last, names it)."""
+    return (out / marker).exists() and json.loads((out / marker).read_text()).get("key") == key
 
 
 def write_clip(args: tuple[Scene, str]) -> None:
