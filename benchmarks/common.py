@@ -73,7 +73,9 @@ def clip_vit_l_336_config():
     )
 
 
-def llava_7b_config(vocab_size: int = 32064, text_layers: int = 32):
+def llava_7b_config(vocab_size: int = 32064, text_layers: int = 32, image_token_index: int | None = None):
+    """LLaVA-1.5-7B's config; ``image_token_index`` must name the tokenizer's ``<image>`` where a folder is saved
+    and loaded (its chat template is cut there), by default the last id."""
     from transformers import LlamaConfig, LlavaConfig
 
     text = LlamaConfig(
@@ -94,7 +96,7 @@ def llava_7b_config(vocab_size: int = 32064, text_layers: int = 32):
         text_config=text,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        image_token_index=vocab_size - 1,
+        image_token_index=vocab_size - 1 if image_token_index is None else image_token_index,
     )
 
 

@@ -201,6 +201,11 @@ class AlignConfig(RunFolder, ClipLoading):
         help="mixed precision on GPU (bf16 needs no loss scaling, unlike the original's fp16)",
     )
     compile: bool = field(True, help="torch.compile the encoder's training forward (GPU only)")
+    gradient_checkpointing: bool = field(
+        False,
+        help="recompute each encoder block in backward instead of keeping its activations: less memory for one "
+        "more forward pass of the encoder (for AST-base at the paper's batch of 256)",
+    )
     vision_dtype: str = field("float32", choices=DTYPE_NAMES, help="precision of the frozen CLIP tower")
     seed: int = field(0)
     checkpoint_every: int = field(200, help="steps between resumable checkpoints (and each epoch end)")

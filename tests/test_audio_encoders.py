@@ -11,6 +11,7 @@ from helpers import align_flags
 
 from dali import AudioCaptioner
 from dali.artifacts import load_align_stage
+from dali.flags import ConfigError
 from dali.jsonl import read_jsonl
 from dali.models.audio_encoders import FAMILIES, load_encoder, new_encoder, pretrained_encoder, save_encoder
 from dali.models.checkpoints import CheckpointError
@@ -149,3 +150,78 @@ def test_alignment_starts_from_a_released_checkpoint_folder(synthetic, tmp_path)
     aligned = load_align_stage(tmp_path / "align", vision_dim=manifest["metrics"]["audio_encoder"]["proj_dim"])
     for key, value in saved.model.state_dict().items():
         assert torch.equal(aligned.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_runs_pytorchs_fused_attention_where_transformers_has_it(family, tmp_path, monkeypatch):
+    """sdpa (flash or memory-efficient kernels on a GPU, in the autocast dtype) built, loaded and released; eager
+    only for CLAP, whose HTS-AT transformers runs eagerly."""
+    torch.manual_seed(0)
+    expected = "eager" if family == "clap" else "sdpa"
+    encoder = new_encoder(family, 48, 32, 2, 2).eval()
+    save_encoder(encoder, tmp_path / "encoder.safetensors")
+    _save_released(family, tmp_path / "released")
+    for built in (
+        encoder,
+        load_encoder(tmp_path / "encoder.safetensors"),
+        pretrained_encoder(family, tmp_path / "released", 48),
+    ):
+        assert built.model.config._attn_implementation == expected
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
+    with torch.no_grad():
+        encoder.project(encoder.front_end(0.1 * torch.randn(16_000))[None])
+    assert len(calls) == (0 if family == "clap" else 2)  # once a layer
+
+
+def _saved_bytes_and_grads(encoder, features):
+    """The bytes autograd keeps from the forward, and the parameters' gradients after backward."""
+    kept = []
+
+    def keep(tensor):
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    encoder.zero_grad()
+    torch.manual_seed(1)  # the same SpecAugment masks (drawn by numpy) and dropped layers (HuBERT) in both passes
+    np.random.seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = encoder.project(features).square().mean()
+    loss.backward()
+    return sum(kept), {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["cav-mae", "ast", "hubert", "whisper"])
+def test_gradient_checkpointing_gives_the_same_gradients_keeping_less(family):
+    from dali.models.cav_mae import CAVMAEAudioEncoder, CAVMAEConfig
+
+    torch.manual_seed(0)
+    if family == "cav-mae":
+        encoder = CAVMAEAudioEncoder(CAVMAEConfig(embed_dim=32, depth_audio=3, num_heads=2, proj_dim=48))
+        features = torch.randn(2, 1024, 128)
+    else:
+        encoder = new_encoder(family, 48, 32, 3, 2)
+        features = torch.stack([encoder.front_end(0.1 * torch.randn(16_000)) for _ in range(2)])
+    encoder.train()
+    for module in encoder.modules():  # dropout off: the two passes must see the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    full, expected = _saved_bytes_and_grads(encoder, features)
+    encoder.enable_gradient_checkpointing()
+    recomputed, grads = _saved_bytes_and_grads(encoder, features)
+    assert recomputed < full / 2
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_gradient_checkpointing_of_a_family_without_it_is_a_clear_error(synthetic, tmp_path):
+    world, llava = synthetic
+    flags = ["--audio-encoder", "clap", "--encoder-dim", "32", "--encoder-depth", "2", "--gradient-checkpointing"]
+    message = "--gradient-checkpointing: transformers' ClapAudioModel [(]clap[)] has no gradient checkpointing"
+    with pytest.raises(ConfigError, match=message):
+        align.main(align_flags(world, llava) + flags + ["--out", str(tmp_path / "align")])
+    assert not (tmp_path / "align" / "audio_encoder.safetensors").exists()

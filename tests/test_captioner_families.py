@@ -1,7 +1,9 @@
 """Captioners beyond LLaVA-1.5 (``--llava``): LLaVA-NeXT and LLaVA-OneVision built in their real classes, saved in
 their real formats with their processors' chat templates, and taken through the five stages."""
 
+import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 from dali.errors import ModelLoadError
 from dali.jsonl import read_jsonl
 from dali.models.captioner import QUESTION, Captioner
-from dali.models.tiny_llava import as_llava_family, family_classes, save_tiny_llava
+from dali.models.tiny_llava import TinyLlavaConfig, as_llava_family, build_tiny_llava, family_classes, save_tiny_llava
 from dali.models.vision_tower import VisionTower
 from dali.runs import read_manifest
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
@@ -30,19 +32,26 @@ def family_dir(request, synthetic, tmp_path_factory):
 
 
 def test_each_family_loads_in_its_class_with_the_prompt_of_its_chat_template(family_dir):
+    captioner = Captioner.from_pretrained(family_dir)
+    assert type(captioner.llava) is family_classes(captioner.llava.config.model_type)[1]
+    _assert_the_processors_prompt(captioner, family_dir)
+
+
+def _assert_the_processors_prompt(captioner: Captioner, folder, answer: str = "a dog barks twice") -> None:
+    """The prompt around the block is the processor's rendering tokenised whole, token for token, the block at its
+    image token; a training answer's labels are the ids of the rendered answer turn."""
     import transformers
 
-    captioner = Captioner.from_pretrained(family_dir)
-    family = captioner.llava.config.model_type
-    assert type(captioner.llava) is family_classes(family)[1]
     # Rendered by the processor (LLaVA-NeXT's; OneVision's needs torchvision for its video half: its tokenizer
     # holds the same template)
-    owner = transformers.AutoProcessor if family == "llava_next" else transformers.AutoTokenizer
+    family = captioner.llava.config.model_type
+    owner = (transformers.AutoProcessor if family == "llava_next" else transformers.AutoTokenizer).from_pretrained(
+        folder
+    )
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    rendered = owner.from_pretrained(family_dir).apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    rendered = owner.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     ids = captioner.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     image = ids.index(captioner.llava.config.image_token_id)
-    # The prompt around the block is the processor's rendering, token for token, the block at its image token.
     block = torch.zeros(1, 3, captioner.hidden_size)
     inputs = captioner.build_inputs(block)
     embed = captioner.llava.get_input_embeddings()
@@ -50,6 +59,61 @@ def test_each_family_loads_in_its_class_with_the_prompt_of_its_chat_template(fam
     assert torch.equal(inputs["inputs_embeds"][0], expected)
     shared, rows = captioner.prompt_parts(block)
     assert torch.equal(torch.cat([shared, rows[0]]), expected)
+    if family == "llava_next":  # (its template writes the answer turn: " answer</s>")
+        reply = [*turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        whole = captioner.tokenizer(owner.apply_chat_template(reply, tokenize=False), add_special_tokens=False)
+        labels = captioner.build_inputs(block, captions=[answer])["labels"][0]
+        assert labels[labels != -100].tolist() == whole["input_ids"][len(ids) :]
+
+
+def _sentencepiece_tokenizer(folder, legacy: bool):
+    """A Llama/Mistral tokenizer as released: a SentencePiece BPE model (byte fallback) in ``tokenizer.model``,
+    read by transformers, with ``<image>`` and ``<pad>`` added, as LLaVA-NeXT's folders add them."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    from dali.constants import SYSTEM_PROMPT
+
+    texts = [QUESTION, SYSTEM_PROMPT, "[INST] [/INST]", "a dog barks twice", "wind blows hard"] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=legacy, add_bos_token=True)
+    tokenizer.add_tokens(["<image>", "<pad>"], special_tokens=True)
+    tokenizer.pad_token = "<pad>"
+    return tokenizer
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_sentencepiece_tokenizer_with_a_mistral_template_gives_the_processors_prompt(tmp_path, legacy):
+    """LLaVA-NeXT (Mistral) as released: ``[INST] <image>\n{question} [/INST]`` over a SentencePiece tokenizer,
+    which marks the start of a text it tokenises alone (the prompt is cut after tokenisation, not before)."""
+    tokenizer = _sentencepiece_tokenizer(tmp_path / "spm", legacy)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("x", add_special_tokens=False)["input_ids"])[0].startswith("▁")
+    shape = TinyLlavaConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, vocab_size=0)
+    folder = save_tiny_llava(build_tiny_llava(tokenizer, shape, family="llava_next"), tokenizer, tmp_path / "next")
+    captioner = Captioner.from_pretrained(folder)
+    assert captioner.prompt.tail.startswith("\n") and captioner.prompt.image_token == "<image>"
+    _assert_the_processors_prompt(captioner, folder)
+
+
+def test_a_config_and_tokenizer_that_disagree_about_the_image_token_is_a_clear_error(family_dir, tmp_path):
+    """The config's image token must be the tokenizer's added ``<image>``, never an ordinary word of it."""
+    shutil.copytree(family_dir, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    tokenizer = Captioner.from_pretrained(family_dir).tokenizer
+    word = tokenizer("wind", add_special_tokens=False)["input_ids"][-1]
+    config["image_token_index"] = word
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    named = repr(tokenizer.convert_ids_to_tokens(word))
+    with pytest.raises(
+        ModelLoadError, match=f"disagree about the image token: .* {word} is the ordinary token {named}"
+    ):
+        Captioner.from_pretrained(tmp_path / "model")
 
 
 def test_the_base_image_of_each_family_gives_llava_15s_tokens(synthetic, family_dir):

@@ -66,6 +66,9 @@ class AudioEncoder(Protocol):
     def describe(self) -> dict:
         """What rebuilds it (saved with its weights and in the align stage's manifest)."""
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block in backward instead of keeping its activations."""
+
 
 def _hidden_size(config) -> int:
     return config.hidden_size
@@ -166,6 +169,18 @@ FAMILIES = {
 assert AUDIO_ENCODERS == ("cav-mae", *FAMILIES)
 
 
+def attention_of(model_class) -> str:
+    """The attention a family's model runs: PyTorch's fused ``scaled_dot_product_attention`` (flash or
+    memory-efficient kernels on a GPU, in the autocast dtype; never a materialised [B, heads, N, N] score matrix),
+    or eager where transformers has no sdpa path for the model (CLAP's HTS-AT)."""
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def _model_from_config(spec: Family, config) -> nn.Module:
+    model_class = hf_class(spec.model)
+    return model_class._from_config(config, attn_implementation=attention_of(model_class))
+
+
 def hf_class(name: str):
     """A transformers class by name (Whisper's encoder is not exported at the top level)."""
     import transformers
@@ -239,6 +254,12 @@ class TransformersAudioEncoder(nn.Module):
         """Audio tokens in the image-token space: [B, ...] -> [B, N, proj_dim]."""
         return self.proj(self(features))
 
+    def enable_gradient_checkpointing(self) -> None:
+        """transformers' own checkpointing of the model's layers (non-reentrant: it composes with torch.compile)."""
+        if not self.model.supports_gradient_checkpointing:
+            raise ValueError(f"transformers' {type(self.model).__name__} ({self.family}) has no gradient checkpointing")
+        self.model.activation_checkpointing_enable({"use_reentrant": False})
+
     def describe(self) -> dict:
         """What rebuilds this encoder (saved with its weights, and in the align stage's manifest)."""
         return {
@@ -259,7 +280,9 @@ def new_encoder(
     spec = FAMILIES[family]
     config = hf_class(spec.config)(**spec.tiny_shape(dim, depth, heads, target_frames))
     extractor = hf_class(spec.feature_extractor)(**spec.extractor_args(target_frames))
-    return TransformersAudioEncoder(family, hf_class(spec.model)(config), extractor, proj_dim, target_frames, tokens)
+    return TransformersAudioEncoder(
+        family, _model_from_config(spec, config), extractor, proj_dim, target_frames, tokens
+    )
 
 
 def pretrained_encoder(
@@ -273,10 +296,12 @@ def pretrained_encoder(
         whole = spec.whole is not None and config.get("model_type") == family  # the whole model's type
         what = f"a {family} audio encoder"
         check_folder_fits(hf_class(spec.whole if whole else spec.model), folder, what, MAX_ENCODER_PARAMETERS)
+        attention = attention_of(hf_class(spec.model))
         if whole:
-            model = getattr(strict_from_pretrained(hf_class(spec.whole), folder, what), spec.audio_part)
+            whole_model = strict_from_pretrained(hf_class(spec.whole), folder, what, attn_implementation=attention)
+            model = getattr(whole_model, spec.audio_part)
         else:
-            model = strict_from_pretrained(hf_class(spec.model), folder, what)
+            model = strict_from_pretrained(hf_class(spec.model), folder, what, attn_implementation=attention)
         extractor = hf_class(spec.feature_extractor).from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot load a {family} audio encoder from '{folder}': {error}") from None
@@ -335,6 +360,6 @@ def _described_encoder(described: dict) -> TransformersAudioEncoder:
     config = hf_class(spec.config).from_dict(described["config"])
     extractor = hf_class(spec.feature_extractor).from_dict(described["feature_extractor"])
     return TransformersAudioEncoder(
-        described["family"], hf_class(spec.model)(config), extractor, described["proj_dim"],
+        described["family"], _model_from_config(spec, config), extractor, described["proj_dim"],
         described["target_frames"], described.get("audio_tokens"),
     )  # fmt: skip

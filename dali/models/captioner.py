@@ -50,6 +50,9 @@ class Prompt:
     head: str
     tail: str
     bos: bool = True  # the tokenizer adds BOS before the head
+    # A chat template's image token: the prompt is then tokenised whole around it, as the model's processor does;
+    # None: piece by piece, as the original's ``tokenizer_image_token`` tokenises LLaVA-1.5's conversation.
+    image_token: str | None = None
 
     def after(self, question: str) -> str:
         return self.tail.replace(QUESTION_SLOT, question)
@@ -70,7 +73,7 @@ class Prompt:
         head, tail = text.split(image_token)
         bos = bos_token or ""
         starts = bool(bos) and head.startswith(bos)  # the tokenizer adds that BOS itself
-        return cls(head[len(bos) :] if starts else head, tail, starts)
+        return cls(head[len(bos) :] if starts else head, tail, starts, image_token)
 
 
 class Captioner(nn.Module):
@@ -94,6 +97,7 @@ class Captioner(nn.Module):
         self.image_processor = image_processor
         self.source = source
         self._text_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
         self._decoder: StaticDecoder | None = None
 
     # -- loading -------------------------------------------------------------------------------------
@@ -128,6 +132,7 @@ class Captioner(nn.Module):
                 attn_implementation=attn_implementation,
             )
             tokenizer = AutoTokenizer.from_pretrained(source)
+            _check_image_token(tokenizer, llava.config.image_token_id)
             image_processor = base_image_processor(source, config)  # (the base image: tiles are not used)
             prompt = None if family == "llava" else _chat_prompt(source, tokenizer, llava.config.image_token_id)
         except (OSError, ValueError) as error:
@@ -217,6 +222,23 @@ class Captioner(nn.Module):
             self._text_cache[key] = self.tokenizer(text, add_special_tokens=bos)["input_ids"]
         return self._text_cache[key]
 
+    def _prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt before and after the block. A chat template's prompt is tokenised as its
+        processor tokenises it: the rendered text whole (its BOS written out), cut at the image token after. Cut
+        before, a SentencePiece tokenizer would mark the start of each piece (``legacy=False``) where the whole
+        text has none."""
+        after = self.prompt.after(question)
+        image_token = self.prompt.image_token
+        if image_token is None:
+            return self._ids(self.prompt.head, bos=self.prompt.bos), self._ids(after)
+        if after not in self._prompt_cache:
+            bos = self.tokenizer.bos_token if self.prompt.bos else ""
+            text = bos + self.prompt.head + image_token + after
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut = ids.index(self.tokenizer.convert_tokens_to_ids(image_token))
+            self._prompt_cache[after] = (ids[:cut], ids[cut + 1 :])
+        return self._prompt_cache[after]
+
     def _answer_ids(self, after: str, caption: str) -> list[int]:
         """Token ids of the answer, tokenised together with the text before it (as LLaVA masks by length)."""
         joint = self.tokenizer(f"{after} {caption}", add_special_tokens=False)["input_ids"]
@@ -239,9 +261,8 @@ class Captioner(nn.Module):
             Training batches are right-padded; generation prompts are left-padded.
         """
         batch = block.shape[0]
-        before = self._ids(self.prompt.head, bos=self.prompt.bos)
+        before, after = self._prompt_ids(question)
         after_text = self.prompt.after(question)
-        after = self._ids(after_text)
         answers = [self._answer_ids(after_text, caption) for caption in captions] if captions is not None else None
         if answers is not None and len(answers) != batch:
             raise ValueError(f"got {len(answers)} captions for a block of batch {batch}")
@@ -272,7 +293,7 @@ class Captioner(nn.Module):
     # -- training ------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the LLM's activations in backward; gradients still reach the prefix or projector copy."""
-        self.llava.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.llava.model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         self.llava.model.language_model.train()  # checkpointing is active in train mode only (no dropout here)
 
     def caption_loss(
@@ -303,8 +324,8 @@ class Captioner(nn.Module):
             question and "ASSISTANT:"); concatenated they are :meth:`build_inputs`' prompt, without padding.
         """
         embed = self.llava.get_input_embeddings()
-        shared = embed(torch.tensor(self._ids(self.prompt.head, bos=self.prompt.bos), device=self.device))
-        after = embed(torch.tensor(self._ids(self.prompt.after(question)), device=self.device))
+        before, after = (torch.tensor(ids, device=self.device) for ids in self._prompt_ids(question))
+        shared, after = embed(before), embed(after)
         rows = torch.cat([block.to(self.device, self.dtype), after.unsqueeze(0).expand(block.shape[0], -1, -1)], 1)
         return shared, rows
 
@@ -356,6 +377,21 @@ class Captioner(nn.Module):
     @property
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def _check_image_token(tokenizer, image_token_id: int) -> None:
+    """The config's image token must be one the tokenizer added (``<image>``), never an ordinary word: the chat
+    template is split at it, and a word there would put the block in the middle of the prompt's text."""
+    added = {index: str(token) for index, token in tokenizer.added_tokens_decoder.items()}
+    if image_token_id in added:
+        return
+    word = tokenizer.convert_ids_to_tokens(image_token_id) if 0 <= image_token_id < len(tokenizer) else None
+    named = sorted(f"{token!r} (id {index})" for index, token in added.items() if "image" in token.lower())
+    raise ModelLoadError(
+        f"its config and its tokenizer disagree about the image token: config.json's image_token_index "
+        f"{image_token_id} is {'the ordinary token ' + repr(word) if word is not None else 'outside the vocabulary'}"
+        f" of its tokenizer; the tokenizer's added image tokens: {', '.join(named) or 'none'}"
+    )
 
 
 def _chat_prompt(source: str, tokenizer, image_token_id: int) -> Prompt:

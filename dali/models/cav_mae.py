@@ -8,6 +8,7 @@ branch and the MAE decoder are never built (the original built and discarded the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dali.audio import NUM_MEL_BINS
 from dali.constants import TARGET_FRAMES
@@ -144,6 +146,7 @@ class CAVMAEAudioEncoder(nn.Module):
     """
 
     front_end = None  # the fbank of dali.audio (computed by the loader, or on the GPU from its waves)
+    gradient_checkpointing = False
 
     def __init__(self, config: CAVMAEConfig = CAVMAEConfig()):
         super().__init__()
@@ -189,10 +192,14 @@ class CAVMAEAudioEncoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks on any subset of :meth:`embed`'s tokens (a masked pretraining passes the visible ones):
         [B, n, D] -> [B, n, D]."""
-        for block in self.blocks_a:
-            x = block(x)
-        x = self.blocks_u[0](x, modality="a")
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in [*self.blocks_a, functools.partial(self.blocks_u[0], modality="a")]:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm_a(x)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each block's input in training and recompute the block in backward (memory for compute)."""
+        self.gradient_checkpointing = True
 
     def project(self, fbank: torch.Tensor) -> torch.Tensor:
         """Audio tokens in the image-token space: [B, frames, mel] -> [B, N, proj_dim]."""

@@ -37,7 +37,18 @@ from dali.training import Training, epoch_share
 
 
 def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
-    """The encoder to align: ``--audio-encoder``'s family, from ``--init-encoder`` or new at the --encoder-* shape."""
+    """The encoder to align, in training mode (its blocks recomputed in backward with --gradient-checkpointing)."""
+    encoder = _new_or_initial_encoder(config, vision_dim).train()
+    if config.gradient_checkpointing:
+        try:
+            encoder.enable_gradient_checkpointing()
+        except ValueError as error:
+            raise ConfigError(f"--gradient-checkpointing: {error}") from None
+    return encoder
+
+
+def _new_or_initial_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
+    """``--audio-encoder``'s family, from ``--init-encoder`` or new at the --encoder-* shape."""
     if config.audio_encoder != "cav-mae":
         if config.init_encoder:
             encoder = pretrained_encoder(
@@ -46,7 +57,7 @@ def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
         else:
             shape = (config.encoder_dim, config.encoder_depth, config.encoder_heads)
             encoder = new_encoder(config.audio_encoder, vision_dim, *shape, config.target_frames, config.audio_tokens)
-        return encoder.train()
+        return encoder
     if config.init_encoder:
         encoder = load_audio_encoder(config.init_encoder, new_proj_dim=vision_dim)
         if encoder.output_dim != vision_dim:
@@ -57,7 +68,7 @@ def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
             raise ConfigError(
                 f"--target-frames {config.target_frames} differs from the checkpoint's {encoder.config.target_frames}"
             )
-        return encoder.train()
+        return encoder
     shape = CAVMAEConfig(
         embed_dim=config.encoder_dim,
         depth_audio=config.encoder_depth,
@@ -66,7 +77,7 @@ def build_encoder(config: AlignConfig, vision_dim: int) -> nn.Module:
         target_frames=config.target_frames,
         proj_dim=vision_dim,
     )
-    return CAVMAEAudioEncoder(shape).train()
+    return CAVMAEAudioEncoder(shape)
 
 
 def alignment_loss(config: AlignConfig, audio: torch.Tensor, image: torch.Tensor, weights=None) -> torch.Tensor:
