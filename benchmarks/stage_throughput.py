@@ -167,7 +167,7 @@ def engine_from_memory(work: Path, batch: int, with_image: bool, repeats: int = 
     from dali.stage_table import ALIGN, PREFIX
 
     run = Run(work)  # its align/ and prefix/ folders
-    models = CaptioningModels.load(run, (ALIGN, PREFIX), llava=str(work / "llava"), dtype=torch.bfloat16, device=DEVICE)
+    models = CaptioningModels.load(run, (ALIGN, PREFIX), llava=str(work / "llava"), dtype="bfloat16", device=DEVICE)
     fbank = torch.randn(batch, 1024, 128, device=DEVICE)
     pixels = torch.randn(batch, 3, 336, 336, device=DEVICE) if with_image else None
     options = DecodingOptions(strategy="greedy", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)

@@ -20,7 +20,7 @@ import torch
 
 from dali import model_folder
 from dali.audio import WINDOW_SHIFT, WaveformError, audio_to_features, samples_for_frames, waveform_to_mono
-from dali.captioning import DTYPES, CaptioningModels
+from dali.captioning import CaptioningModels
 from dali.constants import PROJECTORS, RENAMED_PROJECTORS, SAMPLE_RATE
 from dali.distributed import pick_device
 from dali.errors import DaliError
@@ -88,7 +88,7 @@ def _loading(llava: str | None, conv_mode: str | None, dtype: str, device, allow
     return {
         "llava": llava,
         "conv_mode": conv_mode,
-        "dtype": DTYPES[dtype],
+        "dtype": dtype,
         "device": pick_device(device),
         "allow_modified": allow_modified,
     }
@@ -156,8 +156,12 @@ class AudioCaptioner:
     def describe(self) -> dict:
         """What makes the captions besides the run's trained files: LLaVA's source, the prompt, dtype and device."""
         llava = self.models.captioner
-        dtype = str(llava.dtype).removeprefix("torch.")
-        return {"llava": llava.source, "conv_mode": llava.conv_mode, "dtype": dtype, "device": str(llava.device)}
+        return {
+            "llava": llava.source,
+            "conv_mode": llava.conv_mode,
+            "dtype": llava.precision,
+            "device": str(llava.device),
+        }
 
     def windows(
         self,

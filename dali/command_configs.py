@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from dali.constants import (
     AUDIO_ENCODERS,
     CAPTION_FORMATS,
+    CAPTIONING_DTYPE_NAMES,
     CONV_MODES,
     DECODING_ENGINES,
     DEFAULT_FRAME_INDEX,
@@ -60,6 +61,18 @@ class Precision:
     """The precision of LLaVA and of every captioning part, for every command that loads LLaVA, declared once."""
 
     dtype: str = field("float32", choices=DTYPE_NAMES)
+
+
+@dataclass(kw_only=True)
+class CaptioningPrecision:
+    """The precision of every command that captions: also float8 (GPUs with FP8 tensor cores), declared once."""
+
+    dtype: str = field(
+        "float32",
+        choices=CAPTIONING_DTYPE_NAMES,
+        help="precision of LLaVA and of every captioning part; float8: LLaVA's language model's linear layers in "
+        "float8 (e4m3, per-row scales; Ada, Hopper or newer GPUs, with torchao), the rest in bfloat16",
+    )
 
 
 METRIC_MODELS_HELP = (
@@ -233,7 +246,7 @@ class AlignConfig(RunFolder, ClipLoading):
 
 
 @dataclass(kw_only=True)
-class PseudoLabelConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags):
+class PseudoLabelConfig(RunFolder, ReadsStages, ClipLoading, CaptioningPrecision, DecodingFlags):
     """Stage 2a (pseudo-captions). Defaults follow the original (sampling at T=0.2, up to 128 new tokens), seeded."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the align stage used)")
@@ -300,7 +313,7 @@ class DistillConfig(RunFolder, ReadsStages, ClipLoading, Precision):
 
 
 @dataclass(kw_only=True)
-class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags):
+class InferConfig(RunFolder, ReadsStages, ClipLoading, CaptioningPrecision, DecodingFlags):
     """Captions for a test list. Defaults follow the original inference.sh (audio, distilled projector, no prefix)."""
 
     llava: str | None = field(None, help="LLaVA-1.5: hub id or local folder (default: the one the run's stages used)")
@@ -341,7 +354,7 @@ class InferConfig(RunFolder, ReadsStages, ClipLoading, Precision, DecodingFlags)
 
 
 @dataclass(kw_only=True)
-class ReproduceConfig(ReadsStages, ClipLoading, Precision, DecodingFlags):
+class ReproduceConfig(ReadsStages, ClipLoading, CaptioningPrecision, DecodingFlags):
     """dali reproduce: the paper's evaluation of a finished run, over sampling seeds, with the clips it scored.
 
     Rows: AudioCaps from audio, audio + image and image (each --seeds times when decoding samples), and the
@@ -406,7 +419,7 @@ class ExportConfig(ReadsStages):
 
 
 @dataclass(kw_only=True)
-class FinishedRun(ReadsStages, Precision):
+class FinishedRun(ReadsStages, CaptioningPrecision):
     """The flags of the commands that caption with a finished run (caption, app), declared once."""
 
     run: str | None = field(

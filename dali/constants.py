@@ -13,6 +13,9 @@ PROJECTORS = ("distilled", "llava")
 RENAMED_PROJECTORS = {"original": "llava"}
 AUDIO_ENCODERS = ("cav-mae", "ast", "whisper", "clap", "hubert", "wav2vec2")  # dali.models.audio_encoders
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Captioning also takes float8: the LLM's linear layers in float8 on FP8 tensor cores, the rest in bfloat16
+# (dali.models.float8); training stages keep DTYPE_NAMES.
+CAPTIONING_DTYPE_NAMES = (*DTYPE_NAMES, "float8")
 DECODING_ENGINES = ("dali", "generate", "generate-static")
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -163,6 +163,13 @@ class Captioner(nn.Module):
         return self.llava.lm_head.weight.dtype
 
     @property
+    def precision(self) -> str:
+        """The ``--dtype`` it runs in: its dtype's name, or float8 where its LLM's linear layers were made float8
+        (the LM head, which gives :attr:`dtype`, stays bfloat16 then)."""
+        layer = self.llava.model.language_model.layers[0].self_attn.q_proj.weight
+        return "float8" if type(layer) is not nn.Parameter else str(self.dtype).removeprefix("torch.")
+
+    @property
     def projector(self) -> nn.Module:
         """LLaVA's own multimodal projector (``linear_1``, ``act``, ``linear_2``)."""
         return self.llava.model.multi_modal_projector

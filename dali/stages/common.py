@@ -27,14 +27,14 @@ def start_captioning(
     """The captioning stages' shared start: the models of the ``uses`` stages of the run, in ``--dtype``; the config
     with the LLaVA and the prompt they resolved to (the flags', else those the run recorded), printed and saved; and
     the stage's inputs recorded: that LLaVA and prompt, ``files`` (flag name -> path), the upstream folders."""
-    from dali.captioning import DTYPES, CaptioningModels
+    from dali.captioning import CaptioningModels
 
     models = CaptioningModels.load(
         run,
         uses,
         llava=config.llava,
         conv_mode=config.conv_mode,
-        dtype=DTYPES[config.dtype],
+        dtype=config.dtype,
         device=context.device,
         allow_modified=config.allow_modified,
     )
@@ -44,6 +44,7 @@ def start_captioning(
         stage.save_config(config_to_dict(config))
         stage.add_input("llava", config.llava)
         stage.add_setting("conv_mode", config.conv_mode)
+        stage.add_setting("precision", models.captioner.precision)  # what ran: float8 is bfloat16 around float8
         for name, path in files.items():
             stage.add_input(name, path)
         for row in uses:
