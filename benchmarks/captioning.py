@@ -8,6 +8,9 @@ decode step in a CUDA graph), same GPU, same run; prints the roofline derived fr
 our time goes.
 
     python benchmarks/captioning.py --new-tokens 20 64 --batches 1 64 128 --ours-batches 128
+
+``--float8`` then runs our engine again with the LLM's linear layers in float8 (``--dtype float8``'s path): its
+rows, its speed-up over our bf16 and where its time goes (not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ def main() -> int:
     parser.add_argument("--ours-batches", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--text-layers", type=int, default=32)
+    parser.add_argument(
+        "--float8", action="store_true", help="then our engine again with the LLM's linear layers in float8"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     ceilings = measured_ceilings()
@@ -152,7 +158,7 @@ def main() -> int:
 
     results = {"ceilings": ceilings, "prompt_tokens": prompt_len, "shared_head_tokens": shared_len, "rows": []}
 
-    def sweep(engine: str, batches: list[int], new: int) -> dict[int, float]:
+    def sweep(engine: str, batches: list[int], new: int, precision: str = "bfloat16") -> dict[int, float]:
         """Clips/s per batch size (ascending); a batch that runs out of memory is recorded and ends the sweep."""
         speeds = {}
         for batch in batches:
@@ -163,7 +169,7 @@ def main() -> int:
                 captioner.release_decoder()  # drop a KV cache that did not fit
                 torch.cuda.empty_cache()
                 row = {"result": "out of memory"}
-            results["rows"].append({"engine": engine, "new_tokens": new, "batch": batch, **row})
+            results["rows"].append({"engine": engine, "precision": precision, "new_tokens": new, "batch": batch, **row})
             print(results["rows"][-1], flush=True)
             if "result" in row:
                 break
@@ -209,6 +215,21 @@ def main() -> int:
             summary.setdefault("targets", {})[f"{name}>={target}"] = verdict
         results.setdefault("summary", []).append(summary)
         print(summary, flush=True)
+    if args.float8:  # last: the layers are made float8 in place (`--dtype float8`'s path, dali.models.float8)
+        from dali.models.float8 import check_float8, quantize_float8
+
+        check_float8(torch.device("cuda"))
+        captioner.release_decoder()
+        torch.compiler.reset()
+        quantize_float8(captioner.llava.model.language_model)
+        for new in args.new_tokens:
+            fp8 = sweep("dali", args.ours_batches, new, "float8")
+            summary = next(item for item in results["summary"] if item["new_tokens"] == new)
+            batch = max(fp8, key=fp8.get)
+            summary |= {"float8_best": round(fp8[batch], 2), "float8_batch": batch}
+            summary["float8_speedup_vs_ours_bf16"] = round(fp8[batch] / summary["ours_best"], 2)
+            summary["float8_seconds_per_batch"] = where_time_goes(batch, new)
+            print(summary, flush=True)
     results["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     report("captioning", results)
     print(f"device: {device_name()}")

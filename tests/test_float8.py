@@ -103,3 +103,28 @@ def test_float8_makes_exactly_the_language_models_linear_layers_float8(synthetic
     assert (logits[1] - logits[0]).norm() / logits[0].norm() < 0.1
     captions = captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=6))
     assert len(captions) == 3 and all(captions)
+
+
+@pytest.mark.gpu
+def test_float8_greedy_captions_match_bfloat16_on_most_clips(pipeline):
+    """On a GPU with FP8 tensor cores, through the engine (compiled prefill, CUDA-graph decode): the world's
+    captioner, audio rows with LLaVA's projector and the prefix, greedy. The share is printed, not tuned."""
+    pytest.importorskip("torchao")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    from dali import AudioCaptioner
+    from dali.models.decoding import DecodingOptions
+
+    world, _, run = pipeline
+    clips = sorted((world / "audio").glob("test*.wav"))[:32]
+    greedy = DecodingOptions(strategy="greedy", max_new_tokens=24)
+    captions = {}
+    for dtype in ("bfloat16", "float8"):
+        captioner = AudioCaptioner.from_run(
+            run, projector="llava", use_prefix=True, decoding=greedy, dtype=dtype, device="cuda"
+        )
+        assert captioner.describe()["dtype"] == dtype
+        captions[dtype] = [captioner.caption(clip, first_window_only=True)[0][2] for clip in clips]
+    same = sum(a == b for a, b in zip(captions["bfloat16"], captions["float8"])) / len(clips)
+    print(f"float8 greedy captions equal to bfloat16's: {same:.2f} of {len(clips)} clips")
+    assert same > 0.5
