@@ -97,6 +97,38 @@ def test_the_pretrained_encoder_is_cached_keyed_and_starts_alignment(synthetic):
     assert encoder.config.proj_dim == 48 and encoder.project(torch.zeros(1, 1024, 128)).shape == (1, 64, 48)
 
 
+def test_a_killed_pretraining_resumes_after_its_last_epoch_to_the_same_encoder(synthetic, tmp_path, monkeypatch):
+    """Killed in its third epoch, then run again: it resumes after the second (the model, optimiser, schedule and
+    order of the checkpoint) and ends with the bytes of an uninterrupted run; the checkpoint goes once it is done."""
+    import dali.synthetic.encoder_pretraining as pretraining
+
+    world, _ = synthetic
+    settings = dataclasses.replace(SMALL, clips=48, epochs=3, batch_size=16)  # the reduced world's clip set
+    whole = pretraining.pretrain_encoder(world, tmp_path / "whole", settings)
+    per_epoch = math.ceil((48 - max(1, int(48 * settings.val_fraction))) / settings.batch_size)
+    training_steps, kill_after = [], [2 * per_epoch]
+
+    def counted(*args, **kwargs):  # a training step (not a held-out batch), killed past ``kill_after``
+        if torch.is_grad_enabled():
+            training_steps.append(1)
+            if len(training_steps) > kill_after[0]:
+                raise KeyboardInterrupt
+        return pretraining_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "pretraining_loss", counted)
+    with pytest.raises(KeyboardInterrupt):
+        pretraining.pretrain_encoder(world, tmp_path / "killed", settings)
+    assert [path.name for path in (tmp_path / "killed").glob("checkpoint-*.pt")]
+    assert not (tmp_path / "killed" / pretraining.MARKER).exists()
+    training_steps.clear()
+    kill_after[0] = math.inf
+    resumed = pretraining.pretrain_encoder(world, tmp_path / "killed", settings)
+    assert len(training_steps) == per_epoch  # the third epoch only
+    assert resumed.read_bytes() == whole.read_bytes()
+    assert (resumed.parent / "metrics.jsonl").read_text() == (whole.parent / "metrics.jsonl").read_text()
+    assert not list(resumed.parent.glob("checkpoint-*.pt"))
+
+
 def test_the_dali_entry_pins_the_kernels_of_the_demo_and_keeps_what_the_user_set():
     code = (
         "import os; from dali import cli; cli.pin_environment(); import torch; "
