@@ -1,4 +1,5 @@
-"""The world's audio encoder pretraining (dali/synthetic/encoder_pretraining.py) and the pinned CPU kernels."""
+"""The world's audio encoder pretraining (dali/synthetic/encoder_pretraining.py), the resume of the world's two
+trainings, and the pinned CPU kernels."""
 
 from __future__ import annotations
 
@@ -97,36 +98,74 @@ def test_the_pretrained_encoder_is_cached_keyed_and_starts_alignment(synthetic):
     assert encoder.config.proj_dim == 48 and encoder.project(torch.zeros(1, 1024, 128)).shape == (1, 64, 48)
 
 
-def test_a_killed_pretraining_resumes_after_its_last_epoch_to_the_same_encoder(synthetic, tmp_path, monkeypatch):
+class KilledStep:
+    """A training's step function, counted, that kills the run (KeyboardInterrupt) past ``kill_after`` steps;
+    ``counts(*args)`` says which calls are training steps."""
+
+    def __init__(self, step, kill_after: float, counts=lambda *args, **kwargs: True):
+        self.step, self.kill_after, self.counts, self.taken = step, kill_after, counts, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.counts(*args, **kwargs):
+            self.taken += 1
+            if self.taken > self.kill_after:
+                raise KeyboardInterrupt
+        return self.step(*args, **kwargs)
+
+
+def _killed_then_resumed(train, module, name: str, per_epoch: int, folder: Path, counts=lambda *a, **k: True):
+    """``train(folder)`` killed in its third epoch (its checkpoint left, no marker), then run again: the second
+    run's result, after checking it took the third epoch's steps only and left no checkpoint."""
+    killed = KilledStep(getattr(module, name), 2 * per_epoch, counts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, name, killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(folder)
+    assert list(folder.glob("checkpoint-*.pt")) and not (folder / module.MARKER).exists()
+    counted = KilledStep(getattr(module, name), math.inf, counts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, name, counted)
+        result = train(folder)
+    assert counted.taken == per_epoch  # resumed after the second epoch
+    assert not list(folder.glob("checkpoint-*.pt"))
+    return result
+
+
+def test_a_killed_pretraining_resumes_after_its_last_epoch_to_the_same_encoder(synthetic, tmp_path):
     """Killed in its third epoch, then run again: it resumes after the second (the model, optimiser, schedule and
-    order of the checkpoint) and ends with the bytes of an uninterrupted run; the checkpoint goes once it is done."""
+    order of the checkpoint) and ends with the bytes of an uninterrupted run."""
     import dali.synthetic.encoder_pretraining as pretraining
 
     world, _ = synthetic
     settings = dataclasses.replace(SMALL, clips=48, epochs=3, batch_size=16)  # the reduced world's clip set
     whole = pretraining.pretrain_encoder(world, tmp_path / "whole", settings)
     per_epoch = math.ceil((48 - max(1, int(48 * settings.val_fraction))) / settings.batch_size)
-    training_steps, kill_after = [], [2 * per_epoch]
-
-    def counted(*args, **kwargs):  # a training step (not a held-out batch), killed past ``kill_after``
-        if torch.is_grad_enabled():
-            training_steps.append(1)
-            if len(training_steps) > kill_after[0]:
-                raise KeyboardInterrupt
-        return pretraining_loss(*args, **kwargs)
-
-    monkeypatch.setattr(pretraining, "pretraining_loss", counted)
-    with pytest.raises(KeyboardInterrupt):
-        pretraining.pretrain_encoder(world, tmp_path / "killed", settings)
-    assert [path.name for path in (tmp_path / "killed").glob("checkpoint-*.pt")]
-    assert not (tmp_path / "killed" / pretraining.MARKER).exists()
-    training_steps.clear()
-    kill_after[0] = math.inf
-    resumed = pretraining.pretrain_encoder(world, tmp_path / "killed", settings)
-    assert len(training_steps) == per_epoch  # the third epoch only
+    resumed = _killed_then_resumed(
+        lambda folder: pretraining.pretrain_encoder(world, folder, settings), pretraining, "pretraining_loss",
+        per_epoch, tmp_path / "killed", counts=lambda *args, **kwargs: torch.is_grad_enabled(),  # not held-out
+    )  # fmt: skip
     assert resumed.read_bytes() == whole.read_bytes()
     assert (resumed.parent / "metrics.jsonl").read_text() == (whole.parent / "metrics.jsonl").read_text()
-    assert not list(resumed.parent.glob("checkpoint-*.pt"))
+
+
+def test_a_killed_captioner_training_resumes_after_its_last_epoch_to_the_same_captioner(synthetic, tmp_path):
+    """The world's other long training: killed in its third epoch, run again, it trains the third epoch only and
+    ends with the weights and losses of an uninterrupted run."""
+    import dali.synthetic.captioner as captioner
+
+    world, _ = synthetic
+    settings = captioner.CaptionerTraining(epochs=3)
+    whole = captioner.train_captioner(world, tmp_path / "whole", settings)
+    images = len(json.loads((world / "captioner" / "captions.json").read_text()))
+    sentences = len((world / "captioner" / "text.txt").read_text().split("\n")) - 1
+    per_epoch = 2 * math.ceil(images / settings.batch_size) + math.ceil(sentences / settings.batch_size)
+    resumed = _killed_then_resumed(
+        lambda folder: captioner.train_captioner(world, folder, settings), captioner, "_task_loss", per_epoch,
+        tmp_path / "killed",
+    )  # fmt: skip
+    assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    done = [json.loads((folder / captioner.MARKER).read_text()) for folder in (whole, resumed)]
+    assert done[0]["final_loss"] == done[1]["final_loss"] and done[0]["steps"] == done[1]["steps"] == 3 * per_epoch
 
 
 def test_the_dali_entry_pins_the_kernels_of_the_demo_and_keeps_what_the_user_set():

@@ -22,8 +22,8 @@ from dali.logs import log
 from dali.models.captioner import QUESTION, Captioner
 from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
 from dali.progress import progress
-from dali.synthetic.world import holds_trained, trained_key
-from dali.training import cosine_schedule
+from dali.synthetic.world import holds_trained, resume_trained, trained_checkpoint, trained_key
+from dali.training import cosine_schedule, save_training
 
 IMAGE_QUESTIONS = ("Describe the image.", "What is in this picture?")
 SOUND_QUESTION = "What sounds might this scene make?"
@@ -82,12 +82,14 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
     rng = random.Random(training.seed)
     epochs = [_epoch_batches(len(records), len(sentences), training.batch_size, rng) for _ in range(training.epochs)]
     data = (records, sentences, pixels, word_targets)
-    losses = _train(captioner, words_head, data, epochs, training, rng)
+    checkpoint = trained_checkpoint(out, key)
+    losses = _train(captioner, words_head, data, epochs, training, rng, checkpoint)
     captioner.llava.eval().requires_grad_(False)
     save_tiny_llava(captioner.llava, tokenizer, out)
     summary = {"key": key, "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1), "steps": len(losses)}
     summary |= {"wall_time_s": round(time.time() - started, 1), "training": json.loads(key)}
     atomic_write_json(out / MARKER, summary)
+    checkpoint.unlink()
     return out
 
 
@@ -122,15 +124,21 @@ def _epoch_batches(images: int, sentences: int, size: int, rng: random.Random) -
     return batches
 
 
-def _train(captioner, words_head, data, epochs, training: CaptionerTraining, rng: random.Random) -> list[float]:
-    """AdamW with a cosine schedule over every batch of every epoch; returns the loss of each step."""
+def _train(captioner, words_head, data, epochs, training, rng: random.Random, checkpoint: Path) -> list[float]:
+    """AdamW with a cosine schedule over every batch of every epoch; returns the loss of each step. Each finished
+    epoch is a ``checkpoint`` a killed training resumes after."""
     total = sum(len(batches) for batches in epochs)
     parameters = list(captioner.llava.parameters()) + list(words_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=training.lr, weight_decay=training.weight_decay)
     scheduler = cosine_schedule(optimizer, total, training.warmup_ratio)
-    bar = progress(total=total, desc="training the synthetic image captioner")
-    losses: list[float] = []
+    trained = {"llava": captioner.llava, "words_head": words_head, "optimizer": optimizer, "scheduler": scheduler}
+    position = resume_trained(checkpoint, trained) or {"epoch": 0, "losses": [], "order": rng.getstate()}
+    losses: list[float] = position["losses"]
+    rng.setstate(position["order"])
+    bar = progress(total=total, initial=len(losses), desc="training the synthetic image captioner")
     for epoch, batches in enumerate(epochs):
+        if epoch < position["epoch"]:
+            continue
         for task, batch in batches:
             loss = _task_loss(captioner, words_head, data, task, batch, training, rng)
             optimizer.zero_grad(set_to_none=True)
@@ -141,6 +149,7 @@ def _train(captioner, words_head, data, epochs, training: CaptionerTraining, rng
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+        save_training(checkpoint, trained, epoch=epoch + 1, losses=losses, order=rng.getstate())
     bar.close()
     return losses
 

@@ -31,10 +31,17 @@ from dali.files import atomic_write, atomic_write_json
 from dali.jsonl import atomic_write_jsonl
 from dali.logs import log
 from dali.models.cav_mae import Block, CAVMAEAudioEncoder, CAVMAEConfig, save_audio_encoder, sincos_pos_embed_2d
-from dali.models.checkpoints import CheckpointError
 from dali.progress import progress
-from dali.synthetic.world import NUM_FRAMES, holds_trained, sample_scene, trained_key, write_clip
-from dali.training import cosine_schedule, resume_training, save_training
+from dali.synthetic.world import (
+    NUM_FRAMES,
+    holds_trained,
+    resume_trained,
+    sample_scene,
+    trained_checkpoint,
+    trained_key,
+    write_clip,
+)
+from dali.training import cosine_schedule, save_training
 from dali.workers import worker_pool
 
 FOLDER = "pretrain"  # the world's unlabeled clips, beside its other splits
@@ -224,7 +231,12 @@ def pretrain_encoder(world: Path, out: Path, training: EncoderPretraining) -> Pa
     scheduler = cosine_schedule(optimizer, training.epochs * steps_per_epoch, training.warmup_ratio)
     out.mkdir(parents=True, exist_ok=True)
     trained = {"modules": modules, "optimizer": optimizer, "scheduler": scheduler}
-    rng, metrics, best, train, done = _resumed(out / _checkpoint_name(key), trained, train, training.seed)
+    checkpoint = trained_checkpoint(out, key)
+    rng, metrics, best, done = random.Random(training.seed), [], math.inf, 0
+    position = resume_trained(checkpoint, trained)
+    if position is not None:
+        metrics, best, train, done = position["metrics"], position["best"], position["train"], position["epoch"]
+        rng.setstate(position["order"])
     bar = progress(
         total=training.epochs * steps_per_epoch, initial=done * steps_per_epoch, desc="pretraining the audio encoder"
     )
@@ -249,46 +261,16 @@ def pretrain_encoder(world: Path, out: Path, training: EncoderPretraining) -> Pa
             best = record["val_loss"]
             atomic_write(out / ENCODER_FILE, lambda tmp: save_audio_encoder(encoder, tmp))
         position = {"epoch": epoch, "metrics": metrics, "best": best, "train": train, "order": rng.getstate()}
-        save_training(out / _checkpoint_name(key), trained, **position)  # a killed run resumes after this epoch
+        save_training(checkpoint, trained, **position)  # a killed run resumes after this epoch
     bar.close()
     atomic_write_jsonl(out / "metrics.jsonl", metrics)
     best_epoch = min(metrics, key=lambda r: r["val_loss"])["epoch"]
     wall = round(time.time() - started, 1)
     summary = {"key": key, "best_epoch": best_epoch, "best_val_loss": best, "wall_time_s": wall}
     atomic_write_json(out / MARKER, summary | {"training": dataclasses.asdict(training)})  # written last
-    (out / _checkpoint_name(key)).unlink()
+    checkpoint.unlink()
     log.info("pretrained audio encoder in %s (epoch %d of %d kept)", out, best_epoch, training.epochs)
     return out / ENCODER_FILE
-
-
-def _checkpoint_name(key: str) -> str:
-    """The resumable state of one pretraining (its settings and world), by name: another's is never resumed."""
-    return f"checkpoint-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-
-
-def _resumed(path: Path, trained: dict, train: list[int], seed: int):
-    """(order rng, metrics, best held-out loss, training clips' order, epochs done): from the checkpoint a killed
-    pretraining left after its last finished epoch (its objects' states loaded into ``trained``), else from the
-    start. Checkpoints of other settings are removed; an unreadable one is started over (this is a cache)."""
-    for other in path.parent.glob("checkpoint-*.pt"):
-        if other != path:
-            other.unlink()
-    rng = random.Random(seed)
-    try:
-        position = resume_training(path, trained)
-    except CheckpointError as error:
-        log.warning("pretraining starts over: %s", error)
-        position = None
-    if position is None:
-        return rng, [], math.inf, train, 0
-    rng.setstate(_as_tuples(position["order"]))
-    log.info("pretraining resumes after epoch %d", position["epoch"])
-    return rng, position["metrics"], position["best"], position["train"], position["epoch"]
-
-
-def _as_tuples(state):
-    """``random.Random.getstate()`` as saved (a checkpoint may hand its tuples back as lists)."""
-    return tuple(_as_tuples(item) for item in state) if isinstance(state, (list, tuple)) else state
 
 
 def _batch(fbanks: torch.Tensor, frames: torch.Tensor, indices: list[int], rng: random.Random | None):

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from dali.constants import NUM_FRAMES
 from dali.cpu_kernels import kernels_key
 from dali.files import atomic_write, atomic_write_json, atomic_write_text
+from dali.logs import log
 from dali.synthetic import sounds
 from dali.workers import worker_pool
 
@@ -349,6 +350,32 @@ def trained_key(world: Path, settings) -> str:
 def holds_trained(out: Path, marker: str, key: str) -> bool:
     """Whether ``out`` holds a finished model made with ``key`` (its marker, written last, names it)."""
     return (out / marker).exists() and json.loads((out / marker).read_text()).get("key") == key
+
+
+def trained_checkpoint(out: Path, key: str) -> Path:
+    """Where a training of ``key`` keeps its resumable state in ``out``; the checkpoints of other settings or
+    worlds there are removed (never resumed)."""
+    path = Path(out) / f"checkpoint-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    for other in Path(out).glob("checkpoint-*.pt"):
+        if other != path:
+            other.unlink()
+    return path
+
+
+def resume_trained(path: Path, trained: dict) -> dict | None:
+    """The position a killed training saved after its last finished epoch (``dali.training.save_training``), its
+    objects' states loaded into ``trained``; None: from the start (an unreadable checkpoint too: this is a cache)."""
+    from dali.models.checkpoints import CheckpointError
+    from dali.training import resume_training
+
+    try:
+        position = resume_training(path, trained)
+    except CheckpointError as error:
+        log.warning("%s: starting over (%s)", path.parent, error)
+        return None
+    if position is not None:
+        log.info("%s: resuming after epoch %d", path.parent, position["epoch"])
+    return position
 
 
 def write_clip(args: tuple[Scene, str]) -> None:
