@@ -97,7 +97,6 @@ class Captioner(nn.Module):
         self.image_processor = image_processor
         self.source = source
         self._text_cache: dict[str, list[int]] = {}
-        self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
         self._decoder: StaticDecoder | None = None
 
     # -- loading -------------------------------------------------------------------------------------
@@ -238,13 +237,10 @@ class Captioner(nn.Module):
         image_token = self.prompt.image_token
         if image_token is None:
             return self._ids(self.prompt.head, bos=self.prompt.bos), self._ids(after)
-        if after not in self._prompt_cache:
-            bos = self.tokenizer.bos_token if self.prompt.bos else ""
-            text = bos + self.prompt.head + image_token + after
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            cut = ids.index(self.tokenizer.convert_tokens_to_ids(image_token))
-            self._prompt_cache[after] = (ids[:cut], ids[cut + 1 :])
-        return self._prompt_cache[after]
+        bos = self.tokenizer.bos_token if self.prompt.bos else ""
+        ids = self._ids(bos + self.prompt.head + image_token + after)
+        cut = ids.index(self.tokenizer.convert_tokens_to_ids(image_token))
+        return ids[:cut], ids[cut + 1 :]
 
     def _answer_ids(self, after: str, caption: str) -> list[int]:
         """Token ids of the answer, tokenised together with the text before it (as LLaVA masks by length)."""
