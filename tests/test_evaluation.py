@@ -253,3 +253,23 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path,
     assert run("evaluate", evaluate.main, base) == 2  # the default: beside the predictions
     assert f"--out: cannot write scores into '{tmp_path}' (Permission denied)" in capsys.readouterr().err
     assert not (tmp_path / "scores.json").exists()
+
+
+def test_meteor_runs_in_one_java_process_that_a_failed_table_replaces(ours):
+    from dali import evaluation
+
+    first = evaluation._meteor()
+    again = evaluate_captions(CANDIDATES, REFERENCES)
+    assert evaluation._meteor() is first and first.meteor_p.poll() is None  # the same java process, still running
+    assert again["scores"]["meteor"] == ours["scores"]["meteor"]
+
+    def broken(hypothesis, references):  # the exchange stops half way, with METEOR's lock taken
+        raise OSError("broken pipe")
+
+    first._stat = broken
+    with pytest.raises(OSError, match="broken pipe"):
+        evaluate_captions(CANDIDATES, REFERENCES)
+    assert first.meteor_p.wait(timeout=30) is not None and not first.lock.locked()
+    after = evaluate_captions(CANDIDATES, REFERENCES)
+    assert evaluation._meteor() is not first
+    assert after["scores"]["meteor"] == ours["scores"]["meteor"]
