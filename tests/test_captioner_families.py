@@ -4,6 +4,7 @@ their real formats with their processors' chat templates, and taken through the 
 import io
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -184,3 +185,51 @@ def test_each_family_goes_through_the_five_stages(synthetic, family_dir, tmp_pat
     assert infer.main(common + test + ["--modality", "audio", "--no-sbert"]) == 0
     assert len(read_jsonl(run / "infer_audio" / "predictions.jsonl")) == 4
     assert json.loads((run / "infer_audio" / "scores.json").read_text())["scores"]
+
+
+def _loss_gradients_and_positions(folder, run_head_in_each_row: bool, checkpointing: bool = False):
+    """caption_loss of one batch (answers of three lengths, a block with gradients): the loss, every gradient, and
+    how many positions the LLM's first layer ran."""
+    captioner = Captioner.from_pretrained(folder)
+    captioner.llava.requires_grad_(True)
+    if checkpointing:
+        captioner.enable_gradient_checkpointing()
+    torch.manual_seed(0)
+    block = torch.randn(3, 5, captioner.hidden_size, requires_grad=True)
+    positions = []
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        positions.append(hidden.shape[0] * hidden.shape[1])
+
+    captioner.llava.model.language_model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+    captions = ["a dog barks twice and then a bell rings", "wind", "a car passes by"]
+    decide = (lambda self, batch: False) if run_head_in_each_row else Captioner._shares_head
+    with mock.patch.object(Captioner, "_shares_head", decide):
+        loss = captioner.caption_loss(block, captions)
+    loss.backward()
+    gradients = {name: p.grad for name, p in captioner.llava.named_parameters() if p.grad is not None}
+    return loss, gradients | {"block": block.grad}, sum(positions)
+
+
+def _assert_the_head_runs_once_with_the_same_loss_and_gradients(folder) -> None:
+    loss, gradients, positions = _loss_gradients_and_positions(folder, run_head_in_each_row=True)
+    shared_loss, shared_gradients, shared_positions = _loss_gradients_and_positions(folder, False)
+    torch.testing.assert_close(shared_loss, loss, rtol=1e-5, atol=1e-6)
+    assert shared_gradients.keys() == gradients.keys() and "block" in gradients
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(shared_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    head = len(Captioner.from_pretrained(folder)._prompt_ids(QUESTION)[0])
+    assert head > 0 and shared_positions == positions - 2 * head  # the head ran in one row, not three
+    _, checkpointed, checkpointed_positions = _loss_gradients_and_positions(folder, False, checkpointing=True)
+    assert checkpointed_positions == positions  # transformers' checkpointing keeps no cache: the head runs per row
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_prompts_head_runs_once_per_batch_with_the_loss_and_gradients_of_each_row(synthetic, family_dir):
+    _assert_the_head_runs_once_with_the_same_loss_and_gradients(family_dir)
+
+
+def test_llava_15s_head_runs_once_per_batch_with_the_loss_and_gradients_of_each_row(synthetic):
+    _assert_the_head_runs_once_with_the_same_loss_and_gradients(synthetic[1])
