@@ -243,3 +243,26 @@ def test_compiled_engine_on_gpu_matches_generate_and_pads_smaller_batches(tiny_l
     plain = captioner.generate(block, DecodingOptions(strategy="greedy", max_new_tokens=8, engine="generate"))
     assert captioner.generate(block, options) == plain
     assert captioner.generate(block[:3], options) == plain[:3]  # padded to the compiled batch of 4
+
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
+def test_clip_stops_at_the_feature_layer_with_the_numbers_and_gradients_of_the_whole_tower(
+    tiny_llava_dir, feature_layer
+):
+    from dali.models.vision_tower import layer_states
+
+    tower = Captioner.from_pretrained(tiny_llava_dir).llava.model.vision_tower.requires_grad_(True)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ran = []
+    for layer in tower.encoder.layers:
+        layer.register_forward_hook(lambda module, args, output: ran.append(module))
+    states = layer_states(tower, pixels, feature_layer)
+    assert len(ran) == range(len(tower.encoder.layers) + 1)[feature_layer]  # none after it
+    states.square().sum().backward()
+    ours = {name: p.grad.clone() for name, p in tower.named_parameters() if p.grad is not None}
+    tower.zero_grad(set_to_none=True)
+    whole = tower(pixels, output_hidden_states=True).hidden_states[feature_layer]
+    whole.square().sum().backward()
+    assert torch.equal(states, whole)
+    assert ours.keys() == {name for name, p in tower.named_parameters() if p.grad is not None}
+    assert all(torch.equal(ours[name], p.grad) for name, p in tower.named_parameters() if p.grad is not None)

@@ -48,8 +48,12 @@ def run(box: Path, command: str, replace: dict[str, str] | None = None) -> str:
 
 
 def test_demo_then_caption_your_own_file(sandbox):
-    run(sandbox, "make demo ARGS=--reduced")
+    printed = run(sandbox, "make demo ARGS=--reduced")
     results = json.loads((sandbox / "expe" / "demo" / "results.json").read_text())
+    made = {"world and image captioner", "encoder pretraining", "prefix", "ot_att/align", "ot_att/distill"}
+    assert made | {"image_captioner/infer_image", "unaligned/infer_audio"} <= set(results["seconds"])
+    assert all(results["seconds"][part] > 0 for part in made)  # where the time went, part by part
+    assert f"Time: {sum(results['seconds'].values()):.0f} s (world and image captioner " in printed
     names = {row["name"] for row in results["rows"]}
     assert names == {
         "Image captioner on images (*)",

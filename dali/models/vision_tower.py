@@ -41,8 +41,22 @@ def patch_tokens(
     """Hidden states of ``feature_layer``, as LLaVA selects them: without CLIP's CLS token (``default``) or all of
     them (``full``: SigLIP has no CLS). [B, 3, S, S] -> [B, P, D]."""
     parameter = next(tower.parameters())
-    hidden = tower(pixel_values.to(parameter.device, parameter.dtype), output_hidden_states=True).hidden_states
-    return hidden[feature_layer][:, 1:] if select == "default" else hidden[feature_layer]
+    hidden = layer_states(tower, pixel_values.to(parameter.device, parameter.dtype), feature_layer)
+    return hidden[:, 1:] if select == "default" else hidden
+
+
+def layer_states(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    """``tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer]`` [B, tokens, D], the same
+    numbers, without the layers after ``feature_layer``: LLaVA reads CLIP's penultimate layer, and transformers
+    runs every layer (CLIP's last is a quarter of the synthetic world's tower, 1/24 of CLIP-L). CLIP's own loop,
+    stopped early; another tower (SigLIP) runs whole."""
+    if type(tower).__name__ != "CLIPVisionModel":
+        return tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer]
+    layers = tower.encoder.layers
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    for layer in layers[: range(len(layers) + 1)[feature_layer]]:  # hidden_states[k] is the output of k layers
+        hidden = layer(hidden, None)
+    return hidden
 
 
 def base_image_processor(source: str | Path, config):

@@ -21,6 +21,7 @@ from dali.files import atomic_write_json
 from dali.logs import log
 from dali.models.captioner import QUESTION, Captioner
 from dali.models.tiny_llava import TinyLlavaConfig, build_tiny_llava, save_tiny_llava, train_tokenizer
+from dali.models.vision_tower import layer_states
 from dali.progress import progress
 from dali.synthetic.world import holds_trained, resume_trained, trained_checkpoint, trained_key
 from dali.training import cosine_schedule, save_training
@@ -176,5 +177,4 @@ def _task_loss(captioner, words_head, data, task: str, batch: list[int], trainin
 def _tokens_with_grad(captioner: Captioner, pixels: torch.Tensor) -> torch.Tensor:
     """CLIP patch tokens with gradients (the tower is trained here, unlike in every DALI stage)."""
     tower = captioner.llava.model.vision_tower
-    hidden = tower(pixels, output_hidden_states=True).hidden_states
-    return hidden[captioner.llava.config.vision_feature_layer][:, 1:]
+    return layer_states(tower, pixels, captioner.llava.config.vision_feature_layer)[:, 1:]

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(args.expe_dir) / (args.run + suffix)
         results = run_demo(args, Path(args.world + suffix), run, rows, seed)
         runs.append(results)
-        print(f"\n{run}: seed {seed}\n" + results_table(results["rows"]) + "\n" + claims_text(results["claims"]))
+        table = results_table(results["rows"]) + "\n" + claims_text(results["claims"])
+        print(f"\n{run}: seed {seed}\n{table}" + time_text(results["seconds"]))
     if args.seeds > 1:
         summary = summarise_seeds(runs)
         folder = Path(args.expe_dir) / args.run
@@ -130,10 +131,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> dict:
     """World, captioner and every stage of one seed; writes and returns ``<run>/results.json``."""
-    llava = build_world(world, args.reduced, args.captioner_epochs, seed, args.captioner_lr)
-    encoder = build_encoder(world, args.reduced, seed) if args.encoder_start == "pretrained" else None
+    seconds: dict[str, float] = {}  # where this call's time went (a part reused from an earlier call: about 0)
+    world_args = (world, args.reduced, args.captioner_epochs, seed, args.captioner_lr)
+    llava = _timed(seconds, "world and image captioner", build_world, *world_args)
+    pretrained = args.encoder_start == "pretrained"
+    encoder = _timed(seconds, "encoder pretraining", build_encoder, world, args.reduced, seed) if pretrained else None
     common = ["--llava", str(llava), "--seed", str(seed)]
-    stage = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava, encoder))
+    made = functools.partial(run_stage, overwrite=args.overwrite, since=_made_since(run, llava, encoder))
+
+    def stage(module, folder: Path, argv: list[str]) -> Path:
+        return _timed(seconds, folder.relative_to(run).as_posix(), made, module, folder, argv)
+
     short = ["--epochs", "20"] if args.reduced else []
     pairs = ["--pairs", str(world / "prefix_pairs.json")]
     prefix_dir = stage(prefix_tune, run / PREFIX.folder, [*preset("prefix_tuning"), *common, *pairs, *short])
@@ -150,6 +158,7 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
             results.append(row_result(row, out, scenes))
     claims = check_claims([{row["name"]: row for row in results}])
     report = {"rows": results, "claims": claims, "encoder_start": args.encoder_start, "kernels": kernel_facts()}
+    report["seconds"] = seconds
     atomic_write_json(run / "results.json", report)
     atomic_write_text(
         run / "results.md",
@@ -161,6 +170,19 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
     )
     plot_results(results, run / "results.png")
     return report
+
+
+def _timed(seconds: dict[str, float], name: str, make, *args):
+    """``make(*args)``, its wall time in ``seconds[name]``."""
+    started = time.monotonic()
+    made = make(*args)
+    seconds[name] = round(time.monotonic() - started, 1)
+    return made
+
+
+def time_text(seconds: dict[str, float]) -> str:
+    parts = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+    return f"Time: {sum(seconds.values()):.0f} s ({parts})\n"
 
 
 def _made_since(run: Path, llava: Path, encoder: Path | None) -> float:
