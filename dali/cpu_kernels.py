@@ -1,16 +1,20 @@
 """The CPU kernels the built-in world trains with, pinned so that the same commit prints the same table on every
-x86-64 host of our kind, and what a results file records of them.
+Intel x86-64 host of our kind, and what a results file records of them.
 
 A model trained from scratch amplifies the last bit of every sum, and three libraries choose their code by the
-processor: ATen dispatches its vectorised kernels by instruction set (AVX-512 here, AVX2 on an AMD EPYC of Zen 2
-or 3), MKL picks GEMM and FFT code paths (and cache blockings) by vendor and instruction set, and oneDNN JIT-compiles
-convolutions for the processor it finds. Pinned: ATen to AVX2 (``ATEN_CPU_CAPABILITY``), MKL to its conditional
-numerical reproducibility branch for AVX2 (``MKL_CBWR``: fixed blockings, deterministic reductions, static
-scheduling), oneDNN off (convolutions then run as im2col + MKL GEMM; ``ONEDNN_MAX_CPU_ISA`` caps what is left of
-it), OpenBLAS (numpy's) to its Haswell kernels, and two threads. The first three are read when torch loads, so the
-``dali`` entry sets them before it imports a pinned command (:data:`PINNED_COMMANDS`); a variable the user set is
-kept, and recorded; ``DALI_NATIVE_KERNELS=1`` pins nothing. docs/results.md measures the cost and says what stays
-host-dependent.
+processor: ATen dispatches its vectorised kernels by instruction set (AVX-512 or AVX2), MKL picks GEMM and FFT code
+paths (and cache blockings) by vendor and instruction set, and oneDNN JIT-compiles convolutions for the processor
+it finds. Pinned: ATen to AVX2 (``ATEN_CPU_CAPABILITY``), MKL to its conditional numerical reproducibility branch
+for AVX2 (``MKL_CBWR``: fixed blockings, deterministic reductions, static scheduling), oneDNN off (convolutions then
+run as im2col + MKL GEMM; ``ONEDNN_MAX_CPU_ISA`` caps what is left of it), OpenBLAS (numpy's) to its Haswell
+kernels, and two threads. The first three are read when torch loads, so the ``dali`` entry sets them before it
+imports a pinned command (:data:`PINNED_COMMANDS`); a variable the user set is kept, and recorded;
+``DALI_NATIVE_KERNELS=1`` pins nothing.
+
+MKL honours its AVX2 branch on Intel processors only: on others it runs its own dispatch whatever ``MKL_CBWR``
+names, except the ``COMPATIBLE`` branch (SSE2, about twice the GEMM time), which it honours everywhere. So the pinned
+table is shared by Intel hosts, and an AMD host's table is its own; :func:`mkl_branch` says which, and the cache
+keys and results.json carry it. docs/results.md measures the cost and what stays host-dependent.
 """
 
 from __future__ import annotations
@@ -57,10 +61,40 @@ def kernels_key() -> dict:
 
     return {
         "aten": torch.backends.cpu.get_cpu_capability(),
-        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "mkl_cbwr": mkl_branch() or _own_dispatch(),
         "mkldnn": torch.backends.mkldnn.enabled,
         "threads": torch.get_num_threads(),
     }
+
+
+def mkl_branch() -> str | None:
+    """``MKL_CBWR`` where MKL honours it (any branch on an Intel processor, COMPATIBLE on every one); None where
+    GEMMs run the processor's own dispatch: without it, or on another vendor's processor (on an AMD EPYC,
+    MKL_CBWR=AVX2, AVX512, SSE4_2 and AUTO gave the bits of no setting, COMPATIBLE others: docs/results.md)."""
+    branch = os.environ.get("MKL_CBWR")
+    if branch is None or processor().get("vendor_id") == "GenuineIntel" or _branch_name(branch) == "COMPATIBLE":
+        return branch
+    return None
+
+
+def _branch_name(branch: str) -> str:
+    """MKL_CBWR's branch: "BRANCH=AVX2,STRICT" -> "AVX2"."""
+    return branch.upper().removeprefix("BRANCH=").split(",")[0].strip()
+
+
+def shared_with() -> str:
+    """Which hosts print the same table as this one, as far as the kernels decide."""
+    branch, aten = mkl_branch(), os.environ.get("ATEN_CPU_CAPABILITY")
+    if branch is None or aten is None or _branch_name(branch) == "AUTO":
+        return "this processor only: kernels chosen by the processor (docs/results.md, Reproducibility)"
+    if _branch_name(branch) == "COMPATIBLE":
+        return f"every x86-64 processor, with ATen at {aten.upper()}, under the same settings"
+    return f"Intel processors with {_branch_name(branch)}, with ATen at {aten.upper()}, under the same settings"
+
+
+def _own_dispatch() -> str:
+    facts = processor()
+    return f"own dispatch on {facts.get('vendor_id', 'unknown')} {facts.get('model name', '')}".strip()
 
 
 def processor() -> dict[str, str]:
@@ -85,4 +119,5 @@ def kernel_facts() -> dict:
         **kernels_key(),
         "environment": {name: os.environ.get(name) for name in (*PINNED_ENVIRONMENT, NATIVE)},
         "pinned": all(os.environ.get(name) == value for name, value in PINNED_ENVIRONMENT.items()),
+        "same_table_on": shared_with(),
     }

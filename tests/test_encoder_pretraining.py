@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dali import cpu_kernels
 from dali.cpu_kernels import NATIVE
 from dali.models.cav_mae import CAVMAEAudioEncoder, load_audio_encoder
 from dali.synthetic.encoder_pretraining import (
@@ -190,6 +191,33 @@ def test_the_dali_entry_pins_the_kernels_of_the_demo_and_keeps_what_the_user_set
         [sys.executable, "-c", code], env=environment | {NATIVE: "1"}, capture_output=True, text=True, check=True
     )
     assert native.stdout.split()[1] == "None"  # nothing pinned
+
+
+@pytest.mark.parametrize(
+    "vendor, branch, mkl, shared",
+    [
+        ("GenuineIntel", "AVX2", "AVX2", "Intel processors with AVX2, with ATen at AVX2"),
+        ("AuthenticAMD", "AVX2", "own dispatch on AuthenticAMD AMD EPYC", "this processor only"),
+        ("AuthenticAMD", "BRANCH=COMPATIBLE,STRICT", "BRANCH=COMPATIBLE,STRICT", "every x86-64 processor"),
+        ("GenuineIntel", None, "own dispatch on GenuineIntel Intel Xeon", "this processor only"),
+        ("GenuineIntel", "AUTO", "AUTO", "this processor only"),
+    ],
+)
+def test_the_kernels_say_which_hosts_share_the_table(monkeypatch, vendor, branch, mkl, shared):
+    """MKL honours MKL_CBWR's branches on Intel processors and COMPATIBLE on every one: elsewhere the cache key
+    names the processor (a model trained under its own dispatch is never reused on another) and the table is
+    this processor's only."""
+    facts = {"machine": "x86_64", "vendor_id": vendor, "model name": "Intel Xeon" if "Intel" in vendor else "AMD EPYC"}
+    monkeypatch.setattr(cpu_kernels, "processor", lambda: facts)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    if branch is None:
+        monkeypatch.delenv("MKL_CBWR", raising=False)
+    else:
+        monkeypatch.setenv("MKL_CBWR", branch)
+    recorded = cpu_kernels.kernel_facts()
+    assert cpu_kernels.kernels_key()["mkl_cbwr"] == recorded["mkl_cbwr"] == mkl
+    assert recorded["same_table_on"].startswith(shared)
+    assert recorded["environment"]["MKL_CBWR"] == branch  # what was asked for, beside what ran
 
 
 _TRAIN = """

@@ -54,6 +54,7 @@ def test_demo_then_caption_your_own_file(sandbox):
     assert made | {"image_captioner/infer_image", "unaligned/infer_audio"} <= set(results["seconds"])
     assert all(results["seconds"][part] > 0 for part in made)  # where the time went, part by part
     assert f"Time: {sum(results['seconds'].values()):.0f} s (world and image captioner " in printed
+    assert f"; the same table on {results['kernels']['same_table_on']}\n" in printed  # which hosts share it
     names = {row["name"] for row in results["rows"]}
     assert names == {
         "Image captioner on images (*)",

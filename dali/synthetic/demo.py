@@ -104,7 +104,7 @@ def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False, si
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(DemoConfig, argv)
     setup_logging()
-    pin_torch()  # with the environment the `dali` entry pinned: the same kernels on every host of our kind
+    pin_torch()  # with the environment the `dali` entry pinned: the same kernels on every Intel host of our kind
     started = time.time()
     check_run_name(args.run)
     rows = FULL_ROWS if args.full else SEEDS_ROWS if args.seeds > 1 else DEFAULT_ROWS
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_demo(args, Path(args.world + suffix), run, rows, seed)
         runs.append(results)
         table = results_table(results["rows"]) + "\n" + claims_text(results["claims"])
-        print(f"\n{run}: seed {seed}\n{table}" + time_text(results["seconds"]))
+        print(f"\n{run}: seed {seed}\n{table}" + time_text(results["seconds"]) + kernels_text(results["kernels"]))
     if args.seeds > 1:
         summary = summarise_seeds(runs)
         folder = Path(args.expe_dir) / args.run
@@ -166,7 +166,9 @@ def run_demo(args, world: Path, run: Path, rows: tuple[Row, ...], seed: int) -> 
         + results_table(results)
         + "\n(*) sees the test clip's frame, not its audio. heard_source_precision / recall: the share of the "
         "sources a caption names that were heard in the clip, and of the heard sources that it names.\n\n"
-        + claims_text(report["claims"]),
+        + claims_text(report["claims"])
+        + "\n"
+        + kernels_text(report["kernels"]),
     )
     plot_results(results, run / "results.png")
     return report
@@ -183,6 +185,15 @@ def _timed(seconds: dict[str, float], name: str, make, *args):
 def time_text(seconds: dict[str, float]) -> str:
     parts = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     return f"Time: {sum(seconds.values()):.0f} s ({parts})\n"
+
+
+def kernels_text(facts: dict) -> str:
+    """Which kernels made the table, on which processor, and which hosts print the same one."""
+    processor = facts["processor"].get("model name") or facts["processor"]["machine"]
+    mkl = facts["mkl_cbwr"] or "own dispatch"
+    onednn = "on" if facts["mkldnn"] else "off"
+    settings = f"ATen {facts['aten']}, MKL {mkl}, oneDNN {onednn}, {facts['threads']} threads"
+    return f"Kernels: {settings}, on {processor}; the same table on {facts['same_table_on']}\n"
 
 
 def _made_since(run: Path, llava: Path, encoder: Path | None) -> float:
