@@ -59,8 +59,8 @@ def probe(run: Path, world: Path, seed: int) -> dict:
 
 
 def margin(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.3f} ± {spread:.3f}"
+    spread = f" ± {statistics.stdev(values):.3f} (mean ± std over seeds)" if len(values) > 1 else " (one seed)"
+    return f"{statistics.mean(values):+.3f}{spread}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         print(f"| {seed} | " + " | ".join(cells) + " |")
     for student in ("+ distillation", "+ distillation --filter"):
-        print(f"{student} - OT-Att: {margin([row[student] - row['OT-Att'] for row in rows])} (mean ± std over seeds)")
+        print(f"{student} - OT-Att: {margin([row[student] - row['OT-Att'] for row in rows])}")
     return 0
 
 

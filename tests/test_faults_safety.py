@@ -396,15 +396,24 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
 
 
 class _RecordingStage:
-    """A stand-in stage module: records each argv it is run with and finishes its folder."""
+    """A stand-in for the prefix-tuning stage's module: records each argv it is run with and finishes its folder,
+    with the config that argv gives (as the stage saves it)."""
+
+    ARGV = ["--llava", "captioner", "--pairs", "pairs.json"]
 
     def __init__(self):
         self.calls = []
+        self.__name__ = "dali.stages.prefix_tune"
 
     def main(self, argv):
+        from dali.command_configs import PrefixTuneConfig
+        from dali.flags import config_to_dict, parse_config
+        from dali.stage_folder import CONFIG
+
         self.calls.append(argv)
         out = Path(argv[argv.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG).write_text(yaml.safe_dump(config_to_dict(parse_config(PrefixTuneConfig, argv))))
         (out / MANIFEST).write_text("{}")
         return 0
 
@@ -419,21 +428,41 @@ def test_the_demo_redoes_stages_made_with_another_captioner_or_encoder_start(tmp
     llava.mkdir()
     (llava / MARKER).write_text(json.dumps({"key": "first"}))
     since = demo._made_since(run, llava, None)
-    demo.run_stage(stage, run / "prefix", [], since=since)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
     assert demo._made_since(run, llava, None) == since  # same captioner: the finished stage is reused
-    demo.run_stage(stage, run / "prefix", [], since=since)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
     assert len(stage.calls) == 1 and "--overwrite" not in stage.calls[0]
     time.sleep(0.01)
     (llava / MARKER).write_text(json.dumps({"key": "retrained"}))
     since = demo._made_since(run, llava, None)  # another captioner: the old stage is redone, a new one is kept
-    demo.run_stage(stage, run / "prefix", [], since=since)
-    demo.run_stage(stage, run / "prefix", [], since=since)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
     assert len(stage.calls) == 2 and "--overwrite" in stage.calls[1]
     time.sleep(0.01)
     pretrained = tmp_path / "encoder"
     pretrained.mkdir()
     (pretrained / PRETRAINING_MARKER).write_text(json.dumps({"key": "pretrained"}))
     since = demo._made_since(run, llava, pretrained / ENCODER_FILE)  # a pretrained start, after a random one
-    demo.run_stage(stage, run / "prefix", [], since=since)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
     assert len(stage.calls) == 3 and "--overwrite" in stage.calls[2]
     assert demo._made_since(run, llava, pretrained / ENCODER_FILE) == since
+
+
+def test_the_demo_redoes_a_stage_finished_with_other_settings_than_its_preset_now_gives(tmp_path, caplog):
+    """A preset or flag changed since the run was made (a new release): the stage is redone, never reused."""
+    from dali.synthetic import demo
+    from dali.synthetic.captioner import MARKER
+
+    caplog.set_level("INFO", logger="dali")
+    run, llava, stage = tmp_path / "run", tmp_path / "captioner", _RecordingStage()
+    llava.mkdir()
+    (llava / MARKER).write_text(json.dumps({"key": "first"}))
+    since = demo._made_since(run, llava, None)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
+    demo.run_stage(stage, run / "prefix", stage.ARGV, since=since)
+    assert len(stage.calls) == 1  # the same settings: reused
+    demo.run_stage(stage, run / "prefix", [*stage.ARGV, "--epochs", "7"], since=since)
+    assert len(stage.calls) == 2 and "--overwrite" in stage.calls[1]
+    assert "is redone: it was made with other settings (--epochs: 500 -> 7)" in caplog.text
+    demo.run_stage(stage, run / "prefix", [*stage.ARGV, "--epochs", "7"], since=since)
+    assert len(stage.calls) == 2  # now made with them: reused

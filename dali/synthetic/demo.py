@@ -9,15 +9,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dali import command_configs
 from dali.command_configs import DemoConfig
 from dali.cpu_kernels import kernel_facts, pin_torch
 from dali.evaluation import TABLE_METRICS, markdown_table
-from dali.files import atomic_write_json, atomic_write_text
-from dali.flags import parse_config
+from dali.files import atomic_write_json, atomic_write_text, read_plain_yaml
+from dali.flags import config_to_dict, parse_config
 from dali.jsonl import read_jsonl
 from dali.logs import log, setup_logging
-from dali.runs import MANIFEST, check_run_name, read_manifest
-from dali.stage_table import ALIGN, DISTILL, PREFIX, PSEUDO_LABEL, infer_folder
+from dali.runs import MANIFEST, check_run_name, finished_differs, read_manifest
+from dali.stage_folder import CONFIG
+from dali.stage_table import ALIGN, DISTILL, PREFIX, PSEUDO_LABEL, STAGES, infer_folder
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.synthetic.build import build_encoder, build_world
 from dali.synthetic.captioner import MARKER as CAPTIONER_MARKER
@@ -88,17 +90,33 @@ def _older_than(folder: Path, since: float) -> bool:
 
 
 def run_stage(module, folder: Path, argv: list[str], overwrite: bool = False, since: float = 0.0) -> Path:
-    """Run a stage unless its folder is finished; an interrupted one resumes. With ``overwrite``, or when the
-    folder holds only files written before ``since`` (made with another captioner), it is redone."""
+    """Run a stage unless its folder is finished; an interrupted one resumes. With ``overwrite``, when the folder
+    holds only files written before ``since`` (made with another captioner), or, in a run the demo made (``since``
+    set), when it was finished with other settings or inputs than ``argv`` gives now (a preset changed, an upstream
+    stage redone), it is redone."""
     overwrite = overwrite or (folder.exists() and _older_than(folder, since))
     if (folder / MANIFEST).exists() and not overwrite:
-        log.info("reusing finished stage %s", folder)
-        return folder
+        reason = _made_otherwise(module, folder, argv) if since else None
+        if reason is None:
+            log.info("reusing finished stage %s", folder)
+            return folder
+        log.warning("%s is redone: %s", folder, reason)
+        overwrite = True
     flags = ["--out", str(folder)] + (["--overwrite"] if overwrite else ["--resume"] if folder.exists() else [])
     code = module.main(argv + flags)
     if code:
         raise RuntimeError(f"stage {module.__name__} failed with code {code}")
     return folder
+
+
+def _made_otherwise(module, folder: Path, argv: list[str]) -> str | None:
+    """Why the finished stage in ``folder`` is not what ``module`` makes from ``argv`` now, or None."""
+    row = next(row for row in STAGES if row.module == module.__name__)
+    config = config_to_dict(parse_config(getattr(command_configs, row.config), [*argv, "--out", str(folder)]))
+    if "conv_mode" in config and config["conv_mode"] is None:
+        # the captioner's own prompt, which the stage resolved and saved; the captioner is checked by content
+        config["conv_mode"] = (read_plain_yaml(folder / CONFIG) or {}).get("conv_mode")
+    return finished_differs(folder, config)
 
 
 def main(argv: list[str] | None = None) -> int:
