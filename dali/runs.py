@@ -365,6 +365,10 @@ def finished_differs(path: str | Path, config: dict[str, Any]) -> str | None:
         return f"its {CONFIG} is unreadable ({shown(str(error), 200)})"
     if not isinstance(saved, dict):
         return f"its {CONFIG} is not a mapping"
+    if "conv_mode" in config and config["conv_mode"] is None:
+        # no --conv-mode: the captioner's own prompt, which the stage resolved and saved (the captioner is an input
+        # compared by content below)
+        config = {**config, "conv_mode": saved.get("conv_mode")}
     details = changed_settings(saved, config, RESUME_FREE_KEYS | PLACE_KEYS)
     if details:
         return f"it was made with other settings ({details})"

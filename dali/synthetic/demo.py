@@ -13,12 +13,11 @@ from dali import command_configs
 from dali.command_configs import DemoConfig
 from dali.cpu_kernels import kernel_facts, pin_torch
 from dali.evaluation import TABLE_METRICS, markdown_table
-from dali.files import atomic_write_json, atomic_write_text, read_plain_yaml
+from dali.files import atomic_write_json, atomic_write_text
 from dali.flags import config_to_dict, parse_config
 from dali.jsonl import read_jsonl
 from dali.logs import log, setup_logging
 from dali.runs import MANIFEST, check_run_name, finished_differs, read_manifest
-from dali.stage_folder import CONFIG
 from dali.stage_table import ALIGN, DISTILL, PREFIX, PSEUDO_LABEL, STAGES, infer_folder
 from dali.stages import align, distill, infer, prefix_tune, pseudo_label
 from dali.synthetic.build import build_encoder, build_world
@@ -113,9 +112,6 @@ def _made_otherwise(module, folder: Path, argv: list[str]) -> str | None:
     """Why the finished stage in ``folder`` is not what ``module`` makes from ``argv`` now, or None."""
     row = next(row for row in STAGES if row.module == module.__name__)
     config = config_to_dict(parse_config(getattr(command_configs, row.config), [*argv, "--out", str(folder)]))
-    if "conv_mode" in config and config["conv_mode"] is None:
-        # the captioner's own prompt, which the stage resolved and saved; the captioner is checked by content
-        config["conv_mode"] = (read_plain_yaml(folder / CONFIG) or {}).get("conv_mode")
     return finished_differs(folder, config)
 
 
