@@ -233,3 +233,54 @@ def test_the_prompts_head_runs_once_per_batch_with_the_loss_and_gradients_of_eac
 
 def test_llava_15s_head_runs_once_per_batch_with_the_loss_and_gradients_of_each_row(synthetic):
     _assert_the_head_runs_once_with_the_same_loss_and_gradients(synthetic[1])
+
+
+_QUESTIONS_AND_ANSWERS = (
+    [QUESTION, "What sounds might this scene make?"],
+    [["a red car on a road", "wind", "a dog"], ["a dog barks twice and then a bell rings", "a car", "rain"]],
+)
+
+
+def _answers_loss_gradients_and_positions(folder, together: bool):
+    """Two questions with answers of several lengths to each row of one block: answers_loss (``together``) or
+    caption_loss per question with the head in every row; the loss, every gradient, and how many positions the
+    LLM's first layer ran."""
+    captioner = Captioner.from_pretrained(folder)
+    captioner.llava.requires_grad_(True)
+    torch.manual_seed(0)
+    block = torch.randn(3, 5, captioner.hidden_size, requires_grad=True)
+    positions = []
+    captioner.llava.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(_positions(args, kwargs)), with_kwargs=True
+    )
+    questions, answers = _QUESTIONS_AND_ANSWERS
+    if together:
+        loss = captioner.answers_loss(block, questions, answers)
+    else:
+        with mock.patch.object(Captioner, "_shares_head", lambda self, batch: False):
+            sums = [captioner.caption_loss(block, rows, q, reduction="sum") for q, rows in zip(questions, answers)]
+        loss = sum(total for total, _ in sums) / sum(count for _, count in sums)
+    loss.backward()
+    gradients = {name: p.grad for name, p in captioner.llava.named_parameters() if p.grad is not None}
+    return loss, gradients | {"block": block.grad}, sum(positions)
+
+
+def _positions(args, kwargs) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden.shape[0] * hidden.shape[1]
+
+
+def test_every_answer_to_a_block_trains_on_one_pass_of_its_block_with_the_loss_and_gradients_of_each_row(family_dir):
+    """The captioner's image steps: each image's caption and sounds from one pass of the LM over its block."""
+    loss, gradients, positions = _answers_loss_gradients_and_positions(family_dir, together=False)
+    together, together_gradients, together_positions = _answers_loss_gradients_and_positions(family_dir, True)
+    torch.testing.assert_close(together, loss, rtol=1e-5, atol=1e-6)
+    assert together_gradients.keys() == gradients.keys() and "block" in gradients
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(together_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    captioner = Captioner.from_pretrained(family_dir)
+    head = len(captioner._prompt_ids(QUESTION)[0])
+    widths = [captioner.build_inputs(torch.zeros(3, 5, captioner.hidden_size), rows, q)["attention_mask"].shape[1]
+              for q, rows in zip(*_QUESTIONS_AND_ANSWERS)]  # fmt: skip
+    assert positions == sum(3 * width for width in widths)  # every row whole
+    assert together_positions == head + 3 * 5 + 2 * 3 * (max(widths) - head - 5)  # one head, each block once

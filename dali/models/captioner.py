@@ -335,18 +335,59 @@ class Captioner(nn.Module):
         """
         if head == 0:
             return self.llava.model(**inputs, use_cache=False).last_hidden_state
+        embeds = inputs["inputs_embeds"]
+        cache = self._head_cache(embeds[:1, :head], embeds.shape[0])
+        output = self.llava.model.language_model(
+            inputs_embeds=embeds[:, head:], attention_mask=inputs["attention_mask"], cache=cache, use_cache=True
+        )
+        return output.last_hidden_state
+
+    def _head_cache(self, head: torch.Tensor, rows: int):
+        """The keys and values of ``head`` [1, S, hidden], run once, repeated for ``rows`` rows."""
         from transformers import DynamicCache
 
         language_model = self.llava.model.language_model
-        embeds = inputs["inputs_embeds"]
         cache = DynamicCache(config=language_model.config)
-        language_model(inputs_embeds=embeds[:1, :head], cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(embeds.shape[0])
-        rest = embeds[:, head:]
-        output = language_model(
-            inputs_embeds=rest, attention_mask=inputs["attention_mask"], cache=cache, use_cache=True
-        )
-        return output.last_hidden_state
+        language_model(inputs_embeds=head, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def answers_loss(
+        self, block: torch.Tensor, questions: Sequence[str], answers: Sequence[Sequence[str]]
+    ) -> torch.Tensor:
+        """Next-token cross-entropy over the answer tokens of several answers to each row of ``block``: the loss
+        of :meth:`caption_loss` on the B x Q rows that ask each row every question, to rounding. The prompt's
+        head runs once and each row's block once; the row's Q continuations (question and answer) attend to its
+        keys and values, whose gradients add up over them.
+
+        Args:
+            block: [B, K, hidden] from :meth:`modality_block`.
+            questions: Q questions whose prompts share their text before the block.
+            answers: Q lists of B answers, ``answers[q]`` to ``questions[q]``.
+        """
+        if len(questions) != len(answers):
+            raise ValueError(f"got {len(answers)} lists of answers for {len(questions)} questions")
+        heads = {tuple(self._prompt_ids(question)[0]) for question in questions}
+        if len(heads) > 1 or self.llava.model.language_model.is_activation_checkpointing:
+            sums = [self.caption_loss(block, rows, q, reduction="sum") for q, rows in zip(questions, answers)]
+            return sum(total for total, _ in sums) / sum(count for _, count in sums).clamp_min(1)
+        built = [self.build_inputs(block, rows, question=q) for q, rows in zip(questions, answers)]
+        head, shared = len(next(iter(heads))), len(next(iter(heads))) + block.shape[1]
+        prefix = built[0]["inputs_embeds"][:, :shared]  # the same in every question's rows
+        cache = self._head_cache(prefix[:1, :head], block.shape[0])
+        language_model = self.llava.model.language_model
+        ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        language_model(inputs_embeds=prefix[:, head:], attention_mask=ones, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(questions))
+        tails = {key: _interleave([b[key][:, shared:] for b in built], fill) for key, fill in _TAIL_FILL.items()}
+        mask = torch.cat([ones.repeat_interleave(len(questions), 0), tails["attention_mask"]], dim=1)
+        hidden = language_model(
+            inputs_embeds=tails["inputs_embeds"], attention_mask=mask, cache=cache, use_cache=True
+        ).last_hidden_state  # [B * Q, W, H]
+        targets = tails["labels"][:, 1:]  # the block's last position predicts a question's token: no answer
+        answer = targets != IGNORE_INDEX
+        logits = self.llava.lm_head(hidden[:, :-1][answer]).float()  # [tokens, vocab]
+        return torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum") / answer.sum().clamp_min(1)
 
     # -- decoding ------------------------------------------------------------------------------------
     def prompt_parts(self, block: torch.Tensor, question: str = QUESTION) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,6 +486,18 @@ def _apply(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """A projector on tokens moved to its device and dtype (encoders and projector copies may differ)."""
     weight = next(projector.parameters())
     return projector(tokens.to(weight.device, weight.dtype))
+
+
+# What a continuation is padded with on the right: embeddings of nothing, no attention, no label.
+_TAIL_FILL = {"inputs_embeds": 0.0, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
+def _interleave(parts: list[torch.Tensor], fill) -> torch.Tensor:
+    """Q tensors [B, W_q, ...] right-padded with ``fill`` to the widest and interleaved by row: [B * Q, W, ...],
+    row ``b * Q + q`` from ``parts[q][b]``."""
+    width = max(part.shape[1] for part in parts)
+    padded = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]), value=fill) for p in parts]
+    return torch.stack(padded, dim=1).flatten(0, 1)
 
 
 def _left_pad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

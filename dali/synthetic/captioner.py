@@ -41,6 +41,9 @@ class CaptionerTraining:
     # image row on the validation scenes preferred (scripts/captioner_epochs.py), seed 0's audio + image row fell
     # from 0.713 to 0.272 and its distilled row from 0.619 to 0.320: the image row does not judge the captioner.
     epochs: int = 10
+    # Answers a step: a text step's sentences, or an image step's images (half as many) each with both its
+    # answers, the visual caption and the sounds, from one pass of CLIP and of the LM over the image block (a
+    # third less compute an epoch than a step per task, at as many steps and answers a step; docs/results.md).
     batch_size: int = 32
     # 2e-3. At 1e-3 seed 1's image captions improved (0.63 -> 0.96 CIDEr-D on the H100 machine's CPUs), but the
     # sound sentences of several sources degenerated ("a car passes by and and and ...") and seed 0's distilled
@@ -117,9 +120,9 @@ def _caption_words(records: list[dict]) -> torch.Tensor:
 
 
 def _epoch_batches(images: int, sentences: int, size: int, rng: random.Random) -> list[tuple[str, list[int]]]:
-    """One epoch's batches of the three tasks, interleaved at random."""
-    batches = [("caption", b) for b in _batches(range(images), size, rng)]
-    batches += [("sounds", b) for b in _batches(range(images), size, rng)]
+    """One epoch's batches of the two tasks (images with both their answers, sentences), interleaved at random:
+    ``size`` answers a batch."""
+    batches = [("image", b) for b in _batches(range(images), max(size // 2, 1), rng)]
     batches += [("text", b) for b in _batches(range(sentences), size, rng)]
     rng.shuffle(batches)
     return batches
@@ -162,11 +165,9 @@ def _task_loss(captioner, words_head, data, task: str, batch: list[int], trainin
         return captioner.caption_loss(block, [sentences[i] for i in batch], question=TEXT_QUESTION)
     image_tokens = _tokens_with_grad(captioner, pixels[batch])
     block = captioner.modality_block(image_tokens=image_tokens)
-    if task == "caption":
-        question = rng.choice(IMAGE_QUESTIONS)
-        loss = captioner.caption_loss(block, [records[i]["caption"] for i in batch], question=question)
-    else:
-        loss = captioner.caption_loss(block, [records[i]["sounds"] for i in batch], question=SOUND_QUESTION)
+    questions = (rng.choice(IMAGE_QUESTIONS), SOUND_QUESTION)
+    answers = [[records[i][field] for i in batch] for field in ("caption", "sounds")]
+    loss = captioner.answers_loss(block, questions, answers)
     if training.words_loss_weight:
         logits = words_head(image_tokens.mean(dim=1))
         bag_of_words = torch.nn.functional.binary_cross_entropy_with_logits(logits, word_targets[batch])
