@@ -197,12 +197,9 @@ def _loss_gradients_and_positions(folder, run_head_in_each_row: bool, checkpoint
     torch.manual_seed(0)
     block = torch.randn(3, 5, captioner.hidden_size, requires_grad=True)
     positions = []
-
-    def count(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        positions.append(hidden.shape[0] * hidden.shape[1])
-
-    captioner.llava.model.language_model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+    captioner.llava.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(_positions(args, kwargs)), with_kwargs=True
+    )
     captions = ["a dog barks twice and then a bell rings", "wind", "a car passes by"]
     decide = (lambda self, batch: False) if run_head_in_each_row else Captioner._shares_head
     with mock.patch.object(Captioner, "_shares_head", decide):

@@ -159,7 +159,7 @@ def test_a_killed_captioner_training_resumes_after_its_last_epoch_to_the_same_ca
     whole = captioner.train_captioner(world, tmp_path / "whole", settings)
     images = len(json.loads((world / "captioner" / "captions.json").read_text()))
     sentences = len((world / "captioner" / "text.txt").read_text().split("\n")) - 1
-    per_epoch = math.ceil(images / (settings.batch_size // 2)) + math.ceil(sentences / settings.batch_size)
+    per_epoch = math.ceil(images / settings.images_per_step) + math.ceil(sentences / settings.batch_size)
     resumed = _killed_then_resumed(
         lambda folder: captioner.train_captioner(world, folder, settings), captioner, "_task_loss", per_epoch,
         tmp_path / "killed",

@@ -41,10 +41,12 @@ class CaptionerTraining:
     # image row on the validation scenes preferred (scripts/captioner_epochs.py), seed 0's audio + image row fell
     # from 0.713 to 0.272 and its distilled row from 0.619 to 0.320: the image row does not judge the captioner.
     epochs: int = 10
-    # Answers a step: a text step's sentences, or an image step's images (half as many) each with both its
-    # answers, the visual caption and the sounds, from one pass of CLIP and of the LM over the image block (a
-    # third less compute an epoch than a step per task, at as many steps and answers a step; docs/results.md).
+    # A text step's sentences.
     batch_size: int = 32
+    # An image step's images, each with both its answers (the visual caption and the sounds) from one pass of CLIP
+    # and of the LM over its block: 32 answers a step, as before 2026-12-08 when a step had 32 images and one task
+    # (a third less compute an epoch, at as many steps; docs/results.md).
+    images_per_step: int = 16
     # 2e-3. At 1e-3 seed 1's image captions improved (0.63 -> 0.96 CIDEr-D on the H100 machine's CPUs), but the
     # sound sentences of several sources degenerated ("a car passes by and and and ...") and seed 0's distilled
     # student collapsed to one caption (0.11 CIDEr-D): the image row alone does not judge a captioner
@@ -84,7 +86,7 @@ def train_captioner(world: str | Path, out: str | Path, training: CaptionerTrain
     word_targets = _caption_words(records)
     words_head = torch.nn.Linear(captioner.vision_dim, word_targets.shape[1])
     rng = random.Random(training.seed)
-    epochs = [_epoch_batches(len(records), len(sentences), training.batch_size, rng) for _ in range(training.epochs)]
+    epochs = [_epoch_batches(len(records), len(sentences), training, rng) for _ in range(training.epochs)]
     data = (records, sentences, pixels, word_targets)
     checkpoint = trained_checkpoint(out, key)
     losses = _train(captioner, words_head, data, epochs, training, rng, checkpoint)
@@ -119,11 +121,10 @@ def _caption_words(records: list[dict]) -> torch.Tensor:
     return targets
 
 
-def _epoch_batches(images: int, sentences: int, size: int, rng: random.Random) -> list[tuple[str, list[int]]]:
-    """One epoch's batches of the two tasks (images with both their answers, sentences), interleaved at random:
-    ``size`` answers a batch."""
-    batches = [("image", b) for b in _batches(range(images), max(size // 2, 1), rng)]
-    batches += [("text", b) for b in _batches(range(sentences), size, rng)]
+def _epoch_batches(images: int, sentences: int, training, rng: random.Random) -> list[tuple[str, list[int]]]:
+    """One epoch's batches of the two tasks (images with both their answers, sentences), interleaved at random."""
+    batches = [("image", b) for b in _batches(range(images), training.images_per_step, rng)]
+    batches += [("text", b) for b in _batches(range(sentences), training.batch_size, rng)]
     rng.shuffle(batches)
     return batches
 
