@@ -85,11 +85,12 @@ def _branch_name(branch: str) -> str:
 def shared_with() -> str:
     """Which hosts print the same table as this one, as far as the kernels decide."""
     branch, aten = mkl_branch(), os.environ.get("ATEN_CPU_CAPABILITY")
-    if branch is None or aten is None or _branch_name(branch) == "AUTO":
+    name = None if branch is None else _branch_name(branch)
+    if name in (None, "AUTO") or aten is None:
         return "this processor only: kernels chosen by the processor (docs/results.md, Reproducibility)"
-    if _branch_name(branch) == "COMPATIBLE":
+    if name == "COMPATIBLE":
         return f"every x86-64 processor, with ATen at {aten.upper()}, under the same settings"
-    return f"Intel processors with {_branch_name(branch)}, with ATen at {aten.upper()}, under the same settings"
+    return f"Intel processors with {name}, with ATen at {aten.upper()}, under the same settings"
 
 
 def _own_dispatch() -> str:
