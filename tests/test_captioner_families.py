@@ -209,13 +209,18 @@ def _loss_gradients_and_positions(folder, run_head_in_each_row: bool, checkpoint
     return loss, gradients | {"block": block.grad}, sum(positions)
 
 
+def _assert_same_loss_and_gradients(actual: tuple, expected: tuple) -> None:
+    """(loss, {name: gradient}) pairs equal to rounding, the block's gradient among them."""
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-6)
+    assert actual[1].keys() == expected[1].keys() and "block" in expected[1]
+    for name, gradient in expected[1].items():
+        torch.testing.assert_close(actual[1][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _assert_the_head_runs_once_with_the_same_loss_and_gradients(folder) -> None:
     loss, gradients, positions = _loss_gradients_and_positions(folder, run_head_in_each_row=True)
     shared_loss, shared_gradients, shared_positions = _loss_gradients_and_positions(folder, False)
-    torch.testing.assert_close(shared_loss, loss, rtol=1e-5, atol=1e-6)
-    assert shared_gradients.keys() == gradients.keys() and "block" in gradients
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(shared_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_loss_and_gradients((shared_loss, shared_gradients), (loss, gradients))
     head = len(Captioner.from_pretrained(folder)._prompt_ids(QUESTION)[0])
     assert head > 0 and shared_positions == positions - 2 * head  # the head ran in one row, not three
     _, checkpointed, checkpointed_positions = _loss_gradients_and_positions(folder, False, checkpointing=True)
@@ -271,10 +276,7 @@ def test_every_answer_to_a_block_trains_on_one_pass_of_its_block_with_the_loss_a
     """The captioner's image steps: each image's caption and sounds from one pass of the LM over its block."""
     loss, gradients, positions = _answers_loss_gradients_and_positions(family_dir, together=False)
     together, together_gradients, together_positions = _answers_loss_gradients_and_positions(family_dir, True)
-    torch.testing.assert_close(together, loss, rtol=1e-5, atol=1e-6)
-    assert together_gradients.keys() == gradients.keys() and "block" in gradients
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(together_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_loss_and_gradients((together, together_gradients), (loss, gradients))
     captioner = Captioner.from_pretrained(family_dir)
     head = len(captioner._prompt_ids(QUESTION)[0])
     widths = [captioner.build_inputs(torch.zeros(3, 5, captioner.hidden_size), rows, q)["attention_mask"].shape[1]
