@@ -29,7 +29,8 @@ from dali.jsonl import read_jsonl  # noqa: E402
 from dali.runs import read_manifest  # noqa: E402
 from dali.stage_table import ALIGN, PREFIX  # noqa: E402
 from dali.stages import align, infer  # noqa: E402
-from dali.synthetic.demo import Row, infer_flags, preset, run_stage  # noqa: E402
+from dali.synthetic.build import build_encoder  # noqa: E402
+from dali.synthetic.demo import Row, align_flags, infer_flags, run_stage  # noqa: E402
 
 AUDIO = Row("ot_att", False, "audio")
 
@@ -37,9 +38,7 @@ AUDIO = Row("ot_att", False, "audio")
 def probe(world: Path, out: Path, schedule: str, seed: int, run: Path | None) -> dict:
     epochs, start, every = (int(part) for part in schedule.split(":"))
     common = ["--llava", str(world / "captioner_model"), "--seed", str(seed)]
-    flags = [*preset("alignment"), *common]
-    flags += ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
-    flags += ["--init-encoder", str(world / "encoder_pretrained" / "audio_encoder.safetensors")]
+    flags = align_flags(world, AUDIO, common, reduced=False, start=build_encoder(world, seed=seed))  # reused
     flags += ["--epochs", str(epochs), "--lr-decay-start", str(start), "--lr-decay-every", str(every)]
     started = time.monotonic()
     group = out / schedule.replace(":", "_")

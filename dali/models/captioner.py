@@ -313,12 +313,16 @@ class Captioner(nn.Module):
         labels = inputs.pop("labels")
         head = len(self._prompt_ids(question)[0]) if self._shares_head(block.shape[0]) else 0
         hidden = self._hidden_after_head(inputs, head)  # [B, T - head, H]
-        targets = labels[:, head + 1 :]  # the head holds no answer token
-        answer = targets != IGNORE_INDEX  # [B, T - head - 1]
-        logits = self.llava.lm_head(hidden[:, :-1][answer]).float()  # [tokens, vocab]
-        total = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum")
-        count = answer.sum()
+        total, count = self._answer_loss_sum(hidden, labels[:, head + 1 :])  # the head holds no answer token
         return total / count.clamp_min(1) if reduction == "mean" else (total, count)
+
+    def _answer_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy of the answer tokens and their number, from hidden states [B, T, H] and the labels
+        [B, T - 1] of the positions after the first (each position predicts the next; the LM head runs only at
+        the answer positions, a [tokens, vocab] slice instead of [B, T, vocab])."""
+        answer = targets != IGNORE_INDEX
+        logits = self.llava.lm_head(hidden[:, :-1][answer]).float()  # [tokens, vocab]
+        return torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum"), answer.sum()
 
     def _shares_head(self, batch: int) -> bool:
         """Whether the head can run once for the batch: transformers turns the cache off under gradient
@@ -372,7 +376,8 @@ class Captioner(nn.Module):
             sums = [self.caption_loss(block, rows, q, reduction="sum") for q, rows in zip(questions, answers)]
             return sum(total for total, _ in sums) / sum(count for _, count in sums).clamp_min(1)
         built = [self.build_inputs(block, rows, question=q) for q, rows in zip(questions, answers)]
-        head, shared = len(next(iter(heads))), len(next(iter(heads))) + block.shape[1]
+        head = len(next(iter(heads)))
+        shared = head + block.shape[1]
         prefix = built[0]["inputs_embeds"][:, :shared]  # the same in every question's rows
         cache = self._head_cache(prefix[:1, :head], block.shape[0])
         language_model = self.llava.model.language_model
@@ -384,10 +389,9 @@ class Captioner(nn.Module):
         hidden = language_model(
             inputs_embeds=tails["inputs_embeds"], attention_mask=mask, cache=cache, use_cache=True
         ).last_hidden_state  # [B * Q, W, H]
-        targets = tails["labels"][:, 1:]  # the block's last position predicts a question's token: no answer
-        answer = targets != IGNORE_INDEX
-        logits = self.llava.lm_head(hidden[:, :-1][answer]).float()  # [tokens, vocab]
-        return torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum") / answer.sum().clamp_min(1)
+        # the block's last position predicts a question's token, never an answer's
+        total, count = self._answer_loss_sum(hidden, tails["labels"][:, 1:])
+        return total / count.clamp_min(1)
 
     # -- decoding ------------------------------------------------------------------------------------
     def prompt_parts(self, block: torch.Tensor, question: str = QUESTION) -> tuple[torch.Tensor, torch.Tensor]:

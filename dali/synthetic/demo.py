@@ -246,12 +246,7 @@ def train_variant(stage, world: Path, folder: Path, rows: list[Row], common, pre
     """Stage 1b for one variant and encoder (the rows of one group), from the pretrained CAV-MAE-shaped encoder
     ``start`` (random weights when None, and for another family), then pseudo-captions and distillation when a
     distilled row needs them."""
-    variant, encoder = rows[0].variant, ["--audio-encoder", rows[0].encoder]
-    if start is not None and rows[0].encoder == "cav-mae":
-        encoder += ["--init-encoder", str(start)]
-    method = {"unaligned": ["--epochs", "0"]}.get(variant, ["--method", variant] + (["--epochs", "2"] * reduced))
-    lists = ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
-    stage(align, folder / ALIGN.folder, [*preset("alignment"), *common, *lists, *method, *encoder])
+    stage(align, folder / ALIGN.folder, align_flags(world, rows[0], common, reduced, start))
     if not any(row.distilled for row in rows):
         return
     upstream = ["--align-dir", str(folder / ALIGN.folder)]
@@ -259,6 +254,17 @@ def train_variant(stage, world: Path, folder: Path, rows: list[Row], common, pre
     stage(pseudo_label, folder / PSEUDO_LABEL.folder, [*preset("pseudo_labels"), *common, *upstream, *clips])
     pseudo = ["--pseudo-dir", str(folder / PSEUDO_LABEL.folder)]
     stage(distill, folder / DISTILL.folder, [*preset("distillation"), *common, *upstream, *pseudo])
+
+
+def align_flags(world: Path, row: Row, common: list[str], reduced: bool, start: Path | None) -> list[str]:
+    """Stage 1b's flags for a row's variant and encoder, from the pretrained CAV-MAE-shaped encoder ``start``
+    (random weights when None, and for another family)."""
+    encoder = ["--audio-encoder", row.encoder]
+    if start is not None and row.encoder == "cav-mae":
+        encoder += ["--init-encoder", str(start)]
+    method = {"unaligned": ["--epochs", "0"]}.get(row.variant, ["--method", row.variant] + ["--epochs", "2"] * reduced)
+    lists = ["--train-list", str(world / "align.json"), "--val-list", str(world / "val.json")]
+    return [*preset("alignment"), *common, *lists, *method, *encoder]
 
 
 def infer_flags(world: Path, folder: Path, row: Row, common: list[str], prefix_dir: Path) -> list[str]:
